@@ -1,0 +1,117 @@
+//! Where agentvm keeps things. Every file and folder name the store uses is a
+//! constant here, so the on-disk layout can be read in one place.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// Environment variable that overrides the data folder.
+pub const ENV_HOME: &str = "AGENTVM_HOME";
+/// Environment variable that names the fleet file.
+pub const ENV_FILE: &str = "AGENTVM_FILE";
+/// Environment variable that names the libvirt URI.
+pub const ENV_LIBVIRT_URI: &str = "AGENTVM_LIBVIRT_URI";
+/// Environment variable that forces the accelerator (`auto`, `kvm`, `tcg`).
+pub const ENV_ACCEL: &str = "AGENTVM_ACCEL";
+
+/// The fleet file searched for in the current folder and its parents.
+pub const FLEET_FILE: &str = "agentvm.toml";
+
+/// `$AGENTVM_HOME/images`: imported base images, kernels and initrds by digest.
+pub const IMAGES_DIR: &str = "images";
+/// `$AGENTVM_HOME/images/index.json`: path+size+mtime → digest, for instant re-import.
+pub const IMAGE_INDEX_FILE: &str = "index.json";
+/// `$AGENTVM_HOME/vms`: one folder per local VM.
+pub const VMS_DIR: &str = "vms";
+/// `$AGENTVM_HOME/vms/NAME/disk.qcow2`: the VM's thin overlay.
+pub const VM_DISK_FILE: &str = "disk.qcow2";
+/// `$AGENTVM_HOME/vms/NAME/serial.log`: the serial console log.
+pub const VM_SERIAL_LOG_FILE: &str = "serial.log";
+/// `$AGENTVM_HOME/vms/NAME/known_hosts`: the VM's own SSH known_hosts.
+pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
+/// `$AGENTVM_HOME/ssh`: agentvm's own SSH identity.
+pub const SSH_DIR: &str = "ssh";
+/// `$AGENTVM_HOME/ssh/id_ed25519` (and `.pub`).
+pub const SSH_KEY_FILE: &str = "id_ed25519";
+/// `$AGENTVM_HOME/lock`: held while a command changes VMs or the store.
+pub const LOCK_FILE: &str = "lock";
+
+/// The agentvm data folder and the paths inside it.
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// `$AGENTVM_HOME`, else `$XDG_DATA_HOME/agentvm`, else `~/.local/share/agentvm`.
+    pub fn from_env() -> Result<Self> {
+        if let Some(dir) = non_empty_env(ENV_HOME) {
+            return Ok(Self::at(dir));
+        }
+        if let Some(dir) = non_empty_env("XDG_DATA_HOME") {
+            return Ok(Self::at(Path::new(&dir).join("agentvm")));
+        }
+        let Some(home) = non_empty_env("HOME") else {
+            bail!("cannot find a data folder: set {ENV_HOME}, XDG_DATA_HOME or HOME");
+        };
+        Ok(Self::at(Path::new(&home).join(".local/share/agentvm")))
+    }
+
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the data folder (0700) if it is missing.
+    pub fn ensure(&self) -> Result<()> {
+        crate::fsutil::create_private_dir(&self.root)
+            .with_context(|| format!("creating data folder {}", self.root.display()))
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join(IMAGES_DIR)
+    }
+
+    pub fn image_index(&self) -> PathBuf {
+        self.images_dir().join(IMAGE_INDEX_FILE)
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.root.join(VMS_DIR)
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.vms_dir().join(name)
+    }
+
+    pub fn vm_disk(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VM_DISK_FILE)
+    }
+
+    pub fn vm_serial_log(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VM_SERIAL_LOG_FILE)
+    }
+
+    pub fn vm_known_hosts(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VM_KNOWN_HOSTS_FILE)
+    }
+
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.root.join(SSH_DIR)
+    }
+
+    pub fn ssh_key(&self) -> PathBuf {
+        self.ssh_dir().join(SSH_KEY_FILE)
+    }
+
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join(LOCK_FILE)
+    }
+}
+
+pub fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}

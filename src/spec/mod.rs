@@ -1,0 +1,462 @@
+//! The fleet file `agentvm.toml`: finding it, parsing it, and resolving each VM
+//! against `[defaults]` into a complete, validated [`VmSpec`].
+
+mod error;
+mod name;
+mod raw;
+mod size;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use toml::Spanned;
+
+pub use error::SpecError;
+pub use name::{Name, NameError};
+pub use raw::Accel;
+pub use size::{GIB, KIB, MIB, Size, SizeError};
+
+use crate::paths::{ENV_FILE, FLEET_FILE, non_empty_env};
+use raw::{KeySpans, RawFleet, RawImage, RawVm};
+
+pub const DEFAULT_CPUS: u32 = 2;
+pub const DEFAULT_MEMORY: Size = Size::from_bytes(2 * GIB);
+pub const DEFAULT_USER: &str = "root";
+/// The backend every VM uses unless it names another.
+pub const LOCAL_BACKEND: &str = "local";
+
+/// A parsed and validated fleet file.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub file: PathBuf,
+    pub images: BTreeMap<Name, ImageSpec>,
+    pub vms: BTreeMap<Name, VmSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageSpec {
+    pub name: Name,
+    pub source: ImageSource,
+}
+
+/// Where an image comes from. Paths are absolute (resolved against the fleet file's folder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageSource {
+    /// A qcow2 or raw disk image to import.
+    File(PathBuf),
+    /// A NixOS flake attribute to build.
+    Flake(String),
+    /// Direct kernel boot, optionally with a root disk image.
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: Option<String>,
+        disk: Option<PathBuf>,
+    },
+}
+
+/// One VM, with every default applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmSpec {
+    pub name: Name,
+    pub image: Name,
+    pub cpus: u32,
+    pub memory: Size,
+    /// Disk size; `None` keeps the base image's size.
+    pub disk: Option<Size>,
+    pub user: String,
+    pub ssh_port: Option<u16>,
+    pub spice_port: Option<u16>,
+    pub readonly: bool,
+    pub backend: String,
+    pub env: BTreeMap<String, String>,
+    pub secrets: Vec<PathBuf>,
+    pub nixos: Option<String>,
+    pub purpose: Option<String>,
+    /// Public key lines (files named in `ssh_keys` already read).
+    pub ssh_keys: Vec<String>,
+    pub accel: Accel,
+}
+
+impl Fleet {
+    /// The fleet file: `explicit`, else `$AGENTVM_FILE`, else `agentvm.toml` in the
+    /// current folder or the nearest parent that has one.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, SpecError> {
+        if let Some(path) = explicit {
+            return Ok(path.to_path_buf());
+        }
+        if let Some(path) = non_empty_env(ENV_FILE) {
+            return Ok(PathBuf::from(path));
+        }
+        let cwd = std::env::current_dir().map_err(|e| SpecError::Io {
+            file: PathBuf::from("."),
+            message: e.to_string(),
+        })?;
+        cwd.ancestors()
+            .map(|dir| dir.join(FLEET_FILE))
+            .find(|candidate| candidate.is_file())
+            .ok_or(SpecError::NotFound { start: cwd })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError::Io {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses fleet text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, SpecError> {
+        let at = Locator { file: path, text };
+        let raw: RawFleet = toml::Deserializer::parse(text)
+            .map_err(|e| at.toml_error("", &e))
+            .and_then(|de| {
+                serde_path_to_error::deserialize(de)
+                    .map_err(|e| at.toml_error(&e.path().to_string(), e.inner()))
+            })?;
+        let key_spans: KeySpans = toml::from_str(text).unwrap_or_default();
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base_dir = if base_dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base_dir
+        };
+        let resolver = Resolver {
+            at,
+            base_dir,
+            key_spans,
+        };
+        resolver.resolve(raw)
+    }
+
+    pub fn vm(&self, name: &str) -> Result<&VmSpec, SpecError> {
+        self.vms.get(name).ok_or_else(|| SpecError::UnknownVm {
+            file: self.file.clone(),
+            name: name.to_string(),
+            known: self.vms.keys().map(Name::to_string).collect(),
+        })
+    }
+
+    pub fn image(&self, name: &Name) -> &ImageSpec {
+        // Resolution guarantees every VM's image exists.
+        &self.images[name]
+    }
+}
+
+/// Turns byte spans into `file:line:column` errors.
+struct Locator<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn line_col(&self, span: Option<Range<usize>>) -> (usize, usize) {
+        let Some(span) = span else { return (0, 0) };
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, col)
+    }
+
+    fn error(&self, span: Option<Range<usize>>, field: &str, message: String) -> SpecError {
+        let (line, column) = self.line_col(span);
+        SpecError::Invalid {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            field: field.to_string(),
+            message,
+        }
+    }
+
+    fn toml_error(&self, path: &str, e: &toml::de::Error) -> SpecError {
+        let field = if path == "." { "" } else { path };
+        self.error(e.span(), field, e.message().trim().to_string())
+    }
+}
+
+struct Resolver<'a> {
+    at: Locator<'a>,
+    base_dir: PathBuf,
+    key_spans: KeySpans,
+}
+
+impl Resolver<'_> {
+    fn resolve(&self, raw: RawFleet) -> Result<Fleet, SpecError> {
+        let mut images = BTreeMap::new();
+        for (key, image) in raw.images {
+            let name = self.table_name("images", &key)?;
+            let source = self.image_source(&name, image)?;
+            images.insert(name.clone(), ImageSpec { name, source });
+        }
+        let mut vms = BTreeMap::new();
+        for (key, vm) in raw.vms {
+            let name = self.table_name("vms", &key)?;
+            let spec = self.vm(&name, vm, &raw.defaults, &images)?;
+            vms.insert(name, spec);
+        }
+        Ok(Fleet {
+            file: self.at.file.to_path_buf(),
+            images,
+            vms,
+        })
+    }
+
+    fn key_span(&self, table: &str, key: &str) -> Option<Range<usize>> {
+        let keys = match table {
+            "images" => &self.key_spans.images,
+            _ => &self.key_spans.vms,
+        };
+        keys.keys()
+            .find(|k| k.get_ref() == key)
+            .map(Spanned::span)
+    }
+
+    fn table_name(&self, table: &str, key: &str) -> Result<Name, SpecError> {
+        Name::new(key).map_err(|e| {
+            self.at
+                .error(self.key_span(table, key), &format!("{table}.{key}"), e.to_string())
+        })
+    }
+
+    fn path(&self, text: &str) -> PathBuf {
+        let expanded = match (text.strip_prefix("~/"), non_empty_env("HOME")) {
+            (Some(rest), Some(home)) => Path::new(&home).join(rest),
+            _ => PathBuf::from(text),
+        };
+        self.base_dir.join(expanded)
+    }
+
+    fn image_source(&self, name: &Name, raw: RawImage) -> Result<ImageSource, SpecError> {
+        let field = format!("images.{name}");
+        let span = self.key_span("images", name.as_str());
+        let fail = |message: &str| self.at.error(span.clone(), &field, message.to_string());
+        match (raw.file, raw.flake, raw.kernel) {
+            (_, Some(_), Some(_)) | (Some(_), Some(_), None) => {
+                Err(fail("set only one of `file`, `flake` or `kernel`"))
+            }
+            (None, Some(flake), None) => {
+                if raw.initrd.is_some() || raw.cmdline.is_some() {
+                    return Err(fail("`initrd` and `cmdline` go with `kernel`, not `flake`"));
+                }
+                if flake.trim().is_empty() || !flake.contains('#') {
+                    return Err(fail(
+                        "`flake` must name a flake attribute, like \".#agent-base\"",
+                    ));
+                }
+                Ok(ImageSource::Flake(flake))
+            }
+            (file, None, Some(kernel)) => Ok(ImageSource::Kernel {
+                kernel: self.path(&kernel),
+                initrd: raw.initrd.as_deref().map(|p| self.path(p)),
+                cmdline: raw.cmdline,
+                disk: file.as_deref().map(|p| self.path(p)),
+            }),
+            (Some(file), None, None) => {
+                if raw.initrd.is_some() || raw.cmdline.is_some() {
+                    return Err(fail("`initrd` and `cmdline` need `kernel`"));
+                }
+                Ok(ImageSource::File(self.path(&file)))
+            }
+            (None, None, None) => Err(fail(
+                "an image needs `file = \"path\"`, `flake = \".#attr\"` or `kernel = \"path\"`",
+            )),
+        }
+    }
+
+    fn vm(
+        &self,
+        name: &Name,
+        vm: RawVm,
+        defaults: &raw::RawDefaults,
+        images: &BTreeMap<Name, ImageSpec>,
+    ) -> Result<VmSpec, SpecError> {
+        let field = |key: &str| format!("vms.{name}.{key}");
+
+        let (image_text, image_field) = match (&vm.image, &defaults.image) {
+            (Some(v), _) => (v, field("image")),
+            (None, Some(d)) => (d, "defaults.image".to_string()),
+            (None, None) => {
+                return Err(self.at.error(
+                    self.key_span("vms", name.as_str()),
+                    &field("image"),
+                    "no image: set `image` here or in [defaults]".to_string(),
+                ));
+            }
+        };
+        let image = Name::new(image_text.get_ref())
+            .ok()
+            .filter(|n| images.contains_key(n))
+            .ok_or_else(|| {
+                let known: Vec<_> = images.keys().map(Name::as_str).collect();
+                self.at.error(
+                    Some(image_text.span()),
+                    &image_field,
+                    format!(
+                        "unknown image {:?} (defined images: {})",
+                        image_text.get_ref(),
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                )
+            })?;
+
+        let (backend_text, backend_field) = match (&vm.backend, &defaults.backend) {
+            (Some(v), _) => (Some(v), field("backend")),
+            (None, Some(d)) => (Some(d), "defaults.backend".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let backend = match backend_text {
+            None => LOCAL_BACKEND.to_string(),
+            Some(b) if b.get_ref() == LOCAL_BACKEND => LOCAL_BACKEND.to_string(),
+            Some(b) => {
+                return Err(self.at.error(
+                    Some(b.span()),
+                    &backend_field,
+                    format!(
+                        "unknown backend {:?} (available: {LOCAL_BACKEND})",
+                        b.get_ref()
+                    ),
+                ));
+            }
+        };
+
+        let user = match &vm.user {
+            None => DEFAULT_USER.to_string(),
+            Some(u) if is_unix_user(u.get_ref()) => u.get_ref().clone(),
+            Some(u) => {
+                return Err(self.at.error(
+                    Some(u.span()),
+                    &field("user"),
+                    format!("invalid user name {:?}", u.get_ref()),
+                ));
+            }
+        };
+
+        let env = match &vm.env {
+            None => BTreeMap::new(),
+            Some(env) => {
+                if let Some(bad) = env.get_ref().keys().find(|k| !is_env_key(k)) {
+                    return Err(self.at.error(
+                        Some(env.span()),
+                        &field("env"),
+                        format!("invalid variable name {bad:?}: use letters, digits and '_'"),
+                    ));
+                }
+                env.get_ref().clone()
+            }
+        };
+
+        let (keys_value, keys_field) = match (&vm.ssh_keys, &defaults.ssh_keys) {
+            (Some(v), _) => (Some(v), field("ssh_keys")),
+            (None, Some(d)) => (Some(d), "defaults.ssh_keys".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let ssh_keys = match keys_value {
+            None => Vec::new(),
+            Some(keys) => self
+                .ssh_keys(keys.get_ref())
+                .map_err(|m| self.at.error(Some(keys.span()), &keys_field, m))?,
+        };
+
+        if let (Some(ssh), Some(spice)) = (vm.ssh_port, vm.spice_port)
+            && ssh == spice
+        {
+            return Err(self.at.error(
+                self.key_span("vms", name.as_str()),
+                &field("spice_port"),
+                format!("ssh_port and spice_port are both {}", ssh.0),
+            ));
+        }
+
+        Ok(VmSpec {
+            name: name.clone(),
+            image,
+            cpus: vm.cpus.or(defaults.cpus).map_or(DEFAULT_CPUS, |c| c.0),
+            memory: vm.memory.or(defaults.memory).unwrap_or(DEFAULT_MEMORY),
+            disk: vm.disk.or(defaults.disk),
+            user,
+            ssh_port: vm.ssh_port.map(|p| p.0),
+            spice_port: vm.spice_port.map(|p| p.0),
+            readonly: vm.readonly,
+            backend,
+            env,
+            secrets: vm.secrets.iter().map(|s| self.path(s)).collect(),
+            nixos: vm.nixos,
+            purpose: vm.purpose,
+            ssh_keys,
+            accel: vm.accel.or(defaults.accel).unwrap_or_default(),
+        })
+    }
+
+    /// Key lines stay as they are; anything else is a file of key lines.
+    fn ssh_keys(&self, entries: &[String]) -> Result<Vec<String>, String> {
+        let mut keys = Vec::new();
+        for entry in entries {
+            let entry = entry.trim();
+            if looks_like_key(entry) {
+                keys.push(valid_key_line(entry)?);
+                continue;
+            }
+            let path = self.path(entry);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read public key file {}: {e}", path.display()))?;
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                keys.push(
+                    valid_key_line(line).map_err(|m| format!("{}: {m}", path.display()))?,
+                );
+            }
+        }
+        Ok(keys)
+    }
+}
+
+fn looks_like_key(entry: &str) -> bool {
+    ["ssh-", "ecdsa-", "sk-"].iter().any(|p| entry.starts_with(p))
+}
+
+fn valid_key_line(line: &str) -> Result<String, String> {
+    let mut parts = line.split_whitespace();
+    let kind = parts.next().unwrap_or_default();
+    let blob = parts.next().unwrap_or_default();
+    let ok = looks_like_key(kind)
+        && !blob.is_empty()
+        && blob
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+        && !line.chars().any(char::is_control);
+    if ok {
+        Ok(line.to_string())
+    } else {
+        Err(format!("not an SSH public key line: {line:?}"))
+    }
+}
+
+fn is_unix_user(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name.len() <= 32
+}
+
+fn is_env_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests;

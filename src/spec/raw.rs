@@ -1,0 +1,133 @@
+//! The fleet file as written: serde structs that mirror `agentvm.toml` exactly.
+//! Everything here is checked for shape and type; `super::resolve` checks meaning.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::size::Size;
+
+/// Accelerator choice: `auto` uses KVM only when the caller can use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(format!("unknown accel {other:?}: expected auto, kvm or tcg")),
+        }
+    }
+}
+
+/// A number of virtual CPUs, 1 to 256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpus(pub u32);
+
+impl<'de> Deserialize<'de> for Cpus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if (1..=256).contains(&n) {
+            Ok(Cpus(n as u32))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid cpus {n}: expected 1 to 256"
+            )))
+        }
+    }
+}
+
+/// A host TCP port agentvm may listen on: 1024 to 65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port(pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if (1024..=65535).contains(&n) {
+            Ok(Port(n as u16))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid port {n}: expected 1024 to 65535"
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    #[serde(default)]
+    pub images: BTreeMap<String, RawImage>,
+    #[serde(default)]
+    pub vms: BTreeMap<String, RawVm>,
+}
+
+/// `[defaults]`: every key here may also be set per VM.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub cpus: Option<Cpus>,
+    pub memory: Option<Size>,
+    pub disk: Option<Size>,
+    pub image: Option<Spanned<String>>,
+    pub backend: Option<Spanned<String>>,
+    pub ssh_keys: Option<Spanned<Vec<String>>>,
+    pub accel: Option<Accel>,
+}
+
+/// `[images.NAME]`: one of `file`, `flake`, or `kernel` (+ `initrd`, `cmdline`, optional `file`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImage {
+    pub file: Option<String>,
+    pub flake: Option<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// `[vms.NAME]`: the `[defaults]` keys plus the VM's own.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVm {
+    pub cpus: Option<Cpus>,
+    pub memory: Option<Size>,
+    pub disk: Option<Size>,
+    pub image: Option<Spanned<String>>,
+    pub backend: Option<Spanned<String>>,
+    pub ssh_keys: Option<Spanned<Vec<String>>>,
+    pub accel: Option<Accel>,
+
+    pub user: Option<Spanned<String>>,
+    pub ssh_port: Option<Port>,
+    pub spice_port: Option<Port>,
+    #[serde(default)]
+    pub readonly: bool,
+    pub env: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    pub nixos: Option<String>,
+    pub purpose: Option<String>,
+}
+
+/// Where each table key stands in the file, for errors about names.
+#[derive(Debug, Default, Deserialize)]
+pub struct KeySpans {
+    #[serde(default)]
+    pub images: BTreeMap<Spanned<String>, serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub vms: BTreeMap<Spanned<String>, serde::de::IgnoredAny>,
+}

@@ -1,0 +1,228 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Fleet, SpecError> {
+    Fleet::parse(Path::new("/fleet/agentvm.toml"), text)
+}
+
+fn invalid(text: &str) -> (usize, String, String) {
+    match parse(text) {
+        Err(SpecError::Invalid {
+            line,
+            field,
+            message,
+            ..
+        }) => (line, field, message),
+        other => panic!("expected an Invalid error, got {other:?}"),
+    }
+}
+
+const BASIC: &str = r#"
+[defaults]
+cpus = 4
+memory = "4GiB"
+image = "nixos"
+ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBc user@host"]
+
+[images.nixos]
+file = "images/nixos.qcow2"
+
+[images.tiny]
+kernel = "/boot/vmlinuz"
+initrd = "/boot/initrd.img"
+cmdline = "console=ttyS0"
+
+[vms.drago]
+memory = "8G"
+disk = "20G"
+ssh_port = 2300
+purpose = "builds things"
+env = { EDITOR = "vim" }
+
+[vms.luce]
+image = "tiny"
+cpus = 1
+readonly = true
+user = "agent"
+"#;
+
+#[test]
+fn resolves_defaults_and_overrides() {
+    let fleet = parse(BASIC).unwrap();
+    let drago = fleet.vm("drago").unwrap();
+    assert_eq!(drago.cpus, 4);
+    assert_eq!(drago.memory.bytes(), 8 * GIB);
+    assert_eq!(drago.disk.unwrap().bytes(), 20 * GIB);
+    assert_eq!(drago.image.as_str(), "nixos");
+    assert_eq!(drago.ssh_port, Some(2300));
+    assert_eq!(drago.user, "root");
+    assert_eq!(drago.backend, "local");
+    assert_eq!(drago.env["EDITOR"], "vim");
+    assert_eq!(drago.ssh_keys.len(), 1);
+    let luce = fleet.vm("luce").unwrap();
+    assert_eq!(luce.cpus, 1);
+    assert_eq!(luce.memory.bytes(), 4 * GIB);
+    assert!(luce.readonly);
+    assert_eq!(luce.user, "agent");
+    assert_eq!(
+        fleet.image(&luce.image).source,
+        ImageSource::Kernel {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: Some("/boot/initrd.img".into()),
+            cmdline: Some("console=ttyS0".into()),
+            disk: None,
+        }
+    );
+    assert_eq!(
+        fleet.image(&drago.image).source,
+        ImageSource::File("/fleet/images/nixos.qcow2".into())
+    );
+}
+
+#[test]
+fn unknown_key_names_line_and_field() {
+    let (line, field, message) = invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\ncolour = \"red\"\n");
+    assert_eq!(line, 5);
+    assert_eq!(field, "vms.a.colour");
+    assert!(message.contains("unknown field `colour`"), "{message}");
+}
+
+#[test]
+fn wrong_type_names_field() {
+    let (line, field, message) = invalid("[defaults]\ncpus = \"two\"\n");
+    assert_eq!((line, field.as_str()), (2, "defaults.cpus"));
+    assert!(message.contains("invalid type"), "{message}");
+}
+
+#[test]
+fn bad_size_names_field() {
+    let (line, field, message) = invalid("[vms.a]\nmemory = \"4XB\"\n");
+    assert_eq!((line, field.as_str()), (2, "vms.a.memory"));
+    assert!(message.contains("unknown unit"), "{message}");
+    let (_, field, message) = invalid("[vms.a]\ndisk = 20\n");
+    assert_eq!(field, "vms.a.disk");
+    assert!(message.contains("string with a unit"), "{message}");
+}
+
+#[test]
+fn bad_vm_name_names_line() {
+    let (line, field, message) = invalid("[images.a]\nfile = \"x\"\n\n[vms.\"Bad_Name\"]\nimage = \"a\"\n");
+    assert_eq!(line, 4);
+    assert_eq!(field, "vms.Bad_Name");
+    assert!(message.contains("invalid name"), "{message}");
+}
+
+#[test]
+fn hostile_names_are_rejected() {
+    for name in ["../../etc", "a'/>", "x\ny", "agentvm-a b"] {
+        let text = format!("[images.a]\nfile = \"x\"\n[vms.{name:?}]\nimage = \"a\"\n");
+        let (_, _, message) = invalid(&text);
+        assert!(message.contains("invalid name"), "{name}: {message}");
+    }
+}
+
+#[test]
+fn unknown_image_is_an_error() {
+    let (line, field, message) = invalid("[images.a]\nfile = \"x\"\n[vms.b]\nimage = \"nope\"\n");
+    assert_eq!((line, field.as_str()), (4, "vms.b.image"));
+    assert!(message.contains("unknown image \"nope\""), "{message}");
+    let (_, field, _) = invalid("[vms.b]\ncpus = 1\n");
+    assert_eq!(field, "vms.b.image");
+}
+
+#[test]
+fn image_needs_exactly_one_source() {
+    let (line, field, _) = invalid("[images.a]\nfile = \"x\"\nflake = \".#a\"\n");
+    assert_eq!((line, field.as_str()), (1, "images.a"));
+    invalid("[images.a]\n");
+    invalid("[images.a]\nfile = \"x\"\ncmdline = \"quiet\"\n");
+    invalid("[images.a]\nflake = \"nohash\"\n");
+}
+
+#[test]
+fn flake_images_parse() {
+    let fleet = parse("[images.n]\nflake = \".#agent-base\"\n").unwrap();
+    assert_eq!(
+        fleet.images[&Name::new("n").unwrap()].source,
+        ImageSource::Flake(".#agent-base".into())
+    );
+}
+
+#[test]
+fn kernel_image_may_have_a_disk() {
+    let fleet = parse("[images.k]\nkernel = \"vmlinuz\"\nfile = \"disk.qcow2\"\n").unwrap();
+    let ImageSource::Kernel { disk, kernel, .. } = &fleet.images[&Name::new("k").unwrap()].source
+    else {
+        panic!("kernel image expected")
+    };
+    assert_eq!(disk.as_deref(), Some(Path::new("/fleet/disk.qcow2")));
+    assert_eq!(kernel, Path::new("/fleet/vmlinuz"));
+}
+
+#[test]
+fn ranges_are_checked() {
+    let (_, field, _) = invalid("[vms.a]\ncpus = 0\n");
+    assert_eq!(field, "vms.a.cpus");
+    let (_, field, _) = invalid("[vms.a]\nssh_port = 22\n");
+    assert_eq!(field, "vms.a.ssh_port");
+    let (_, field, _) = invalid("[vms.a]\nssh_port = 70000\n");
+    assert_eq!(field, "vms.a.ssh_port");
+}
+
+#[test]
+fn same_pinned_ports_are_an_error() {
+    let (_, field, _) =
+        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_port = 3000\nspice_port = 3000\n");
+    assert_eq!(field, "vms.a.spice_port");
+}
+
+#[test]
+fn bad_ssh_keys_and_users_are_errors() {
+    let (_, field, _) =
+        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_keys = [\"ssh-ed25519 AAAA\\nevil\"]\n");
+    assert_eq!(field, "vms.a.ssh_keys");
+    let (_, field, message) =
+        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_keys = [\"/nonexistent/key.pub\"]\n");
+    assert_eq!(field, "vms.a.ssh_keys");
+    assert!(message.contains("/nonexistent/key.pub"), "{message}");
+    let (_, field, _) = invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nuser = \"Root;rm\"\n");
+    assert_eq!(field, "vms.a.user");
+}
+
+#[test]
+fn ssh_key_files_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pub");
+    std::fs::write(&key, "# mine\nssh-ed25519 AAAAC3Nza me@x\n\n").unwrap();
+    let text = format!(
+        "[defaults]\nssh_keys = [{:?}]\n[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\n",
+        key.display().to_string()
+    );
+    let fleet = parse(&text).unwrap();
+    assert_eq!(fleet.vm("a").unwrap().ssh_keys, vec!["ssh-ed25519 AAAAC3Nza me@x"]);
+}
+
+#[test]
+fn unknown_backend_is_an_error() {
+    let (_, field, message) = invalid("[images.a]\nfile = \"x\"\n[defaults]\nbackend = \"pve\"\n[vms.a]\nimage = \"a\"\n");
+    assert_eq!(field, "defaults.backend");
+    assert!(message.contains("unknown backend"), "{message}");
+}
+
+#[test]
+fn syntax_errors_carry_a_line() {
+    let (line, _, _) = invalid("[vms.a]\ncpus = = 2\n");
+    assert_eq!(line, 2);
+}
+
+#[test]
+fn unknown_vm_lists_known_ones() {
+    let fleet = parse(BASIC).unwrap();
+    let err = fleet.vm("nope").unwrap_err().to_string();
+    assert!(err.contains("drago, luce"), "{err}");
+}
+
+#[test]
+fn error_display_is_file_line_field() {
+    let err = parse("[vms.a]\nmemory = \"4XB\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("/fleet/agentvm.toml:2:10: vms.a.memory: invalid size"), "{err}");
+}
