@@ -2,4 +2,5 @@
 
 pub mod fsutil;
 pub mod paths;
+pub mod domain;
 pub mod spec;

@@ -1,0 +1,299 @@
+//! Building a VM's libvirt domain from its resolved plan.
+
+pub mod metadata;
+pub mod xml;
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+use crate::spec::VmSpec;
+pub use metadata::{AGENTVM_NS, DOMAIN_PREFIX, VmState, domain_name};
+use xml::*;
+
+/// Guest port the SSH forward points at.
+pub const GUEST_SSH_PORT: u16 = 22;
+/// Every host-side listener binds here only.
+pub const LISTEN_ADDRESS: &str = "127.0.0.1";
+/// PCI slot on the q35 root bus for the SLIRP NIC; libvirt does not manage
+/// devices added through `<qemu:commandline>`, so the address is fixed by hand.
+pub const SLIRP_NIC_PCI_ADDR: &str = "0x10";
+/// The systemd credential that carries SSH authorized keys for root.
+pub const SSH_KEYS_CREDENTIAL: &str = "ssh.authorized_keys.root";
+/// The guest agent's virtio-serial port name.
+pub const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
+/// The SPICE agent's virtio-serial port name.
+pub const SPICE_AGENT_CHANNEL: &str = "com.redhat.spice.0";
+
+/// How the guest runs: hardware virtualization or QEMU's software emulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+
+    fn domain_type(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "qemu",
+        }
+    }
+}
+
+/// How the user-mode network with the SSH forward is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// libvirt's passt backend with `<portForward>`.
+    Passt,
+    /// QEMU's built-in SLIRP with `hostfwd`, added through `<qemu:commandline>`.
+    Slirp,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passt => "passt",
+            Self::Slirp => "slirp",
+        }
+    }
+}
+
+/// Direct kernel boot parameters, with paths in the image store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+/// Everything needed to write one VM's domain XML.
+#[derive(Debug, Clone)]
+pub struct DomainPlan {
+    pub memory_kib: u64,
+    pub cpus: u32,
+    pub accel: Accel,
+    pub network: NetworkMode,
+    pub disk: PathBuf,
+    pub kernel: Option<KernelBoot>,
+    pub serial_log: PathBuf,
+    pub authorized_keys: Vec<String>,
+    pub state: VmState,
+}
+
+impl DomainPlan {
+    pub fn domain_name(&self) -> String {
+        domain_name(&self.state.name)
+    }
+
+    pub fn to_xml(&self) -> Result<String, quick_xml::SeError> {
+        self.to_domain().to_xml()
+    }
+
+    pub fn to_domain(&self) -> Domain {
+        let (interface, qemu_commandline) = match self.network {
+            NetworkMode::Passt => (vec![self.passt_interface()], None),
+            NetworkMode::Slirp => (Vec::new(), Some(self.slirp_commandline())),
+        };
+        Domain {
+            kind: self.accel.domain_type().to_string(),
+            xmlns_qemu: qemu_commandline.as_ref().map(|_| QEMU_NS.to_string()),
+            name: self.domain_name(),
+            metadata: Metadata {
+                vm: self.state.clone(),
+            },
+            memory: Memory {
+                unit: "KiB".into(),
+                value: self.memory_kib,
+            },
+            vcpu: self.cpus,
+            sysinfo: Sysinfo {
+                kind: "smbios".into(),
+                oem_strings: OemStrings {
+                    entry: vec![format!(
+                        "io.systemd.credential:{SSH_KEYS_CREDENTIAL}={}",
+                        self.authorized_keys.join("\n")
+                    )],
+                },
+            },
+            os: Os {
+                os_type: OsType {
+                    arch: "x86_64".into(),
+                    machine: "q35".into(),
+                    value: "hvm".into(),
+                },
+                kernel: self.kernel.as_ref().map(|k| path_str(&k.kernel)),
+                initrd: self
+                    .kernel
+                    .as_ref()
+                    .and_then(|k| k.initrd.as_ref().map(path_str)),
+                cmdline: self.kernel.as_ref().and_then(|k| k.cmdline.clone()),
+                boot: match self.kernel {
+                    Some(_) => None,
+                    None => Some(Boot { dev: "hd".into() }),
+                },
+                smbios: Smbios {
+                    mode: "sysinfo".into(),
+                },
+            },
+            features: Features { acpi: Empty {} },
+            cpu: match self.accel {
+                Accel::Kvm => Some(Cpu {
+                    mode: "host-passthrough".into(),
+                }),
+                Accel::Tcg => None,
+            },
+            clock: Clock {
+                offset: "utc".into(),
+            },
+            on_poweroff: "destroy".into(),
+            on_reboot: "restart".into(),
+            on_crash: "destroy".into(),
+            devices: Devices {
+                disk: vec![Disk {
+                    kind: "file".into(),
+                    device: "disk".into(),
+                    driver: DiskDriver {
+                        name: "qemu".into(),
+                        format: "qcow2".into(),
+                        discard: "unmap".into(),
+                    },
+                    source: FileSource {
+                        file: path_str(&self.disk),
+                    },
+                    target: DiskTarget {
+                        dev: "vda".into(),
+                        bus: "virtio".into(),
+                    },
+                }],
+                interface,
+                serial: Serial {
+                    kind: "file".into(),
+                    source: LogSource {
+                        path: path_str(&self.serial_log),
+                        append: "on".into(),
+                    },
+                    target: SerialTarget { port: 0 },
+                },
+                channel: vec![
+                    Channel {
+                        kind: "unix".into(),
+                        target: ChannelTarget {
+                            kind: "virtio".into(),
+                            name: GUEST_AGENT_CHANNEL.into(),
+                        },
+                    },
+                    Channel {
+                        kind: "spicevmc".into(),
+                        target: ChannelTarget {
+                            kind: "virtio".into(),
+                            name: SPICE_AGENT_CHANNEL.into(),
+                        },
+                    },
+                ],
+                graphics: Graphics {
+                    kind: "spice".into(),
+                    port: self.state.spice_port,
+                    autoport: "no".into(),
+                    listen_attr: LISTEN_ADDRESS.into(),
+                    listen: GraphicsListen {
+                        kind: "address".into(),
+                        address: LISTEN_ADDRESS.into(),
+                    },
+                },
+                video: Video {
+                    model: VideoModel {
+                        kind: "virtio".into(),
+                        heads: 1,
+                        primary: "yes".into(),
+                    },
+                },
+                rng: Rng {
+                    model: "virtio".into(),
+                    backend: RngBackend {
+                        model: "random".into(),
+                        device: "/dev/urandom".into(),
+                    },
+                },
+                memballoon: ModelOnly {
+                    model: "virtio".into(),
+                },
+            },
+            qemu_commandline,
+        }
+    }
+
+    fn passt_interface(&self) -> Interface {
+        Interface {
+            kind: "user".into(),
+            mac: Mac {
+                address: mac_address(&self.state.name),
+            },
+            backend: TypeOnly {
+                kind: "passt".into(),
+            },
+            port_forward: PortForward {
+                proto: "tcp".into(),
+                address: LISTEN_ADDRESS.into(),
+                range: PortRange {
+                    start: self.state.ssh_port,
+                    to: GUEST_SSH_PORT,
+                },
+            },
+            model: TypeOnly {
+                kind: "virtio".into(),
+            },
+        }
+    }
+
+    fn slirp_commandline(&self) -> QemuCommandline {
+        let netdev = format!(
+            "user,id=agentvm-net0,hostfwd=tcp:{LISTEN_ADDRESS}:{}-:{GUEST_SSH_PORT}",
+            self.state.ssh_port
+        );
+        let device = format!(
+            "virtio-net-pci,netdev=agentvm-net0,mac={},bus=pcie.0,addr={SLIRP_NIC_PCI_ADDR},romfile=",
+            mac_address(&self.state.name)
+        );
+        QemuCommandline {
+            args: ["-netdev", &netdev, "-device", &device]
+                .into_iter()
+                .map(|value| QemuArg {
+                    value: value.to_string(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A stable locally administered MAC in QEMU's 52:54:00 range, from the VM name.
+pub fn mac_address(name: &str) -> String {
+    let digest = Sha256::digest(name.as_bytes());
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        digest[0], digest[1], digest[2]
+    )
+}
+
+/// The hash of everything in a VM's spec that shapes its domain, plus its image.
+pub fn spec_hash(spec: &VmSpec, image_digest: &str) -> String {
+    let canonical =
+        serde_json::to_vec(&(spec, image_digest)).expect("a VM spec always serializes to JSON");
+    format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
+}
+
+fn path_str(path: &PathBuf) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,106 @@
+use super::*;
+
+pub(crate) fn sample_state(name: &str) -> VmState {
+    VmState {
+        xmlns: AGENTVM_NS.to_string(),
+        name: name.to_string(),
+        backend: "local".into(),
+        spec_hash: "sha256:00".into(),
+        image: "tiny".into(),
+        image_digest: "sha256:11".into(),
+        ssh_port: 2222,
+        spice_port: 5900,
+        user: "root".into(),
+        readonly: false,
+        accel: "tcg".into(),
+        network: "slirp".into(),
+        purpose: None,
+    }
+}
+
+fn sample_plan() -> DomainPlan {
+    DomainPlan {
+        memory_kib: 512 * 1024,
+        cpus: 1,
+        accel: Accel::Tcg,
+        network: NetworkMode::Slirp,
+        disk: "/home/u/.local/share/agentvm/vms/drago/disk.qcow2".into(),
+        kernel: None,
+        serial_log: "/home/u/.local/share/agentvm/vms/drago/serial.log".into(),
+        authorized_keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
+        state: sample_state("drago"),
+    }
+}
+
+#[test]
+fn hostile_values_are_escaped() {
+    let mut plan = sample_plan();
+    plan.state.purpose = Some("</agentvm:purpose><devices><hostdev/></devices>&".into());
+    plan.kernel = Some(KernelBoot {
+        kernel: "/k".into(),
+        initrd: None,
+        cmdline: Some("console=ttyS0 '\"><qemu:arg value='-evil'/>".into()),
+    });
+    let xml = plan.to_xml().unwrap();
+    assert!(!xml.contains("<hostdev"), "{xml}");
+    assert!(!xml.contains("<qemu:arg value='-evil'"), "{xml}");
+    assert!(xml.contains("&lt;/agentvm:purpose&gt;"), "{xml}");
+    assert!(xml.contains("&amp;"), "{xml}");
+}
+
+#[test]
+fn slirp_forwards_ssh_on_loopback_with_fixed_pci_address() {
+    let xml = sample_plan().to_xml().unwrap();
+    assert!(xml.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{xml}");
+    assert!(xml.contains("bus=pcie.0,addr=0x10"), "{xml}");
+    assert!(xml.contains(&format!("xmlns:qemu=\"{}\"", xml::QEMU_NS)), "{xml}");
+    assert!(!xml.contains("<interface"), "{xml}");
+}
+
+#[test]
+fn passt_uses_port_forward() {
+    let mut plan = sample_plan();
+    plan.network = NetworkMode::Passt;
+    let xml = plan.to_xml().unwrap();
+    assert!(xml.contains("<backend type=\"passt\"/>"), "{xml}");
+    assert!(xml.contains("<range start=\"2222\" to=\"22\"/>"), "{xml}");
+    assert!(!xml.contains("qemu:commandline"), "{xml}");
+}
+
+#[test]
+fn keys_go_into_an_smbios_credential() {
+    let xml = sample_plan().to_xml().unwrap();
+    assert!(
+        xml.contains("io.systemd.credential:ssh.authorized_keys.root=ssh-ed25519 AAAA a\nssh-ed25519 BBBB b"),
+        "{xml}"
+    );
+    assert!(xml.contains("<smbios mode=\"sysinfo\"/>"), "{xml}");
+}
+
+#[test]
+fn kvm_gets_host_cpu_and_tcg_does_not() {
+    let mut plan = sample_plan();
+    assert!(plan.to_xml().unwrap().starts_with("<domain type=\"qemu\""));
+    plan.accel = Accel::Kvm;
+    let xml = plan.to_xml().unwrap();
+    assert!(xml.starts_with("<domain type=\"kvm\""), "{xml}");
+    assert!(xml.contains("host-passthrough"), "{xml}");
+}
+
+#[test]
+fn metadata_round_trips_through_domain_xml() {
+    let mut plan = sample_plan();
+    plan.state.purpose = Some("a <purpose> & more".into());
+    let xml = plan.to_xml().unwrap();
+    let parsed = xml::DefinedDomain::parse(&xml).unwrap();
+    assert_eq!(parsed.name, "agentvm-drago");
+    assert_eq!(parsed.metadata.unwrap().vm.unwrap(), plan.state);
+}
+
+#[test]
+fn mac_is_stable_and_local() {
+    assert_eq!(mac_address("drago"), mac_address("drago"));
+    assert_ne!(mac_address("drago"), mac_address("luce"));
+    assert!(mac_address("x").starts_with("52:54:00:"));
+}
+
