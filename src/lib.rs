@@ -1,6 +1,8 @@
 //! agentvm: per-user agent VMs on libvirt (and, later, Proxmox VE) from one fleet file.
 
 pub mod fsutil;
+pub mod image;
 pub mod paths;
+pub mod progress;
 pub mod domain;
 pub mod spec;

@@ -77,55 +77,68 @@ apt_opts=()
 
 # --- packages --------------------------------------------------------------
 
-pkg_field() {
-	apt-cache show --no-all-versions "$1" | awk -v f="$2:" '$1 == f && !n++ { print $2 }'
-}
-
-# Names of the Depends/Pre-Depends of a package (all alternatives).
-pkg_depends() {
+# apt is slow to start (it re-reads the package lists every time), so query
+# it in batches.
+apt_depends() {
 	apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
-		--no-replaces --no-enhances "$1" |
-		awk '$1 ~ /^\|?(Pre)?Depends:$/ && $2 !~ /^</ { print $2 }'
+		--no-replaces --no-enhances "$@" |
+		awk '/^[^ ]/ { p = $1 } $1 ~ /^\|?(Pre)?Depends:$/ && $2 !~ /^</ { print p, $2 }'
+}
+# "package section version architecture" of the candidate versions.
+apt_info() {
+	apt-cache show --no-all-versions "$@" | awk '
+		$1 == "Package:" { p = $2 } $1 == "Section:" { s = $2 }
+		$1 == "Version:" { v = $2 } $1 == "Architecture:" { a = $2 }
+		/^$/ && p != "" { print p, s, v, a; p = "" }
+		END { if (p != "") print p, s, v, a }'
 }
 
-kernel_pkg=
-for d in $(pkg_depends linux-image-cloud-amd64); do
-	[[ $d == linux-image-[0-9]* ]] && { kernel_pkg=$d; break; }
-done
-[[ -n $kernel_pkg ]] || die "cannot resolve linux-image-cloud-amd64"
+kernel_pkg=$(apt_depends linux-image-cloud-amd64 | awk '$2 ~ /^linux-image-[0-9]/ { print $2 }')
+[[ $kernel_pkg =~ ^linux-image-[^[:space:]]+$ ]] || die "cannot resolve linux-image-cloud-amd64"
 
-# Shared libraries: the closure of the "libs" section dependencies of the
-# dynamically linked packages. Only the sonames actually NEEDED get copied.
+# Shared libraries: the closure over dependencies in the "libs" section of
+# the dynamically linked packages (this leaves out e.g. init-system-helpers
+# and perl). Only the sonames actually NEEDED get copied later.
+declare -A deps=() section=() version=() arch=()
+while read -r p d; do
+	deps[$p]+=" $d"
+done < <(apt_depends --recurse dropbear-bin qemu-guest-agent)
+while read -r p s v a; do
+	section[$p]=$s version[$p]=$v arch[$p]=$a
+done < <(apt_info "$kernel_pkg" busybox-static $(printf '%s\n' "${!deps[@]}" ${deps[*]} | sort -u))
+
 libpkgs=()
 declare -A seen=()
 queue=(dropbear-bin qemu-guest-agent)
 while ((${#queue[@]})); do
 	p=${queue[0]}
 	queue=("${queue[@]:1}")
-	for d in $(pkg_depends "$p"); do
-		[[ -z ${seen[$d]:-} ]] || continue
+	for d in ${deps[$p]:-}; do
+		[[ -z ${seen[$d]:-} && ${section[$d]:-} == libs ]] || continue
 		seen[$d]=1
-		[[ $(pkg_field "$d" Section) == libs ]] || continue
 		libpkgs+=("$d")
 		queue+=("$d")
 	done
 done
 
 packages=("$kernel_pkg" busybox-static dropbear-bin qemu-guest-agent "${libpkgs[@]}")
+missing=()
+for p in "${packages[@]}"; do
+	[[ -n ${version[$p]:-} ]] || die "package $p not found (apt-get update?)"
+	deb=$debs/${p}_${version[$p]//:/%3a}_${arch[$p]}.deb
+	[[ -f $deb ]] || missing+=("$p=${version[$p]}")
+done
+if ((${#missing[@]})); then
+	log "downloading ${missing[*]}"
+	(cd "$debs" && apt-get "${apt_opts[@]}" download "${missing[@]}") >&2 ||
+		die "download failed"
+fi
 : >"$work/packages.txt"
 for p in "${packages[@]}"; do
-	ver=$(pkg_field "$p" Version)
-	arch=$(pkg_field "$p" Architecture)
-	[[ -n $ver && -n $arch ]] || die "package $p not found (apt-get update?)"
-	deb=$debs/${p}_${ver//:/%3a}_${arch}.deb
-	if [[ ! -f $deb ]]; then
-		log "downloading $p $ver"
-		(cd "$debs" && apt-get "${apt_opts[@]}" download "$p=$ver") >&2 ||
-			die "download of $p failed"
-		[[ -f $deb ]] || die "download of $p did not produce $deb"
-	fi
+	deb=$debs/${p}_${version[$p]//:/%3a}_${arch[$p]}.deb
+	[[ -f $deb ]] || die "download of $p did not produce $deb"
 	dpkg-deb -x "$deb" "$work/pkgs/$p"
-	printf '%s %s\n' "$p" "$ver" >>"$work/packages.txt"
+	printf '%s %s\n' "$p" "${version[$p]}" >>"$work/packages.txt"
 done
 log "packages: $(tr '\n' ' ' <"$work/packages.txt")"
 

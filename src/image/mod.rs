@@ -1,0 +1,273 @@
+//! The content-addressed image store under `$AGENTVM_HOME/images`.
+//!
+//! A source file is copied in once, named by its sha256; an index keyed by the
+//! source's path, size and mtime makes re-importing an unchanged file instant.
+
+pub mod qemu_img;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::domain::KernelBoot;
+use crate::fsutil::{create_private_dir, write_atomic};
+use crate::paths::Home;
+use crate::progress::Reporter;
+use crate::spec::{ImageSource, ImageSpec};
+pub use qemu_img::{DiskFormat, DiskInfo};
+
+const COPY_CHUNK: usize = 1 << 20;
+
+/// A file in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// `sha256:<hex>` of the content.
+    pub digest: String,
+    pub path: PathBuf,
+}
+
+/// A base disk in the store.
+#[derive(Debug, Clone)]
+pub struct BaseDisk {
+    pub file: StoredFile,
+    pub format: DiskFormat,
+    pub virtual_size: u64,
+}
+
+/// An image ready to boot VMs from.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    /// One digest for everything the image is made of.
+    pub digest: String,
+    pub base: Option<BaseDisk>,
+    pub kernel: Option<KernelBoot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IndexEntry {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+    digest: String,
+    file_name: String,
+}
+
+pub struct ImageStore {
+    dir: PathBuf,
+    index_path: PathBuf,
+}
+
+impl ImageStore {
+    pub fn new(home: &Home) -> Self {
+        Self {
+            dir: home.images_dir(),
+            index_path: home.image_index(),
+        }
+    }
+
+    /// Imports whatever the image is made of and returns it ready to use.
+    /// Callers hold the home lock: the index is read, changed and rewritten.
+    pub fn prepare(&self, image: &ImageSpec, progress: &dyn Reporter) -> Result<PreparedImage> {
+        match &image.source {
+            ImageSource::File(path) => {
+                let base = self.import_disk(path, progress)?;
+                Ok(PreparedImage {
+                    digest: base.file.digest.clone(),
+                    base: Some(base),
+                    kernel: None,
+                })
+            }
+            ImageSource::Flake(attr) => bail!(
+                "image {:?} is built from the flake {attr:?}; building NixOS images is not available yet: \
+                 build it yourself and use `file = \"path/to/image.qcow2\"`",
+                image.name.as_str()
+            ),
+            ImageSource::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+                disk,
+            } => {
+                let kernel_file = self.import_blob(kernel, "kernel", progress)?;
+                let initrd_file = initrd
+                    .as_deref()
+                    .map(|p| self.import_blob(p, "initrd", progress))
+                    .transpose()?;
+                let base = disk
+                    .as_deref()
+                    .map(|p| self.import_disk(p, progress))
+                    .transpose()?;
+                let mut hasher = Sha256::new();
+                for part in [
+                    Some(&kernel_file.digest),
+                    initrd_file.as_ref().map(|f| &f.digest),
+                    base.as_ref().map(|b| &b.file.digest),
+                ] {
+                    hasher.update(part.map_or("-", String::as_str).as_bytes());
+                    hasher.update(b"\n");
+                }
+                Ok(PreparedImage {
+                    digest: format!("sha256:{}", hex::encode(hasher.finalize())),
+                    base,
+                    kernel: Some(KernelBoot {
+                        kernel: kernel_file.path,
+                        initrd: initrd_file.map(|f| f.path),
+                        cmdline: cmdline.clone(),
+                    }),
+                })
+            }
+        }
+    }
+
+    /// Imports a qcow2 or raw disk image.
+    pub fn import_disk(&self, source: &Path, progress: &dyn Reporter) -> Result<BaseDisk> {
+        let info = qemu_img::info(source)?;
+        let file = self.import(source, info.format.as_str(), progress)?;
+        Ok(BaseDisk {
+            file,
+            format: info.format,
+            virtual_size: info.virtual_size,
+        })
+    }
+
+    /// Imports any file (a kernel, an initrd) by content.
+    pub fn import_blob(&self, source: &Path, kind: &str, progress: &dyn Reporter) -> Result<StoredFile> {
+        self.import(source, kind, progress)
+    }
+
+    fn import(&self, source: &Path, extension: &str, progress: &dyn Reporter) -> Result<StoredFile> {
+        let source = source
+            .canonicalize()
+            .with_context(|| format!("image file {}", source.display()))?;
+        let meta = fs::metadata(&source).with_context(|| format!("reading {}", source.display()))?;
+        if !meta.is_file() {
+            bail!("image file {} is not a regular file", source.display());
+        }
+        create_private_dir(&self.dir)?;
+        let mut index = self.read_index()?;
+        let key = source.to_string_lossy().into_owned();
+        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        if let Some(entry) = index.get(&key)
+            && entry.size == meta.len()
+            && entry.mtime_ns == mtime_ns
+            && entry.inode == meta.ino()
+        {
+            let path = self.dir.join(&entry.file_name);
+            if path.is_file() {
+                return Ok(StoredFile {
+                    digest: entry.digest.clone(),
+                    path,
+                });
+            }
+        }
+
+        let (digest, tmp) = self.copy_hashing(&source, meta.len(), progress)?;
+        let hex = digest.trim_start_matches("sha256:");
+        let file_name = format!("{hex}.{extension}");
+        let path = self.dir.join(&file_name);
+        if path.is_file() {
+            drop(tmp);
+        } else {
+            let tmp_path = tmp.into_temp_path();
+            fs::set_permissions(&tmp_path, fs::Permissions::from_mode(0o444))?;
+            tmp_path
+                .persist(&path)
+                .with_context(|| format!("storing {}", path.display()))?;
+            crate::fsutil::sync_dir(&self.dir);
+        }
+        index.insert(
+            key,
+            IndexEntry {
+                size: meta.len(),
+                mtime_ns,
+                inode: meta.ino(),
+                digest: digest.clone(),
+                file_name,
+            },
+        );
+        self.write_index(&index)?;
+        Ok(StoredFile { digest, path })
+    }
+
+    /// Copies `source` into a temp file in the store while hashing it; runs of
+    /// zeros become holes so sparse images stay sparse.
+    fn copy_hashing(
+        &self,
+        source: &Path,
+        total: u64,
+        progress: &dyn Reporter,
+    ) -> Result<(String, tempfile::NamedTempFile)> {
+        let mut input = File::open(source).with_context(|| format!("opening {}", source.display()))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".import-")
+            .tempfile_in(&self.dir)
+            .with_context(|| format!("creating a temp file in {}", self.dir.display()))?;
+        let label = format!(
+            "importing {}",
+            source.file_name().unwrap_or_default().to_string_lossy()
+        );
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut done = 0u64;
+        loop {
+            let n = read_full(&mut input, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            hasher.update(chunk);
+            let out = tmp.as_file_mut();
+            if chunk.iter().all(|&b| b == 0) {
+                out.seek(SeekFrom::Current(n as i64))?;
+            } else {
+                out.write_all(chunk)?;
+            }
+            done += n as u64;
+            progress.bytes(&label, done, total);
+        }
+        tmp.as_file().set_len(done)?;
+        tmp.as_file().sync_all()?;
+        progress.bytes_done(&label);
+        Ok((format!("sha256:{}", hex::encode(hasher.finalize())), tmp))
+    }
+
+    fn read_index(&self) -> Result<BTreeMap<String, IndexEntry>> {
+        match fs::read(&self.index_path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "ignoring unreadable image index {}: {e}",
+                    self.index_path.display()
+                );
+                BTreeMap::new()
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.index_path.display())),
+        }
+    }
+
+    fn write_index(&self, index: &BTreeMap<String, IndexEntry>) -> Result<()> {
+        write_atomic(&self.index_path, &serde_json::to_vec_pretty(index)?, 0o600)
+    }
+}
+
+fn read_full(input: &mut File, buf: &mut [u8]) -> Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests;
