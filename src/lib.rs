@@ -3,6 +3,8 @@
 pub mod fsutil;
 pub mod image;
 pub mod paths;
+pub mod ports;
 pub mod progress;
 pub mod domain;
 pub mod spec;
+pub mod ssh;

@@ -1,0 +1,276 @@
+//! agentvm's own SSH identity, the `ssh` command line for a VM, `ssh-config`
+//! blocks, and waiting for a guest's SSH banner.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
+
+use crate::fsutil::{create_private_dir, write_atomic};
+use crate::paths::Home;
+
+/// agentvm's key pair, made on first use.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub private_key: PathBuf,
+    pub public_line: String,
+}
+
+impl Identity {
+    pub fn ensure(home: &Home) -> Result<Self> {
+        let private_key = home.ssh_key();
+        let public_path = private_key.with_extension("pub");
+        if private_key.is_file() && public_path.is_file() {
+            let public_line = std::fs::read_to_string(&public_path)
+                .with_context(|| format!("reading {}", public_path.display()))?
+                .trim()
+                .to_string();
+            return Ok(Self {
+                private_key,
+                public_line,
+            });
+        }
+        create_private_dir(&home.ssh_dir())?;
+        let key = PrivateKey::random(&mut ssh_key::rand_core::OsRng, Algorithm::Ed25519)
+            .context("generating an ed25519 key")?;
+        let mut public = key.public_key().clone();
+        public.set_comment("agentvm");
+        let public_line = public.to_openssh().context("encoding the public key")?;
+        let private = key
+            .to_openssh(LineEnding::LF)
+            .context("encoding the private key")?;
+        write_atomic(&private_key, private.as_bytes(), 0o600)?;
+        write_atomic(&public_path, format!("{public_line}\n").as_bytes(), 0o644)?;
+        Ok(Self {
+            private_key,
+            public_line,
+        })
+    }
+}
+
+/// How to reach a VM over SSH.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Endpoint {
+    /// The VM's name (the `Host` alias is `agentvm-<name>`).
+    pub vm: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identity: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl Endpoint {
+    pub fn host_alias(&self) -> String {
+        format!("agentvm-{}", self.vm)
+    }
+
+    /// Options shared by `ssh` and `ssh-config`. Host keys are pinned per VM under
+    /// a stable alias, so a port reused by another VM cannot match a stale key.
+    fn options(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("HostName", self.host.clone()),
+            ("Port", self.port.to_string()),
+            ("User", self.user.clone()),
+            ("IdentityFile", self.identity.display().to_string()),
+            ("IdentitiesOnly", "yes".into()),
+            ("UserKnownHostsFile", self.known_hosts.display().to_string()),
+            ("StrictHostKeyChecking", "accept-new".into()),
+            ("HostKeyAlias", self.host_alias()),
+            ("LogLevel", "ERROR".into()),
+        ]
+    }
+
+    /// The system `ssh` with this endpoint; `command` runs remotely if given.
+    pub fn command(&self, command: &[String]) -> Command {
+        let mut cmd = Command::new("ssh");
+        for (key, value) in self.options() {
+            cmd.arg("-o").arg(format!("{key}={value}"));
+        }
+        cmd.arg(self.host_alias());
+        if !command.is_empty() {
+            cmd.arg("--").args(command);
+        }
+        cmd
+    }
+
+    /// A `Host` block for `~/.ssh/config` (`Include` the output).
+    pub fn config_block(&self) -> String {
+        let mut out = format!("Host {}\n", self.host_alias());
+        for (key, value) in self.options() {
+            let quoted = if value.contains(' ') {
+                format!("\"{value}\"")
+            } else {
+                value
+            };
+            let _ = writeln!(out, "  {key} {quoted}");
+        }
+        out
+    }
+}
+
+/// Waits until 127.0.0.1:`port` answers with an SSH banner. `still_running` is
+/// asked between tries so a guest that died is reported at once.
+pub fn wait_for_banner(
+    port: u16,
+    timeout: Duration,
+    mut still_running: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    loop {
+        if read_banner(&addr).is_some() {
+            return Ok(start.elapsed());
+        }
+        if !still_running()? {
+            bail!("the VM stopped before SSH came up");
+        }
+        if start.elapsed() >= timeout {
+            bail!(
+                "no SSH banner on 127.0.0.1:{port} after {}s",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The first line the server sends, if it is an SSH identification string.
+/// (A user-mode forward accepts connections before the guest listens; only the
+/// banner proves sshd is up.)
+pub fn read_banner(addr: &SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut buf = [0u8; 256];
+    let mut got = 0;
+    while got < buf.len() {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                got += n;
+                if buf[..got].contains(&b'\n') {
+                    break;
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..got]);
+    let line = text.lines().next()?.trim().to_string();
+    line.starts_with("SSH-").then_some(line)
+}
+
+/// Removes a VM's known_hosts entries, e.g. when its disk is replaced.
+pub fn forget_host(known_hosts: &Path) -> Result<()> {
+    match std::fs::remove_file(known_hosts) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", known_hosts.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn identity_is_made_once_with_private_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let first = Identity::ensure(&home).unwrap();
+        assert!(first.public_line.starts_with("ssh-ed25519 "));
+        let mode = std::fs::metadata(&first.private_key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let second = Identity::ensure(&home).unwrap();
+        assert_eq!(first.public_line, second.public_line);
+        // The system ssh-keygen agrees the private key is valid and matches.
+        let out = Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(&first.private_key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let derived = String::from_utf8(out.stdout).unwrap();
+        let blob = |l: &str| l.split_whitespace().nth(1).unwrap().to_string();
+        assert_eq!(blob(&derived), blob(&first.public_line));
+    }
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            vm: "drago".into(),
+            host: "127.0.0.1".into(),
+            port: 2222,
+            user: "root".into(),
+            identity: "/h/ssh/id_ed25519".into(),
+            known_hosts: "/h/vms/drago/known_hosts".into(),
+        }
+    }
+
+    #[test]
+    fn command_carries_port_key_user_and_known_hosts() {
+        let cmd = endpoint().command(&["uname".into(), "-a".into()]);
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        for want in [
+            "Port=2222",
+            "User=root",
+            "IdentityFile=/h/ssh/id_ed25519",
+            "UserKnownHostsFile=/h/vms/drago/known_hosts",
+            "HostName=127.0.0.1",
+        ] {
+            assert!(args.contains(&want.to_string()), "{want} in {args:?}");
+        }
+        assert_eq!(&args[args.len() - 4..], ["agentvm-drago", "--", "uname", "-a"]);
+    }
+
+    #[test]
+    fn config_block_is_accepted_by_ssh() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(&config, endpoint().config_block()).unwrap();
+        let out = Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(&config)
+            .arg("agentvm-drago")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let effective = String::from_utf8(out.stdout).unwrap();
+        assert!(effective.contains("port 2222"), "{effective}");
+        assert!(effective.contains("hostname 127.0.0.1"), "{effective}");
+        assert!(effective.contains("user root"), "{effective}");
+    }
+
+    #[test]
+    fn banner_must_be_ssh() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"HTTP/1.0 200 OK\r\n").unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
+        });
+        assert_eq!(read_banner(&addr), None);
+        assert_eq!(read_banner(&addr).as_deref(), Some("SSH-2.0-dropbear"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn waiting_stops_when_the_vm_dies() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let err = wait_for_banner(port, Duration::from_secs(30), || Ok(false)).unwrap_err();
+        assert!(err.to_string().contains("stopped"), "{err}");
+    }
+}
