@@ -5,6 +5,8 @@ pub mod image;
 pub mod paths;
 pub mod ports;
 pub mod progress;
+pub mod backend;
+pub mod cli;
 pub mod domain;
 pub mod spec;
 pub mod ssh;

@@ -13,6 +13,8 @@ pub const ENV_FILE: &str = "AGENTVM_FILE";
 pub const ENV_LIBVIRT_URI: &str = "AGENTVM_LIBVIRT_URI";
 /// Environment variable that forces the accelerator (`auto`, `kvm`, `tcg`).
 pub const ENV_ACCEL: &str = "AGENTVM_ACCEL";
+/// Environment variable that forces the user-mode network (`passt`, `slirp`).
+pub const ENV_NETWORK: &str = "AGENTVM_NETWORK";
 
 /// The fleet file searched for in the current folder and its parents.
 pub const FLEET_FILE: &str = "agentvm.toml";

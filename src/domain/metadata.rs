@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{Accel, NetworkMode};
+use crate::spec::VmSpec;
+
 /// The agentvm XML namespace for domain metadata.
 pub const AGENTVM_NS: &str = "https://agentvm.dev/xmlns/vm/1";
 /// Domain names are this prefix plus the VM name.
@@ -45,6 +48,35 @@ pub struct VmState {
         skip_serializing_if = "Option::is_none"
     )]
     pub purpose: Option<String>,
+}
+
+impl VmState {
+    /// The state of a VM made from `spec` on `image_digest` with the given ports
+    /// (ssh, spice), accelerator and network.
+    pub fn new(
+        spec: &VmSpec,
+        image_digest: &str,
+        spec_hash: String,
+        (ssh_port, spice_port): (u16, u16),
+        accel: Accel,
+        network: NetworkMode,
+    ) -> Self {
+        Self {
+            xmlns: AGENTVM_NS.to_string(),
+            name: spec.name.to_string(),
+            backend: spec.backend.clone(),
+            spec_hash,
+            image: spec.image.to_string(),
+            image_digest: image_digest.to_string(),
+            ssh_port,
+            spice_port,
+            user: spec.user.clone(),
+            readonly: spec.readonly,
+            accel: accel.as_str().to_string(),
+            network: network.as_str().to_string(),
+            purpose: spec.purpose.clone(),
+        }
+    }
 }
 
 fn agentvm_ns() -> String {

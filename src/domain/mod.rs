@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
+use crate::paths::Home;
 use crate::spec::VmSpec;
 pub use metadata::{AGENTVM_NS, DOMAIN_PREFIX, VmState, domain_name};
 use xml::*;
@@ -91,6 +92,33 @@ pub struct DomainPlan {
 }
 
 impl DomainPlan {
+    /// The plan for `spec`: its disk and log live in the VM's folder under `home`;
+    /// `agentvm_key` is delivered along with the spec's own `ssh_keys`.
+    pub fn new(
+        spec: &VmSpec,
+        home: &Home,
+        kernel: Option<KernelBoot>,
+        agentvm_key: &str,
+        accel: Accel,
+        network: NetworkMode,
+        state: VmState,
+    ) -> Self {
+        let name = spec.name.as_str();
+        let mut authorized_keys = vec![agentvm_key.to_string()];
+        authorized_keys.extend(spec.ssh_keys.iter().cloned());
+        Self {
+            memory_kib: spec.memory.kib_ceil(),
+            cpus: spec.cpus,
+            accel,
+            network,
+            disk: home.vm_disk(name),
+            kernel,
+            serial_log: home.vm_serial_log(name),
+            authorized_keys,
+            state,
+        }
+    }
+
     pub fn domain_name(&self) -> String {
         domain_name(&self.state.name)
     }
@@ -284,10 +312,11 @@ pub fn mac_address(name: &str) -> String {
     )
 }
 
-/// The hash of everything in a VM's spec that shapes its domain, plus its image.
-pub fn spec_hash(spec: &VmSpec, image_digest: &str) -> String {
+/// The hash of a VM's spec as applied on this host. A stored hash that differs
+/// from the current one means the domain no longer matches its spec.
+pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
     let canonical =
-        serde_json::to_vec(&(spec, image_digest)).expect("a VM spec always serializes to JSON");
+        serde_json::to_vec(&(spec, accel, network)).expect("a VM spec always serializes to JSON");
     format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
 }
 

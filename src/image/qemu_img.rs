@@ -41,13 +41,22 @@ struct RawInfo {
     backing_filename: Option<String>,
 }
 
-/// Format and virtual size of a disk image; refuses formats and layouts agentvm cannot base a VM on.
-pub fn info(path: &Path) -> Result<DiskInfo> {
+fn raw_info(path: &Path) -> Result<RawInfo> {
     let output = run(Command::new(QEMU_IMG)
         .args(["info", "--output=json", "-U"])
         .arg(path))?;
-    let raw: RawInfo = serde_json::from_slice(&output)
-        .with_context(|| format!("reading qemu-img info for {}", path.display()))?;
+    serde_json::from_slice(&output)
+        .with_context(|| format!("reading qemu-img info for {}", path.display()))
+}
+
+/// The virtual size of any image qemu-img can read (an overlay included).
+pub fn virtual_size(path: &Path) -> Result<u64> {
+    Ok(raw_info(path)?.virtual_size)
+}
+
+/// Format and virtual size of a disk image; refuses formats and layouts agentvm cannot base a VM on.
+pub fn info(path: &Path) -> Result<DiskInfo> {
+    let raw = raw_info(path)?;
     if let Some(backing) = raw.backing_filename {
         bail!(
             "{} has a backing file ({backing}); flatten it first: qemu-img convert -O qcow2 {} flat.qcow2",

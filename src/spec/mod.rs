@@ -253,6 +253,9 @@ impl Resolver<'_> {
                 }
                 Ok(ImageSource::Flake(flake))
             }
+            (_, None, Some(_)) if raw.cmdline.as_deref().is_some_and(|c| has_control(c, false)) => {
+                Err(fail("`cmdline` must not contain control characters"))
+            }
             (file, None, Some(kernel)) => Ok(ImageSource::Kernel {
                 kernel: self.path(&kernel),
                 initrd: raw.initrd.as_deref().map(|p| self.path(p)),
@@ -365,6 +368,28 @@ impl Resolver<'_> {
                 .map_err(|m| self.at.error(Some(keys.span()), &keys_field, m))?,
         };
 
+        for (key, value, allow_newline) in [
+            ("purpose", vm.purpose.as_deref(), true),
+            ("nixos", vm.nixos.as_deref(), false),
+        ] {
+            if value.is_some_and(|v| has_control(v, allow_newline)) {
+                return Err(self.at.error(
+                    self.key_span("vms", name.as_str()),
+                    &field(key),
+                    "control characters are not allowed".to_string(),
+                ));
+            }
+        }
+        if let Some(env) = &vm.env
+            && env.get_ref().values().any(|v| has_control(v, false))
+        {
+            return Err(self.at.error(
+                Some(env.span()),
+                &field("env"),
+                "control characters are not allowed in values".to_string(),
+            ));
+        }
+
         if let (Some(ssh), Some(spice)) = (vm.ssh_port, vm.spice_port)
             && ssh == spice
         {
@@ -439,6 +464,12 @@ fn valid_key_line(line: &str) -> Result<String, String> {
     } else {
         Err(format!("not an SSH public key line: {line:?}"))
     }
+}
+
+/// XML cannot carry most control characters, and libvirt's C API stops at NUL.
+fn has_control(text: &str, allow_newline: bool) -> bool {
+    text.chars()
+        .any(|c| c.is_control() && c != '\t' && !(allow_newline && c == '\n'))
 }
 
 fn is_unix_user(name: &str) -> bool {

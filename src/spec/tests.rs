@@ -226,3 +226,13 @@ fn error_display_is_file_line_field() {
     let err = parse("[vms.a]\nmemory = \"4XB\"\n").unwrap_err().to_string();
     assert!(err.starts_with("/fleet/agentvm.toml:2:10: vms.a.memory: invalid size"), "{err}");
 }
+
+#[test]
+fn control_characters_are_rejected() {
+    let (_, field, _) = invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\npurpose = \"a\\u0000b\"\n");
+    assert_eq!(field, "vms.a.purpose");
+    let (_, field, _) = invalid("[images.a]\nkernel = \"k\"\ncmdline = \"a\\u001bb\"\n");
+    assert_eq!(field, "images.a");
+    let fleet = parse("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\npurpose = \"line one\\nline two\"\n").unwrap();
+    assert_eq!(fleet.vm("a").unwrap().purpose.as_deref(), Some("line one\nline two"));
+}

@@ -1,0 +1,585 @@
+//! The local backend: VMs in libvirt (session mode by default), with the domain's
+//! `<metadata>` as the only state store.
+
+mod host;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::{Backend, BackendError, DownPath, Result, State, UpAction, UpOutcome, VmStatus};
+use crate::domain::{self, DomainPlan, VmState, domain_name, spec_hash};
+use crate::image::{ImageStore, PreparedImage, qemu_img};
+use crate::paths::Home;
+use crate::ports::{self, Claims, SPICE_PORT_BASE, SSH_PORT_BASE};
+use crate::progress::Reporter;
+use crate::spec::{GIB, ImageSpec, LOCAL_BACKEND, Size, VmSpec};
+use crate::ssh::{self, Endpoint, Identity};
+
+pub use host::{KVM_DEVICE, domcaps_offer_passt, libvirt_offers_kvm};
+
+/// The libvirt URI used unless `--connect` or `AGENTVM_LIBVIRT_URI` says otherwise.
+pub const DEFAULT_URI: &str = "qemu:///session";
+/// Size of the blank disk a kernel-boot VM without a `file` and a `disk` gets.
+pub const DEFAULT_BLANK_DISK: Size = Size::from_bytes(8 * GIB);
+/// How often `down` checks whether the guest has stopped.
+const POLL: Duration = Duration::from_millis(200);
+/// Lines of the serial log shown when a guest fails to come up.
+const LOG_TAIL_LINES: usize = 15;
+
+pub struct LocalBackend {
+    conn: Connect,
+    home: Home,
+    store: ImageStore,
+    identity: Identity,
+}
+
+impl LocalBackend {
+    pub fn connect(uri: &str, home: Home) -> anyhow::Result<Self> {
+        home.ensure()?;
+        let conn = Connect::open(Some(uri)).with_context(|| {
+            format!("connecting to libvirt at {uri} (is libvirt installed, and for qemu:///system are you in the libvirt group?)")
+        })?;
+        let identity = Identity::ensure(&home)?;
+        Ok(Self {
+            conn,
+            store: ImageStore::new(&home),
+            home,
+            identity,
+        })
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    /// The agentvm domain of `name` with its state, if one is defined.
+    fn lookup(&self, name: &str) -> Result<Option<(Domain, VmState)>> {
+        let dom_name = domain_name(name);
+        let dom = match self.conn.lookup_domain_by_name(&dom_name) {
+            Ok(dom) => dom,
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => return Ok(None),
+            Err(e) => return Err(anyhow!(e).context(format!("looking up {dom_name}")).into()),
+        };
+        let state = read_state(&dom).ok_or_else(|| {
+            anyhow!("libvirt domain {dom_name} exists but was not made by agentvm (no agentvm metadata); refusing to touch it")
+        })?;
+        Ok(Some((dom, state)))
+    }
+
+    fn require(&self, name: &str) -> Result<(Domain, VmState)> {
+        self.lookup(name)?
+            .ok_or_else(|| BackendError::NotFound(name.to_string()))
+    }
+
+    /// Ports held by every agentvm VM except `except`.
+    fn claims(&self, except: &str) -> Result<Claims> {
+        let mut claims = Claims::default();
+        for (_, state) in self.managed_domains()? {
+            if state.name != except {
+                claims.add(state.ssh_port, &state.name);
+                claims.add(state.spice_port, &state.name);
+            }
+        }
+        Ok(claims)
+    }
+
+    fn managed_domains(&self) -> Result<Vec<(Domain, VmState)>> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .context("listing libvirt domains")?;
+        Ok(domains
+            .into_iter()
+            .filter(|d| d.name().is_ok_and(|n| n.starts_with(domain::DOMAIN_PREFIX)))
+            .filter_map(|d| read_state(&d).map(|s| (d, s)))
+            .collect())
+    }
+
+    /// SSH and SPICE ports for `spec`, keeping `current` ones while they stay usable.
+    fn ports_for(&self, spec: &VmSpec, current: Option<&VmState>) -> Result<(u16, u16)> {
+        let claims = self.claims(spec.name.as_str())?;
+        let name = spec.name.as_str();
+        let ssh = ports::choose(
+            "ssh",
+            SSH_PORT_BASE,
+            name,
+            spec.ssh_port,
+            current.map(|s| s.ssh_port),
+            &claims,
+        )
+        .map_err(|e| anyhow!("{name}: {e}"))?;
+        let mut claims = claims;
+        claims.add(ssh, "(this VM's ssh port)");
+        let spice = ports::choose(
+            "spice",
+            SPICE_PORT_BASE,
+            name,
+            spec.spice_port,
+            current.map(|s| s.spice_port),
+            &claims,
+        )
+        .map_err(|e| anyhow!("{name}: {e}"))?;
+        Ok((ssh, spice))
+    }
+
+    fn plan(
+        &self,
+        spec: &VmSpec,
+        image: &PreparedImage,
+        state: VmState,
+        accel: domain::Accel,
+        network: domain::NetworkMode,
+    ) -> DomainPlan {
+        DomainPlan::new(
+            spec,
+            &self.home,
+            image.kernel.clone(),
+            &self.identity.public_line,
+            accel,
+            network,
+            state,
+        )
+    }
+
+    fn define(&self, plan: &DomainPlan) -> Result<Domain> {
+        let xml = plan.to_xml().context("writing domain XML")?;
+        Ok(self.conn.define_domain_xml(&xml)
+            .with_context(|| format!("defining {} in libvirt", plan.domain_name()))?)
+    }
+
+    /// Makes the VM's folder and disk. The disk is a thin overlay on the base
+    /// image (or blank); its size is checked before anything is written.
+    fn create_disk(&self, spec: &VmSpec, image: &PreparedImage) -> anyhow::Result<()> {
+        let name = spec.name.as_str();
+        let size = match (&image.base, spec.disk) {
+            (Some(base), Some(disk)) if disk.bytes() < base.virtual_size => bail!(
+                "vms.{name}.disk = {disk} is smaller than image {}'s virtual size {}",
+                spec.image,
+                Size::from_bytes(base.virtual_size)
+            ),
+            (_, disk) => disk,
+        };
+        let dir = self.home.vm_dir(name);
+        if dir.exists() {
+            tracing::warn!("removing leftover folder {} of a VM that has no domain", dir.display());
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        crate::fsutil::create_private_dir(&dir)?;
+        let disk = self.home.vm_disk(name);
+        match &image.base {
+            Some(base) => qemu_img::create_overlay(
+                &base.file.path,
+                base.format,
+                &disk,
+                size.map(Size::bytes),
+            ),
+            None => qemu_img::create_blank(&disk, size.unwrap_or(DEFAULT_BLANK_DISK).bytes()),
+        }
+    }
+
+    /// Grows a stopped VM's disk to its spec's size; shrinking is refused.
+    fn resize_disk(&self, spec: &VmSpec) -> anyhow::Result<()> {
+        let Some(want) = spec.disk else { return Ok(()) };
+        let disk = self.home.vm_disk(spec.name.as_str());
+        let have = qemu_img::virtual_size(&disk)?;
+        if want.bytes() < have {
+            bail!(
+                "vms.{}.disk = {want} is smaller than the VM's disk ({}); disks only grow",
+                spec.name,
+                Size::from_bytes(have)
+            );
+        }
+        if want.bytes() > have {
+            qemu_img::grow(&disk, want.bytes())?;
+        }
+        Ok(())
+    }
+
+    fn create(
+        &self,
+        spec: &VmSpec,
+        image: &PreparedImage,
+        hash: String,
+        accel: domain::Accel,
+        network: domain::NetworkMode,
+        timings: &mut Timings,
+        progress: &dyn Reporter,
+    ) -> Result<UpAction> {
+        let name = spec.name.as_str();
+        let (ssh_port, spice_port) = self.ports_for(spec, None)?;
+        let state = VmState::new(spec, &image.digest, hash, (ssh_port, spice_port), accel, network);
+        let plan = self.plan(spec, image, state, accel, network);
+        let rollback = |dom: Option<&Domain>| {
+            if let Some(dom) = dom {
+                let _ = dom.undefine();
+            }
+            let _ = std::fs::remove_dir_all(self.home.vm_dir(name));
+        };
+        if let Err(e) = self.create_disk(spec, image) {
+            rollback(None);
+            return Err(e.into());
+        }
+        timings.mark("overlay");
+        progress.step(name, "disk created");
+        let xml = match plan.to_xml() {
+            Ok(xml) => xml,
+            Err(e) => {
+                rollback(None);
+                return Err(anyhow!(e).context("writing domain XML").into());
+            }
+        };
+        timings.mark("xml");
+        let dom = match self.conn.define_domain_xml(&xml) {
+            Ok(dom) => dom,
+            Err(e) => {
+                rollback(None);
+                return Err(anyhow!(e).context(format!("defining {}", plan.domain_name())).into());
+            }
+        };
+        timings.mark("define");
+        progress.step(name, "defined");
+        if let Err(e) = self.start(&dom, name) {
+            rollback(Some(&dom));
+            return Err(e);
+        }
+        timings.mark("start");
+        Ok(UpAction::Created)
+    }
+
+    fn start(&self, dom: &Domain, name: &str) -> Result<()> {
+        dom.create().map_err(|e| {
+            anyhow!(
+                "starting {name}: {e}{}",
+                log_tail(&self.home.vm_serial_log(name))
+            )
+        })?;
+        Ok(())
+    }
+
+    fn status_of(&self, dom: &Domain, state: &VmState, spec: Option<&VmSpec>) -> Result<VmStatus> {
+        let live = live_state(dom)?;
+        let restart_needed = match spec {
+            Some(spec) if live == State::Running => self.current_hash(spec)? != state.spec_hash,
+            _ => false,
+        };
+        Ok(VmStatus {
+            name: state.name.clone(),
+            state: live,
+            backend: LOCAL_BACKEND.to_string(),
+            ssh_port: Some(state.ssh_port),
+            spice_port: Some(state.spice_port),
+            image: Some(state.image.clone()),
+            readonly: spec.map_or(state.readonly, |s| s.readonly),
+            restart_needed,
+            in_spec: spec.is_some(),
+            purpose: spec.map_or(state.purpose.clone(), |s| s.purpose.clone()),
+        })
+    }
+
+    fn current_hash(&self, spec: &VmSpec) -> Result<String> {
+        let accel = host::accel(&self.conn, spec.accel)?;
+        let network = host::network(&self.conn, accel)?;
+        Ok(spec_hash(spec, accel, network))
+    }
+}
+
+impl Backend for LocalBackend {
+    fn name(&self) -> &str {
+        LOCAL_BACKEND
+    }
+
+    fn kind(&self) -> &'static str {
+        "libvirt"
+    }
+
+    fn up(&self, spec: &VmSpec, image: &ImageSpec, progress: &dyn Reporter) -> Result<UpOutcome> {
+        let name = spec.name.as_str();
+        let mut timings = Timings::start();
+        let prepared = self.store.prepare(image, progress)?;
+        timings.mark("image");
+        let accel = host::accel(&self.conn, spec.accel)?;
+        let network = host::network(&self.conn, accel)?;
+        let hash = spec_hash(spec, accel, network);
+
+        let (action, restart_needed) = match self.lookup(name)? {
+            None => {
+                progress.step(name, &format!("creating ({} with {})", accel.as_str(), network.as_str()));
+                let action =
+                    self.create(spec, &prepared, hash, accel, network, &mut timings, progress)?;
+                (action, false)
+            }
+            Some((dom, state)) => {
+                if state.image_digest != prepared.digest {
+                    progress.step(
+                        name,
+                        &format!(
+                            "image {} changed since this VM was made; the VM keeps its old base (destroy and up to use the new one)",
+                            spec.image
+                        ),
+                    );
+                }
+                if dom.is_active().context("asking libvirt")? {
+                    let drift = state.spec_hash != hash;
+                    if drift {
+                        progress.step(name, "running, but its spec changed: restart needed");
+                    }
+                    (UpAction::AlreadyRunning, drift)
+                } else {
+                    let spec_changed = state.spec_hash != hash;
+                    if spec_changed && spec.readonly {
+                        return Err(BackendError::ReadOnly {
+                            name: name.to_string(),
+                            action: "redefine",
+                        });
+                    }
+                    let (ssh_port, spice_port) = self.ports_for(spec, Some(&state))?;
+                    let moved = (ssh_port, spice_port) != (state.ssh_port, state.spice_port);
+                    let action = if spec_changed || moved {
+                        if moved {
+                            progress.step(
+                                name,
+                                &format!("ports now ssh {ssh_port}, spice {spice_port} (the old ones are taken)"),
+                            );
+                        }
+                        self.resize_disk(spec)?;
+                        let new = VmState::new(
+                            spec,
+                            &state.image_digest,
+                            hash,
+                            (ssh_port, spice_port),
+                            accel,
+                            network,
+                        );
+                        let plan = self.plan(spec, &prepared, new, accel, network);
+                        timings.mark("overlay");
+                        self.define(&plan)?;
+                        timings.mark("define");
+                        progress.step(name, "redefined from its changed spec");
+                        UpAction::Redefined
+                    } else {
+                        UpAction::Started
+                    };
+                    let dom = self.require(name)?.0;
+                    self.start(&dom, name)?;
+                    timings.mark("start");
+                    (action, false)
+                }
+            }
+        };
+        let (_, state) = self.require(name)?;
+        progress.step(name, &format!("{} (ssh port {})", action_text(action), state.ssh_port));
+        Ok(UpOutcome {
+            name: name.to_string(),
+            action,
+            restart_needed,
+            ssh_port: state.ssh_port,
+            spice_port: state.spice_port,
+            timings: timings.into_millis(),
+        })
+    }
+
+    fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration> {
+        let (dom, state) = self.require(name)?;
+        ssh::wait_for_banner(state.ssh_port, timeout, || {
+            Ok(dom.is_active().context("asking libvirt")?)
+        })
+        .map_err(|e| {
+            anyhow!(
+                "{name}: {e}{}",
+                log_tail(&self.home.vm_serial_log(name))
+            )
+            .into()
+        })
+    }
+
+    fn down(&self, name: &str, force: bool, timeout: Duration) -> Result<DownPath> {
+        let (dom, _) = self.require(name)?;
+        if !dom.is_active().context("asking libvirt")? {
+            return Ok(DownPath::AlreadyStopped);
+        }
+        if !force {
+            dom.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                .with_context(|| format!("sending {name} an ACPI shutdown"))?;
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if !dom.is_active().context("asking libvirt")? {
+                    return Ok(DownPath::Acpi);
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+        match dom.destroy() {
+            Ok(()) => Ok(DownPath::Forced),
+            // It stopped between the last check and the destroy.
+            Err(_) if !dom.is_active().unwrap_or(true) => Ok(DownPath::Acpi),
+            Err(e) => Err(anyhow!(e).context(format!("forcing {name} off")).into()),
+        }
+    }
+
+    fn destroy(&self, name: &str) -> Result<()> {
+        let dir = self.home.vm_dir(name);
+        match self.lookup(name)? {
+            Some((dom, _)) => {
+                if dom.is_active().context("asking libvirt")? {
+                    dom.destroy().with_context(|| format!("stopping {name}"))?;
+                }
+                dom.undefine_flags(
+                    sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                        | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                        | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+                )
+                .with_context(|| format!("undefining {name}"))?;
+            }
+            None if !dir.exists() => return Err(BackendError::NotFound(name.to_string())),
+            None => {}
+        }
+        remove_dir(&dir)?;
+        Ok(())
+    }
+
+    fn status(&self, name: &str, spec: Option<&VmSpec>) -> Result<VmStatus> {
+        match self.lookup(name)? {
+            Some((dom, state)) => self.status_of(&dom, &state, spec),
+            None => Ok(VmStatus {
+                name: name.to_string(),
+                state: State::Absent,
+                backend: LOCAL_BACKEND.to_string(),
+                ssh_port: None,
+                spice_port: None,
+                image: spec.map(|s| s.image.to_string()),
+                readonly: spec.is_some_and(|s| s.readonly),
+                restart_needed: false,
+                in_spec: spec.is_some(),
+                purpose: spec.and_then(|s| s.purpose.clone()),
+            }),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<VmStatus>> {
+        self.managed_domains()?
+            .iter()
+            .map(|(dom, state)| self.status_of(dom, state, None))
+            .collect()
+    }
+
+    fn ssh_endpoint(&self, name: &str) -> Result<Endpoint> {
+        let (_, state) = self.require(name)?;
+        Ok(Endpoint {
+            vm: name.to_string(),
+            host: domain::LISTEN_ADDRESS.to_string(),
+            port: state.ssh_port,
+            user: state.user,
+            identity: self.identity.private_key.clone(),
+            known_hosts: self.home.vm_known_hosts(name),
+        })
+    }
+
+    fn serial_log(&self, name: &str) -> Result<PathBuf> {
+        self.require(name)?;
+        Ok(self.home.vm_serial_log(name))
+    }
+
+    fn spice_uri(&self, name: &str) -> Result<String> {
+        let (_, state) = self.require(name)?;
+        Ok(format!("spice://{}:{}", domain::LISTEN_ADDRESS, state.spice_port))
+    }
+}
+
+fn read_state(dom: &Domain) -> Option<VmState> {
+    let xml = dom
+        .metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain::AGENTVM_NS), 0)
+        .ok()?;
+    quick_xml::de::from_str(&xml)
+        .map_err(|e| tracing::warn!("unreadable agentvm metadata on {:?}: {e}", dom.name()))
+        .ok()
+}
+
+fn live_state(dom: &Domain) -> Result<State> {
+    let (state, reason) = dom.state().context("reading domain state")?;
+    Ok(match state {
+        Enum::Known(DomainState::Running | DomainState::Blocked | DomainState::Paused)
+        | Enum::Known(DomainState::Shutdown | DomainState::PMSuspended) => State::Running,
+        Enum::Known(DomainState::Crashed) => State::Crashed,
+        Enum::Known(DomainState::Shutoff)
+            if matches!(
+                reason,
+                Enum::Known(virt::domain::DomainStateReason::Shutoff(Enum::Known(
+                    virt::domain::DomainShutoffReason::Crashed
+                        | virt::domain::DomainShutoffReason::Failed
+                )))
+            ) =>
+        {
+            State::Crashed
+        }
+        _ => State::Stopped,
+    })
+}
+
+fn action_text(action: UpAction) -> &'static str {
+    match action {
+        UpAction::Created => "created and started",
+        UpAction::Redefined => "redefined and started",
+        UpAction::Started => "started",
+        UpAction::AlreadyRunning => "already running",
+    }
+}
+
+fn remove_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The end of the serial log, to show with an error about a guest.
+fn log_tail(path: &Path) -> String {
+    let Ok(text) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    if tail.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nlast lines of {}:\n  {}",
+        path.display(),
+        tail.join("\n  ")
+    )
+}
+
+/// Wall time of each phase of an operation.
+struct Timings {
+    last: Instant,
+    phases: Vec<(String, f64)>,
+}
+
+impl Timings {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &str) {
+        let now = Instant::now();
+        self.phases
+            .push((phase.to_string(), (now - self.last).as_secs_f64() * 1000.0));
+        self.last = now;
+    }
+
+    fn into_millis(self) -> Vec<(String, f64)> {
+        self.phases
+    }
+}

@@ -1,0 +1,146 @@
+//! The one interface every place VMs can run implements. Capabilities a backend
+//! lacks return [`BackendError::Unsupported`], never a fake success.
+
+pub mod libvirt;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::progress::Reporter;
+use crate::spec::{ImageSpec, VmSpec};
+use crate::ssh::Endpoint;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("the {backend} backend does not support {capability}")]
+    Unsupported {
+        backend: &'static str,
+        capability: &'static str,
+    },
+    #[error("no VM named {0:?} exists on this backend")]
+    NotFound(String),
+    #[error("{name} is readonly: refusing to {action} it (set readonly = false in its spec first)")]
+    ReadOnly { name: String, action: &'static str },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// The lifecycle state shown by `list` and `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Running,
+    Stopped,
+    Crashed,
+    Absent,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Crashed => "crashed",
+            Self::Absent => "absent",
+        }
+    }
+}
+
+/// What a backend knows about one of its VMs.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub state: State,
+    pub backend: String,
+    pub ssh_port: Option<u16>,
+    pub spice_port: Option<u16>,
+    pub image: Option<String>,
+    pub readonly: bool,
+    /// The spec changed while the VM ran: a restart applies it.
+    pub restart_needed: bool,
+    /// Present in the fleet file (false for VMs left from an older spec).
+    pub in_spec: bool,
+    pub purpose: Option<String>,
+}
+
+/// What `up` did to a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpAction {
+    Created,
+    Redefined,
+    Started,
+    AlreadyRunning,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpOutcome {
+    pub name: String,
+    pub action: UpAction,
+    pub restart_needed: bool,
+    pub ssh_port: u16,
+    pub spice_port: u16,
+    /// Milliseconds spent in each phase, in order.
+    pub timings: Vec<(String, f64)>,
+}
+
+/// How `down` stopped a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DownPath {
+    AlreadyStopped,
+    /// The guest shut down after an ACPI power button press.
+    Acpi,
+    /// Forced off, at once (`--force`) or after the timeout.
+    Forced,
+}
+
+pub trait Backend {
+    /// The backend's name as VMs refer to it (`local`, or a `[backends.NAME]`).
+    fn name(&self) -> &str;
+
+    /// Imports the VM's image, then creates, redefines or starts the VM as needed.
+    /// Does not wait for the guest.
+    fn up(&self, spec: &VmSpec, image: &ImageSpec, progress: &dyn Reporter) -> Result<UpOutcome>;
+
+    /// Waits until the VM answers on SSH; returns how long that took.
+    fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration>;
+
+    /// Stops the VM: gracefully, then by force after `timeout` (or at once with `force`).
+    fn down(&self, name: &str, force: bool, timeout: Duration) -> Result<DownPath>;
+
+    /// Removes the VM and everything it owns.
+    fn destroy(&self, name: &str) -> Result<()>;
+
+    /// The VM's status; `spec` is its current spec, if it still has one.
+    fn status(&self, name: &str, spec: Option<&VmSpec>) -> Result<VmStatus>;
+
+    /// Every VM this backend manages.
+    fn list(&self) -> Result<Vec<VmStatus>>;
+
+    fn ssh_endpoint(&self, name: &str) -> Result<Endpoint>;
+
+    /// The file the VM's serial console is logged to.
+    fn serial_log(&self, _name: &str) -> Result<PathBuf> {
+        Err(self.unsupported("a serial console log"))
+    }
+
+    /// The `spice://` URI of the VM's display.
+    fn spice_uri(&self, _name: &str) -> Result<String> {
+        Err(self.unsupported("SPICE"))
+    }
+
+    fn unsupported(&self, capability: &'static str) -> BackendError {
+        BackendError::Unsupported {
+            backend: self.kind(),
+            capability,
+        }
+    }
+
+    /// The kind of backend (`libvirt`, `proxmox`).
+    fn kind(&self) -> &'static str;
+}

@@ -1,0 +1,83 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::paths::{ENV_FILE, ENV_LIBVIRT_URI};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentvm", version, about = "Per-user agent VMs on libvirt from one agentvm.toml")]
+pub struct Cli {
+    /// The fleet file (default: agentvm.toml here or in a parent folder).
+    #[arg(long, global = true, env = ENV_FILE, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// libvirt URI of the local backend.
+    #[arg(long, global = true, env = ENV_LIBVIRT_URI, default_value = crate::backend::libvirt::DEFAULT_URI)]
+    pub connect: String,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create (if absent) and start VMs, then wait for SSH.
+    Up {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Return once the VMs are started, without waiting for SSH.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for SSH.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Shut VMs down (ACPI), forcing them off after the timeout.
+    Down {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Force off at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for a graceful shutdown.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Remove VMs: domain, disk, folder and ports.
+    Destroy {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Do not ask.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// All VMs of the fleet file and the backend.
+    List,
+    /// One VM, or all.
+    Status { name: Option<String> },
+    /// SSH into a VM, or run a command there.
+    Ssh {
+        name: String,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// `Host` blocks for ~/.ssh/config (use with `Include`).
+    SshConfig { name: Option<String> },
+    /// Follow a VM's serial console log.
+    Console {
+        name: String,
+        /// Print what is there and exit.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Print the VM's SPICE URI.
+    Spice {
+        name: String,
+        /// Start remote-viewer on it.
+        #[arg(long)]
+        open: bool,
+    },
+}

@@ -1,0 +1,169 @@
+//! The domain XML agentvm writes, pinned in `xml/`. A change to the generated XML
+//! fails here until the golden files are regenerated on purpose with
+//! `AGENTVM_BLESS=1 cargo test --test golden_xml`. Every golden file is also
+//! checked against libvirt's schema with `virt-xml-validate`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use agentvm::domain::{Accel, DomainPlan, KernelBoot, NetworkMode, VmState, spec_hash};
+use agentvm::paths::Home;
+use agentvm::spec::Fleet;
+
+const FLEET: &str = r#"
+[defaults]
+cpus = 2
+memory = "2GiB"
+ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGoldenUserKey user@laptop"]
+
+[images.nixos]
+file = "/images/nixos.qcow2"
+
+[images.tiny]
+kernel = "/images/vmlinuz"
+initrd = "/images/initrd.img"
+cmdline = "console=ttyS0 quiet"
+
+[vms.drago]
+image = "nixos"
+memory = "4GiB"
+disk = "40GiB"
+purpose = "drives <things> & \"stuff\""
+
+[vms.luce]
+image = "tiny"
+cpus = 1
+memory = "512MiB"
+readonly = true
+
+[vms.pinned]
+image = "nixos"
+ssh_port = 2400
+spice_port = 5990
+"#;
+
+const AGENTVM_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGoldenAgentvmKey agentvm";
+
+struct Case {
+    file: &'static str,
+    vm: &'static str,
+    ports: (u16, u16),
+    network: NetworkMode,
+    kernel: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        file: "disk-image.xml",
+        vm: "drago",
+        ports: (2222, 5900),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "direct-kernel.xml",
+        vm: "luce",
+        ports: (2223, 5901),
+        network: NetworkMode::Slirp,
+        kernel: true,
+    },
+    Case {
+        file: "pinned-ports.xml",
+        vm: "pinned",
+        ports: (2400, 5990),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "passt.xml",
+        vm: "drago",
+        ports: (2222, 5900),
+        network: NetworkMode::Passt,
+        kernel: false,
+    },
+];
+
+fn generate(case: &Case) -> String {
+    let fleet = Fleet::parse(Path::new("/fleet/agentvm.toml"), FLEET).unwrap();
+    let spec = fleet.vm(case.vm).unwrap();
+    if let Some(pinned) = spec.ssh_port {
+        assert_eq!(pinned, case.ports.0, "pinned ports come from the spec");
+    }
+    let home = Home::at("/home/user/.local/share/agentvm");
+    let kernel = case.kernel.then(|| KernelBoot {
+        kernel: "/home/user/.local/share/agentvm/images/1111.kernel".into(),
+        initrd: Some("/home/user/.local/share/agentvm/images/2222.initrd".into()),
+        cmdline: Some("console=ttyS0 quiet".into()),
+    });
+    let hash = spec_hash(spec, Accel::Tcg, case.network);
+    let state = VmState::new(
+        spec,
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        hash,
+        case.ports,
+        Accel::Tcg,
+        case.network,
+    );
+    DomainPlan::new(spec, &home, kernel, AGENTVM_KEY, Accel::Tcg, case.network, state)
+        .to_xml()
+        .unwrap()
+}
+
+fn golden_path(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("xml").join(file)
+}
+
+#[test]
+fn generated_xml_matches_the_golden_files() {
+    let bless = std::env::var_os("AGENTVM_BLESS").is_some();
+    let mut drifted = Vec::new();
+    for case in CASES {
+        let xml = generate(case);
+        let path = golden_path(case.file);
+        if bless {
+            std::fs::write(&path, &xml).unwrap();
+            continue;
+        }
+        let golden = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with AGENTVM_BLESS=1 to create it)", path.display()));
+        if golden != xml {
+            drifted.push(format!("{}:\n--- golden\n{golden}\n+++ generated\n{xml}", case.file));
+        }
+    }
+    assert!(
+        drifted.is_empty(),
+        "domain XML drifted from xml/ (regenerate with AGENTVM_BLESS=1 if intended):\n{}",
+        drifted.join("\n")
+    );
+}
+
+#[test]
+fn golden_files_pass_libvirts_schema() {
+    for case in CASES {
+        let path = golden_path(case.file);
+        let out = Command::new("virt-xml-validate")
+            .arg(&path)
+            .arg("domain")
+            .output()
+            .expect("virt-xml-validate (Debian package libvirt-clients, with libxml2-utils) must be installed");
+        assert!(
+            out.status.success(),
+            "{} fails libvirt's domain schema:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn golden_files_cover_what_the_issue_names() {
+    let disk = std::fs::read_to_string(golden_path("disk-image.xml")).unwrap();
+    assert!(disk.contains("<boot dev=\"hd\"/>") && !disk.contains("<kernel>"));
+    assert!(disk.contains("&lt;things&gt; &amp;"), "purpose is escaped");
+    let kernel = std::fs::read_to_string(golden_path("direct-kernel.xml")).unwrap();
+    assert!(kernel.contains("<kernel>") && kernel.contains("<cmdline>console=ttyS0 quiet</cmdline>"));
+    let pinned = std::fs::read_to_string(golden_path("pinned-ports.xml")).unwrap();
+    assert!(pinned.contains("hostfwd=tcp:127.0.0.1:2400-:22"));
+    assert!(pinned.contains("port=\"5990\" autoport=\"no\" listen=\"127.0.0.1\""));
+}
