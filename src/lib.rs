@@ -1,12 +1,12 @@
 //! agentvm: per-user agent VMs on libvirt (and, later, Proxmox VE) from one fleet file.
 
+pub mod backend;
+pub mod cli;
+pub mod domain;
 pub mod fsutil;
 pub mod image;
 pub mod paths;
 pub mod ports;
 pub mod progress;
-pub mod backend;
-pub mod cli;
-pub mod domain;
 pub mod spec;
 pub mod ssh;

@@ -24,7 +24,11 @@ pub enum PortError {
         holder: String,
     },
     #[error("no free {kind} port between {from} and {to}")]
-    Exhausted { kind: &'static str, from: u16, to: u16 },
+    Exhausted {
+        kind: &'static str,
+        from: u16,
+        to: u16,
+    },
 }
 
 /// Ports held by agentvm VMs (from their metadata), port → VM name.
@@ -120,7 +124,8 @@ fn listening_inodes(port: u16) -> Vec<u64> {
                 .rsplit(':')
                 .next()
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) && *state == TCP_LISTEN
+            if local_port == Some(port)
+                && *state == TCP_LISTEN
                 && let Ok(inode) = inode.parse()
             {
                 inodes.push(inode);
@@ -193,7 +198,10 @@ mod tests {
         };
         let me = std::fs::read_to_string("/proc/self/comm").unwrap();
         assert!(holder.contains(me.trim()), "{holder}");
-        assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}");
+        assert!(
+            holder.contains(&format!("pid {}", std::process::id())),
+            "{holder}"
+        );
     }
 
     #[test]

@@ -187,7 +187,10 @@ mod tests {
         let home = Home::at(dir.path());
         let first = Identity::ensure(&home).unwrap();
         assert!(first.public_line.starts_with("ssh-ed25519 "));
-        let mode = std::fs::metadata(&first.private_key).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&first.private_key)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let second = Identity::ensure(&home).unwrap();
         assert_eq!(first.public_line, second.public_line);
@@ -198,7 +201,11 @@ mod tests {
             .arg(&first.private_key)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let derived = String::from_utf8(out.stdout).unwrap();
         let blob = |l: &str| l.split_whitespace().nth(1).unwrap().to_string();
         assert_eq!(blob(&derived), blob(&first.public_line));
@@ -218,7 +225,10 @@ mod tests {
     #[test]
     fn command_carries_port_key_user_and_known_hosts() {
         let cmd = endpoint().command(&["uname".into(), "-a".into()]);
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         for want in [
             "Port=2222",
             "User=root",
@@ -228,7 +238,10 @@ mod tests {
         ] {
             assert!(args.contains(&want.to_string()), "{want} in {args:?}");
         }
-        assert_eq!(&args[args.len() - 4..], ["agentvm-drago", "--", "uname", "-a"]);
+        assert_eq!(
+            &args[args.len() - 4..],
+            ["agentvm-drago", "--", "uname", "-a"]
+        );
     }
 
     #[test]
@@ -243,7 +256,11 @@ mod tests {
             .arg("agentvm-drago")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let effective = String::from_utf8(out.stdout).unwrap();
         assert!(effective.contains("port 2222"), "{effective}");
         assert!(effective.contains("hostname 127.0.0.1"), "{effective}");

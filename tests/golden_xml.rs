@@ -104,9 +104,17 @@ fn generate(case: &Case) -> String {
         Accel::Tcg,
         case.network,
     );
-    DomainPlan::new(spec, &home, kernel, AGENTVM_KEY, Accel::Tcg, case.network, state)
-        .to_xml()
-        .unwrap()
+    DomainPlan::new(
+        spec,
+        &home,
+        kernel,
+        AGENTVM_KEY,
+        Accel::Tcg,
+        case.network,
+        state,
+    )
+    .to_xml()
+    .unwrap()
 }
 
 fn golden_path(file: &str) -> PathBuf {
@@ -124,10 +132,17 @@ fn generated_xml_matches_the_golden_files() {
             std::fs::write(&path, &xml).unwrap();
             continue;
         }
-        let golden = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run with AGENTVM_BLESS=1 to create it)", path.display()));
+        let golden = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with AGENTVM_BLESS=1 to create it)",
+                path.display()
+            )
+        });
         if golden != xml {
-            drifted.push(format!("{}:\n--- golden\n{golden}\n+++ generated\n{xml}", case.file));
+            drifted.push(format!(
+                "{}:\n--- golden\n{golden}\n+++ generated\n{xml}",
+                case.file
+            ));
         }
     }
     assert!(
@@ -162,7 +177,9 @@ fn golden_files_cover_what_the_issue_names() {
     assert!(disk.contains("<boot dev=\"hd\"/>") && !disk.contains("<kernel>"));
     assert!(disk.contains("&lt;things&gt; &amp;"), "purpose is escaped");
     let kernel = std::fs::read_to_string(golden_path("direct-kernel.xml")).unwrap();
-    assert!(kernel.contains("<kernel>") && kernel.contains("<cmdline>console=ttyS0 quiet</cmdline>"));
+    assert!(
+        kernel.contains("<kernel>") && kernel.contains("<cmdline>console=ttyS0 quiet</cmdline>")
+    );
     let pinned = std::fs::read_to_string(golden_path("pinned-ports.xml")).unwrap();
     assert!(pinned.contains("hostfwd=tcp:127.0.0.1:2400-:22"));
     assert!(pinned.contains("port=\"5990\" autoport=\"no\" listen=\"127.0.0.1\""));

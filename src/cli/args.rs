@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use crate::paths::{ENV_FILE, ENV_LIBVIRT_URI};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentvm", version, about = "Per-user agent VMs on libvirt from one agentvm.toml")]
+#[command(
+    name = "agentvm",
+    version,
+    about = "Per-user agent VMs on libvirt from one agentvm.toml"
+)]
 pub struct Cli {
     /// The fleet file (default: agentvm.toml here or in a parent folder).
     #[arg(long, global = true, env = ENV_FILE, value_name = "FILE")]

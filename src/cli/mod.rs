@@ -11,13 +11,13 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde::Serialize;
 
-pub use args::{Cli, Command};
 use crate::backend::libvirt::LocalBackend;
 use crate::backend::{Backend, BackendError, DownPath, State, UpOutcome, VmStatus};
 use crate::fsutil::FileLock;
 use crate::paths::Home;
 use crate::progress::Console;
 use crate::spec::{Fleet, SpecError};
+pub use args::{Cli, Command};
 
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> i32 {
@@ -145,7 +145,11 @@ fn up(ctx: &App, names: &[String], wait: bool, timeout: Duration) -> Result<i32>
                 Ok(outcome) => started.push(outcome),
                 Err(e) => {
                     failures += 1;
-                    eprintln!("agentvm: error: {}: {:#}", spec.name, anyhow::Error::from(e));
+                    eprintln!(
+                        "agentvm: error: {}: {:#}",
+                        spec.name,
+                        anyhow::Error::from(e)
+                    );
                 }
             }
         }
@@ -203,12 +207,15 @@ fn down(ctx: &App, names: &[String], force: bool, timeout: Duration) -> Result<i
         match result {
             Ok(path) => {
                 if !ctx.cli_json {
-                    println!("{name}: {}", match path {
-                        DownPath::AlreadyStopped => "already stopped",
-                        DownPath::Acpi => "stopped by ACPI shutdown",
-                        DownPath::Forced if force => "forced off",
-                        DownPath::Forced => "did not shut down in time: forced off",
-                    });
+                    println!(
+                        "{name}: {}",
+                        match path {
+                            DownPath::AlreadyStopped => "already stopped",
+                            DownPath::Acpi => "stopped by ACPI shutdown",
+                            DownPath::Forced if force => "forced off",
+                            DownPath::Forced => "did not shut down in time: forced off",
+                        }
+                    );
                 }
                 results.push(DownResult {
                     name: name.clone(),
@@ -233,7 +240,10 @@ fn destroy(ctx: &App, names: &[String], yes: bool) -> Result<i32> {
     }
     if !yes {
         if !std::io::stdin().is_terminal() {
-            bail!("refusing to destroy {} without --yes (not on a terminal)", names.join(", "));
+            bail!(
+                "refusing to destroy {} without --yes (not on a terminal)",
+                names.join(", ")
+            );
         }
         eprint!(
             "Destroy {} (domain, disk and folder)? [y/N] ",
@@ -315,12 +325,7 @@ fn ssh(ctx: &App, name: &str, command: &[String]) -> Result<i32> {
 fn ssh_config(ctx: &App, name: Option<&str>) -> Result<i32> {
     let names: Vec<String> = match name {
         Some(n) => vec![n.to_string()],
-        None => ctx
-            .backend
-            .list()?
-            .into_iter()
-            .map(|s| s.name)
-            .collect(),
+        None => ctx.backend.list()?.into_iter().map(|s| s.name).collect(),
     };
     for name in names {
         print!("{}", ctx.backend.ssh_endpoint(&name)?.config_block());

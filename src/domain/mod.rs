@@ -3,7 +3,7 @@
 pub mod metadata;
 pub mod xml;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -163,7 +163,7 @@ impl DomainPlan {
                 initrd: self
                     .kernel
                     .as_ref()
-                    .and_then(|k| k.initrd.as_ref().map(path_str)),
+                    .and_then(|k| k.initrd.as_ref().map(|p| path_str(p))),
                 cmdline: self.kernel.as_ref().and_then(|k| k.cmdline.clone()),
                 boot: match self.kernel {
                     Some(_) => None,
@@ -320,7 +320,7 @@ pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
 }
 
-fn path_str(path: &PathBuf) -> String {
+fn path_str(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 

@@ -53,7 +53,10 @@ fn slirp_forwards_ssh_on_loopback_with_fixed_pci_address() {
     let xml = sample_plan().to_xml().unwrap();
     assert!(xml.contains("hostfwd=tcp:127.0.0.1:2222-:22"), "{xml}");
     assert!(xml.contains("bus=pcie.0,addr=0x10"), "{xml}");
-    assert!(xml.contains(&format!("xmlns:qemu=\"{}\"", xml::QEMU_NS)), "{xml}");
+    assert!(
+        xml.contains(&format!("xmlns:qemu=\"{}\"", xml::QEMU_NS)),
+        "{xml}"
+    );
     assert!(!xml.contains("<interface"), "{xml}");
 }
 
@@ -71,7 +74,9 @@ fn passt_uses_port_forward() {
 fn keys_go_into_an_smbios_credential() {
     let xml = sample_plan().to_xml().unwrap();
     assert!(
-        xml.contains("io.systemd.credential:ssh.authorized_keys.root=ssh-ed25519 AAAA a\nssh-ed25519 BBBB b"),
+        xml.contains(
+            "io.systemd.credential:ssh.authorized_keys.root=ssh-ed25519 AAAA a\nssh-ed25519 BBBB b"
+        ),
         "{xml}"
     );
     assert!(xml.contains("<smbios mode=\"sysinfo\"/>"), "{xml}");
@@ -103,4 +108,3 @@ fn mac_is_stable_and_local() {
     assert_ne!(mac_address("drago"), mac_address("luce"));
     assert!(mac_address("x").starts_with("52:54:00:"));
 }
-

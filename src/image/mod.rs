@@ -137,15 +137,26 @@ impl ImageStore {
     }
 
     /// Imports any file (a kernel, an initrd) by content.
-    pub fn import_blob(&self, source: &Path, kind: &str, progress: &dyn Reporter) -> Result<StoredFile> {
+    pub fn import_blob(
+        &self,
+        source: &Path,
+        kind: &str,
+        progress: &dyn Reporter,
+    ) -> Result<StoredFile> {
         self.import(source, kind, progress)
     }
 
-    fn import(&self, source: &Path, extension: &str, progress: &dyn Reporter) -> Result<StoredFile> {
+    fn import(
+        &self,
+        source: &Path,
+        extension: &str,
+        progress: &dyn Reporter,
+    ) -> Result<StoredFile> {
         let source = source
             .canonicalize()
             .with_context(|| format!("image file {}", source.display()))?;
-        let meta = fs::metadata(&source).with_context(|| format!("reading {}", source.display()))?;
+        let meta =
+            fs::metadata(&source).with_context(|| format!("reading {}", source.display()))?;
         if !meta.is_file() {
             bail!("image file {} is not a regular file", source.display());
         }
@@ -203,7 +214,8 @@ impl ImageStore {
         total: u64,
         progress: &dyn Reporter,
     ) -> Result<(String, tempfile::NamedTempFile)> {
-        let mut input = File::open(source).with_context(|| format!("opening {}", source.display()))?;
+        let mut input =
+            File::open(source).with_context(|| format!("opening {}", source.display()))?;
         let mut tmp = tempfile::Builder::new()
             .prefix(".import-")
             .tempfile_in(&self.dir)

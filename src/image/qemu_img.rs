@@ -87,9 +87,17 @@ pub fn create_overlay(
     size: Option<u64>,
 ) -> Result<()> {
     let mut cmd = Command::new(QEMU_IMG);
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", base_format.as_str(), "-b"])
-        .arg(base)
-        .arg(overlay);
+    cmd.args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        base_format.as_str(),
+        "-b",
+    ])
+    .arg(base)
+    .arg(overlay);
     if let Some(size) = size {
         cmd.arg(size.to_string());
     }
@@ -116,9 +124,9 @@ pub fn grow(path: &Path, size: u64) -> Result<()> {
 
 fn run(cmd: &mut Command) -> Result<Vec<u8>> {
     let shown = format!("{cmd:?}");
-    let output = cmd.output().with_context(|| {
-        format!("running {QEMU_IMG} (is qemu-utils installed?): {shown}")
-    })?;
+    let output = cmd
+        .output()
+        .with_context(|| format!("running {QEMU_IMG} (is qemu-utils installed?): {shown}"))?;
     if !output.status.success() {
         bail!(
             "{shown} failed: {}",

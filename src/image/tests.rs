@@ -25,7 +25,13 @@ fn imports_by_content_once() {
     assert_eq!(std::fs::read(&first.path).unwrap(), b"kernel bytes");
     let stored = std::fs::read_dir(&store.dir)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".kernel"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".kernel")
+        })
         .count();
     assert_eq!(stored, 1);
 }
@@ -83,7 +89,10 @@ fn flake_image_is_a_clear_error() {
         source: ImageSource::Flake(".#agent-base".into()),
     };
     let err = store.prepare(&spec, &Silent).unwrap_err().to_string();
-    assert!(err.contains("flake") && err.contains("not available yet"), "{err}");
+    assert!(
+        err.contains("flake") && err.contains("not available yet"),
+        "{err}"
+    );
 }
 
 #[test]

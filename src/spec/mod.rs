@@ -214,15 +214,16 @@ impl Resolver<'_> {
             "images" => &self.key_spans.images,
             _ => &self.key_spans.vms,
         };
-        keys.keys()
-            .find(|k| k.get_ref() == key)
-            .map(Spanned::span)
+        keys.keys().find(|k| k.get_ref() == key).map(Spanned::span)
     }
 
     fn table_name(&self, table: &str, key: &str) -> Result<Name, SpecError> {
         Name::new(key).map_err(|e| {
-            self.at
-                .error(self.key_span(table, key), &format!("{table}.{key}"), e.to_string())
+            self.at.error(
+                self.key_span(table, key),
+                &format!("{table}.{key}"),
+                e.to_string(),
+            )
         })
     }
 
@@ -253,7 +254,12 @@ impl Resolver<'_> {
                 }
                 Ok(ImageSource::Flake(flake))
             }
-            (_, None, Some(_)) if raw.cmdline.as_deref().is_some_and(|c| has_control(c, false)) => {
+            (_, None, Some(_))
+                if raw
+                    .cmdline
+                    .as_deref()
+                    .is_some_and(|c| has_control(c, false)) =>
+            {
                 Err(fail("`cmdline` must not contain control characters"))
             }
             (file, None, Some(kernel)) => Ok(ImageSource::Kernel {
@@ -305,7 +311,11 @@ impl Resolver<'_> {
                     format!(
                         "unknown image {:?} (defined images: {})",
                         image_text.get_ref(),
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 )
             })?;
@@ -436,9 +446,7 @@ impl Resolver<'_> {
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
-                keys.push(
-                    valid_key_line(line).map_err(|m| format!("{}: {m}", path.display()))?,
-                );
+                keys.push(valid_key_line(line).map_err(|m| format!("{}: {m}", path.display()))?);
             }
         }
         Ok(keys)
@@ -446,7 +454,9 @@ impl Resolver<'_> {
 }
 
 fn looks_like_key(entry: &str) -> bool {
-    ["ssh-", "ecdsa-", "sk-"].iter().any(|p| entry.starts_with(p))
+    ["ssh-", "ecdsa-", "sk-"]
+        .iter()
+        .any(|p| entry.starts_with(p))
 }
 
 fn valid_key_line(line: &str) -> Result<String, String> {

@@ -25,7 +25,9 @@ impl std::str::FromStr for Accel {
             "auto" => Ok(Self::Auto),
             "kvm" => Ok(Self::Kvm),
             "tcg" => Ok(Self::Tcg),
-            other => Err(format!("unknown accel {other:?}: expected auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accel {other:?}: expected auto, kvm or tcg"
+            )),
         }
     }
 }

@@ -17,9 +17,13 @@ pub const GIB: u64 = 1024 * MIB;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SizeError {
-    #[error("invalid size {0:?}: expected a whole number and a unit, like \"4GiB\", \"512MiB\" or \"20G\"")]
+    #[error(
+        "invalid size {0:?}: expected a whole number and a unit, like \"4GiB\", \"512MiB\" or \"20G\""
+    )]
     Syntax(String),
-    #[error("invalid size {0:?}: unknown unit {1:?} (use B, K/KiB, M/MiB, G/GiB, T/TiB, or KB/MB/GB/TB)")]
+    #[error(
+        "invalid size {0:?}: unknown unit {1:?} (use B, K/KiB, M/MiB, G/GiB, T/TiB, or KB/MB/GB/TB)"
+    )]
     Unit(String, String),
     #[error("invalid size {0:?}: too large")]
     Overflow(String),
@@ -59,9 +63,9 @@ impl FromStr for Size {
             "G" | "GiB" => GIB,
             "T" | "TiB" => 1024 * GIB,
             "KB" => 1000,
-            "MB" => 1000_000,
-            "GB" => 1000_000_000,
-            "TB" => 1000_000_000_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
             other => return Err(SizeError::Unit(text.to_string(), other.to_string())),
         };
         let number: u64 = digits
@@ -77,8 +81,13 @@ impl FromStr for Size {
 impl fmt::Display for Size {
     /// The largest binary unit that divides the size exactly.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, factor) in [("TiB", 1024 * GIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-            if self.0 >= factor && self.0 % factor == 0 {
+        for (unit, factor) in [
+            ("TiB", 1024 * GIB),
+            ("GiB", GIB),
+            ("MiB", MIB),
+            ("KiB", KIB),
+        ] {
+            if self.0 >= factor && self.0.is_multiple_of(factor) {
                 return write!(f, "{}{unit}", self.0 / factor);
             }
         }

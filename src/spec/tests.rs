@@ -80,7 +80,8 @@ fn resolves_defaults_and_overrides() {
 
 #[test]
 fn unknown_key_names_line_and_field() {
-    let (line, field, message) = invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\ncolour = \"red\"\n");
+    let (line, field, message) =
+        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\ncolour = \"red\"\n");
     assert_eq!(line, 5);
     assert_eq!(field, "vms.a.colour");
     assert!(message.contains("unknown field `colour`"), "{message}");
@@ -105,7 +106,8 @@ fn bad_size_names_field() {
 
 #[test]
 fn bad_vm_name_names_line() {
-    let (line, field, message) = invalid("[images.a]\nfile = \"x\"\n\n[vms.\"Bad_Name\"]\nimage = \"a\"\n");
+    let (line, field, message) =
+        invalid("[images.a]\nfile = \"x\"\n\n[vms.\"Bad_Name\"]\nimage = \"a\"\n");
     assert_eq!(line, 4);
     assert_eq!(field, "vms.Bad_Name");
     assert!(message.contains("invalid name"), "{message}");
@@ -170,21 +172,25 @@ fn ranges_are_checked() {
 
 #[test]
 fn same_pinned_ports_are_an_error() {
-    let (_, field, _) =
-        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_port = 3000\nspice_port = 3000\n");
+    let (_, field, _) = invalid(
+        "[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_port = 3000\nspice_port = 3000\n",
+    );
     assert_eq!(field, "vms.a.spice_port");
 }
 
 #[test]
 fn bad_ssh_keys_and_users_are_errors() {
-    let (_, field, _) =
-        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_keys = [\"ssh-ed25519 AAAA\\nevil\"]\n");
+    let (_, field, _) = invalid(
+        "[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_keys = [\"ssh-ed25519 AAAA\\nevil\"]\n",
+    );
     assert_eq!(field, "vms.a.ssh_keys");
-    let (_, field, message) =
-        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_keys = [\"/nonexistent/key.pub\"]\n");
+    let (_, field, message) = invalid(
+        "[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nssh_keys = [\"/nonexistent/key.pub\"]\n",
+    );
     assert_eq!(field, "vms.a.ssh_keys");
     assert!(message.contains("/nonexistent/key.pub"), "{message}");
-    let (_, field, _) = invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nuser = \"Root;rm\"\n");
+    let (_, field, _) =
+        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\nuser = \"Root;rm\"\n");
     assert_eq!(field, "vms.a.user");
 }
 
@@ -198,12 +204,17 @@ fn ssh_key_files_are_read() {
         key.display().to_string()
     );
     let fleet = parse(&text).unwrap();
-    assert_eq!(fleet.vm("a").unwrap().ssh_keys, vec!["ssh-ed25519 AAAAC3Nza me@x"]);
+    assert_eq!(
+        fleet.vm("a").unwrap().ssh_keys,
+        vec!["ssh-ed25519 AAAAC3Nza me@x"]
+    );
 }
 
 #[test]
 fn unknown_backend_is_an_error() {
-    let (_, field, message) = invalid("[images.a]\nfile = \"x\"\n[defaults]\nbackend = \"pve\"\n[vms.a]\nimage = \"a\"\n");
+    let (_, field, message) = invalid(
+        "[images.a]\nfile = \"x\"\n[defaults]\nbackend = \"pve\"\n[vms.a]\nimage = \"a\"\n",
+    );
     assert_eq!(field, "defaults.backend");
     assert!(message.contains("unknown backend"), "{message}");
 }
@@ -223,16 +234,28 @@ fn unknown_vm_lists_known_ones() {
 
 #[test]
 fn error_display_is_file_line_field() {
-    let err = parse("[vms.a]\nmemory = \"4XB\"\n").unwrap_err().to_string();
-    assert!(err.starts_with("/fleet/agentvm.toml:2:10: vms.a.memory: invalid size"), "{err}");
+    let err = parse("[vms.a]\nmemory = \"4XB\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("/fleet/agentvm.toml:2:10: vms.a.memory: invalid size"),
+        "{err}"
+    );
 }
 
 #[test]
 fn control_characters_are_rejected() {
-    let (_, field, _) = invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\npurpose = \"a\\u0000b\"\n");
+    let (_, field, _) =
+        invalid("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\npurpose = \"a\\u0000b\"\n");
     assert_eq!(field, "vms.a.purpose");
     let (_, field, _) = invalid("[images.a]\nkernel = \"k\"\ncmdline = \"a\\u001bb\"\n");
     assert_eq!(field, "images.a");
-    let fleet = parse("[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\npurpose = \"line one\\nline two\"\n").unwrap();
-    assert_eq!(fleet.vm("a").unwrap().purpose.as_deref(), Some("line one\nline two"));
+    let fleet = parse(
+        "[images.a]\nfile = \"x\"\n[vms.a]\nimage = \"a\"\npurpose = \"line one\\nline two\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        fleet.vm("a").unwrap().purpose.as_deref(),
+        Some("line one\nline two")
+    );
 }

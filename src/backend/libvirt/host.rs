@@ -41,9 +41,13 @@ pub fn accel(conn: &Connect, requested: Requested) -> Result<Accel> {
 
 fn kvm_unusable(conn: &Connect) -> Result<Option<String>> {
     if access(KVM_DEVICE, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
-        return Ok(Some(format!("{KVM_DEVICE} is missing or not usable by this user")));
+        return Ok(Some(format!(
+            "{KVM_DEVICE} is missing or not usable by this user"
+        )));
     }
-    let caps = conn.capabilities().context("reading libvirt capabilities")?;
+    let caps = conn
+        .capabilities()
+        .context("reading libvirt capabilities")?;
     if libvirt_offers_kvm(&caps) {
         Ok(None)
     } else {
@@ -78,9 +82,9 @@ struct CapsDomain {
 
 pub fn libvirt_offers_kvm(capabilities_xml: &str) -> bool {
     quick_xml::de::from_str::<Capabilities>(capabilities_xml).is_ok_and(|caps| {
-        caps.guest.iter().any(|g| {
-            g.arch.name == "x86_64" && g.arch.domain.iter().any(|d| d.kind == "kvm")
-        })
+        caps.guest
+            .iter()
+            .any(|g| g.arch.name == "x86_64" && g.arch.domain.iter().any(|d| d.kind == "kvm"))
     })
 }
 
@@ -134,20 +138,17 @@ struct DomCapsEnum {
 
 pub fn domcaps_offer_passt(domcaps_xml: &str) -> bool {
     quick_xml::de::from_str::<DomainCaps>(domcaps_xml).is_ok_and(|caps| {
-        caps.devices
-            .and_then(|d| d.interface)
-            .is_some_and(|i| {
-                i.enums
-                    .iter()
-                    .any(|e| e.name == "backendType" && e.value.iter().any(|v| v == "passt"))
-            })
+        caps.devices.and_then(|d| d.interface).is_some_and(|i| {
+            i.enums
+                .iter()
+                .any(|e| e.name == "backendType" && e.value.iter().any(|v| v == "passt"))
+        })
     })
 }
 
 fn binary_on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(name).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 #[cfg(test)]

@@ -133,24 +133,45 @@ impl LocalBackend {
         &self,
         spec: &VmSpec,
         image: &PreparedImage,
-        state: VmState,
-        accel: domain::Accel,
-        network: domain::NetworkMode,
+        target: &Target,
+        ports: (u16, u16),
+        image_digest: &str,
     ) -> DomainPlan {
+        let state = VmState::new(
+            spec,
+            image_digest,
+            target.hash.clone(),
+            ports,
+            target.accel,
+            target.network,
+        );
         DomainPlan::new(
             spec,
             &self.home,
             image.kernel.clone(),
             &self.identity.public_line,
-            accel,
-            network,
+            target.accel,
+            target.network,
             state,
         )
     }
 
+    /// How `spec` is applied on this host now.
+    fn target(&self, spec: &VmSpec) -> Result<Target> {
+        let accel = host::accel(&self.conn, spec.accel)?;
+        let network = host::network(&self.conn, accel)?;
+        Ok(Target {
+            accel,
+            network,
+            hash: spec_hash(spec, accel, network),
+        })
+    }
+
     fn define(&self, plan: &DomainPlan) -> Result<Domain> {
         let xml = plan.to_xml().context("writing domain XML")?;
-        Ok(self.conn.define_domain_xml(&xml)
+        Ok(self
+            .conn
+            .define_domain_xml(&xml)
             .with_context(|| format!("defining {} in libvirt", plan.domain_name()))?)
     }
 
@@ -168,18 +189,18 @@ impl LocalBackend {
         };
         let dir = self.home.vm_dir(name);
         if dir.exists() {
-            tracing::warn!("removing leftover folder {} of a VM that has no domain", dir.display());
+            tracing::warn!(
+                "removing leftover folder {} of a VM that has no domain",
+                dir.display()
+            );
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
         crate::fsutil::create_private_dir(&dir)?;
         let disk = self.home.vm_disk(name);
         match &image.base {
-            Some(base) => qemu_img::create_overlay(
-                &base.file.path,
-                base.format,
-                &disk,
-                size.map(Size::bytes),
-            ),
+            Some(base) => {
+                qemu_img::create_overlay(&base.file.path, base.format, &disk, size.map(Size::bytes))
+            }
             None => qemu_img::create_blank(&disk, size.unwrap_or(DEFAULT_BLANK_DISK).bytes()),
         }
     }
@@ -206,16 +227,13 @@ impl LocalBackend {
         &self,
         spec: &VmSpec,
         image: &PreparedImage,
-        hash: String,
-        accel: domain::Accel,
-        network: domain::NetworkMode,
+        target: &Target,
         timings: &mut Timings,
         progress: &dyn Reporter,
     ) -> Result<UpAction> {
         let name = spec.name.as_str();
-        let (ssh_port, spice_port) = self.ports_for(spec, None)?;
-        let state = VmState::new(spec, &image.digest, hash, (ssh_port, spice_port), accel, network);
-        let plan = self.plan(spec, image, state, accel, network);
+        let ports = self.ports_for(spec, None)?;
+        let plan = self.plan(spec, image, target, ports, &image.digest);
         let rollback = |dom: Option<&Domain>| {
             if let Some(dom) = dom {
                 let _ = dom.undefine();
@@ -240,7 +258,9 @@ impl LocalBackend {
             Ok(dom) => dom,
             Err(e) => {
                 rollback(None);
-                return Err(anyhow!(e).context(format!("defining {}", plan.domain_name())).into());
+                return Err(anyhow!(e)
+                    .context(format!("defining {}", plan.domain_name()))
+                    .into());
             }
         };
         timings.mark("define");
@@ -266,7 +286,7 @@ impl LocalBackend {
     fn status_of(&self, dom: &Domain, state: &VmState, spec: Option<&VmSpec>) -> Result<VmStatus> {
         let live = live_state(dom)?;
         let restart_needed = match spec {
-            Some(spec) if live == State::Running => self.current_hash(spec)? != state.spec_hash,
+            Some(spec) if live == State::Running => self.target(spec)?.hash != state.spec_hash,
             _ => false,
         };
         Ok(VmStatus {
@@ -281,12 +301,6 @@ impl LocalBackend {
             in_spec: spec.is_some(),
             purpose: spec.map_or(state.purpose.clone(), |s| s.purpose.clone()),
         })
-    }
-
-    fn current_hash(&self, spec: &VmSpec) -> Result<String> {
-        let accel = host::accel(&self.conn, spec.accel)?;
-        let network = host::network(&self.conn, accel)?;
-        Ok(spec_hash(spec, accel, network))
     }
 }
 
@@ -304,15 +318,19 @@ impl Backend for LocalBackend {
         let mut timings = Timings::start();
         let prepared = self.store.prepare(image, progress)?;
         timings.mark("image");
-        let accel = host::accel(&self.conn, spec.accel)?;
-        let network = host::network(&self.conn, accel)?;
-        let hash = spec_hash(spec, accel, network);
+        let target = self.target(spec)?;
 
         let (action, restart_needed) = match self.lookup(name)? {
             None => {
-                progress.step(name, &format!("creating ({} with {})", accel.as_str(), network.as_str()));
-                let action =
-                    self.create(spec, &prepared, hash, accel, network, &mut timings, progress)?;
+                progress.step(
+                    name,
+                    &format!(
+                        "creating ({} with {})",
+                        target.accel.as_str(),
+                        target.network.as_str()
+                    ),
+                );
+                let action = self.create(spec, &prepared, &target, &mut timings, progress)?;
                 (action, false)
             }
             Some((dom, state)) => {
@@ -326,13 +344,13 @@ impl Backend for LocalBackend {
                     );
                 }
                 if dom.is_active().context("asking libvirt")? {
-                    let drift = state.spec_hash != hash;
+                    let drift = state.spec_hash != target.hash;
                     if drift {
                         progress.step(name, "running, but its spec changed: restart needed");
                     }
                     (UpAction::AlreadyRunning, drift)
                 } else {
-                    let spec_changed = state.spec_hash != hash;
+                    let spec_changed = state.spec_hash != target.hash;
                     if spec_changed && spec.readonly {
                         return Err(BackendError::ReadOnly {
                             name: name.to_string(),
@@ -349,15 +367,13 @@ impl Backend for LocalBackend {
                             );
                         }
                         self.resize_disk(spec)?;
-                        let new = VmState::new(
+                        let plan = self.plan(
                             spec,
-                            &state.image_digest,
-                            hash,
+                            &prepared,
+                            &target,
                             (ssh_port, spice_port),
-                            accel,
-                            network,
+                            &state.image_digest,
                         );
-                        let plan = self.plan(spec, &prepared, new, accel, network);
                         timings.mark("overlay");
                         self.define(&plan)?;
                         timings.mark("define");
@@ -374,7 +390,10 @@ impl Backend for LocalBackend {
             }
         };
         let (_, state) = self.require(name)?;
-        progress.step(name, &format!("{} (ssh port {})", action_text(action), state.ssh_port));
+        progress.step(
+            name,
+            &format!("{} (ssh port {})", action_text(action), state.ssh_port),
+        );
         Ok(UpOutcome {
             name: name.to_string(),
             action,
@@ -388,15 +407,9 @@ impl Backend for LocalBackend {
     fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration> {
         let (dom, state) = self.require(name)?;
         ssh::wait_for_banner(state.ssh_port, timeout, || {
-            Ok(dom.is_active().context("asking libvirt")?)
+            dom.is_active().context("asking libvirt")
         })
-        .map_err(|e| {
-            anyhow!(
-                "{name}: {e}{}",
-                log_tail(&self.home.vm_serial_log(name))
-            )
-            .into()
-        })
+        .map_err(|e| anyhow!("{name}: {e}{}", log_tail(&self.home.vm_serial_log(name))).into())
     }
 
     fn down(&self, name: &str, force: bool, timeout: Duration) -> Result<DownPath> {
@@ -488,13 +501,21 @@ impl Backend for LocalBackend {
 
     fn spice_uri(&self, name: &str) -> Result<String> {
         let (_, state) = self.require(name)?;
-        Ok(format!("spice://{}:{}", domain::LISTEN_ADDRESS, state.spice_port))
+        Ok(format!(
+            "spice://{}:{}",
+            domain::LISTEN_ADDRESS,
+            state.spice_port
+        ))
     }
 }
 
 fn read_state(dom: &Domain) -> Option<VmState> {
     let xml = dom
-        .metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain::AGENTVM_NS), 0)
+        .metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(domain::AGENTVM_NS),
+            0,
+        )
         .ok()?;
     quick_xml::de::from_str(&xml)
         .map_err(|e| tracing::warn!("unreadable agentvm metadata on {:?}: {e}", dom.name()))
@@ -556,6 +577,13 @@ fn log_tail(path: &Path) -> String {
         path.display(),
         tail.join("\n  ")
     )
+}
+
+/// How a spec is applied on this host, and the hash that records it.
+struct Target {
+    accel: domain::Accel,
+    network: domain::NetworkMode,
+    hash: String,
 }
 
 /// Wall time of each phase of an operation.
