@@ -35,8 +35,11 @@ pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
 pub const SSH_DIR: &str = "ssh";
 /// `$AGENTVM_HOME/ssh/id_ed25519` (and `.pub`).
 pub const SSH_KEY_FILE: &str = "id_ed25519";
-/// `$AGENTVM_HOME/lock`: held while a command changes VMs or the store.
+/// `<runtime dir>/lock`: held while a command changes VMs, ports or the store.
+/// It is per user, not per data folder: ports and libvirt's session are per user.
 pub const LOCK_FILE: &str = "lock";
+/// The per-user runtime folder's name under `$XDG_RUNTIME_DIR`.
+pub const RUNTIME_DIR: &str = "agentvm";
 
 /// The agentvm data folder and the paths inside it.
 #[derive(Debug, Clone)]
@@ -108,12 +111,35 @@ impl Home {
     pub fn ssh_key(&self) -> PathBuf {
         self.ssh_dir().join(SSH_KEY_FILE)
     }
-
-    pub fn lock_file(&self) -> PathBuf {
-        self.root.join(LOCK_FILE)
-    }
 }
 
 pub fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The per-user runtime folder: `$XDG_RUNTIME_DIR/agentvm`, else
+/// `/tmp/agentvm-<uid>`. It is created 0700; one that another user owns or
+/// others can write to is refused rather than trusted.
+pub fn runtime_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let uid = nix::unistd::getuid().as_raw();
+    let dir = match non_empty_env("XDG_RUNTIME_DIR") {
+        Some(base) => Path::new(&base).join(RUNTIME_DIR),
+        None => std::env::temp_dir().join(format!("{RUNTIME_DIR}-{uid}")),
+    };
+    crate::fsutil::create_private_dir(&dir)?;
+    let meta =
+        std::fs::symlink_metadata(&dir).with_context(|| format!("reading {}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{} must be a folder owned by uid {uid} with mode 0700; refusing to use it",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The per-user lock file (see [`LOCK_FILE`]).
+pub fn lock_file() -> Result<PathBuf> {
+    Ok(runtime_dir()?.join(LOCK_FILE))
 }

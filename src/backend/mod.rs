@@ -84,8 +84,15 @@ pub struct UpOutcome {
     pub restart_needed: bool,
     pub ssh_port: u16,
     pub spice_port: u16,
-    /// Milliseconds spent in each phase, in order.
-    pub timings: Vec<(String, f64)>,
+    /// Time spent in each phase, in order.
+    pub timings: Vec<Phase>,
+}
+
+/// One timed phase of an operation (`image`, `overlay`, `xml`, `define`, `start`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub phase: String,
+    pub ms: f64,
 }
 
 /// How `down` stopped a VM.

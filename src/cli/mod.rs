@@ -100,7 +100,7 @@ impl App {
     }
 
     fn lock(&self) -> Result<FileLock> {
-        FileLock::acquire(&self.backend.home().lock_file())
+        FileLock::acquire(&crate::paths::lock_file()?)
     }
 
     fn status(&self, name: &str) -> Result<VmStatus, BackendError> {

@@ -89,6 +89,8 @@ pub struct DomainPlan {
     pub serial_log: PathBuf,
     pub authorized_keys: Vec<String>,
     pub state: VmState,
+    /// The UUID of the domain being redefined; libvirt requires it to match.
+    pub uuid: Option<String>,
 }
 
 impl DomainPlan {
@@ -116,6 +118,7 @@ impl DomainPlan {
             serial_log: home.vm_serial_log(name),
             authorized_keys,
             state,
+            uuid: None,
         }
     }
 
@@ -136,6 +139,7 @@ impl DomainPlan {
             kind: self.accel.domain_type().to_string(),
             xmlns_qemu: qemu_commandline.as_ref().map(|_| QEMU_NS.to_string()),
             name: self.domain_name(),
+            uuid: self.uuid.clone(),
             metadata: Metadata {
                 vm: self.state.clone(),
             },

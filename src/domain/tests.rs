@@ -29,6 +29,7 @@ fn sample_plan() -> DomainPlan {
         serial_log: "/home/u/.local/share/agentvm/vms/drago/serial.log".into(),
         authorized_keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
         state: sample_state("drago"),
+        uuid: None,
     }
 }
 

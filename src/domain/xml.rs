@@ -13,6 +13,8 @@ pub struct Domain {
     #[serde(rename = "@xmlns:qemu", skip_serializing_if = "Option::is_none")]
     pub xmlns_qemu: Option<String>,
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     pub metadata: Metadata,
     pub memory: Memory,
     pub vcpu: u32,

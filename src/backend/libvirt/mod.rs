@@ -13,7 +13,7 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use super::{Backend, BackendError, DownPath, Result, State, UpAction, UpOutcome, VmStatus};
+use super::{Backend, BackendError, DownPath, Phase, Result, State, UpAction, UpOutcome, VmStatus};
 use crate::domain::{self, DomainPlan, VmState, domain_name, spec_hash};
 use crate::image::{ImageStore, PreparedImage, qemu_img};
 use crate::paths::Home;
@@ -43,6 +43,8 @@ pub struct LocalBackend {
 impl LocalBackend {
     pub fn connect(uri: &str, home: Home) -> anyhow::Result<Self> {
         home.ensure()?;
+        // libvirt prints every error to stderr by default; agentvm reports its own.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).with_context(|| {
             format!("connecting to libvirt at {uri} (is libvirt installed, and for qemu:///system are you in the libvirt group?)")
         })?;
@@ -367,13 +369,14 @@ impl Backend for LocalBackend {
                             );
                         }
                         self.resize_disk(spec)?;
-                        let plan = self.plan(
+                        let mut plan = self.plan(
                             spec,
                             &prepared,
                             &target,
                             (ssh_port, spice_port),
                             &state.image_digest,
                         );
+                        plan.uuid = Some(dom.uuid_string().context("reading the domain UUID")?);
                         timings.mark("overlay");
                         self.define(&plan)?;
                         timings.mark("define");
@@ -400,7 +403,7 @@ impl Backend for LocalBackend {
             restart_needed,
             ssh_port: state.ssh_port,
             spice_port: state.spice_port,
-            timings: timings.into_millis(),
+            timings: timings.phases,
         })
     }
 
@@ -589,7 +592,7 @@ struct Target {
 /// Wall time of each phase of an operation.
 struct Timings {
     last: Instant,
-    phases: Vec<(String, f64)>,
+    phases: Vec<Phase>,
 }
 
 impl Timings {
@@ -602,12 +605,10 @@ impl Timings {
 
     fn mark(&mut self, phase: &str) {
         let now = Instant::now();
-        self.phases
-            .push((phase.to_string(), (now - self.last).as_secs_f64() * 1000.0));
+        self.phases.push(Phase {
+            phase: phase.to_string(),
+            ms: (now - self.last).as_secs_f64() * 1000.0,
+        });
         self.last = now;
-    }
-
-    fn into_millis(self) -> Vec<(String, f64)> {
-        self.phases
     }
 }
