@@ -11,7 +11,7 @@ export AGENTVM_TESTGUEST_DIR="${AGENTVM_TESTGUEST_DIR:-/var/tmp/agentvm-testgues
 PACKAGES=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
-  libxml2-utils pkg-config dbus openssh-client cpio
+  libxml2-utils pkg-config dbus openssh-client cpio binutils
 )
 
 say() { printf '\n==> %s\n' "$*" >&2; }

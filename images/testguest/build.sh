@@ -114,7 +114,7 @@ while ((${#queue[@]})); do
 	p=${queue[0]}
 	queue=("${queue[@]:1}")
 	for d in ${deps[$p]:-}; do
-		[[ -z ${seen[$d]:-} && ${section[$d]:-} == libs ]] || continue
+		[[ -z ${seen[$d]:-} && ${section[$d]:-} =~ ^([a-z-]+/)?libs$ ]] || continue
 		seen[$d]=1
 		libpkgs+=("$d")
 		queue+=("$d")
@@ -187,13 +187,10 @@ find_lib() {
 needed() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'; }
 interp() { readelf -l "$1" | sed -n 's/.*Requesting program interpreter: \(.*\)\]$/\1/p'; }
 
-# libgcc_s is dlopen()ed by glibc for thread cancellation.
 elfs=(usr/sbin/dropbear usr/bin/dropbearkey usr/sbin/qemu-ga)
-for so in libgcc_s.so.1; do
-	src=$(find_lib "$so") || die "$so not found in packages"
-	cp -L "$src" "$root/$libdir/$so"
-	elfs+=("$libdir/$so")
-done
+# glibc dlopen()s libgcc_s (thread cancellation), so it is not in NEEDED.
+cp -L "$(find_lib libgcc_s.so.1)" "$root/$libdir/libgcc_s.so.1"
+elfs+=("$libdir/libgcc_s.so.1")
 while ((${#elfs[@]})); do
 	f=${elfs[0]}
 	elfs=("${elfs[@]:1}")
