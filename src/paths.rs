@@ -38,6 +38,8 @@ pub const SSH_KEY_FILE: &str = "id_ed25519";
 /// `<runtime dir>/lock`: held while a command changes VMs, ports or the store.
 /// It is per user, not per data folder: ports and libvirt's session are per user.
 pub const LOCK_FILE: &str = "lock";
+/// `<runtime dir>/NAME.qga`: a VM's guest agent socket.
+pub const GUEST_AGENT_SOCKET_SUFFIX: &str = ".qga";
 /// The per-user runtime folder's name under `$XDG_RUNTIME_DIR`.
 pub const RUNTIME_DIR: &str = "agentvm";
 

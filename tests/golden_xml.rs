@@ -107,6 +107,7 @@ fn generate(case: &Case) -> String {
     DomainPlan::new(
         spec,
         &home,
+        Path::new("/run/user/1000/agentvm"),
         kernel,
         AGENTVM_KEY,
         Accel::Tcg,

@@ -288,3 +288,16 @@ fn destroy_without_yes_off_a_terminal_refuses() {
     assert!(err.contains("--yes"), "{err}");
     assert!(domain_exists("e2e-ask"));
 }
+
+#[test]
+fn the_longest_name_boots() {
+    // 31 characters: socket paths derived from the name must stay within the
+    // UNIX socket limit whatever the home folder is.
+    let name = "e2e-longest-name-for-the-socket";
+    assert_eq!(name.len(), 31);
+    let env = Env::new();
+    env.write_fleet(&format!("[vms.{name}]\n"));
+    env.owns(&[name]);
+    env.ok(&["up", name, "--timeout", GUEST_TIMEOUT]);
+    assert_eq!(env.ssh(name, "uname -s").trim(), "Linux");
+}

@@ -87,6 +87,10 @@ pub struct DomainPlan {
     pub disk: PathBuf,
     pub kernel: Option<KernelBoot>,
     pub serial_log: PathBuf,
+    /// The host end of the guest agent channel. libvirt's default path lives
+    /// under the home folder and can exceed the 107-byte limit of a UNIX socket
+    /// path, so agentvm names a short one in the per-user runtime folder.
+    pub guest_agent_socket: PathBuf,
     pub authorized_keys: Vec<String>,
     pub state: VmState,
     /// The UUID of the domain being redefined; libvirt requires it to match.
@@ -96,9 +100,11 @@ pub struct DomainPlan {
 impl DomainPlan {
     /// The plan for `spec`: its disk and log live in the VM's folder under `home`;
     /// `agentvm_key` is delivered along with the spec's own `ssh_keys`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: &VmSpec,
         home: &Home,
+        runtime_dir: &Path,
         kernel: Option<KernelBoot>,
         agentvm_key: &str,
         accel: Accel,
@@ -116,6 +122,7 @@ impl DomainPlan {
             disk: home.vm_disk(name),
             kernel,
             serial_log: home.vm_serial_log(name),
+            guest_agent_socket: guest_agent_socket(runtime_dir, name),
             authorized_keys,
             state,
             uuid: None,
@@ -219,6 +226,10 @@ impl DomainPlan {
                 channel: vec![
                     Channel {
                         kind: "unix".into(),
+                        source: Some(ChannelSource {
+                            mode: "bind".into(),
+                            path: path_str(&self.guest_agent_socket),
+                        }),
                         target: ChannelTarget {
                             kind: "virtio".into(),
                             name: GUEST_AGENT_CHANNEL.into(),
@@ -226,6 +237,7 @@ impl DomainPlan {
                     },
                     Channel {
                         kind: "spicevmc".into(),
+                        source: None,
                         target: ChannelTarget {
                             kind: "virtio".into(),
                             name: SPICE_AGENT_CHANNEL.into(),
@@ -306,6 +318,14 @@ impl DomainPlan {
         }
     }
 }
+
+/// `<runtime dir>/<vm>.qga`: the guest agent socket of a VM.
+pub fn guest_agent_socket(runtime_dir: &Path, vm: &str) -> PathBuf {
+    runtime_dir.join(format!("{vm}{}", crate::paths::GUEST_AGENT_SOCKET_SUFFIX))
+}
+
+/// The longest path a UNIX socket can be bound at (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// A stable locally administered MAC in QEMU's 52:54:00 range, from the VM name.
 pub fn mac_address(name: &str) -> String {

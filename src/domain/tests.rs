@@ -27,6 +27,7 @@ fn sample_plan() -> DomainPlan {
         disk: "/home/u/.local/share/agentvm/vms/drago/disk.qcow2".into(),
         kernel: None,
         serial_log: "/home/u/.local/share/agentvm/vms/drago/serial.log".into(),
+        guest_agent_socket: "/run/user/1000/agentvm/drago.qga".into(),
         authorized_keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
         state: sample_state("drago"),
         uuid: None,
@@ -108,4 +109,13 @@ fn mac_is_stable_and_local() {
     assert_eq!(mac_address("drago"), mac_address("drago"));
     assert_ne!(mac_address("drago"), mac_address("luce"));
     assert!(mac_address("x").starts_with("52:54:00:"));
+}
+
+#[test]
+fn guest_agent_socket_is_short_and_bound() {
+    let xml = sample_plan().to_xml().unwrap();
+    assert!(
+        xml.contains("<source mode=\"bind\" path=\"/run/user/1000/agentvm/drago.qga\"/>"),
+        "{xml}"
+    );
 }

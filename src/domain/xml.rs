@@ -238,7 +238,17 @@ pub struct SerialTarget {
 pub struct Channel {
     #[serde(rename = "@type")]
     pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<ChannelSource>,
     pub target: ChannelTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChannelSource {
+    #[serde(rename = "@mode")]
+    pub mode: String,
+    #[serde(rename = "@path")]
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

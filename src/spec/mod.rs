@@ -14,7 +14,7 @@ use serde::Serialize;
 use toml::Spanned;
 
 pub use error::SpecError;
-pub use name::{Name, NameError};
+pub use name::{MAX_NAME_LEN, Name, NameError};
 pub use raw::Accel;
 pub use size::{GIB, KIB, MIB, Size, SizeError};
 

@@ -47,6 +47,7 @@ fn kvm_unusable(conn: &Connect) -> Result<Option<String>> {
     }
     let caps = conn
         .capabilities()
+        .map_err(super::lv)
         .context("reading libvirt capabilities")?;
     if libvirt_offers_kvm(&caps) {
         Ok(None)
@@ -104,6 +105,7 @@ pub fn network(conn: &Connect, accel: Accel) -> Result<NetworkMode> {
     };
     let domcaps = conn
         .domain_capabilities(None, Some("x86_64"), Some("q35"), Some(virttype), 0)
+        .map_err(super::lv)
         .context("reading libvirt domain capabilities")?;
     if domcaps_offer_passt(&domcaps) && binary_on_path(PASST_BINARY) {
         Ok(NetworkMode::Passt)

@@ -19,7 +19,7 @@ use crate::image::{ImageStore, PreparedImage, qemu_img};
 use crate::paths::Home;
 use crate::ports::{self, Claims, SPICE_PORT_BASE, SSH_PORT_BASE};
 use crate::progress::Reporter;
-use crate::spec::{GIB, ImageSpec, LOCAL_BACKEND, Size, VmSpec};
+use crate::spec::{GIB, ImageSpec, LOCAL_BACKEND, MAX_NAME_LEN, Size, VmSpec};
 use crate::ssh::{self, Endpoint, Identity};
 
 pub use host::{KVM_DEVICE, domcaps_offer_passt, libvirt_offers_kvm};
@@ -36,6 +36,7 @@ const LOG_TAIL_LINES: usize = 15;
 pub struct LocalBackend {
     conn: Connect,
     home: Home,
+    runtime_dir: PathBuf,
     store: ImageStore,
     identity: Identity,
 }
@@ -45,12 +46,22 @@ impl LocalBackend {
         home.ensure()?;
         // libvirt prints every error to stderr by default; agentvm reports its own.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).with_context(|| {
+        let conn = Connect::open(Some(uri)).map_err(lv)
+            .with_context(|| {
             format!("connecting to libvirt at {uri} (is libvirt installed, and for qemu:///system are you in the libvirt group?)")
         })?;
         let identity = Identity::ensure(&home)?;
+        let runtime_dir = crate::paths::runtime_dir()?;
+        let longest = domain::guest_agent_socket(&runtime_dir, &"x".repeat(MAX_NAME_LEN));
+        if longest.as_os_str().len() > domain::MAX_SOCKET_PATH {
+            bail!(
+                "the runtime folder {} is too long a path for UNIX sockets; set XDG_RUNTIME_DIR to a shorter folder",
+                runtime_dir.display()
+            );
+        }
         Ok(Self {
             conn,
+            runtime_dir,
             store: ImageStore::new(&home),
             home,
             identity,
@@ -67,7 +78,9 @@ impl LocalBackend {
         let dom = match self.conn.lookup_domain_by_name(&dom_name) {
             Ok(dom) => dom,
             Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => return Ok(None),
-            Err(e) => return Err(anyhow!(e).context(format!("looking up {dom_name}")).into()),
+            Err(e) => {
+                return Err(lv(e).context(format!("looking up {dom_name}")).into());
+            }
         };
         let state = read_state(&dom).ok_or_else(|| {
             anyhow!("libvirt domain {dom_name} exists but was not made by agentvm (no agentvm metadata); refusing to touch it")
@@ -96,6 +109,7 @@ impl LocalBackend {
         let domains = self
             .conn
             .list_all_domains(0)
+            .map_err(lv)
             .context("listing libvirt domains")?;
         Ok(domains
             .into_iter()
@@ -150,6 +164,7 @@ impl LocalBackend {
         DomainPlan::new(
             spec,
             &self.home,
+            &self.runtime_dir,
             image.kernel.clone(),
             &self.identity.public_line,
             target.accel,
@@ -174,6 +189,7 @@ impl LocalBackend {
         Ok(self
             .conn
             .define_domain_xml(&xml)
+            .map_err(lv)
             .with_context(|| format!("defining {} in libvirt", plan.domain_name()))?)
     }
 
@@ -260,7 +276,7 @@ impl LocalBackend {
             Ok(dom) => dom,
             Err(e) => {
                 rollback(None);
-                return Err(anyhow!(e)
+                return Err(lv(e)
                     .context(format!("defining {}", plan.domain_name()))
                     .into());
             }
@@ -278,7 +294,8 @@ impl LocalBackend {
     fn start(&self, dom: &Domain, name: &str) -> Result<()> {
         dom.create().map_err(|e| {
             anyhow!(
-                "starting {name}: {e}{}",
+                "starting {name}: {}{}",
+                e.message(),
                 log_tail(&self.home.vm_serial_log(name))
             )
         })?;
@@ -345,7 +362,7 @@ impl Backend for LocalBackend {
                         ),
                     );
                 }
-                if dom.is_active().context("asking libvirt")? {
+                if dom.is_active().map_err(lv).context("asking libvirt")? {
                     let drift = state.spec_hash != target.hash;
                     if drift {
                         progress.step(name, "running, but its spec changed: restart needed");
@@ -376,7 +393,11 @@ impl Backend for LocalBackend {
                             (ssh_port, spice_port),
                             &state.image_digest,
                         );
-                        plan.uuid = Some(dom.uuid_string().context("reading the domain UUID")?);
+                        plan.uuid = Some(
+                            dom.uuid_string()
+                                .map_err(lv)
+                                .context("reading the domain UUID")?,
+                        );
                         timings.mark("overlay");
                         self.define(&plan)?;
                         timings.mark("define");
@@ -410,22 +431,23 @@ impl Backend for LocalBackend {
     fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration> {
         let (dom, state) = self.require(name)?;
         ssh::wait_for_banner(state.ssh_port, timeout, || {
-            dom.is_active().context("asking libvirt")
+            dom.is_active().map_err(lv).context("asking libvirt")
         })
         .map_err(|e| anyhow!("{name}: {e}{}", log_tail(&self.home.vm_serial_log(name))).into())
     }
 
     fn down(&self, name: &str, force: bool, timeout: Duration) -> Result<DownPath> {
         let (dom, _) = self.require(name)?;
-        if !dom.is_active().context("asking libvirt")? {
+        if !dom.is_active().map_err(lv).context("asking libvirt")? {
             return Ok(DownPath::AlreadyStopped);
         }
         if !force {
             dom.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                .map_err(lv)
                 .with_context(|| format!("sending {name} an ACPI shutdown"))?;
             let deadline = Instant::now() + timeout;
             while Instant::now() < deadline {
-                if !dom.is_active().context("asking libvirt")? {
+                if !dom.is_active().map_err(lv).context("asking libvirt")? {
                     return Ok(DownPath::Acpi);
                 }
                 std::thread::sleep(POLL);
@@ -435,7 +457,7 @@ impl Backend for LocalBackend {
             Ok(()) => Ok(DownPath::Forced),
             // It stopped between the last check and the destroy.
             Err(_) if !dom.is_active().unwrap_or(true) => Ok(DownPath::Acpi),
-            Err(e) => Err(anyhow!(e).context(format!("forcing {name} off")).into()),
+            Err(e) => Err(lv(e).context(format!("forcing {name} off")).into()),
         }
     }
 
@@ -443,14 +465,17 @@ impl Backend for LocalBackend {
         let dir = self.home.vm_dir(name);
         match self.lookup(name)? {
             Some((dom, _)) => {
-                if dom.is_active().context("asking libvirt")? {
-                    dom.destroy().with_context(|| format!("stopping {name}"))?;
+                if dom.is_active().map_err(lv).context("asking libvirt")? {
+                    dom.destroy()
+                        .map_err(lv)
+                        .with_context(|| format!("stopping {name}"))?;
                 }
                 dom.undefine_flags(
                     sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                         | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                         | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
                 )
+                .map_err(lv)
                 .with_context(|| format!("undefining {name}"))?;
             }
             None if !dir.exists() => return Err(BackendError::NotFound(name.to_string())),
@@ -526,7 +551,7 @@ fn read_state(dom: &Domain) -> Option<VmState> {
 }
 
 fn live_state(dom: &Domain) -> Result<State> {
-    let (state, reason) = dom.state().context("reading domain state")?;
+    let (state, reason) = dom.state().map_err(lv).context("reading domain state")?;
     Ok(match state {
         Enum::Known(DomainState::Running | DomainState::Blocked | DomainState::Paused)
         | Enum::Known(DomainState::Shutdown | DomainState::PMSuspended) => State::Running,
@@ -553,6 +578,11 @@ fn action_text(action: UpAction) -> &'static str {
         UpAction::Started => "started",
         UpAction::AlreadyRunning => "already running",
     }
+}
+
+/// A libvirt error as agentvm shows it: libvirt's message, without its numeric codes.
+pub(crate) fn lv(e: virt::error::Error) -> anyhow::Error {
+    anyhow!("{}", e.message())
 }
 
 fn remove_dir(dir: &Path) -> anyhow::Result<()> {
