@@ -62,6 +62,10 @@ as_vm_user() {
 }
 
 build_testguest() {
+  # The build downloads Debian packages, which needs current package lists.
+  if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    as_root apt-get update -q
+  fi
   say "building the test guest in $AGENTVM_TESTGUEST_DIR"
   "$REPO/images/testguest/build.sh" "$AGENTVM_TESTGUEST_DIR" >&2
   chmod -R a+rX "$AGENTVM_TESTGUEST_DIR"
