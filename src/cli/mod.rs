@@ -191,35 +191,31 @@ fn up(ctx: &App, names: &[String], wait: bool, timeout: Duration) -> Result<i32>
 }
 
 #[derive(Serialize)]
-struct DownResult {
+struct VmResult<T: Serialize> {
     name: String,
-    stopped_by: DownPath,
+    #[serde(flatten)]
+    result: T,
 }
 
-fn down(ctx: &App, names: &[String], force: bool, timeout: Duration) -> Result<i32> {
-    let _lock = ctx.lock()?;
+/// Runs `op` on each VM in turn: a line per VM (or one JSON array at the end),
+/// errors reported as they come. The exit code is 1 if any VM failed.
+fn each_vm<T: Serialize>(
+    ctx: &App,
+    names: &[String],
+    op: impl Fn(&str) -> Result<T, BackendError>,
+    line: impl Fn(&T) -> String,
+) -> Result<i32> {
     let mut failures = 0;
     let mut results = Vec::new();
     for name in names {
-        let result = ctx
-            .check_writable(name, "stop")
-            .and_then(|_| ctx.backend.down(name, force, timeout));
-        match result {
-            Ok(path) => {
+        match op(name) {
+            Ok(result) => {
                 if !ctx.cli_json {
-                    println!(
-                        "{name}: {}",
-                        match path {
-                            DownPath::AlreadyStopped => "already stopped",
-                            DownPath::Acpi => "stopped by ACPI shutdown",
-                            DownPath::Forced if force => "forced off",
-                            DownPath::Forced => "did not shut down in time: forced off",
-                        }
-                    );
+                    println!("{name}: {}", line(&result));
                 }
-                results.push(DownResult {
+                results.push(VmResult {
                     name: name.clone(),
-                    stopped_by: path,
+                    result,
                 });
             }
             Err(e) => {
@@ -232,6 +228,38 @@ fn down(ctx: &App, names: &[String], force: bool, timeout: Duration) -> Result<i
         output::print_json(&results)?;
     }
     Ok(i32::from(failures > 0))
+}
+
+#[derive(Serialize)]
+struct Stopped {
+    stopped_by: DownPath,
+}
+
+fn down(ctx: &App, names: &[String], force: bool, timeout: Duration) -> Result<i32> {
+    let _lock = ctx.lock()?;
+    each_vm(
+        ctx,
+        names,
+        |name| {
+            ctx.check_writable(name, "stop")?;
+            let stopped_by = ctx.backend.down(name, force, timeout)?;
+            Ok(Stopped { stopped_by })
+        },
+        |r| {
+            match r.stopped_by {
+                DownPath::AlreadyStopped => "already stopped",
+                DownPath::Acpi => "stopped by ACPI shutdown",
+                DownPath::Forced if force => "forced off",
+                DownPath::Forced => "did not shut down in time: forced off",
+            }
+            .to_string()
+        },
+    )
+}
+
+#[derive(Serialize)]
+struct Destroyed {
+    destroyed: bool,
 }
 
 fn destroy(ctx: &App, names: &[String], yes: bool) -> Result<i32> {
@@ -258,26 +286,15 @@ fn destroy(ctx: &App, names: &[String], yes: bool) -> Result<i32> {
         }
     }
     let _lock = ctx.lock()?;
-    let mut failures = 0;
-    let mut destroyed = Vec::new();
-    for name in names {
-        match ctx.backend.destroy(name) {
-            Ok(()) => {
-                if !ctx.cli_json {
-                    println!("{name}: destroyed");
-                }
-                destroyed.push(name.clone());
-            }
-            Err(e) => {
-                failures += 1;
-                eprintln!("agentvm: error: {name}: {:#}", anyhow::Error::from(e));
-            }
-        }
-    }
-    if ctx.cli_json {
-        output::print_json(&destroyed)?;
-    }
-    Ok(i32::from(failures > 0))
+    each_vm(
+        ctx,
+        names,
+        |name| {
+            ctx.backend.destroy(name)?;
+            Ok(Destroyed { destroyed: true })
+        },
+        |_| "destroyed".to_string(),
+    )
 }
 
 /// Every VM: those in the fleet file (absent ones included) and those the backend has.

@@ -120,28 +120,27 @@ impl LocalBackend {
 
     /// SSH and SPICE ports for `spec`, keeping `current` ones while they stay usable.
     fn ports_for(&self, spec: &VmSpec, current: Option<&VmState>) -> Result<(u16, u16)> {
-        let claims = self.claims(spec.name.as_str())?;
         let name = spec.name.as_str();
-        let ssh = ports::choose(
+        let mut claims = self.claims(name)?;
+        let mut pick = |kind, base, pinned, current| {
+            let port = ports::choose(kind, base, name, pinned, current, &claims)
+                .map_err(|e| anyhow!("{name}: {e}"))?;
+            // Claimed under another label, so the VM's next port cannot reuse it.
+            claims.add(port, &format!("{name} ({kind})"));
+            Ok::<_, BackendError>(port)
+        };
+        let ssh = pick(
             "ssh",
             SSH_PORT_BASE,
-            name,
             spec.ssh_port,
             current.map(|s| s.ssh_port),
-            &claims,
-        )
-        .map_err(|e| anyhow!("{name}: {e}"))?;
-        let mut claims = claims;
-        claims.add(ssh, "(this VM's ssh port)");
-        let spice = ports::choose(
+        )?;
+        let spice = pick(
             "spice",
             SPICE_PORT_BASE,
-            name,
             spec.spice_port,
             current.map(|s| s.spice_port),
-            &claims,
-        )
-        .map_err(|e| anyhow!("{name}: {e}"))?;
+        )?;
         Ok((ssh, spice))
     }
 
