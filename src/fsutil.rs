@@ -8,6 +8,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 
+/// Name prefixes of temp files agentvm writes before renaming them into place;
+/// one still there after a crash is garbage.
+pub const TEMP_PREFIXES: &[&str] = &[".tmp-", ".import-"];
+
 /// Writes `data` to `path` through a temp file in the same folder and a rename,
 /// so a reader (or a crash) sees either the old or the new file, never half of one.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {

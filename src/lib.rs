@@ -2,7 +2,10 @@
 
 pub mod backend;
 pub mod cli;
+pub mod client;
+pub mod daemon;
 pub mod domain;
+pub mod failpoint;
 pub mod fsutil;
 pub mod image;
 pub mod paths;

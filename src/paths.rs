@@ -15,6 +15,10 @@ pub const ENV_LIBVIRT_URI: &str = "AGENTVM_LIBVIRT_URI";
 pub const ENV_ACCEL: &str = "AGENTVM_ACCEL";
 /// Environment variable that forces the user-mode network (`passt`, `slirp`).
 pub const ENV_NETWORK: &str = "AGENTVM_NETWORK";
+/// Environment variable naming a step at which the process kills itself (tests).
+pub const ENV_FAILPOINT: &str = "AGENTVM_FAILPOINT";
+/// Environment variable that overrides the daemon socket path.
+pub const ENV_SOCKET: &str = "AGENTVM_SOCKET";
 
 /// The fleet file searched for in the current folder and its parents.
 pub const FLEET_FILE: &str = "agentvm.toml";
@@ -23,6 +27,8 @@ pub const FLEET_FILE: &str = "agentvm.toml";
 pub const IMAGES_DIR: &str = "images";
 /// `$AGENTVM_HOME/images/index.json`: path+size+mtime → digest, for instant re-import.
 pub const IMAGE_INDEX_FILE: &str = "index.json";
+/// `$AGENTVM_HOME/images/.lock`: held while importing.
+pub const STORE_LOCK_FILE: &str = ".lock";
 /// `$AGENTVM_HOME/vms`: one folder per local VM.
 pub const VMS_DIR: &str = "vms";
 /// `$AGENTVM_HOME/vms/NAME/disk.qcow2`: the VM's thin overlay.
@@ -38,6 +44,14 @@ pub const SSH_KEY_FILE: &str = "id_ed25519";
 /// `<runtime dir>/lock`: held while a command changes VMs, ports or the store.
 /// It is per user, not per data folder: ports and libvirt's session are per user.
 pub const LOCK_FILE: &str = "lock";
+/// `<runtime dir>/agentvm.sock`: the daemon's socket (`AGENTVM_SOCKET` overrides).
+pub const SOCKET_FILE: &str = "agentvm.sock";
+/// Beside the socket, with this extension: the daemon's flocked pid file.
+pub const PID_EXTENSION: &str = "pid";
+/// The systemd user unit written by `agentvm daemon --install-unit`.
+pub const UNIT_FILE: &str = "agentvm.service";
+/// `$AGENTVM_HOME/daemon.log`: where a daemon started on demand logs.
+pub const DAEMON_LOG_FILE: &str = "daemon.log";
 /// `<runtime dir>/NAME.qga`: a VM's guest agent socket.
 pub const GUEST_AGENT_SOCKET_SUFFIX: &str = ".qga";
 /// The per-user runtime folder's name under `$XDG_RUNTIME_DIR`.
@@ -106,6 +120,10 @@ impl Home {
         self.vm_dir(name).join(VM_KNOWN_HOSTS_FILE)
     }
 
+    pub fn daemon_log(&self) -> PathBuf {
+        self.root.join(DAEMON_LOG_FILE)
+    }
+
     pub fn ssh_dir(&self) -> PathBuf {
         self.root.join(SSH_DIR)
     }
@@ -144,4 +162,17 @@ pub fn runtime_dir() -> Result<PathBuf> {
 /// The per-user lock file (see [`LOCK_FILE`]).
 pub fn lock_file() -> Result<PathBuf> {
     Ok(runtime_dir()?.join(LOCK_FILE))
+}
+
+/// The daemon's socket: `$AGENTVM_SOCKET`, else `<runtime dir>/agentvm.sock`.
+pub fn socket_path() -> Result<PathBuf> {
+    match non_empty_env(ENV_SOCKET) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Ok(runtime_dir()?.join(SOCKET_FILE)),
+    }
+}
+
+/// The daemon's pid file, beside its socket.
+pub fn pid_file(socket: &Path) -> PathBuf {
+    socket.with_extension(PID_EXTENSION)
 }

@@ -38,6 +38,9 @@ pub enum Command {
         /// Seconds to wait for SSH.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Fail at once if another operation holds a VM, instead of waiting.
+        #[arg(long)]
+        no_block: bool,
     },
     /// Shut VMs down (ACPI), forcing them off after the timeout.
     Down {
@@ -49,6 +52,9 @@ pub enum Command {
         /// Seconds to wait for a graceful shutdown.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Fail at once if another operation holds a VM, instead of waiting.
+        #[arg(long)]
+        no_block: bool,
     },
     /// Remove VMs: domain, disk, folder and ports.
     Destroy {
@@ -57,6 +63,9 @@ pub enum Command {
         /// Do not ask.
         #[arg(long, short)]
         yes: bool,
+        /// Fail at once if another operation holds a VM, instead of waiting.
+        #[arg(long)]
+        no_block: bool,
     },
     /// All VMs of the fleet file and the backend.
     List,
@@ -76,6 +85,17 @@ pub enum Command {
         /// Print what is there and exit.
         #[arg(long)]
         no_follow: bool,
+    },
+    /// Follow VM lifecycle events (started, stopped, crashed, …).
+    Events,
+    /// Run the daemon in the foreground (the CLI starts one on demand).
+    Daemon {
+        /// Write a systemd user unit for the daemon and exit.
+        #[arg(long, conflicts_with = "stop")]
+        install_unit: bool,
+        /// Stop the running daemon.
+        #[arg(long)]
+        stop: bool,
     },
     /// Print the VM's SPICE URI.
     Spice {

@@ -1,4 +1,5 @@
-//! The `agentvm` command: argument parsing and one function per verb.
+//! The `agentvm` command: argument parsing and one function per verb. Verbs that
+//! change VMs go through the daemon; the others read libvirt directly.
 
 mod args;
 mod output;
@@ -9,20 +10,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use serde::Serialize;
 
 use crate::backend::libvirt::LocalBackend;
-use crate::backend::{Backend, BackendError, DownPath, State, UpOutcome, VmStatus};
-use crate::fsutil::FileLock;
+use crate::backend::{Backend, State, VmStatus};
+use crate::client::Client;
+use crate::daemon::protocol::{Event, Request, UpItem, VmRef, VmResult};
 use crate::paths::Home;
-use crate::progress::Console;
-use crate::spec::{Fleet, SpecError};
+use crate::progress::{Console, Reporter};
+use crate::spec::{Fleet, SpecError, VmSpec};
 pub use args::{Cli, Command};
 
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(matches!(cli.command, Command::Daemon { .. }));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -32,9 +33,10 @@ pub fn main() -> i32 {
     }
 }
 
-fn init_logging() {
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -43,39 +45,49 @@ fn init_logging() {
 }
 
 struct App {
-    cli_json: bool,
+    json: bool,
+    uri: String,
+    home: Home,
     fleet: Option<Fleet>,
-    backend: LocalBackend,
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    if let Command::Daemon { install_unit, stop } = cli.command {
+        return daemon(&cli.connect, install_unit, stop);
+    }
     let needs_fleet = matches!(cli.command, Command::Up { .. });
-    let fleet = load_fleet(cli.file.as_deref(), needs_fleet)?;
-    let home = Home::from_env()?;
-    let backend = LocalBackend::connect(&cli.connect, home)?;
-    let ctx = App {
-        cli_json: cli.json,
-        fleet,
-        backend,
+    let app = App {
+        json: cli.json,
+        uri: cli.connect,
+        home: Home::from_env()?,
+        fleet: load_fleet(cli.file.as_deref(), needs_fleet)?,
     };
     match cli.command {
         Command::Up {
             names,
             no_wait,
             timeout,
-        } => up(&ctx, &names, !no_wait, Duration::from_secs(timeout)),
+            no_block,
+        } => up(&app, &names, !no_wait, timeout, no_block),
         Command::Down {
             names,
             force,
             timeout,
-        } => down(&ctx, &names, force, Duration::from_secs(timeout)),
-        Command::Destroy { names, yes } => destroy(&ctx, &names, yes),
-        Command::List => status(&ctx, None),
-        Command::Status { name } => status(&ctx, name.as_deref()),
-        Command::Ssh { name, command } => ssh(&ctx, &name, &command),
-        Command::SshConfig { name } => ssh_config(&ctx, name.as_deref()),
-        Command::Console { name, no_follow } => console(&ctx, &name, !no_follow),
-        Command::Spice { name, open } => spice(&ctx, &name, open),
+            no_block,
+        } => down(&app, &names, force, timeout, no_block),
+        Command::Destroy {
+            names,
+            yes,
+            no_block,
+        } => destroy(&app, &names, yes, no_block),
+        Command::List => status(&app, None),
+        Command::Status { name } => status(&app, name.as_deref()),
+        Command::Ssh { name, command } => ssh(&app, &name, &command),
+        Command::SshConfig { name } => ssh_config(&app, name.as_deref()),
+        Command::Console { name, no_follow } => console(&app, &name, !no_follow),
+        Command::Spice { name, open } => spice(&app, &name, open),
+        Command::Events => events(&app),
+        Command::Daemon { .. } => unreachable!("handled above"),
     }
 }
 
@@ -95,177 +107,149 @@ impl App {
             .context("no agentvm.toml found (use --file or AGENTVM_FILE)")
     }
 
-    fn spec(&self, name: &str) -> Option<&crate::spec::VmSpec> {
+    fn spec(&self, name: &str) -> Option<&VmSpec> {
         self.fleet.as_ref().and_then(|f| f.vms.get(name))
     }
 
-    fn lock(&self) -> Result<FileLock> {
-        FileLock::acquire(&crate::paths::lock_file()?)
+    fn backend(&self) -> Result<LocalBackend> {
+        LocalBackend::connect(&self.uri, self.home.clone())
     }
 
-    fn status(&self, name: &str) -> Result<VmStatus, BackendError> {
-        self.backend.status(name, self.spec(name))
+    fn daemon(&self) -> Result<Client> {
+        Client::connect_or_start(&self.home, &self.uri)
     }
 
-    /// Refuses `action` on a readonly VM (by its spec, or its metadata when it has no spec).
-    fn check_writable(&self, name: &str, action: &'static str) -> Result<VmStatus, BackendError> {
-        let status = self.status(name)?;
-        if status.readonly {
-            return Err(BackendError::ReadOnly {
-                name: name.to_string(),
-                action,
-            });
-        }
-        Ok(status)
+    fn refs(&self, names: &[String]) -> Vec<VmRef> {
+        names
+            .iter()
+            .map(|name| VmRef {
+                name: name.clone(),
+                spec: self.spec(name).cloned(),
+            })
+            .collect()
     }
-}
 
-#[derive(Serialize)]
-struct UpResult {
-    #[serde(flatten)]
-    outcome: UpOutcome,
-    /// Seconds from the end of `up` until SSH answered (when waited for).
-    ssh_ready_seconds: Option<f64>,
-}
+    /// Sends a request to the daemon, showing its events as they come: steps
+    /// and byte progress on stderr, or JSON lines on stderr with `--json`.
+    fn call(&self, request: Request) -> Result<Vec<VmResult>> {
+        let console = Console::new(false);
+        let json = self.json;
+        self.daemon()?
+            .call(request, &mut |event| show_event(&console, json, event))
+    }
 
-fn up(ctx: &App, names: &[String], wait: bool, timeout: Duration) -> Result<i32> {
-    let fleet = ctx.fleet()?;
-    // Every name is checked before anything is touched.
-    let specs = names
-        .iter()
-        .map(|n| fleet.vm(n))
-        .collect::<Result<Vec<_>, _>>()?;
-    let progress = Console::new(ctx.cli_json);
-    let mut failures = 0;
-    let mut started = Vec::new();
-    {
-        let _lock = ctx.lock()?;
-        for spec in &specs {
-            match ctx.backend.up(spec, fleet.image(&spec.image), &progress) {
-                Ok(outcome) => started.push(outcome),
-                Err(e) => {
+    /// Prints per-VM results: a line each (from `line`), or one JSON array of
+    /// the successes; failures go to stderr. The exit code is 1 if any failed.
+    fn report(
+        &self,
+        results: Vec<VmResult>,
+        line: impl Fn(&serde_json::Value) -> String,
+    ) -> Result<i32> {
+        let mut failures = 0;
+        let mut values = Vec::new();
+        for result in results {
+            match (result.ok, result.error) {
+                (Some(mut value), _) => {
+                    if !self.json {
+                        println!("{}: {}", result.name, line(&value));
+                    }
+                    if let Some(object) = value.as_object_mut() {
+                        object
+                            .entry("name")
+                            .or_insert_with(|| result.name.clone().into());
+                    }
+                    values.push(value);
+                }
+                (None, error) => {
                     failures += 1;
                     eprintln!(
-                        "agentvm: error: {}: {:#}",
-                        spec.name,
-                        anyhow::Error::from(e)
+                        "agentvm: error: {}: {}",
+                        result.name,
+                        error.unwrap_or_else(|| "failed".into())
                     );
                 }
             }
         }
+        if self.json {
+            output::print_json(&values)?;
+        }
+        Ok(i32::from(failures > 0))
     }
-    let mut results = Vec::new();
-    for outcome in started {
-        let ready = if wait {
-            match ctx.backend.wait_ready(&outcome.name, timeout) {
-                Ok(took) => Some(took.as_secs_f64()),
-                Err(e) => {
-                    failures += 1;
-                    eprintln!("agentvm: error: {:#}", anyhow::Error::from(e));
-                    continue;
-                }
-            }
-        } else {
-            None
+}
+
+fn show_event(console: &Console, json: bool, event: Event) {
+    if json {
+        if let Ok(line) = serde_json::to_string(&event) {
+            eprintln!("{line}");
+        }
+        return;
+    }
+    match event {
+        Event::Step { vm, step } => console.step(&vm, &step),
+        Event::Bytes { label, done, total } => console.bytes(&label, done, total),
+        Event::BytesDone { label } => console.bytes_done(&label),
+        Event::Lifecycle { vm, state, at } => {
+            let when = crate::daemon::locks::format_time(
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(at),
+            );
+            println!("{when} {vm} {state}");
+        }
+    }
+}
+
+fn up(app: &App, names: &[String], wait: bool, timeout: u64, no_block: bool) -> Result<i32> {
+    let fleet = app.fleet()?;
+    // Every name is checked before anything is touched.
+    let vms = names
+        .iter()
+        .map(|n| {
+            fleet.vm(n).map(|spec| UpItem {
+                spec: spec.clone(),
+                image: fleet.image(&spec.image).clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let results = app.call(Request::Up {
+        vms,
+        wait,
+        timeout_secs: timeout,
+        no_block,
+    })?;
+    app.report(results, |v| {
+        let mut line = match v["ssh_ready_seconds"].as_f64() {
+            Some(s) => format!("ssh ready in {s:.1}s"),
+            None => format!(
+                "{} (not waiting for ssh)",
+                v["action"].as_str().unwrap_or("started")
+            ),
         };
-        if !ctx.cli_json {
-            let mut line = format!("{}: ", outcome.name);
-            match ready {
-                Some(s) => line += &format!("ssh ready in {s:.1}s"),
-                None => line += "started (not waiting for ssh)",
-            }
-            if outcome.restart_needed {
-                line += "; restart needed: its spec changed while it ran (agentvm down, then up)";
-            }
-            println!("{line}; connect with: agentvm ssh {}", outcome.name);
+        if v["restart_needed"] == true {
+            line += "; restart needed: its spec changed while it ran (agentvm down, then up)";
         }
-        results.push(UpResult {
-            outcome,
-            ssh_ready_seconds: ready,
-        });
-    }
-    if ctx.cli_json {
-        output::print_json(&results)?;
-    }
-    Ok(i32::from(failures > 0))
+        let name = v["name"].as_str().unwrap_or_default();
+        format!("{line}; connect with: agentvm ssh {name}")
+    })
 }
 
-#[derive(Serialize)]
-struct VmResult<T: Serialize> {
-    name: String,
-    #[serde(flatten)]
-    result: T,
-}
-
-/// Runs `op` on each VM in turn: a line per VM (or one JSON array at the end),
-/// errors reported as they come. The exit code is 1 if any VM failed.
-fn each_vm<T: Serialize>(
-    ctx: &App,
-    names: &[String],
-    op: impl Fn(&str) -> Result<T, BackendError>,
-    line: impl Fn(&T) -> String,
-) -> Result<i32> {
-    let mut failures = 0;
-    let mut results = Vec::new();
-    for name in names {
-        match op(name) {
-            Ok(result) => {
-                if !ctx.cli_json {
-                    println!("{name}: {}", line(&result));
-                }
-                results.push(VmResult {
-                    name: name.clone(),
-                    result,
-                });
-            }
-            Err(e) => {
-                failures += 1;
-                eprintln!("agentvm: error: {name}: {:#}", anyhow::Error::from(e));
-            }
+fn down(app: &App, names: &[String], force: bool, timeout: u64, no_block: bool) -> Result<i32> {
+    let results = app.call(Request::Down {
+        vms: app.refs(names),
+        force,
+        timeout_secs: timeout,
+        no_block,
+    })?;
+    app.report(results, |v| {
+        match v["stopped_by"].as_str() {
+            Some("already-stopped") => "already stopped",
+            Some("acpi") => "stopped by ACPI shutdown",
+            _ if force => "forced off",
+            _ => "did not shut down in time: forced off",
         }
-    }
-    if ctx.cli_json {
-        output::print_json(&results)?;
-    }
-    Ok(i32::from(failures > 0))
+        .to_string()
+    })
 }
 
-#[derive(Serialize)]
-struct Stopped {
-    stopped_by: DownPath,
-}
-
-fn down(ctx: &App, names: &[String], force: bool, timeout: Duration) -> Result<i32> {
-    let _lock = ctx.lock()?;
-    each_vm(
-        ctx,
-        names,
-        |name| {
-            ctx.check_writable(name, "stop")?;
-            let stopped_by = ctx.backend.down(name, force, timeout)?;
-            Ok(Stopped { stopped_by })
-        },
-        |r| {
-            match r.stopped_by {
-                DownPath::AlreadyStopped => "already stopped",
-                DownPath::Acpi => "stopped by ACPI shutdown",
-                DownPath::Forced if force => "forced off",
-                DownPath::Forced => "did not shut down in time: forced off",
-            }
-            .to_string()
-        },
-    )
-}
-
-#[derive(Serialize)]
-struct Destroyed {
-    destroyed: bool,
-}
-
-fn destroy(ctx: &App, names: &[String], yes: bool) -> Result<i32> {
-    for name in names {
-        ctx.check_writable(name, "destroy")?;
-    }
+fn destroy(app: &App, names: &[String], yes: bool, no_block: bool) -> Result<i32> {
     if !yes {
         if !std::io::stdin().is_terminal() {
             bail!(
@@ -285,27 +269,22 @@ fn destroy(ctx: &App, names: &[String], yes: bool) -> Result<i32> {
             return Ok(1);
         }
     }
-    let _lock = ctx.lock()?;
-    each_vm(
-        ctx,
-        names,
-        |name| {
-            ctx.backend.destroy(name)?;
-            Ok(Destroyed { destroyed: true })
-        },
-        |_| "destroyed".to_string(),
-    )
+    let results = app.call(Request::Destroy {
+        vms: app.refs(names),
+        no_block,
+    })?;
+    app.report(results, |_| "destroyed".to_string())
 }
 
 /// Every VM: those in the fleet file (absent ones included) and those the backend has.
-fn all_statuses(ctx: &App) -> Result<Vec<VmStatus>> {
+fn all_statuses(app: &App, backend: &LocalBackend) -> Result<Vec<VmStatus>> {
     let mut rows: Vec<VmStatus> = Vec::new();
-    if let Some(fleet) = &ctx.fleet {
+    if let Some(fleet) = &app.fleet {
         for name in fleet.vms.keys() {
-            rows.push(ctx.status(name.as_str())?);
+            rows.push(backend.status(name.as_str(), app.spec(name.as_str()))?);
         }
     }
-    for row in ctx.backend.list()? {
+    for row in backend.list()? {
         if !rows.iter().any(|r| r.name == row.name) {
             rows.push(row);
         }
@@ -314,18 +293,19 @@ fn all_statuses(ctx: &App) -> Result<Vec<VmStatus>> {
     Ok(rows)
 }
 
-fn status(ctx: &App, name: Option<&str>) -> Result<i32> {
+fn status(app: &App, name: Option<&str>) -> Result<i32> {
+    let backend = app.backend()?;
     let rows = match name {
         Some(name) => {
-            let row = ctx.status(name)?;
+            let row = backend.status(name, app.spec(name))?;
             if row.state == State::Absent && !row.in_spec {
                 bail!("no VM named {name:?} in agentvm.toml or libvirt");
             }
             vec![row]
         }
-        None => all_statuses(ctx)?,
+        None => all_statuses(app, &backend)?,
     };
-    if ctx.cli_json {
+    if app.json {
         output::print_json(&rows)?;
     } else {
         print!("{}", output::status_table(&rows));
@@ -333,25 +313,26 @@ fn status(ctx: &App, name: Option<&str>) -> Result<i32> {
     Ok(0)
 }
 
-fn ssh(ctx: &App, name: &str, command: &[String]) -> Result<i32> {
-    let endpoint = ctx.backend.ssh_endpoint(name)?;
+fn ssh(app: &App, name: &str, command: &[String]) -> Result<i32> {
+    let endpoint = app.backend()?.ssh_endpoint(name)?;
     let err = endpoint.command(command).exec();
     Err(err).context("running ssh (is openssh-client installed?)")
 }
 
-fn ssh_config(ctx: &App, name: Option<&str>) -> Result<i32> {
+fn ssh_config(app: &App, name: Option<&str>) -> Result<i32> {
+    let backend = app.backend()?;
     let names: Vec<String> = match name {
         Some(n) => vec![n.to_string()],
-        None => ctx.backend.list()?.into_iter().map(|s| s.name).collect(),
+        None => backend.list()?.into_iter().map(|s| s.name).collect(),
     };
     for name in names {
-        print!("{}", ctx.backend.ssh_endpoint(&name)?.config_block());
+        print!("{}", backend.ssh_endpoint(&name)?.config_block());
     }
     Ok(0)
 }
 
-fn console(ctx: &App, name: &str, follow: bool) -> Result<i32> {
-    let path = ctx.backend.serial_log(name)?;
+fn console(app: &App, name: &str, follow: bool) -> Result<i32> {
+    let path = app.backend()?.serial_log(name)?;
     let mut file = loop {
         match std::fs::File::open(&path) {
             Ok(f) => break f,
@@ -382,9 +363,9 @@ fn console(ctx: &App, name: &str, follow: bool) -> Result<i32> {
     }
 }
 
-fn spice(ctx: &App, name: &str, open: bool) -> Result<i32> {
-    let uri = ctx.backend.spice_uri(name)?;
-    if ctx.cli_json {
+fn spice(app: &App, name: &str, open: bool) -> Result<i32> {
+    let uri = app.backend()?.spice_uri(name)?;
+    if app.json {
         output::print_json(&serde_json::json!({ "name": name, "uri": uri }))?;
     } else {
         println!("{uri}");
@@ -395,5 +376,64 @@ fn spice(ctx: &App, name: &str, open: bool) -> Result<i32> {
             .spawn()
             .context("starting remote-viewer (install virt-viewer)")?;
     }
+    Ok(0)
+}
+
+fn events(app: &App) -> Result<i32> {
+    let console = Console::new(false);
+    let json = app.json;
+    let mut client = app.daemon()?;
+    client.follow_events(&mut |event| {
+        if json {
+            if let Ok(line) = serde_json::to_string(&event) {
+                println!("{line}");
+            }
+        } else {
+            show_event(&console, false, event);
+        }
+    })?;
+    Ok(0)
+}
+
+fn daemon(uri: &str, install_unit: bool, stop: bool) -> Result<i32> {
+    if install_unit {
+        let path = crate::daemon::unit_path()?;
+        let exe = std::env::current_exe().context("finding the agentvm executable")?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        crate::fsutil::write_atomic(&path, crate::daemon::unit_text(&exe, uri).as_bytes(), 0o644)?;
+        println!("wrote {}", path.display());
+        println!(
+            "enable it with: systemctl --user daemon-reload && systemctl --user enable --now agentvm"
+        );
+        return Ok(0);
+    }
+    if stop {
+        return stop_daemon();
+    }
+    crate::daemon::run(uri)?;
+    Ok(0)
+}
+
+fn stop_daemon() -> Result<i32> {
+    let socket = crate::paths::socket_path()?;
+    let Some(pid) = crate::daemon::running_pid(&socket) else {
+        println!("no agentvm daemon is running");
+        return Ok(0);
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .with_context(|| format!("signalling the daemon (pid {pid})"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while crate::daemon::running_pid(&socket).is_some() {
+        if std::time::Instant::now() > deadline {
+            bail!("the daemon (pid {pid}) did not stop within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("stopped the agentvm daemon (pid {pid})");
     Ok(0)
 }

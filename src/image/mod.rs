@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::KernelBoot;
-use crate::fsutil::{create_private_dir, write_atomic};
+use crate::fsutil::{FileLock, create_private_dir, write_atomic};
 use crate::paths::Home;
+use crate::paths::STORE_LOCK_FILE;
 use crate::progress::Reporter;
 use crate::spec::{ImageSource, ImageSpec};
 pub use qemu_img::{DiskFormat, DiskInfo};
@@ -72,8 +73,11 @@ impl ImageStore {
     }
 
     /// Imports whatever the image is made of and returns it ready to use.
-    /// Callers hold the home lock: the index is read, changed and rewritten.
+    /// Imports are serialized by a lock on the store, so many VMs asking for the
+    /// same image at once import it once: the others then find it in the index.
     pub fn prepare(&self, image: &ImageSpec, progress: &dyn Reporter) -> Result<PreparedImage> {
+        create_private_dir(&self.dir)?;
+        let _guard = FileLock::acquire(&self.dir.join(STORE_LOCK_FILE))?;
         match &image.source {
             ImageSource::File(path) => {
                 let base = self.import_disk(path, progress)?;

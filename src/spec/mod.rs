@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 pub use error::SpecError;
@@ -35,14 +35,14 @@ pub struct Fleet {
     pub vms: BTreeMap<Name, VmSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSpec {
     pub name: Name,
     pub source: ImageSource,
 }
 
 /// Where an image comes from. Paths are absolute (resolved against the fleet file's folder).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageSource {
     /// A qcow2 or raw disk image to import.
@@ -59,7 +59,7 @@ pub enum ImageSource {
 }
 
 /// One VM, with every default applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub name: Name,
     pub image: Name,

@@ -54,6 +54,11 @@ impl Env {
         self.dir.path().join("home")
     }
 
+    /// Each test has its own daemon, so tests run side by side like separate users' would.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agentvm.sock")
+    }
+
     pub fn fleet_path(&self) -> PathBuf {
         self.dir.path().join("agentvm.toml")
     }
@@ -84,15 +89,64 @@ impl Env {
     }
 
     pub fn agentvm(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_agentvm"))
-            .args(args)
+        self.command(args).output().expect("running agentvm")
+    }
+
+    /// The agentvm command line for this environment, not yet run.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentvm"));
+        cmd.args(args)
             .env("AGENTVM_HOME", self.home())
             .env("AGENTVM_FILE", self.fleet_path())
+            .env("AGENTVM_SOCKET", self.socket())
             .env_remove("AGENTVM_LIBVIRT_URI")
             .env_remove("AGENTVM_ACCEL")
-            .current_dir(self.dir.path())
-            .output()
-            .expect("running agentvm")
+            .env_remove("AGENTVM_FAILPOINT")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Starts this environment's daemon in the foreground (as a child) and
+    /// waits until it answers on its socket.
+    pub fn spawn_daemon(&self, extra_env: &[(&str, &str)]) -> DaemonProcess {
+        // A daemon started on demand by an earlier command would keep the socket.
+        self.ok(&["daemon", "--stop"]);
+        let mut cmd = self.command(&["daemon"]);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        std::fs::create_dir_all(self.home()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home().join("daemon.log"))
+            .unwrap();
+        let mut child = cmd
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "daemon exited:\n{}",
+                self.daemon_log()
+            );
+            assert!(std::time::Instant::now() < deadline, "daemon did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon answering is not the one started here:\n{}",
+            self.daemon_log()
+        );
+        DaemonProcess(child)
+    }
+
+    /// The daemon's log, for failure messages.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.home().join("daemon.log")).unwrap_or_default()
     }
 
     /// Runs agentvm and fails the test, with its output, unless it succeeds.
@@ -143,6 +197,7 @@ impl Drop for Env {
         for name in self.cleanup.borrow().iter() {
             let _ = self.agentvm(&["destroy", "--yes", name]);
         }
+        let _ = self.agentvm(&["daemon", "--stop"]);
     }
 }
 
@@ -169,4 +224,25 @@ pub fn domain_exists(vm: &str) -> bool {
         .output()
         .expect("virsh (libvirt-clients) is needed by the tests");
     out.status.success()
+}
+
+/// A daemon started by a test; killed (and reaped) when dropped.
+pub struct DaemonProcess(std::process::Child);
+
+impl DaemonProcess {
+    /// SIGKILL, as `kill -9` would, and wait for it to be gone.
+    pub fn kill_now(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
 }

@@ -15,8 +15,10 @@ use virt::sys;
 
 use super::{Backend, BackendError, DownPath, Phase, Result, State, UpAction, UpOutcome, VmStatus};
 use crate::domain::{self, DomainPlan, VmState, domain_name, spec_hash};
+use crate::failpoint;
+use crate::fsutil::FileLock;
 use crate::image::{ImageStore, PreparedImage, qemu_img};
-use crate::paths::Home;
+use crate::paths::{self, Home};
 use crate::ports::{self, Claims, SPICE_PORT_BASE, SSH_PORT_BASE};
 use crate::progress::Reporter;
 use crate::spec::{GIB, ImageSpec, LOCAL_BACKEND, MAX_NAME_LEN, Size, VmSpec};
@@ -51,7 +53,7 @@ impl LocalBackend {
             format!("connecting to libvirt at {uri} (is libvirt installed, and for qemu:///system are you in the libvirt group?)")
         })?;
         let identity = Identity::ensure(&home)?;
-        let runtime_dir = crate::paths::runtime_dir()?;
+        let runtime_dir = paths::runtime_dir()?;
         let longest = domain::guest_agent_socket(&runtime_dir, &"x".repeat(MAX_NAME_LEN));
         if longest.as_os_str().len() > domain::MAX_SOCKET_PATH {
             bail!(
@@ -103,6 +105,54 @@ impl LocalBackend {
             }
         }
         Ok(claims)
+    }
+
+    /// Repairs what a process killed mid-operation can leave behind: VM folders
+    /// with no domain (an interrupted `up` or `destroy`) and temp files of
+    /// interrupted imports and atomic writes. Returns a line per repair.
+    pub fn reconcile(&self) -> Result<Vec<String>> {
+        let defined: std::collections::HashSet<String> = self
+            .managed_domains()?
+            .into_iter()
+            .map(|(_, state)| state.name)
+            .collect();
+        let mut repaired = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.home.vms_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.path().is_dir() && !defined.contains(&name) {
+                    remove_dir(&entry.path())?;
+                    repaired.push(format!(
+                        "removed {}: VM {name} has no domain (interrupted up or destroy)",
+                        entry.path().display()
+                    ));
+                }
+            }
+        }
+        for dir in [
+            self.home.images_dir(),
+            self.home.ssh_dir(),
+            self.home.root().to_path_buf(),
+        ] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                if crate::fsutil::TEMP_PREFIXES
+                    .iter()
+                    .any(|p| file.starts_with(p))
+                {
+                    std::fs::remove_file(entry.path())
+                        .with_context(|| format!("removing {}", entry.path().display()))?;
+                    repaired.push(format!(
+                        "removed {} (left by an interrupted write)",
+                        entry.path().display()
+                    ));
+                }
+            }
+        }
+        Ok(repaired)
     }
 
     fn managed_domains(&self) -> Result<Vec<(Domain, VmState)>> {
@@ -249,6 +299,8 @@ impl LocalBackend {
         progress: &dyn Reporter,
     ) -> Result<UpAction> {
         let name = spec.name.as_str();
+        // Held from choosing ports until the domain (which claims them) is defined.
+        let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
         let ports = self.ports_for(spec, None)?;
         let plan = self.plan(spec, image, target, ports, &image.digest);
         let rollback = |dom: Option<&Domain>| {
@@ -261,6 +313,7 @@ impl LocalBackend {
             rollback(None);
             return Err(e.into());
         }
+        failpoint::hit("up:disk-created");
         timings.mark("overlay");
         progress.step(name, "disk created");
         let xml = match plan.to_xml() {
@@ -280,12 +333,15 @@ impl LocalBackend {
                     .into());
             }
         };
+        drop(ports_guard);
+        failpoint::hit("up:defined");
         timings.mark("define");
         progress.step(name, "defined");
         if let Err(e) = self.start(&dom, name) {
             rollback(Some(&dom));
             return Err(e);
         }
+        failpoint::hit("up:started");
         timings.mark("start");
         Ok(UpAction::Created)
     }
@@ -335,6 +391,7 @@ impl Backend for LocalBackend {
         let name = spec.name.as_str();
         let mut timings = Timings::start();
         let prepared = self.store.prepare(image, progress)?;
+        failpoint::hit("up:image-imported");
         timings.mark("image");
         let target = self.target(spec)?;
 
@@ -375,6 +432,7 @@ impl Backend for LocalBackend {
                             action: "redefine",
                         });
                     }
+                    let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
                     let (ssh_port, spice_port) = self.ports_for(spec, Some(&state))?;
                     let moved = (ssh_port, spice_port) != (state.ssh_port, state.spice_port);
                     let action = if spec_changed || moved {
@@ -399,6 +457,7 @@ impl Backend for LocalBackend {
                         );
                         timings.mark("overlay");
                         self.define(&plan)?;
+                        drop(ports_guard);
                         timings.mark("define");
                         progress.step(name, "redefined from its changed spec");
                         UpAction::Redefined
@@ -469,6 +528,7 @@ impl Backend for LocalBackend {
                         .map_err(lv)
                         .with_context(|| format!("stopping {name}"))?;
                 }
+                failpoint::hit("destroy:stopped");
                 dom.undefine_flags(
                     sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                         | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
@@ -476,6 +536,7 @@ impl Backend for LocalBackend {
                 )
                 .map_err(lv)
                 .with_context(|| format!("undefining {name}"))?;
+                failpoint::hit("destroy:undefined");
             }
             None if !dir.exists() => return Err(BackendError::NotFound(name.to_string())),
             None => {}

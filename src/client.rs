@@ -1,0 +1,203 @@
+//! The CLI's side of the daemon protocol: connect (starting the daemon on
+//! demand), check it serves the same data folder, send a request, stream events.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::daemon::protocol::{
+    Envelope, Event, PROTOCOL_VERSION, Reply, Request, VmResult, encode,
+};
+use crate::paths::{self, Home};
+
+/// Connections tried before giving up on a daemon that keeps going away.
+const CONNECT_ATTEMPTS: u32 = 3;
+
+/// The daemon closed the connection without answering.
+#[derive(Debug, thiserror::Error)]
+#[error("connection closed by the daemon")]
+struct Gone;
+
+/// How long a daemon started on demand has to open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    log: PathBuf,
+}
+
+impl Client {
+    /// Connects to this user's daemon, starting one (detached, logging to
+    /// `$AGENTVM_HOME/daemon.log`) if none is running.
+    pub fn connect_or_start(home: &Home, uri: &str) -> Result<Self> {
+        let socket = paths::socket_path()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let stream = match UnixStream::connect(&socket) {
+                Ok(stream) => stream,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    start_daemon(home, uri, &socket)?
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("connecting to {}", socket.display()));
+                }
+            };
+            let mut client = Self {
+                reader: BufReader::new(stream.try_clone()?),
+                writer: stream,
+                log: home.daemon_log(),
+            };
+            match client.check_daemon(home, uri) {
+                Ok(()) => return Ok(client),
+                // A daemon that was dying when we connected (its socket still
+                // queued us) resets or closes the connection: try afresh.
+                Err(e) if attempt < CONNECT_ATTEMPTS && e.downcast_ref::<Gone>().is_some() => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn check_daemon(&mut self, home: &Home, uri: &str) -> Result<()> {
+        self.send(Request::Hello)?;
+        match self.next_reply()? {
+            Reply::Hello {
+                pid,
+                home: daemon_home,
+                uri: daemon_uri,
+                ..
+            } => {
+                let ours = home.root().display().to_string();
+                if daemon_home != ours || daemon_uri != uri {
+                    bail!(
+                        "the running agentvm daemon (pid {pid}) serves {daemon_home} on {daemon_uri}, not {ours} on {uri}: \
+                         stop it with `agentvm daemon --stop`, or give this one its own AGENTVM_SOCKET"
+                    );
+                }
+                Ok(())
+            }
+            Reply::Error { message } => bail!("the daemon refused: {message}"),
+            other => bail!("unexpected answer from the daemon: {other:?}"),
+        }
+    }
+
+    fn send(&mut self, request: Request) -> Result<()> {
+        let line = encode(&Envelope {
+            version: PROTOCOL_VERSION,
+            request,
+        });
+        self.writer
+            .write_all(&line)
+            .context("sending a request to the daemon")
+    }
+
+    fn next_reply(&mut self) -> Result<Reply> {
+        let mut line = String::new();
+        let n = match self.reader.read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => return Err(e).context("reading from the daemon"),
+        };
+        if n == 0 {
+            return Err(anyhow::Error::new(Gone).context(format!(
+                "the daemon stopped before answering (see {})",
+                self.log.display()
+            )));
+        }
+        serde_json::from_str(&line)
+            .with_context(|| format!("unreadable answer from the daemon: {line}"))
+    }
+
+    /// Sends `request` and returns its per-VM results, passing events on as they come.
+    pub fn call(
+        &mut self,
+        request: Request,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Vec<VmResult>> {
+        self.send(request)?;
+        loop {
+            match self.next_reply()? {
+                Reply::Event(event) => on_event(event),
+                Reply::Done { results } => return Ok(results),
+                Reply::Error { message } => bail!("{message}"),
+                Reply::Hello { .. } => {}
+            }
+        }
+    }
+
+    /// Follows lifecycle events until the daemon goes away.
+    pub fn follow_events(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        self.call(Request::Events, on_event).map(drop)
+    }
+}
+
+fn start_daemon(home: &Home, uri: &str, socket: &Path) -> Result<UnixStream> {
+    home.ensure()?;
+    let log_path = home.daemon_log();
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the agentvm executable")?;
+    let mut child = Command::new(exe)
+        .args(["daemon", "--connect", uri])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C in this terminal does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("starting the agentvm daemon")?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut exited = None;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(stream) => return Ok(stream),
+            // Another client may have started a daemon at the same moment; ours
+            // then exits, and theirs answers: keep trying until the deadline.
+            Err(_) if Instant::now() < deadline => {
+                if exited.is_none() {
+                    exited = child.try_wait().ok().flatten();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                let tail = std::fs::read_to_string(&log_path)
+                    .map(|t| {
+                        t.lines()
+                            .rev()
+                            .take(10)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default();
+                bail!(
+                    "the agentvm daemon did not open {} ({e}){}; its log {} ends with:\n{tail}",
+                    socket.display(),
+                    exited
+                        .map(|s| format!(" and exited with {s}"))
+                        .unwrap_or_default(),
+                    log_path.display()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! One operation at a time per VM. A second request for a busy VM waits its
+//! turn, or with `no_block` fails at once naming what holds the VM and since when.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+#[derive(Default)]
+pub struct VmLocks {
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    turn: Arc<AsyncMutex<()>>,
+    holder: Mutex<Option<(String, SystemTime)>>,
+}
+
+/// Held while an operation runs on a VM; dropping it lets the next one in.
+pub struct VmGuard {
+    slot: Arc<Slot>,
+    _turn: OwnedMutexGuard<()>,
+}
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        *self.slot.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("busy: {op} since {since}")]
+pub struct Busy {
+    pub op: String,
+    pub since: String,
+}
+
+impl VmLocks {
+    fn slot(&self, vm: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(vm.to_string()).or_default().clone()
+    }
+
+    /// Waits for `vm` (or, with `no_block`, fails if it is busy) and records `op` as its holder.
+    pub async fn acquire(&self, vm: &str, op: &str, no_block: bool) -> Result<VmGuard, Busy> {
+        let slot = self.slot(vm);
+        let turn = if no_block {
+            slot.turn.clone().try_lock_owned().map_err(|_| {
+                let holder = slot
+                    .holder
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let (op, since) =
+                    holder.unwrap_or_else(|| ("an operation".into(), SystemTime::now()));
+                Busy {
+                    op,
+                    since: format_time(since),
+                }
+            })?
+        } else {
+            slot.turn.clone().lock_owned().await
+        };
+        *slot.holder.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((op.to_string(), SystemTime::now()));
+        Ok(VmGuard { slot, _turn: turn })
+    }
+}
+
+/// `2026-11-22T01:47:03Z`, from a system time.
+pub fn format_time(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn formats_utc_times() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_311_223);
+        assert_eq!(format_time(t), "2026-11-22T01:33:43Z");
+        assert_eq!(format_time(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+
+    #[tokio::test]
+    async fn no_block_reports_the_holder_and_waiting_gets_a_turn() {
+        let locks = Arc::new(VmLocks::default());
+        let guard = locks.acquire("drago", "up", false).await.unwrap();
+        let busy = locks.acquire("drago", "down", true).await.err().unwrap();
+        assert_eq!(busy.op, "up");
+        assert!(busy.to_string().starts_with("busy: up since 20"), "{busy}");
+        // Another VM is independent.
+        locks.acquire("luce", "up", true).await.unwrap();
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move { locks.acquire("drago", "down", false).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "waits while the VM is held");
+        drop(guard);
+        assert!(waiter.await.unwrap());
+    }
+}

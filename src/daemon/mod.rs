@@ -1,0 +1,294 @@
+//! The agentvm daemon: the one writer of agentvm's state. It serves the CLI on
+//! a per-user unix socket, runs one operation at a time per VM and many VMs in
+//! parallel, and on start repairs what a killed predecessor left behind.
+
+mod lifecycle;
+pub mod locks;
+mod ops;
+pub mod protocol;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::stat::{Mode, umask};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::backend::libvirt::LocalBackend;
+use crate::fsutil::create_private_dir;
+use crate::paths::{self, Home};
+use locks::VmLocks;
+use protocol::{Event, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Reply, Request, encode, parse_request};
+
+/// What every connection handler shares.
+struct Shared {
+    backend: Arc<LocalBackend>,
+    locks: VmLocks,
+    lifecycle: broadcast::Sender<Event>,
+    home: String,
+    uri: String,
+    uid: u32,
+}
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT.
+pub fn run(uri: &str) -> Result<()> {
+    let home = Home::from_env()?;
+    let socket = paths::socket_path()?;
+    if let Some(dir) = socket.parent() {
+        create_private_dir(dir)?;
+    }
+    let _pid_lock = claim_pid_file(&paths::pid_file(&socket))?;
+    // We hold the pid file lock, so a socket file left there is a dead daemon's.
+    match fs::remove_file(&socket) {
+        Ok(()) => tracing::warn!("replaced the stale socket {}", socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", socket.display())),
+    }
+    let backend = Arc::new(LocalBackend::connect(uri, home.clone())?);
+    let repaired = backend.reconcile()?;
+    for line in &repaired {
+        tracing::warn!("repaired: {line}");
+    }
+    tracing::info!(
+        "agentvm daemon {} (protocol {PROTOCOL_VERSION}) serving {} on {}; {} repair(s) at start",
+        std::process::id(),
+        home.root().display(),
+        socket.display(),
+        repaired.len()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let shared = Arc::new(Shared {
+        backend,
+        locks: VmLocks::default(),
+        lifecycle: broadcast::channel(256).0,
+        home: home.root().display().to_string(),
+        uri: uri.to_string(),
+        uid: nix::unistd::getuid().as_raw(),
+    });
+    let result = runtime.block_on(serve(&socket, shared));
+    let _ = fs::remove_file(&socket);
+    result
+}
+
+/// Takes the flock on the pid file and writes our pid into it; one daemon per socket.
+fn claim_pid_file(path: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "an agentvm daemon is already running (pid {}, pid file {})",
+                pid.trim(),
+                path.display()
+            );
+        }
+    };
+    lock.set_len(0)?;
+    writeln!(lock, "{}", std::process::id())?;
+    lock.sync_all()?;
+    Ok(lock)
+}
+
+/// The pid recorded in a daemon's pid file, if a daemon holds it now.
+pub fn running_pid(socket: &Path) -> Option<u32> {
+    let path = paths::pid_file(socket);
+    let file = File::open(&path).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_) => None,
+        Err(_) => fs::read_to_string(&path).ok()?.trim().parse().ok(),
+    }
+}
+
+async fn serve(socket: &Path, shared: Arc<Shared>) -> Result<()> {
+    let listener = bind_private(socket)?;
+    tokio::spawn(lifecycle::watch(
+        shared.backend.clone(),
+        shared.lifecycle.clone(),
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(stream, shared.clone()));
+                }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("stopping");
+    Ok(())
+}
+
+/// Binds the socket with mode 0600 from the start (umask), not after a chmod.
+fn bind_private(socket: &Path) -> Result<UnixListener> {
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(socket);
+    umask(old);
+    let listener = bound.with_context(|| format!("binding {}", socket.display()))?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
+}
+
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    getsockopt(&stream.as_fd(), PeerCredentials)
+        .ok()
+        .map(|cred| cred.uid())
+}
+
+async fn handle(stream: UnixStream, shared: Arc<Shared>) {
+    let peer = peer_uid(&stream);
+    let (read, mut write) = stream.into_split();
+    if peer != Some(shared.uid) {
+        tracing::warn!("refused a connection from uid {peer:?}");
+        let refusal = Reply::Error {
+            message: format!(
+                "refused: this agentvm daemon serves uid {} only (you are uid {})",
+                shared.uid,
+                peer.map_or_else(|| "unknown".to_string(), |u| u.to_string())
+            ),
+        };
+        let _ = write.write_all(&encode(&refusal)).await;
+        return;
+    }
+    let mut reader = BufReader::new(read);
+    loop {
+        let line = match read_line_limited(&mut reader).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(LineError::TooLong) => {
+                let message = format!("request larger than {MAX_REQUEST_BYTES} bytes");
+                let _ = write.write_all(&encode(&Reply::Error { message })).await;
+                return;
+            }
+            Err(LineError::Io) => return,
+        };
+        let request = match parse_request(&line) {
+            Ok(request) => request,
+            Err(e) => {
+                let reply = Reply::Error {
+                    message: e.to_string(),
+                };
+                if write.write_all(&encode(&reply)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // The operation runs on its own task: a client that goes away
+        // mid-operation neither cancels nor corrupts it.
+        tokio::spawn(dispatch(shared.clone(), request, tx));
+        while let Some(reply) = rx.recv().await {
+            if write.write_all(&encode(&reply)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+enum LineError {
+    TooLong,
+    Io,
+}
+
+async fn read_line_limited(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Result<Option<Vec<u8>>, LineError> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader.fill_buf().await.map_err(|_| LineError::Io)?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() { None } else { Some(line) });
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if line.len() + chunk.len() > MAX_REQUEST_BYTES {
+            return Err(LineError::TooLong);
+        }
+        line.extend_from_slice(chunk);
+        let used = done.unwrap_or(buf.len());
+        reader.consume(used);
+        if done.is_some() {
+            return Ok(Some(line));
+        }
+    }
+}
+
+async fn dispatch(shared: Arc<Shared>, request: Request, tx: mpsc::UnboundedSender<Reply>) {
+    match request {
+        Request::Hello => {
+            let _ = tx.send(Reply::Hello {
+                version: PROTOCOL_VERSION,
+                pid: std::process::id(),
+                home: shared.home.clone(),
+                uri: shared.uri.clone(),
+            });
+        }
+        Request::Events => {
+            let mut events = shared.lifecycle.subscribe();
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        if tx.send(Reply::Event(event)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+        other => {
+            let results = ops::run(shared, other, tx.clone()).await;
+            let _ = tx.send(Reply::Done { results });
+        }
+    }
+}
+
+/// The systemd user unit `agentvm daemon --install-unit` writes.
+pub fn unit_text(exe: &Path, uri: &str) -> String {
+    format!(
+        "[Unit]\nDescription=agentvm daemon (agent VMs on libvirt)\n\n\
+         [Service]\nExecStart={} daemon --connect {uri}\nRestart=on-failure\n\n\
+         [Install]\nWantedBy=default.target\n",
+        exe.display()
+    )
+}
+
+/// `$XDG_CONFIG_HOME/systemd/user/agentvm.service` (or under ~/.config).
+pub fn unit_path() -> Result<PathBuf> {
+    let config = match paths::non_empty_env("XDG_CONFIG_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            PathBuf::from(paths::non_empty_env("HOME").context("HOME is not set")?).join(".config")
+        }
+    };
+    Ok(config.join("systemd/user").join(paths::UNIT_FILE))
+}
