@@ -73,7 +73,7 @@ impl Client {
     }
 
     fn check_daemon(&mut self, home: &Home, uri: &str) -> Result<()> {
-        self.send(Request::Hello)?;
+        self.send(Request::Hello {})?;
         match self.next_reply()? {
             Reply::Hello {
                 pid,
@@ -141,7 +141,7 @@ impl Client {
 
     /// Follows lifecycle events until the daemon goes away.
     pub fn follow_events(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<()> {
-        self.call(Request::Events, on_event).map(drop)
+        self.call(Request::Events {}, on_event).map(drop)
     }
 }
 

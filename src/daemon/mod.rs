@@ -243,7 +243,7 @@ async fn read_line_limited(
 
 async fn dispatch(shared: Arc<Shared>, request: Request, tx: mpsc::UnboundedSender<Reply>) {
     match request {
-        Request::Hello => {
+        Request::Hello {} => {
             let _ = tx.send(Reply::Hello {
                 version: PROTOCOL_VERSION,
                 pid: std::process::id(),
@@ -251,7 +251,7 @@ async fn dispatch(shared: Arc<Shared>, request: Request, tx: mpsc::UnboundedSend
                 uri: shared.uri.clone(),
             });
         }
-        Request::Events => {
+        Request::Events {} => {
             let mut events = shared.lifecycle.subscribe();
             loop {
                 match events.recv().await {

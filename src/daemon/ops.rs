@@ -112,7 +112,7 @@ pub async fn run(
                 .collect();
             ("destroy", no_block, jobs)
         }
-        Request::Hello | Request::Events => return Vec::new(),
+        Request::Hello {} | Request::Events {} => return Vec::new(),
     };
     let mut tasks = Vec::new();
     for (name, op) in jobs {

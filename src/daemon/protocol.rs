@@ -24,7 +24,7 @@ pub struct Envelope {
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Who are you? Answered with `Reply::Hello`.
-    Hello,
+    Hello {},
     Up {
         vms: Vec<UpItem>,
         wait: bool,
@@ -42,7 +42,7 @@ pub enum Request {
         no_block: bool,
     },
     /// Streams lifecycle events until the client goes away.
-    Events,
+    Events {},
 }
 
 /// A VM to bring up: its resolved spec and image.
