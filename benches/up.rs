@@ -4,7 +4,9 @@
 //! - `up` without the guest's boot (`--no-wait`), split into image, overlay, xml,
 //!   define and start;
 //! - overlay creation on a 1 GiB and a 50 GiB sparse base (the ratio should be ~1);
-//! - `list --json` latency with 20 defined VMs.
+//! - `list --json` latency with 20 defined VMs;
+//! - 1, 4 and 8 VMs brought up one by one and in one parallel `up`, with
+//!   `--no-wait` and waiting for SSH: wall times and parallel/sequential ratio.
 //!
 //! Run with `.ci/bench` (or `cargo bench --bench up` as an unprivileged user).
 
@@ -27,6 +29,7 @@ fn main() {
     up_phases();
     overlay_vs_base_size();
     list_latency();
+    parallel_up();
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -134,4 +137,57 @@ fn list_latency() {
         times[LIST_RUNS * 9 / 10],
         times[LIST_RUNS - 1]
     );
+}
+
+fn timed(env: &Env, args: &[&str]) -> f64 {
+    let start = Instant::now();
+    env.ok(args);
+    start.elapsed().as_secs_f64()
+}
+
+fn parallel_up() {
+    let env = Env::new();
+    let names: Vec<String> = (0..8).map(|i| format!("bench-par-{i}")).collect();
+    env.write_fleet(
+        &names
+            .iter()
+            .map(|n| format!("[vms.{n}]\n"))
+            .collect::<String>(),
+    );
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    env.owns(&all);
+    let destroy = |vms: &[&str]| {
+        let mut args = vec!["destroy", "--yes"];
+        args.extend_from_slice(vms);
+        env.ok(&args);
+    };
+    println!("up of N VMs (TCG guests), wall seconds:");
+    println!(
+        "  {:>2}  {:<8} {:>11} {:>9} {:>7}",
+        "N", "mode", "sequential", "parallel", "ratio"
+    );
+    for n in [1usize, 4, 8] {
+        let vms = &all[..n];
+        for (mode, extra) in [
+            ("no-wait", vec!["--no-wait"]),
+            ("waited", vec!["--timeout", "600"]),
+        ] {
+            let mut sequential = 0.0;
+            for vm in vms {
+                let mut args = vec!["up", *vm];
+                args.extend(&extra);
+                sequential += timed(&env, &args);
+            }
+            destroy(vms);
+            let mut args = vec!["up"];
+            args.extend_from_slice(vms);
+            args.extend(&extra);
+            let parallel = timed(&env, &args);
+            destroy(vms);
+            println!(
+                "  {n:>2}  {mode:<8} {sequential:>11.2} {parallel:>9.2} {:>7.2}",
+                parallel / sequential
+            );
+        }
+    }
 }
