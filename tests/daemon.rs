@@ -100,10 +100,25 @@ fn eight_vms_come_up_in_parallel_and_answer_ssh() {
     );
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     env.owns(&refs);
-    let mut args = vec!["up", "--timeout", GUEST_TIMEOUT];
+    let mut args = vec!["up", "--json", "--timeout", GUEST_TIMEOUT];
     args.extend(&refs);
-    let up = env.json(&args);
+    let out = env.agentvm(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let up: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(up.as_array().unwrap().len(), 8, "{up}");
+    // Eight VMs asked for the image at once; it was imported once.
+    let imports = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "bytes-done" && e["label"] == "importing vmlinuz")
+        .count();
+    assert_eq!(imports, 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("\"ssh-ready in ").count(),
+        8,
+        "a ssh-ready event per VM: {stderr}"
+    );
     let mut ports = Vec::new();
     for name in &refs {
         assert_eq!(env.ssh(name, "uname -s").trim(), "Linux", "{name}");
