@@ -74,14 +74,11 @@ pub async fn run(
             no_block,
         } => {
             let timeout = Duration::from_secs(timeout_secs);
-            let jobs = vms
-                .into_iter()
-                .map(|item| {
-                    let name = item.spec.name.to_string();
-                    let op: Op = Box::new(move |b, events| up(b, &item, wait, timeout, events));
-                    (name, op)
-                })
-                .collect();
+            let jobs = jobs(
+                vms,
+                |item| item.spec.name.to_string(),
+                |item| Box::new(move |b, events| up(b, &item, wait, timeout, events)),
+            );
             ("up", no_block, jobs)
         }
         Request::Down {
@@ -91,25 +88,19 @@ pub async fn run(
             no_block,
         } => {
             let timeout = Duration::from_secs(timeout_secs);
-            let jobs = vms
-                .into_iter()
-                .map(|vm| {
-                    let name = vm.name.clone();
-                    let op: Op = Box::new(move |b, _| down(b, &vm, force, timeout));
-                    (name, op)
-                })
-                .collect();
+            let jobs = jobs(
+                vms,
+                |vm| vm.name.clone(),
+                |vm| Box::new(move |b, _| down(b, &vm, force, timeout)),
+            );
             ("down", no_block, jobs)
         }
         Request::Destroy { vms, no_block } => {
-            let jobs = vms
-                .into_iter()
-                .map(|vm| {
-                    let name = vm.name.clone();
-                    let op: Op = Box::new(move |b, _| destroy(b, &vm));
-                    (name, op)
-                })
-                .collect();
+            let jobs = jobs(
+                vms,
+                |vm| vm.name.clone(),
+                |vm| Box::new(move |b, _| destroy(b, &vm)),
+            );
             ("destroy", no_block, jobs)
         }
         Request::Hello {} | Request::Events {} => return Vec::new(),
@@ -153,6 +144,14 @@ pub async fn run(
         });
     }
     results
+}
+
+/// One named job per item of a request.
+fn jobs<T>(items: Vec<T>, name: impl Fn(&T) -> String, op: impl Fn(T) -> Op) -> Vec<(String, Op)> {
+    items
+        .into_iter()
+        .map(|item| (name(&item), op(item)))
+        .collect()
 }
 
 fn to_value<T: Serialize>(value: T) -> Result<serde_json::Value, BackendError> {
