@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Accel, NetworkMode};
-use crate::spec::VmSpec;
+use crate::spec::{DEFAULT_HOST_KEY, VmSpec};
 
 /// The agentvm XML namespace for domain metadata.
 pub const AGENTVM_NS: &str = "https://agentvm.dev/xmlns/vm/1";
@@ -41,6 +41,16 @@ pub struct VmState {
     pub accel: String,
     #[serde(rename = "agentvm:network", alias = "network")]
     pub network: String,
+    /// The image runs qemu-guest-agent.
+    #[serde(rename = "agentvm:agent", alias = "agent", default = "yes")]
+    pub agent: bool,
+    /// The guest path of the SSH host public key.
+    #[serde(
+        rename = "agentvm:host-key",
+        alias = "host-key",
+        default = "default_host_key"
+    )]
+    pub host_key: String,
     #[serde(
         rename = "agentvm:purpose",
         alias = "purpose",
@@ -74,9 +84,19 @@ impl VmState {
             readonly: spec.readonly,
             accel: accel.as_str().to_string(),
             network: network.as_str().to_string(),
+            agent: true,
+            host_key: DEFAULT_HOST_KEY.to_string(),
             purpose: spec.purpose.clone(),
         }
     }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_host_key() -> String {
+    DEFAULT_HOST_KEY.to_string()
 }
 
 fn agentvm_ns() -> String {

@@ -14,6 +14,8 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         readonly: false,
         accel: "tcg".into(),
         network: "slirp".into(),
+        agent: true,
+        host_key: crate::spec::DEFAULT_HOST_KEY.into(),
         purpose: None,
     }
 }

@@ -87,6 +87,8 @@ fn flake_image_is_a_clear_error() {
     let spec = ImageSpec {
         name: Name::new("nix").unwrap(),
         source: ImageSource::Flake(".#agent-base".into()),
+        agent: true,
+        host_key: crate::spec::DEFAULT_HOST_KEY.into(),
     };
     let err = store.prepare(&spec, &Silent).unwrap_err().to_string();
     assert!(

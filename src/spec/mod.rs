@@ -24,6 +24,8 @@ use raw::{KeySpans, RawFleet, RawImage, RawVm};
 pub const DEFAULT_CPUS: u32 = 2;
 pub const DEFAULT_MEMORY: Size = Size::from_bytes(2 * GIB);
 pub const DEFAULT_USER: &str = "root";
+/// The guest file `agentvm hostkey` reads unless the image names another.
+pub const DEFAULT_HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
 /// The backend every VM uses unless it names another.
 pub const LOCAL_BACKEND: &str = "local";
 
@@ -39,6 +41,10 @@ pub struct Fleet {
 pub struct ImageSpec {
     pub name: Name,
     pub source: ImageSource,
+    /// The image runs qemu-guest-agent: `up` waits for it and `down` asks it first.
+    pub agent: bool,
+    /// Where the guest keeps its SSH host public key (read by `agentvm hostkey`).
+    pub host_key: String,
 }
 
 /// Where an image comes from. Paths are absolute (resolved against the fleet file's folder).
@@ -193,8 +199,28 @@ impl Resolver<'_> {
         let mut images = BTreeMap::new();
         for (key, image) in raw.images {
             let name = self.table_name("images", &key)?;
+            let agent = image.agent.unwrap_or(true);
+            let host_key = match image.host_key.clone() {
+                None => DEFAULT_HOST_KEY.to_string(),
+                Some(path) if path.starts_with('/') && !has_control(&path, false) => path,
+                Some(path) => {
+                    return Err(self.at.error(
+                        self.key_span("images", name.as_str()),
+                        &format!("images.{name}.host_key"),
+                        format!("{path:?} must be an absolute path in the guest"),
+                    ));
+                }
+            };
             let source = self.image_source(&name, image)?;
-            images.insert(name.clone(), ImageSpec { name, source });
+            images.insert(
+                name.clone(),
+                ImageSpec {
+                    name,
+                    source,
+                    agent,
+                    host_key,
+                },
+            );
         }
         let mut vms = BTreeMap::new();
         for (key, vm) in raw.vms {

@@ -99,6 +99,10 @@ pub struct RawImage {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
+    /// Whether the image runs qemu-guest-agent (default true).
+    pub agent: Option<bool>,
+    /// The guest path of the SSH host public key.
+    pub host_key: Option<String>,
 }
 
 /// `[vms.NAME]`: the `[defaults]` keys plus the VM's own.

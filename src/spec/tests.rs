@@ -259,3 +259,16 @@ fn control_characters_are_rejected() {
         Some("line one\nline two")
     );
 }
+
+#[test]
+fn images_have_agent_and_host_key_settings() {
+    let fleet = parse("[images.a]\nfile = \"x\"\n[images.b]\nfile = \"y\"\nagent = false\nhost_key = \"/etc/ssh/ssh_host_rsa_key.pub\"\n").unwrap();
+    let a = &fleet.images[&Name::new("a").unwrap()];
+    assert!(a.agent);
+    assert_eq!(a.host_key, DEFAULT_HOST_KEY);
+    let b = &fleet.images[&Name::new("b").unwrap()];
+    assert!(!b.agent);
+    assert_eq!(b.host_key, "/etc/ssh/ssh_host_rsa_key.pub");
+    let (_, field, _) = invalid("[images.a]\nfile = \"x\"\nhost_key = \"relative.pub\"\n");
+    assert_eq!(field, "images.a.host_key");
+}

@@ -21,7 +21,7 @@ use crate::image::{ImageStore, PreparedImage, qemu_img};
 use crate::paths::{self, Home};
 use crate::ports::{self, Claims, SPICE_PORT_BASE, SSH_PORT_BASE};
 use crate::progress::Reporter;
-use crate::spec::{GIB, ImageSpec, LOCAL_BACKEND, MAX_NAME_LEN, Size, VmSpec};
+use crate::spec::{DEFAULT_HOST_KEY, GIB, ImageSpec, LOCAL_BACKEND, MAX_NAME_LEN, Size, VmSpec};
 use crate::ssh::{self, Endpoint, Identity};
 
 pub use host::{KVM_DEVICE, domcaps_offer_passt, libvirt_offers_kvm};
@@ -202,7 +202,7 @@ impl LocalBackend {
         ports: (u16, u16),
         image_digest: &str,
     ) -> DomainPlan {
-        let state = VmState::new(
+        let mut state = VmState::new(
             spec,
             image_digest,
             target.hash.clone(),
@@ -210,6 +210,8 @@ impl LocalBackend {
             target.accel,
             target.network,
         );
+        state.agent = target.agent;
+        state.host_key = target.host_key.clone();
         DomainPlan::new(
             spec,
             &self.home,
@@ -222,14 +224,16 @@ impl LocalBackend {
         )
     }
 
-    /// How `spec` is applied on this host now.
-    fn target(&self, spec: &VmSpec) -> Result<Target> {
+    /// How `spec` (on `image`, when known) is applied on this host now.
+    fn target(&self, spec: &VmSpec, image: Option<&ImageSpec>) -> Result<Target> {
         let accel = host::accel(&self.conn, spec.accel)?;
         let network = host::network(&self.conn, accel)?;
         Ok(Target {
             accel,
             network,
             hash: spec_hash(spec, accel, network),
+            agent: image.is_none_or(|i| i.agent),
+            host_key: image.map_or_else(|| DEFAULT_HOST_KEY.to_string(), |i| i.host_key.clone()),
         })
     }
 
@@ -360,7 +364,9 @@ impl LocalBackend {
     fn status_of(&self, dom: &Domain, state: &VmState, spec: Option<&VmSpec>) -> Result<VmStatus> {
         let live = live_state(dom)?;
         let restart_needed = match spec {
-            Some(spec) if live == State::Running => self.target(spec)?.hash != state.spec_hash,
+            Some(spec) if live == State::Running => {
+                self.target(spec, None)?.hash != state.spec_hash
+            }
             _ => false,
         };
         Ok(VmStatus {
@@ -393,7 +399,7 @@ impl Backend for LocalBackend {
         let prepared = self.store.prepare(image, progress)?;
         failpoint::hit("up:image-imported");
         timings.mark("image");
-        let target = self.target(spec)?;
+        let target = self.target(spec, Some(image))?;
 
         let (action, restart_needed) = match self.lookup(name)? {
             None => {
@@ -677,6 +683,8 @@ struct Target {
     accel: domain::Accel,
     network: domain::NetworkMode,
     hash: String,
+    agent: bool,
+    host_key: String,
 }
 
 /// Wall time of each phase of an operation.
