@@ -37,6 +37,9 @@ pub const VM_DISK_FILE: &str = "disk.qcow2";
 pub const VM_SERIAL_LOG_FILE: &str = "serial.log";
 /// `$AGENTVM_HOME/vms/NAME/known_hosts`: the VM's own SSH known_hosts.
 pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
+/// `$AGENTVM_HOME/vms/NAME/pinned_host_key`: the host key `agentvm hostkey` pinned;
+/// while it exists `agentvm ssh` checks host keys strictly.
+pub const VM_PINNED_HOST_KEY_FILE: &str = "pinned_host_key";
 /// `$AGENTVM_HOME/ssh`: agentvm's own SSH identity.
 pub const SSH_DIR: &str = "ssh";
 /// `$AGENTVM_HOME/ssh/id_ed25519` (and `.pub`).
@@ -122,6 +125,10 @@ impl Home {
 
     pub fn daemon_log(&self) -> PathBuf {
         self.root.join(DAEMON_LOG_FILE)
+    }
+
+    pub fn vm_pinned_host_key(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VM_PINNED_HOST_KEY_FILE)
     }
 
     pub fn ssh_dir(&self) -> PathBuf {

@@ -63,6 +63,8 @@ pub struct Endpoint {
     pub user: String,
     pub identity: PathBuf,
     pub known_hosts: PathBuf,
+    /// The host key was pinned (`agentvm hostkey`): check it strictly.
+    pub strict: bool,
 }
 
 impl Endpoint {
@@ -80,7 +82,10 @@ impl Endpoint {
             ("IdentityFile", self.identity.display().to_string()),
             ("IdentitiesOnly", "yes".into()),
             ("UserKnownHostsFile", self.known_hosts.display().to_string()),
-            ("StrictHostKeyChecking", "accept-new".into()),
+            (
+                "StrictHostKeyChecking",
+                if self.strict { "yes" } else { "accept-new" }.into(),
+            ),
             ("HostKeyAlias", self.host_alias()),
             ("LogLevel", "ERROR".into()),
         ]
@@ -219,6 +224,7 @@ mod tests {
             user: "root".into(),
             identity: "/h/ssh/id_ed25519".into(),
             known_hosts: "/h/vms/drago/known_hosts".into(),
+            strict: false,
         }
     }
 

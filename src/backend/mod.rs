@@ -65,6 +65,52 @@ pub struct VmStatus {
     /// Present in the fleet file (false for VMs left from an older spec).
     pub in_spec: bool,
     pub purpose: Option<String>,
+    /// The guest's addresses from its agent (loopback and link-local left out).
+    pub ips: Vec<String>,
+    /// `ready`, `not-responding`, `disabled` (the image has no agent), or `stopped`.
+    pub agent: String,
+}
+
+/// Which output stream of a guest command bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// How a command run in the guest ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecOutcome {
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+}
+
+/// A VM's SSH host key, as pinned into its known_hosts.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostKey {
+    /// `ssh-ed25519 AAAA…`
+    pub key: String,
+    /// `agent` (read from the guest's file) or `ssh-keyscan` (the agent was missing).
+    pub source: String,
+    pub known_hosts: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum SnapshotAction {
+    Create { name: Option<String> },
+    List,
+    Revert { name: String },
+    Delete { name: String },
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Unix time in seconds.
+    pub created: u64,
+    /// The VM's state when the snapshot was taken.
+    pub state: String,
 }
 
 /// What `up` did to a VM.
@@ -100,7 +146,9 @@ pub struct Phase {
 #[serde(rename_all = "kebab-case")]
 pub enum DownPath {
     AlreadyStopped,
-    /// The guest shut down after an ACPI power button press.
+    /// The guest shut down when its agent was asked to (QGA `guest-shutdown`).
+    Agent,
+    /// The guest shut down after an ACPI power button press (QMP `system_powerdown`).
     Acpi,
     /// Forced off, at once (`--force`) or after the timeout.
     Forced,
@@ -139,6 +187,33 @@ pub trait Backend {
     /// The `spice://` URI of the VM's display.
     fn spice_uri(&self, _name: &str) -> Result<String> {
         Err(self.unsupported("SPICE"))
+    }
+
+    /// Runs a command in the guest without the network; output goes to `output`
+    /// as the guest agent delivers it.
+    fn exec(
+        &self,
+        _name: &str,
+        _argv: &[String],
+        _timeout: Duration,
+        _output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        Err(self.unsupported("exec"))
+    }
+
+    /// Reads the guest's SSH host key and pins it for `agentvm ssh`.
+    fn host_key(&self, _name: &str) -> Result<HostKey> {
+        Err(self.unsupported("reading host keys"))
+    }
+
+    /// Saves the guest's display as a PNG file; returns its width and height.
+    fn screenshot(&self, _name: &str, _png: &std::path::Path) -> Result<(u32, u32)> {
+        Err(self.unsupported("screenshots"))
+    }
+
+    /// Creates, lists, reverts to or deletes snapshots.
+    fn snapshot(&self, _name: &str, _action: &SnapshotAction) -> Result<Vec<SnapshotInfo>> {
+        Err(self.unsupported("snapshots"))
     }
 
     fn unsupported(&self, capability: &'static str) -> BackendError {

@@ -86,6 +86,33 @@ pub enum Command {
         #[arg(long)]
         no_follow: bool,
     },
+    /// Run a command in the guest through its agent (no network needed).
+    Exec {
+        name: String,
+        /// Seconds the command may run.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Read the guest's SSH host key (through its agent) and pin it for `agentvm ssh`.
+    Hostkey { name: String },
+    /// Save the guest's display as a PNG file.
+    Screenshot {
+        name: String,
+        /// Named `png`: `file` would collide with the global `--file`.
+        #[arg(value_name = "FILE.png")]
+        png: std::path::PathBuf,
+    },
+    /// Create, list, revert to or delete snapshots of a VM.
+    Snapshot {
+        name: String,
+        #[command(subcommand)]
+        action: SnapshotCommand,
+        /// Fail at once if another operation holds the VM, instead of waiting.
+        #[arg(long, global = true)]
+        no_block: bool,
+    },
     /// Follow VM lifecycle events (started, stopped, crashed, …).
     Events,
     /// Run the daemon in the foreground (the CLI starts one on demand).
@@ -103,5 +130,21 @@ pub enum Command {
         /// Start remote-viewer on it.
         #[arg(long)]
         open: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot (named snap-<time> unless named here).
+    Create {
+        snapshot: Option<String>,
+    },
+    List,
+    /// Go back to a snapshot (a running VM keeps running, from that moment).
+    Revert {
+        snapshot: String,
+    },
+    Delete {
+        snapshot: String,
     },
 }

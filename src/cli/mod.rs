@@ -12,13 +12,13 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 use crate::backend::libvirt::LocalBackend;
-use crate::backend::{Backend, State, VmStatus};
+use crate::backend::{Backend, SnapshotAction, State, Stream, VmStatus};
 use crate::client::Client;
 use crate::daemon::protocol::{Event, Request, UpItem, VmRef, VmResult};
 use crate::paths::Home;
 use crate::progress::{Console, Reporter};
 use crate::spec::{Fleet, SpecError, VmSpec};
-pub use args::{Cli, Command};
+pub use args::{Cli, Command, SnapshotCommand};
 
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> i32 {
@@ -87,6 +87,18 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Console { name, no_follow } => console(&app, &name, !no_follow),
         Command::Spice { name, open } => spice(&app, &name, open),
         Command::Events => events(&app),
+        Command::Exec {
+            name,
+            timeout,
+            command,
+        } => exec(&app, &name, &command, timeout),
+        Command::Hostkey { name } => hostkey(&app, &name),
+        Command::Screenshot { name, png } => screenshot(&app, &name, &png),
+        Command::Snapshot {
+            name,
+            action,
+            no_block,
+        } => snapshot(&app, &name, action, no_block),
         Command::Daemon { .. } => unreachable!("handled above"),
     }
 }
@@ -241,7 +253,8 @@ fn down(app: &App, names: &[String], force: bool, timeout: u64, no_block: bool) 
     app.report(results, |v| {
         match v["stopped_by"].as_str() {
             Some("already-stopped") => "already stopped",
-            Some("acpi") => "stopped by ACPI shutdown",
+            Some("agent") => "stopped by its guest agent (guest-shutdown)",
+            Some("acpi") => "stopped by ACPI shutdown (system_powerdown)",
             _ if force => "forced off",
             _ => "did not shut down in time: forced off",
         }
@@ -435,5 +448,115 @@ fn stop_daemon() -> Result<i32> {
         std::thread::sleep(Duration::from_millis(50));
     }
     println!("stopped the agentvm daemon (pid {pid})");
+    Ok(0)
+}
+
+fn exec(app: &App, name: &str, command: &[String], timeout: u64) -> Result<i32> {
+    let backend = app.backend()?;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let json = app.json;
+    let outcome = backend.exec(
+        name,
+        command,
+        Duration::from_secs(timeout),
+        &mut |stream, bytes| match (json, stream) {
+            (true, Stream::Stdout) => out.extend_from_slice(bytes),
+            (true, Stream::Stderr) => err.extend_from_slice(bytes),
+            (false, Stream::Stdout) => {
+                let _ = std::io::stdout().write_all(bytes);
+                let _ = std::io::stdout().flush();
+            }
+            (false, Stream::Stderr) => {
+                let _ = std::io::stderr().write_all(bytes);
+            }
+        },
+    )?;
+    if json {
+        output::print_json(&serde_json::json!({
+            "name": name,
+            "exit_code": outcome.exit_code,
+            "signal": outcome.signal,
+            "stdout": String::from_utf8_lossy(&out),
+            "stderr": String::from_utf8_lossy(&err),
+        }))?;
+    }
+    // The guest command's status is ours; a signal reads as 128+N, as in a shell.
+    Ok(match (outcome.exit_code, outcome.signal) {
+        (Some(code), _) => code as i32,
+        (None, Some(signal)) => 128 + signal as i32,
+        (None, None) => 1,
+    })
+}
+
+fn hostkey(app: &App, name: &str) -> Result<i32> {
+    let key = app.backend()?.host_key(name)?;
+    if key.source != "agent" {
+        eprintln!(
+            "{name}: no guest agent answered: the host key comes from an SSH key scan of its port"
+        );
+    }
+    if app.json {
+        output::print_json(&key)?;
+    } else {
+        println!("{}", key.key);
+        eprintln!(
+            "{name}: pinned in {}; agentvm ssh now checks it strictly",
+            key.known_hosts.display()
+        );
+    }
+    Ok(0)
+}
+
+fn screenshot(app: &App, name: &str, file: &std::path::Path) -> Result<i32> {
+    let (width, height) = app.backend()?.screenshot(name, file)?;
+    if app.json {
+        output::print_json(&serde_json::json!({
+            "name": name, "file": file, "width": width, "height": height,
+        }))?;
+    } else {
+        println!("{}: {width}x{height}", file.display());
+    }
+    Ok(0)
+}
+
+fn snapshot(app: &App, name: &str, command: SnapshotCommand, no_block: bool) -> Result<i32> {
+    let action = match command {
+        SnapshotCommand::Create { snapshot } => SnapshotAction::Create { name: snapshot },
+        SnapshotCommand::List => SnapshotAction::List,
+        SnapshotCommand::Revert { snapshot } => SnapshotAction::Revert { name: snapshot },
+        SnapshotCommand::Delete { snapshot } => SnapshotAction::Delete { name: snapshot },
+    };
+    let list = if action == SnapshotAction::List {
+        app.backend()?.snapshot(name, &action)?
+    } else {
+        let mut results = app.call(Request::Snapshot {
+            vm: Box::new(app.refs(&[name.to_string()]).remove(0)),
+            action: action.clone(),
+            no_block,
+        })?;
+        let result = results.pop().context("the daemon returned no result")?;
+        match (result.ok, result.error) {
+            (Some(value), _) => {
+                serde_json::from_value(value).context("reading the snapshot list")?
+            }
+            (None, error) => bail!("{name}: {}", error.unwrap_or_default()),
+        }
+    };
+    if app.json {
+        output::print_json(&list)?;
+    } else {
+        match &action {
+            SnapshotAction::Create { .. } => println!("{name}: snapshot taken"),
+            SnapshotAction::Revert { name: snap } => println!("{name}: reverted to {snap}"),
+            SnapshotAction::Delete { name: snap } => println!("{name}: deleted {snap}"),
+            SnapshotAction::List => {}
+        }
+        for snap in &list {
+            let when = crate::daemon::locks::format_time(
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(snap.created),
+            );
+            println!("{:<24} {when} {}", snap.name, snap.state);
+        }
+    }
     Ok(0)
 }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::Shared;
 use super::protocol::{Event, Reply, Request, UpItem, VmRef, VmResult};
 use crate::backend::libvirt::LocalBackend;
-use crate::backend::{Backend, BackendError, DownPath, UpOutcome};
+use crate::backend::{Backend, BackendError, DownPath, SnapshotAction, UpOutcome};
 use crate::progress::Reporter;
 
 /// What `up` reports for one VM.
@@ -102,6 +102,21 @@ pub async fn run(
                 |vm| Box::new(move |b, _| destroy(b, &vm)),
             );
             ("destroy", no_block, jobs)
+        }
+        Request::Snapshot {
+            vm,
+            action,
+            no_block,
+        } => {
+            let jobs = jobs(
+                vec![vm],
+                |vm| vm.name.clone(),
+                |vm| {
+                    let action = action.clone();
+                    Box::new(move |b, _| snapshot(b, &vm, &action))
+                },
+            );
+            ("snapshot", no_block, jobs)
         }
         Request::Hello {} | Request::Events {} => return Vec::new(),
     };
@@ -210,4 +225,18 @@ fn destroy(backend: &LocalBackend, vm: &VmRef) -> Result<serde_json::Value, Back
     check_writable(backend, vm, "destroy")?;
     backend.destroy(&vm.name)?;
     to_value(Destroyed { destroyed: true })
+}
+
+/// Snapshots of a readonly VM may be made and listed, not reverted to or deleted.
+fn snapshot(
+    backend: &LocalBackend,
+    vm: &VmRef,
+    action: &SnapshotAction,
+) -> Result<serde_json::Value, BackendError> {
+    match action {
+        SnapshotAction::Revert { .. } => check_writable(backend, vm, "revert a snapshot of")?,
+        SnapshotAction::Delete { .. } => check_writable(backend, vm, "delete a snapshot of")?,
+        SnapshotAction::Create { .. } | SnapshotAction::List => {}
+    }
+    to_value(backend.snapshot(&vm.name, action)?)
 }

@@ -41,6 +41,12 @@ pub enum Request {
         vms: Vec<VmRef>,
         no_block: bool,
     },
+    /// Creates, reverts to or deletes a snapshot (listing needs no daemon).
+    Snapshot {
+        vm: Box<VmRef>,
+        action: crate::backend::SnapshotAction,
+        no_block: bool,
+    },
     /// Streams lifecycle events until the client goes away.
     Events {},
 }

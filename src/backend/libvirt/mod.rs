@@ -1,6 +1,7 @@
 //! The local backend: VMs in libvirt (session mode by default), with the domain's
 //! `<metadata>` as the only state store.
 
+mod guest_ops;
 mod host;
 
 use std::path::{Path, PathBuf};
@@ -13,7 +14,10 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use super::{Backend, BackendError, DownPath, Phase, Result, State, UpAction, UpOutcome, VmStatus};
+use super::{
+    Backend, BackendError, DownPath, ExecOutcome, HostKey, Phase, Result, SnapshotAction,
+    SnapshotInfo, State, Stream, UpAction, UpOutcome, VmStatus,
+};
 use crate::domain::{self, DomainPlan, VmState, domain_name, spec_hash};
 use crate::failpoint;
 use crate::fsutil::FileLock;
@@ -88,6 +92,14 @@ impl LocalBackend {
             anyhow!("libvirt domain {dom_name} exists but was not made by agentvm (no agentvm metadata); refusing to touch it")
         })?;
         Ok(Some((dom, state)))
+    }
+
+    fn require_running(&self, name: &str) -> Result<(Domain, VmState)> {
+        let (dom, state) = self.require(name)?;
+        if !dom.is_active().map_err(lv).context("asking libvirt")? {
+            return Err(anyhow!("{name} is not running (agentvm up {name})").into());
+        }
+        Ok((dom, state))
     }
 
     fn require(&self, name: &str) -> Result<(Domain, VmState)> {
@@ -363,6 +375,7 @@ impl LocalBackend {
 
     fn status_of(&self, dom: &Domain, state: &VmState, spec: Option<&VmSpec>) -> Result<VmStatus> {
         let live = live_state(dom)?;
+        let (agent, ips) = self.agent_info(dom, state);
         let restart_needed = match spec {
             Some(spec) if live == State::Running => {
                 self.target(spec, None)?.hash != state.spec_hash
@@ -380,6 +393,8 @@ impl LocalBackend {
             restart_needed,
             in_spec: spec.is_some(),
             purpose: spec.map_or(state.purpose.clone(), |s| s.purpose.clone()),
+            ips,
+            agent,
         })
     }
 }
@@ -494,35 +509,55 @@ impl Backend for LocalBackend {
 
     fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration> {
         let (dom, state) = self.require(name)?;
+        let start = Instant::now();
         ssh::wait_for_banner(state.ssh_port, timeout, || {
             dom.is_active().map_err(lv).context("asking libvirt")
         })
-        .map_err(|e| anyhow!("{name}: {e}{}", log_tail(&self.home.vm_serial_log(name))).into())
+        .map_err(|e| anyhow!("{name}: {e}{}", log_tail(&self.home.vm_serial_log(name))))?;
+        if state.agent {
+            self.wait_for_agent(&dom, name, start + timeout)?;
+        }
+        Ok(start.elapsed())
     }
 
     fn down(&self, name: &str, force: bool, timeout: Duration) -> Result<DownPath> {
-        let (dom, _) = self.require(name)?;
+        let (dom, state) = self.require(name)?;
         if !dom.is_active().map_err(lv).context("asking libvirt")? {
             return Ok(DownPath::AlreadyStopped);
         }
-        if !force {
-            dom.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        if force {
+            dom.destroy()
                 .map_err(lv)
-                .with_context(|| format!("sending {name} an ACPI shutdown"))?;
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
-                if !dom.is_active().map_err(lv).context("asking libvirt")? {
-                    return Ok(DownPath::Acpi);
-                }
-                std::thread::sleep(POLL);
-            }
+                .with_context(|| format!("forcing {name} off"))?;
+            return Ok(DownPath::Forced);
         }
-        match dom.destroy() {
-            Ok(()) => Ok(DownPath::Forced),
-            // It stopped between the last check and the destroy.
-            Err(_) if !dom.is_active().unwrap_or(true) => Ok(DownPath::Acpi),
-            Err(e) => Err(lv(e).context(format!("forcing {name} off")).into()),
-        }
+        self.stop_gracefully(&dom, &state, timeout)
+    }
+
+    fn exec(
+        &self,
+        name: &str,
+        argv: &[String],
+        timeout: Duration,
+        output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let (dom, state) = self.require_running(name)?;
+        self.exec_in(&dom, &state, argv, timeout, output)
+    }
+
+    fn host_key(&self, name: &str) -> Result<HostKey> {
+        let (dom, state) = self.require_running(name)?;
+        self.pin_host_key(&dom, &state)
+    }
+
+    fn screenshot(&self, name: &str, png: &Path) -> Result<(u32, u32)> {
+        let (dom, _) = self.require_running(name)?;
+        self.screendump(&dom, name, png)
+    }
+
+    fn snapshot(&self, name: &str, action: &SnapshotAction) -> Result<Vec<SnapshotInfo>> {
+        let (dom, _) = self.require(name)?;
+        self.snapshots(&dom, name, action)
     }
 
     fn destroy(&self, name: &str) -> Result<()> {
@@ -565,6 +600,8 @@ impl Backend for LocalBackend {
                 restart_needed: false,
                 in_spec: spec.is_some(),
                 purpose: spec.and_then(|s| s.purpose.clone()),
+                ips: Vec::new(),
+                agent: guest_ops::AGENT_STOPPED.to_string(),
             }),
         }
     }
@@ -585,6 +622,7 @@ impl Backend for LocalBackend {
             user: state.user,
             identity: self.identity.private_key.clone(),
             known_hosts: self.home.vm_known_hosts(name),
+            strict: self.home.vm_pinned_host_key(name).is_file(),
         })
     }
 

@@ -1,0 +1,441 @@
+//! The local backend's conversations with running guests: agent readiness and
+//! addresses, graceful stop, exec, host keys, screenshots and snapshots.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use qapi::{qga, qmp};
+use serde::{Deserialize, Serialize};
+use virt::domain::Domain;
+
+use super::{LocalBackend, POLL, lv};
+use crate::backend::{
+    BackendError, DownPath, ExecOutcome, HostKey, Result, SnapshotAction, SnapshotInfo, Stream,
+};
+use crate::domain::{LISTEN_ADDRESS, VmState};
+use crate::fsutil::write_atomic;
+use crate::guest::{Guest, GuestError};
+
+/// How long one agent command may take before the agent counts as not responding.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `exec` polls between `guest-exec-status` calls.
+const EXEC_POLL: Duration = Duration::from_millis(100);
+/// The share of `down --timeout` given to the guest agent before ACPI is tried.
+const AGENT_SHARE: u32 = 2;
+
+pub const AGENT_READY: &str = "ready";
+pub const AGENT_NOT_RESPONDING: &str = "not-responding";
+pub const AGENT_DISABLED: &str = "disabled";
+pub const AGENT_STOPPED: &str = "stopped";
+
+impl LocalBackend {
+    /// The agent's state and the guest's addresses (loopback and link-local left out).
+    pub(super) fn agent_info(&self, dom: &Domain, state: &VmState) -> (String, Vec<String>) {
+        if !dom.is_active().unwrap_or(false) {
+            return (AGENT_STOPPED.into(), Vec::new());
+        }
+        if !state.agent {
+            return (AGENT_DISABLED.into(), Vec::new());
+        }
+        match Guest::new(dom).agent(qga::guest_network_get_interfaces {}, AGENT_TIMEOUT) {
+            Ok(interfaces) => (AGENT_READY.into(), routable_addresses(&interfaces)),
+            Err(_) => (AGENT_NOT_RESPONDING.into(), Vec::new()),
+        }
+    }
+
+    /// Waits until the guest agent answers `guest-ping`, or `deadline`.
+    pub(super) fn wait_for_agent(&self, dom: &Domain, name: &str, deadline: Instant) -> Result<()> {
+        let guest = Guest::new(dom);
+        loop {
+            match guest.agent(qga::guest_ping {}, AGENT_TIMEOUT) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(anyhow!(
+                        "{name}: SSH is up but the guest agent did not answer guest-ping ({e}); \
+                         if the image has no qemu-guest-agent, set agent = false in its [images] table"
+                    )
+                    .into());
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// Stops a running guest: its agent first, then ACPI, then by force.
+    pub(super) fn stop_gracefully(
+        &self,
+        dom: &Domain,
+        state: &VmState,
+        timeout: Duration,
+    ) -> Result<DownPath> {
+        let start = Instant::now();
+        let guest = Guest::new(dom);
+        if state.agent && guest.agent(qga::guest_ping {}, AGENT_TIMEOUT).is_ok() {
+            // guest-shutdown sends no reply when it works: the guest goes away.
+            let _ = guest.agent(
+                qga::guest_shutdown {
+                    mode: Some(qga::GuestShutdownMode::Powerdown),
+                },
+                AGENT_TIMEOUT,
+            );
+            if wait_inactive(dom, start + timeout / AGENT_SHARE)? {
+                return Ok(DownPath::Agent);
+            }
+        }
+        match guest.monitor(qmp::system_powerdown {}) {
+            Ok(_) => {
+                if wait_inactive(dom, start + timeout)? {
+                    return Ok(DownPath::Acpi);
+                }
+            }
+            Err(e) => tracing::warn!("{}: system_powerdown: {e}", state.name),
+        }
+        match dom.destroy() {
+            Ok(()) => Ok(DownPath::Forced),
+            Err(_) if !dom.is_active().unwrap_or(true) => Ok(DownPath::Acpi),
+            Err(e) => Err(lv(e).context(format!("forcing {} off", state.name)).into()),
+        }
+    }
+
+    pub(super) fn exec_in(
+        &self,
+        dom: &Domain,
+        state: &VmState,
+        argv: &[String],
+        timeout: Duration,
+        output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let (path, args) = argv
+            .split_first()
+            .ok_or_else(|| anyhow!("exec needs a command: agentvm exec NAME -- CMD [ARG…]"))?;
+        self.require_agent(state, "exec")?;
+        let guest = Guest::new(dom);
+        let started = guest
+            .agent(
+                qga::guest_exec {
+                    path: path.clone(),
+                    arg: Some(args.to_vec()),
+                    env: None,
+                    input_data: None,
+                    capture_output: Some(qga::GuestExecCaptureOutput::flag(true)),
+                },
+                AGENT_TIMEOUT,
+            )
+            .map_err(guest_error)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = guest
+                .agent(qga::guest_exec_status { pid: started.pid }, AGENT_TIMEOUT)
+                .map_err(guest_error)?;
+            // qemu-ga hands over captured output once the command has exited.
+            if let Some(out) = &status.out_data {
+                output(Stream::Stdout, out);
+            }
+            if let Some(err) = &status.err_data {
+                output(Stream::Stderr, err);
+            }
+            if status.exited {
+                return Ok(ExecOutcome {
+                    exit_code: status.exitcode,
+                    signal: status.signal,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!(
+                    "{}: the command did not finish within {}s (it keeps running in the guest as pid {})",
+                    state.name,
+                    timeout.as_secs(),
+                    started.pid
+                )
+                .into());
+            }
+            std::thread::sleep(EXEC_POLL);
+        }
+    }
+
+    fn require_agent(&self, state: &VmState, what: &str) -> Result<()> {
+        if state.agent {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "{}: {what} needs the guest agent, and image {} has agent = false",
+                state.name,
+                state.image
+            )
+            .into())
+        }
+    }
+
+    /// Reads the host key through the agent (or, with no agent, by scanning the
+    /// forwarded SSH port) and pins it into the VM's known_hosts.
+    pub(super) fn pin_host_key(&self, dom: &Domain, state: &VmState) -> Result<HostKey> {
+        let name = state.name.as_str();
+        let from_agent = if state.agent {
+            match read_guest_file(&Guest::new(dom), &state.host_key) {
+                Ok(text) => Some(text),
+                Err(GuestError::AgentUnavailable(why)) => {
+                    tracing::warn!("{name}: {why}");
+                    None
+                }
+                Err(e) => return Err(anyhow!("{name}: reading {}: {e}", state.host_key).into()),
+            }
+        } else {
+            None
+        };
+        let (key, source) = match from_agent {
+            Some(text) => (
+                key_of(&text).with_context(|| format!("{name}: {}", state.host_key))?,
+                "agent",
+            ),
+            None => (keyscan(state.ssh_port)?, "ssh-keyscan"),
+        };
+        let known_hosts = self.home.vm_known_hosts(name);
+        let alias = format!("agentvm-{name}");
+        write_atomic(&known_hosts, format!("{alias} {key}\n").as_bytes(), 0o600)?;
+        write_atomic(
+            &self.home.vm_pinned_host_key(name),
+            format!("{key}\n").as_bytes(),
+            0o600,
+        )?;
+        Ok(HostKey {
+            key,
+            source: source.into(),
+            known_hosts,
+        })
+    }
+
+    pub(super) fn screendump(&self, dom: &Domain, name: &str, png: &Path) -> Result<(u32, u32)> {
+        let ppm = self
+            .home
+            .vm_dir(name)
+            .join(format!(".tmp-screen-{}.ppm", std::process::id()));
+        let result = Guest::new(dom)
+            .monitor(qmp::screendump {
+                filename: ppm.display().to_string(),
+                device: None,
+                head: None,
+                format: None,
+            })
+            .map_err(|e| anyhow!("{name}: {e}"))
+            .and_then(|_| std::fs::read(&ppm).with_context(|| format!("reading {}", ppm.display())))
+            .and_then(|data| crate::screenshot::ppm_to_png(&data, png));
+        let _ = std::fs::remove_file(&ppm);
+        Ok(result?)
+    }
+
+    pub(super) fn snapshots(
+        &self,
+        dom: &Domain,
+        name: &str,
+        action: &SnapshotAction,
+    ) -> Result<Vec<SnapshotInfo>> {
+        match action {
+            SnapshotAction::Create { name: snap } => {
+                let snap = snap.clone().unwrap_or_else(|| {
+                    format!(
+                        "snap-{}",
+                        crate::daemon::locks::format_time(std::time::SystemTime::now())
+                            .replace([':', '-'], "")
+                    )
+                });
+                crate::spec::Name::new(&snap).map_err(|e| anyhow!("snapshot name: {e}"))?;
+                let xml = quick_xml::se::to_string(&NewSnapshot {
+                    name: snap.clone(),
+                    description: format!("agentvm snapshot of {name}"),
+                })
+                .context("writing snapshot XML")?;
+                dom.create_snapshot_xml(&xml, 0)
+                    .map_err(lv)
+                    .with_context(|| format!("{name}: creating snapshot {snap}"))?;
+            }
+            SnapshotAction::Revert { name: snap } => {
+                Domain::lookup_snapshot_by_name(dom, snap, 0)
+                    .map_err(lv)
+                    .with_context(|| format!("{name}: no snapshot {snap}"))?
+                    .revert(0)
+                    .map_err(lv)
+                    .with_context(|| format!("{name}: reverting to {snap}"))?;
+            }
+            SnapshotAction::Delete { name: snap } => {
+                Domain::lookup_snapshot_by_name(dom, snap, 0)
+                    .map_err(lv)
+                    .with_context(|| format!("{name}: no snapshot {snap}"))?
+                    .delete(0)
+                    .map_err(lv)
+                    .with_context(|| format!("{name}: deleting {snap}"))?;
+            }
+            SnapshotAction::List => {}
+        }
+        let mut list = Vec::new();
+        for snap in dom
+            .list_all_snapshots(0)
+            .map_err(lv)
+            .context("listing snapshots")?
+        {
+            let xml = snap.xml_desc(0).map_err(lv).context("reading a snapshot")?;
+            let info: SnapshotXml =
+                quick_xml::de::from_str(&xml).context("reading snapshot XML")?;
+            list.push(SnapshotInfo {
+                name: info.name,
+                created: info.creation_time,
+                state: info.state,
+            });
+        }
+        list.sort_by_key(|s| s.created);
+        Ok(list)
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename = "domainsnapshot")]
+struct NewSnapshot {
+    name: String,
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct SnapshotXml {
+    name: String,
+    #[serde(rename = "creationTime")]
+    creation_time: u64,
+    state: String,
+}
+
+fn guest_error(e: GuestError) -> BackendError {
+    BackendError::Other(anyhow!(e))
+}
+
+/// Polls until the domain is off; false if `deadline` came first.
+fn wait_inactive(dom: &Domain, deadline: Instant) -> Result<bool> {
+    loop {
+        if !dom.is_active().map_err(lv).context("asking libvirt")? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn read_guest_file(guest: &Guest, path: &str) -> Result<String, GuestError> {
+    let handle = guest.agent(
+        qga::guest_file_open {
+            path: path.to_string(),
+            mode: Some("r".into()),
+        },
+        AGENT_TIMEOUT,
+    )?;
+    let mut data = Vec::new();
+    let result = loop {
+        match guest.agent(
+            qga::guest_file_read {
+                handle,
+                count: Some(64 * 1024),
+            },
+            AGENT_TIMEOUT,
+        ) {
+            Ok(chunk) => {
+                data.extend_from_slice(&chunk.buf_b64);
+                if chunk.eof || chunk.count == 0 {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = guest.agent(qga::guest_file_close { handle }, AGENT_TIMEOUT);
+    result.map(|()| String::from_utf8_lossy(&data).into_owned())
+}
+
+/// `type base64` from a public key file or a known_hosts/keyscan line.
+fn key_of(text: &str) -> anyhow::Result<String> {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let Some(i) = fields
+            .iter()
+            .position(|f| f.starts_with("ssh-") || f.starts_with("ecdsa-"))
+            && let Some(blob) = fields.get(i + 1)
+        {
+            return Ok(format!("{} {blob}", fields[i]));
+        }
+    }
+    bail!("no SSH public key found")
+}
+
+/// The guest's ed25519 host key as its forwarded SSH port presents it.
+fn keyscan(port: u16) -> Result<String> {
+    tracing::warn!("no guest agent: taking the host key from an SSH key scan of port {port}");
+    let out = Command::new("ssh-keyscan")
+        .args([
+            "-T",
+            "10",
+            "-t",
+            "ed25519",
+            "-p",
+            &port.to_string(),
+            LISTEN_ADDRESS,
+        ])
+        .output()
+        .context("running ssh-keyscan (openssh-client)")?;
+    Ok(
+        key_of(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
+            format!(
+                "ssh-keyscan of port {port}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?,
+    )
+}
+
+fn routable_addresses(interfaces: &[qga::GuestNetworkInterface]) -> Vec<String> {
+    interfaces
+        .iter()
+        .flat_map(|i| i.ip_addresses.iter().flatten())
+        .filter_map(|a| a.ip_address.parse::<IpAddr>().ok())
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+            IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+        })
+        .map(|ip| ip.to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_come_from_pub_files_and_keyscan_lines() {
+        assert_eq!(
+            key_of("ssh-ed25519 AAAA root@host\n").unwrap(),
+            "ssh-ed25519 AAAA"
+        );
+        assert_eq!(
+            key_of("# 127.0.0.1:2222 SSH-2.0-dropbear\n[127.0.0.1]:2222 ssh-ed25519 BBBB\n")
+                .unwrap(),
+            "ssh-ed25519 BBBB"
+        );
+        assert!(key_of("garbage").is_err());
+    }
+
+    #[test]
+    fn loopback_and_link_local_addresses_are_left_out() {
+        let interfaces: Vec<qga::GuestNetworkInterface> = serde_json::from_str(
+            r#"[{"name":"lo","ip-addresses":[{"ip-address":"127.0.0.1","ip-address-type":"ipv4","prefix":8},{"ip-address":"::1","ip-address-type":"ipv6","prefix":128}]},
+                {"name":"eth0","ip-addresses":[{"ip-address":"10.0.2.15","ip-address-type":"ipv4","prefix":24},{"ip-address":"fe80::5054:ff:fe12:3456","ip-address-type":"ipv6","prefix":64},{"ip-address":"169.254.1.1","ip-address-type":"ipv4","prefix":16},{"ip-address":"fec0::5054:ff:fe12:3456","ip-address-type":"ipv6","prefix":64}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            routable_addresses(&interfaces),
+            ["10.0.2.15", "fec0::5054:ff:fe12:3456"]
+        );
+    }
+}
