@@ -38,10 +38,7 @@ fn up_ssh_persist_down_up_destroy() {
 
     let down = env.json(&["down", "e2e-life", "--timeout", "30"]);
     assert_eq!(down[0]["name"], "e2e-life");
-    assert!(
-        down[0]["stopped_by"] == "acpi" || down[0]["stopped_by"] == "forced",
-        "{down}"
-    );
+    assert_eq!(down[0]["stopped_by"], "agent", "{down}");
     assert_eq!(env.status("e2e-life")["state"], "stopped");
 
     let again = env.json(&["up", "e2e-life", "--timeout", GUEST_TIMEOUT]);
