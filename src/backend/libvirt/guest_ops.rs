@@ -251,22 +251,14 @@ impl LocalBackend {
                     .map_err(lv)
                     .with_context(|| format!("{name}: creating snapshot {snap}"))?;
             }
-            SnapshotAction::Revert { name: snap } => {
-                Domain::lookup_snapshot_by_name(dom, snap, 0)
-                    .map_err(lv)
-                    .with_context(|| format!("{name}: no snapshot {snap}"))?
-                    .revert(0)
-                    .map_err(lv)
-                    .with_context(|| format!("{name}: reverting to {snap}"))?;
-            }
-            SnapshotAction::Delete { name: snap } => {
-                Domain::lookup_snapshot_by_name(dom, snap, 0)
-                    .map_err(lv)
-                    .with_context(|| format!("{name}: no snapshot {snap}"))?
-                    .delete(0)
-                    .map_err(lv)
-                    .with_context(|| format!("{name}: deleting {snap}"))?;
-            }
+            SnapshotAction::Revert { name: snap } => find_snapshot(dom, name, snap)?
+                .revert(0)
+                .map_err(lv)
+                .with_context(|| format!("{name}: reverting to {snap}"))?,
+            SnapshotAction::Delete { name: snap } => find_snapshot(dom, name, snap)?
+                .delete(0)
+                .map_err(lv)
+                .with_context(|| format!("{name}: deleting {snap}"))?,
             SnapshotAction::List => {}
         }
         let mut list = Vec::new();
@@ -302,6 +294,16 @@ struct SnapshotXml {
     #[serde(rename = "creationTime")]
     creation_time: u64,
     state: String,
+}
+
+fn find_snapshot(
+    dom: &Domain,
+    vm: &str,
+    snap: &str,
+) -> anyhow::Result<virt::domain_snapshot::DomainSnapshot> {
+    Domain::lookup_snapshot_by_name(dom, snap, 0)
+        .map_err(lv)
+        .with_context(|| format!("{vm}: no snapshot {snap}"))
 }
 
 fn guest_error(e: GuestError) -> BackendError {
