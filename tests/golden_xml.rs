@@ -29,6 +29,7 @@ image = "nixos"
 memory = "4GiB"
 disk = "40GiB"
 purpose = "drives <things> & \"stuff\""
+env = { EDITOR = "vim", GREETING = "hello, world" }
 
 [vms.luce]
 image = "tiny"

@@ -11,7 +11,9 @@ const MARKER: &str = "agentvm-persists-across-restarts";
 #[test]
 fn up_ssh_persist_down_up_destroy() {
     let env = Env::new();
-    env.write_fleet("[vms.e2e-life]\npurpose = \"lifecycle test\"\n");
+    env.write_fleet(
+        "[vms.e2e-life]\npurpose = \"lifecycle test\"\nenv = { EDITOR = \"vim\", GREETING = \"hello, world\" }\n",
+    );
     env.owns(&["e2e-life"]);
 
     let up = env.json(&["up", "e2e-life", "--timeout", GUEST_TIMEOUT]);
@@ -21,6 +23,11 @@ fn up_ssh_persist_down_up_destroy() {
 
     let uname = env.ssh("e2e-life", "uname -a");
     assert!(uname.starts_with("Linux "), "{uname}");
+    // The env table arrives as the agentvm.env credential (the test guest keeps it in /run).
+    assert_eq!(
+        env.ssh("e2e-life", "cat /run/agentvm.env"),
+        "EDITOR=vim\nGREETING=hello, world\n"
+    );
 
     let status = env.status("e2e-life");
     assert_eq!(status["state"], "running");

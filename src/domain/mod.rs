@@ -21,6 +21,8 @@ pub const LISTEN_ADDRESS: &str = "127.0.0.1";
 pub const SLIRP_NIC_PCI_ADDR: &str = "0x10";
 /// The systemd credential that carries SSH authorized keys for root.
 pub const SSH_KEYS_CREDENTIAL: &str = "ssh.authorized_keys.root";
+/// The systemd credential that carries the VM's `env` table (`KEY=VALUE` lines).
+pub const ENV_CREDENTIAL: &str = "agentvm.env";
 /// The guest agent's virtio-serial port name.
 pub const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 /// The SPICE agent's virtio-serial port name.
@@ -92,6 +94,8 @@ pub struct DomainPlan {
     /// path, so agentvm names a short one in the per-user runtime folder.
     pub guest_agent_socket: PathBuf,
     pub authorized_keys: Vec<String>,
+    /// The VM's `env` table, delivered as the `agentvm.env` credential.
+    pub env: std::collections::BTreeMap<String, String>,
     pub state: VmState,
     /// The UUID of the domain being redefined; libvirt requires it to match.
     pub uuid: Option<String>,
@@ -124,6 +128,7 @@ impl DomainPlan {
             serial_log: home.vm_serial_log(name),
             guest_agent_socket: guest_agent_socket(runtime_dir, name),
             authorized_keys,
+            env: spec.env.clone(),
             state,
             uuid: None,
         }
@@ -158,10 +163,7 @@ impl DomainPlan {
             sysinfo: Sysinfo {
                 kind: "smbios".into(),
                 oem_strings: OemStrings {
-                    entry: vec![format!(
-                        "io.systemd.credential:{SSH_KEYS_CREDENTIAL}={}",
-                        self.authorized_keys.join("\n")
-                    )],
+                    entry: self.credentials(),
                 },
             },
             os: Os {
@@ -274,6 +276,22 @@ impl DomainPlan {
             },
             qemu_commandline,
         }
+    }
+
+    /// SMBIOS type 11 strings: systemd credentials for the guest.
+    fn credentials(&self) -> Vec<String> {
+        let mut entries = vec![format!(
+            "io.systemd.credential:{SSH_KEYS_CREDENTIAL}={}",
+            self.authorized_keys.join("\n")
+        )];
+        if !self.env.is_empty() {
+            let lines: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            entries.push(format!(
+                "io.systemd.credential:{ENV_CREDENTIAL}={}",
+                lines.join("\n")
+            ));
+        }
+        entries
     }
 
     fn passt_interface(&self) -> Interface {

@@ -31,6 +31,7 @@ fn sample_plan() -> DomainPlan {
         serial_log: "/home/u/.local/share/agentvm/vms/drago/serial.log".into(),
         guest_agent_socket: "/run/user/1000/agentvm/drago.qga".into(),
         authorized_keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
+        env: Default::default(),
         state: sample_state("drago"),
         uuid: None,
     }
@@ -118,6 +119,19 @@ fn guest_agent_socket_is_short_and_bound() {
     let xml = sample_plan().to_xml().unwrap();
     assert!(
         xml.contains("<source mode=\"bind\" path=\"/run/user/1000/agentvm/drago.qga\"/>"),
+        "{xml}"
+    );
+}
+
+#[test]
+fn env_goes_into_its_own_credential_only_when_set() {
+    let mut plan = sample_plan();
+    assert!(!plan.to_xml().unwrap().contains("agentvm.env"));
+    plan.env.insert("EDITOR".into(), "vim".into());
+    plan.env.insert("LANG".into(), "C.UTF-8".into());
+    let xml = plan.to_xml().unwrap();
+    assert!(
+        xml.contains("<entry>io.systemd.credential:agentvm.env=EDITOR=vim\nLANG=C.UTF-8</entry>"),
         "{xml}"
     );
 }
