@@ -36,6 +36,13 @@ fn up_ssh_persist_down_up_destroy() {
     let ssh_port = port_of(&status, "ssh_port");
     let spice_port = port_of(&status, "spice_port");
     assert!(ssh_port >= 2222 && spice_port >= 5900, "{status}");
+    let inventory = env.ok(&["inventory"]);
+    assert!(
+        inventory.contains(&format!(
+            "| e2e-life | local | testguest | 1 | 256MiB | - | {ssh_port} | {spice_port} | 10.0.2.15 | running | lifecycle test |"
+        )),
+        "{inventory}"
+    );
 
     // The guest writes to its disk; the bytes must survive a stop and start.
     env.ssh(

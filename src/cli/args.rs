@@ -113,6 +113,8 @@ pub enum Command {
         #[arg(long, global = true)]
         no_block: bool,
     },
+    /// A Markdown table of every VM (or JSON with --json).
+    Inventory,
     /// Follow VM lifecycle events (started, stopped, crashed, …).
     Events,
     /// Run the daemon in the foreground (the CLI starts one on demand).

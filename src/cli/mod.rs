@@ -87,6 +87,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Console { name, no_follow } => console(&app, &name, !no_follow),
         Command::Spice { name, open } => spice(&app, &name, open),
         Command::Events => events(&app),
+        Command::Inventory => inventory(&app),
         Command::Exec {
             name,
             timeout,
@@ -557,6 +558,35 @@ fn snapshot(app: &App, name: &str, command: SnapshotCommand, no_block: bool) -> 
             );
             println!("{:<24} {when} {}", snap.name, snap.state);
         }
+    }
+    Ok(0)
+}
+
+fn inventory(app: &App) -> Result<i32> {
+    let backend = app.backend()?;
+    let rows: Vec<output::InventoryRow> = all_statuses(app, &backend)?
+        .into_iter()
+        .map(|s| {
+            let spec = app.spec(&s.name);
+            output::InventoryRow {
+                cpus: spec.map(|v| v.cpus),
+                memory: spec.map(|v| v.memory.to_string()),
+                disk: spec.and_then(|v| v.disk).map(|d| d.to_string()),
+                name: s.name,
+                backend: s.backend,
+                image: s.image,
+                ssh_port: s.ssh_port,
+                spice_port: s.spice_port,
+                ips: s.ips,
+                state: s.state.as_str().to_string(),
+                purpose: s.purpose,
+            }
+        })
+        .collect();
+    if app.json {
+        output::print_json(&rows)?;
+    } else {
+        print!("{}", output::inventory_markdown(&rows));
     }
     Ok(0)
 }

@@ -62,3 +62,80 @@ pub fn status_table(rows: &[VmStatus]) -> String {
     }
     out
 }
+
+/// One VM as `agentvm inventory` shows it.
+#[derive(Debug, Serialize)]
+pub struct InventoryRow {
+    pub name: String,
+    pub backend: String,
+    pub image: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<String>,
+    pub disk: Option<String>,
+    pub ssh_port: Option<u16>,
+    pub spice_port: Option<u16>,
+    pub ips: Vec<String>,
+    pub state: String,
+    pub purpose: Option<String>,
+}
+
+/// A Markdown table, like a hand-kept `docs/machines.md`.
+pub fn inventory_markdown(rows: &[InventoryRow]) -> String {
+    let cell = |text: &str| text.replace('|', "\\|").replace('\n', " ");
+    let opt = |v: &Option<String>| v.as_deref().map_or("-".to_string(), cell);
+    let mut out = String::from(
+        "| name | backend | image | cpus | memory | disk | ssh | spice | IP | state | purpose |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            cell(&r.name),
+            cell(&r.backend),
+            opt(&r.image),
+            r.cpus.map_or("-".into(), |c| c.to_string()),
+            opt(&r.memory),
+            opt(&r.disk),
+            port(r.ssh_port),
+            port(r.spice_port),
+            if r.ips.is_empty() {
+                "-".to_string()
+            } else {
+                r.ips.join(", ")
+            },
+            r.state,
+            opt(&r.purpose),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_is_a_markdown_table_with_escaped_cells() {
+        let rows = [InventoryRow {
+            name: "drago".into(),
+            backend: "local".into(),
+            image: Some("nixos".into()),
+            cpus: Some(4),
+            memory: Some("8GiB".into()),
+            disk: None,
+            ssh_port: Some(2222),
+            spice_port: Some(5900),
+            ips: vec!["10.0.2.15".into()],
+            state: "running".into(),
+            purpose: Some("builds | ships\nthings".into()),
+        }];
+        let md = inventory_markdown(&rows);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(
+            lines[2],
+            "| drago | local | nixos | 4 | 8GiB | - | 2222 | 5900 | 10.0.2.15 | running | builds \\| ships things |"
+        );
+    }
+}
