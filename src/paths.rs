@@ -17,6 +17,8 @@ pub const ENV_ACCEL: &str = "AGENTVM_ACCEL";
 pub const ENV_NETWORK: &str = "AGENTVM_NETWORK";
 /// Environment variable naming a step at which the process kills itself (tests).
 pub const ENV_FAILPOINT: &str = "AGENTVM_FAILPOINT";
+/// Environment variable naming the `nix` program to build flake images with.
+pub const ENV_NIX: &str = "AGENTVM_NIX";
 /// Environment variable that overrides the daemon socket path.
 pub const ENV_SOCKET: &str = "AGENTVM_SOCKET";
 
@@ -27,6 +29,8 @@ pub const FLEET_FILE: &str = "agentvm.toml";
 pub const IMAGES_DIR: &str = "images";
 /// `$AGENTVM_HOME/images/index.json`: path+size+mtime → digest, for instant re-import.
 pub const IMAGE_INDEX_FILE: &str = "index.json";
+/// `$AGENTVM_HOME/images/builds.json`: which flake inputs built which image.
+pub const BUILDS_FILE: &str = "builds.json";
 /// `$AGENTVM_HOME/images/.lock`: held while importing.
 pub const STORE_LOCK_FILE: &str = ".lock";
 /// `$AGENTVM_HOME/vms`: one folder per local VM.

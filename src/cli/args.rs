@@ -113,6 +113,11 @@ pub enum Command {
         #[arg(long, global = true)]
         no_block: bool,
     },
+    /// Work on images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// A Markdown table of every VM (or JSON with --json).
     Inventory,
     /// Follow VM lifecycle events (started, stopped, crashed, …).
@@ -148,5 +153,17 @@ pub enum SnapshotCommand {
     },
     Delete {
         snapshot: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build a `flake = "…#attr"` image with nix and import it (skipped when the flake's lock
+    /// file and attribute are unchanged).
+    Build {
+        name: String,
+        /// Build even if nothing changed.
+        #[arg(long)]
+        rebuild: bool,
     },
 }

@@ -18,7 +18,7 @@ use crate::daemon::protocol::{Event, Request, UpItem, VmRef, VmResult};
 use crate::paths::Home;
 use crate::progress::{Console, Reporter};
 use crate::spec::{Fleet, SpecError, VmSpec};
-pub use args::{Cli, Command, SnapshotCommand};
+pub use args::{Cli, Command, ImageCommand, SnapshotCommand};
 
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> i32 {
@@ -55,7 +55,7 @@ fn run(cli: Cli) -> Result<i32> {
     if let Command::Daemon { install_unit, stop } = cli.command {
         return daemon(&cli.connect, install_unit, stop);
     }
-    let needs_fleet = matches!(cli.command, Command::Up { .. });
+    let needs_fleet = matches!(cli.command, Command::Up { .. } | Command::Image { .. });
     let app = App {
         json: cli.json,
         uri: cli.connect,
@@ -88,6 +88,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Spice { name, open } => spice(&app, &name, open),
         Command::Events => events(&app),
         Command::Inventory => inventory(&app),
+        Command::Image {
+            command: ImageCommand::Build { name, rebuild },
+        } => image_build(&app, &name, rebuild),
         Command::Exec {
             name,
             timeout,
@@ -589,4 +592,22 @@ fn inventory(app: &App) -> Result<i32> {
         print!("{}", output::inventory_markdown(&rows));
     }
     Ok(0)
+}
+
+fn image_build(app: &App, name: &str, rebuild: bool) -> Result<i32> {
+    let fleet = app.fleet()?;
+    let image = fleet
+        .images
+        .get(name)
+        .with_context(|| format!("{}: no image named {name:?}", fleet.file.display()))?
+        .clone();
+    let results = app.call(Request::ImageBuild { image, rebuild })?;
+    app.report(results, |v| {
+        let digest = v["digest"].as_str().unwrap_or_default();
+        if v["built"] == true {
+            format!("built and imported as {digest}")
+        } else {
+            format!("up to date ({digest})")
+        }
+    })
 }

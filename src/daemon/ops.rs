@@ -11,6 +11,7 @@ use super::protocol::{Event, Reply, Request, UpItem, VmRef, VmResult};
 use crate::backend::libvirt::LocalBackend;
 use crate::backend::{Backend, BackendError, DownPath, SnapshotAction, UpOutcome};
 use crate::progress::Reporter;
+use crate::spec::{ImageSource, ImageSpec};
 
 /// What `up` reports for one VM.
 #[derive(Debug, Serialize)]
@@ -117,6 +118,14 @@ pub async fn run(
                 },
             );
             ("snapshot", no_block, jobs)
+        }
+        Request::ImageBuild { image, rebuild } => {
+            let jobs = jobs(
+                vec![image],
+                |i| format!("image:{}", i.name),
+                |image| Box::new(move |b, events| build_image(b, &image, rebuild, events)),
+            );
+            ("image build", false, jobs)
         }
         Request::Hello {} | Request::Events {} => return Vec::new(),
     };
@@ -239,4 +248,36 @@ fn snapshot(
         SnapshotAction::Create { .. } | SnapshotAction::List => {}
     }
     to_value(backend.snapshot(&vm.name, action)?)
+}
+
+#[derive(Serialize)]
+struct Built {
+    digest: String,
+    path: std::path::PathBuf,
+    /// False when the flake and its lock file were unchanged since the last build.
+    built: bool,
+}
+
+fn build_image(
+    backend: &LocalBackend,
+    image: &ImageSpec,
+    rebuild: bool,
+    events: &Events,
+) -> Result<serde_json::Value, BackendError> {
+    let ImageSource::Flake(flake_ref) = &image.source else {
+        return Err(anyhow::anyhow!(
+            "image {} is not a flake image: there is nothing to build",
+            image.name
+        )
+        .into());
+    };
+    let (base, built) =
+        backend
+            .store()
+            .build_flake(image.name.as_str(), flake_ref, rebuild, events)?;
+    to_value(Built {
+        digest: base.file.digest,
+        path: base.file.path,
+        built,
+    })
 }

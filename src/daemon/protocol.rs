@@ -47,6 +47,11 @@ pub enum Request {
         action: crate::backend::SnapshotAction,
         no_block: bool,
     },
+    /// Builds a flake image (and imports it) unless it is up to date.
+    ImageBuild {
+        image: ImageSpec,
+        rebuild: bool,
+    },
     /// Streams lifecycle events until the client goes away.
     Events {},
 }

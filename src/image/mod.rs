@@ -3,6 +3,7 @@
 //! A source file is copied in once, named by its sha256; an index keyed by the
 //! source's path, size and mtime makes re-importing an unchanged file instant.
 
+pub mod nix_build;
 pub mod qemu_img;
 
 use std::collections::BTreeMap;
@@ -18,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::domain::KernelBoot;
 use crate::fsutil::{FileLock, create_private_dir, write_atomic};
 use crate::paths::Home;
-use crate::paths::STORE_LOCK_FILE;
+use crate::paths::{BUILDS_FILE, STORE_LOCK_FILE};
 use crate::progress::Reporter;
 use crate::spec::{ImageSource, ImageSpec};
 pub use qemu_img::{DiskFormat, DiskInfo};
@@ -87,11 +88,15 @@ impl ImageStore {
                     kernel: None,
                 })
             }
-            ImageSource::Flake(attr) => bail!(
-                "image {:?} is built from the flake {attr:?}; building NixOS images is not available yet: \
-                 build it yourself and use `file = \"path/to/image.qcow2\"`",
-                image.name.as_str()
-            ),
+            ImageSource::Flake(flake_ref) => {
+                let (base, _) =
+                    self.build_flake_locked(image.name.as_str(), flake_ref, false, progress)?;
+                Ok(PreparedImage {
+                    digest: base.file.digest.clone(),
+                    base: Some(base),
+                    kernel: None,
+                })
+            }
             ImageSource::Kernel {
                 kernel,
                 initrd,
@@ -127,6 +132,51 @@ impl ImageStore {
                 })
             }
         }
+    }
+
+    /// Builds a flake image (unless its flake reference and lock file are what
+    /// the last build used, or `rebuild`) and imports the qcow2 by content.
+    /// Returns the base and whether `nix build` ran.
+    pub fn build_flake(
+        &self,
+        image: &str,
+        flake_ref: &str,
+        rebuild: bool,
+        progress: &dyn Reporter,
+    ) -> Result<(BaseDisk, bool)> {
+        create_private_dir(&self.dir)?;
+        let _guard = FileLock::acquire(&self.dir.join(STORE_LOCK_FILE))?;
+        self.build_flake_locked(image, flake_ref, rebuild, progress)
+    }
+
+    fn build_flake_locked(
+        &self,
+        image: &str,
+        flake_ref: &str,
+        rebuild: bool,
+        progress: &dyn Reporter,
+    ) -> Result<(BaseDisk, bool)> {
+        let records_path = self.dir.join(BUILDS_FILE);
+        let mut records = nix_build::read_records(&records_path);
+        let inputs = nix_build::inputs_key(flake_ref);
+        if !rebuild
+            && let (Some(inputs), Some(record)) = (&inputs, records.get(image))
+            && &record.inputs == inputs
+            && record.output.is_file()
+        {
+            progress.step(image, "flake and lock file unchanged: not building again");
+            return Ok((self.import_disk(&record.output, progress)?, false));
+        }
+        if inputs.is_none() {
+            progress.step(image, "no local flake.lock to compare with: building");
+        }
+        let output = nix_build::build(image, flake_ref, progress)?;
+        let base = self.import_disk(&output, progress)?;
+        if let Some(inputs) = inputs {
+            records.insert(image.to_string(), nix_build::BuildRecord { inputs, output });
+            nix_build::write_records(&records_path, &records)?;
+        }
+        Ok((base, true))
     }
 
     /// Imports a qcow2 or raw disk image.

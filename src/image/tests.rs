@@ -1,6 +1,5 @@
 use super::*;
 use crate::progress::Silent;
-use crate::spec::Name;
 
 fn store() -> (tempfile::TempDir, ImageStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -79,22 +78,6 @@ fn sparse_raw_disk_stays_sparse_and_is_sized() {
     assert_eq!(meta.len(), 64 << 20);
     assert!(meta.blocks() * 512 < 1 << 20, "copy is sparse");
     assert_eq!(meta.permissions().mode() & 0o777, 0o444);
-}
-
-#[test]
-fn flake_image_is_a_clear_error() {
-    let (_dir, store) = store();
-    let spec = ImageSpec {
-        name: Name::new("nix").unwrap(),
-        source: ImageSource::Flake(".#agent-base".into()),
-        agent: true,
-        host_key: crate::spec::DEFAULT_HOST_KEY.into(),
-    };
-    let err = store.prepare(&spec, &Silent).unwrap_err().to_string();
-    assert!(
-        err.contains("flake") && err.contains("not available yet"),
-        "{err}"
-    );
 }
 
 #[test]

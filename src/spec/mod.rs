@@ -53,7 +53,8 @@ pub struct ImageSpec {
 pub enum ImageSource {
     /// A qcow2 or raw disk image to import.
     File(PathBuf),
-    /// A NixOS flake attribute to build.
+    /// A NixOS flake output to build: `flake#attr`, where a path flake
+    /// (`.#attr` in the file) is made absolute against the fleet file's folder.
     Flake(String),
     /// Direct kernel boot, optionally with a root disk image.
     Kernel {
@@ -261,6 +262,19 @@ impl Resolver<'_> {
         self.base_dir.join(expanded)
     }
 
+    /// `./x#attr`, `.#attr`, `~/x#attr` and `/x#attr` become absolute; other
+    /// flake references (`github:…#attr`) stay as written.
+    fn flake_ref(&self, flake: &str) -> String {
+        let (source, attr) = flake.split_once('#').unwrap_or((flake, ""));
+        if source.starts_with('.') || source.starts_with('/') || source.starts_with("~/") {
+            let dir = self.path(source);
+            let dir = dir.canonicalize().unwrap_or(dir);
+            format!("{}#{attr}", dir.display())
+        } else {
+            flake.to_string()
+        }
+    }
+
     fn image_source(&self, name: &Name, raw: RawImage) -> Result<ImageSource, SpecError> {
         let field = format!("images.{name}");
         let span = self.key_span("images", name.as_str());
@@ -278,7 +292,7 @@ impl Resolver<'_> {
                         "`flake` must name a flake attribute, like \".#agent-base\"",
                     ));
                 }
-                Ok(ImageSource::Flake(flake))
+                Ok(ImageSource::Flake(self.flake_ref(&flake)))
             }
             (_, None, Some(_))
                 if raw

@@ -142,10 +142,17 @@ fn image_needs_exactly_one_source() {
 
 #[test]
 fn flake_images_parse() {
-    let fleet = parse("[images.n]\nflake = \".#agent-base\"\n").unwrap();
+    let fleet = parse(
+        "[images.n]\nflake = \".#agent-base\"\n[images.r]\nflake = \"github:me/agents#base\"\n",
+    )
+    .unwrap();
     assert_eq!(
         fleet.images[&Name::new("n").unwrap()].source,
-        ImageSource::Flake(".#agent-base".into())
+        ImageSource::Flake("/fleet/.#agent-base".into())
+    );
+    assert_eq!(
+        fleet.images[&Name::new("r").unwrap()].source,
+        ImageSource::Flake("github:me/agents#base".into())
     );
 }
 

@@ -78,6 +78,10 @@ impl LocalBackend {
         &self.home
     }
 
+    pub fn store(&self) -> &ImageStore {
+        &self.store
+    }
+
     /// The agentvm domain of `name` with its state, if one is defined.
     fn lookup(&self, name: &str) -> Result<Option<(Domain, VmState)>> {
         let dom_name = domain_name(name);

@@ -1,0 +1,156 @@
+//! Building NixOS images from flakes: `nix build`, with a record of what was
+//! built from which lock file so an unchanged flake is not built again.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::fsutil::write_atomic;
+use crate::paths::{ENV_NIX, non_empty_env};
+use crate::progress::Reporter;
+
+/// The `nix` program, unless `AGENTVM_NIX` names another.
+pub const NIX: &str = "nix";
+pub const FLAKE_LOCK_FILE: &str = "flake.lock";
+
+/// What a build produced, and from which inputs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BuildRecord {
+    /// sha256 of the flake reference and its lock file.
+    pub inputs: String,
+    /// The qcow2 `nix build` produced (a Nix store path).
+    pub output: PathBuf,
+}
+
+/// The build inputs' key: the flake reference plus its lock file's content.
+/// `None` when the flake has no local lock file, so there is nothing to compare.
+pub fn inputs_key(flake_ref: &str) -> Option<String> {
+    let (source, _) = flake_ref.split_once('#')?;
+    if !source.starts_with('/') {
+        return None;
+    }
+    let lock = std::fs::read(Path::new(source).join(FLAKE_LOCK_FILE)).ok()?;
+    let mut hasher = Sha256::new();
+    hasher.update(flake_ref.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(&lock);
+    Some(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
+pub fn read_records(path: &Path) -> BTreeMap<String, BuildRecord> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+pub fn write_records(path: &Path, records: &BTreeMap<String, BuildRecord>) -> Result<()> {
+    write_atomic(path, &serde_json::to_vec_pretty(records)?, 0o600)
+}
+
+/// Runs `nix build --no-link --print-out-paths FLAKE_REF`, passing its log on as
+/// progress steps of `image`, and returns the qcow2 it built.
+pub fn build(image: &str, flake_ref: &str, progress: &dyn Reporter) -> Result<PathBuf> {
+    let nix = non_empty_env(ENV_NIX).unwrap_or_else(|| NIX.to_string());
+    let mut child = Command::new(&nix)
+        .args([
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "build",
+            "--no-link",
+            "--print-out-paths",
+            flake_ref,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!(
+                "image {image} is built from the flake {flake_ref}, but `{nix}` is not installed (or not on PATH)"
+            ),
+            _ => anyhow::Error::new(e).context("running nix build"),
+        })?;
+    let stderr = child.stderr.take().context("nix stderr")?;
+    let mut tail = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        progress.step(image, &format!("nix: {line}"));
+        tail.push(line);
+        if tail.len() > 20 {
+            tail.remove(0);
+        }
+    }
+    let output = child.wait_with_output().context("waiting for nix build")?;
+    if !output.status.success() {
+        bail!(
+            "nix build {flake_ref} failed ({}):\n{}",
+            output.status,
+            tail.join("\n")
+        );
+    }
+    let out_paths = String::from_utf8_lossy(&output.stdout);
+    let out = out_paths
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .with_context(|| format!("nix build {flake_ref} printed no output path"))?;
+    find_qcow2(Path::new(out))
+}
+
+/// The qcow2 in a build output: the output itself, or the one file ending in .qcow2 inside it.
+fn find_qcow2(out: &Path) -> Result<PathBuf> {
+    if out.is_file() {
+        return Ok(out.to_path_buf());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(out)
+        .with_context(|| format!("reading build output {}", out.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!("build output {} has no .qcow2 file", out.display()),
+        _ => bail!("build output {} has several .qcow2 files", out.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_key_follows_the_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let flake = format!("{}#base", dir.path().display());
+        assert_eq!(inputs_key(&flake), None, "no lock file, nothing to compare");
+        std::fs::write(dir.path().join(FLAKE_LOCK_FILE), "{\"version\":7}").unwrap();
+        let first = inputs_key(&flake).unwrap();
+        assert_eq!(inputs_key(&flake).unwrap(), first);
+        assert_ne!(
+            inputs_key(&format!("{}#other", dir.path().display())).unwrap(),
+            first
+        );
+        std::fs::write(dir.path().join(FLAKE_LOCK_FILE), "{\"version\":8}").unwrap();
+        assert_ne!(inputs_key(&flake).unwrap(), first);
+        assert_eq!(inputs_key("github:me/agents#base"), None);
+    }
+
+    #[test]
+    fn finds_the_qcow2_in_an_output_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nixos.qcow2"), b"x").unwrap();
+        std::fs::write(dir.path().join("nix-support"), b"x").unwrap();
+        assert_eq!(
+            find_qcow2(dir.path()).unwrap(),
+            dir.path().join("nixos.qcow2")
+        );
+        std::fs::write(dir.path().join("other.qcow2"), b"x").unwrap();
+        assert!(find_qcow2(dir.path()).is_err());
+    }
+}
