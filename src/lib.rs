@@ -12,6 +12,8 @@ pub mod image;
 pub mod paths;
 pub mod ports;
 pub mod progress;
+pub mod provision;
+pub mod scaffold;
 pub mod screenshot;
 pub mod spec;
 pub mod ssh;

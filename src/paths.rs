@@ -19,6 +19,8 @@ pub const ENV_NETWORK: &str = "AGENTVM_NETWORK";
 pub const ENV_FAILPOINT: &str = "AGENTVM_FAILPOINT";
 /// Environment variable naming the `nix` program to build flake images with.
 pub const ENV_NIX: &str = "AGENTVM_NIX";
+/// Environment variable naming the `nixos-rebuild` program `agentvm provision` runs.
+pub const ENV_NIXOS_REBUILD: &str = "AGENTVM_NIXOS_REBUILD";
 /// Environment variable that overrides the daemon socket path.
 pub const ENV_SOCKET: &str = "AGENTVM_SOCKET";
 

@@ -91,6 +91,14 @@ impl Endpoint {
         ]
     }
 
+    /// The options as `-o Key=Value` arguments (for `NIX_SSHOPTS` and the like).
+    pub fn option_args(&self) -> Vec<String> {
+        self.options()
+            .into_iter()
+            .map(|(key, value)| format!("-o {key}={value}"))
+            .collect()
+    }
+
     /// The system `ssh` with this endpoint; `command` runs remotely if given.
     pub fn command(&self, command: &[String]) -> Command {
         let mut cmd = Command::new("ssh");

@@ -113,3 +113,90 @@ fn a_missing_nix_is_a_clear_error() {
     let err = env.fails(&["image", "build", "base"]);
     assert!(err.contains("`/nonexistent/nix` is not installed"), "{err}");
 }
+
+#[test]
+fn new_scaffolds_a_host_and_a_vm_keeping_the_fleet_file_as_written() {
+    let env = Env::new();
+    let template = env.dir.path().join("hosts/agent-template/default.nix");
+    std::fs::create_dir_all(template.parent().unwrap()).unwrap();
+    std::fs::write(
+        &template,
+        "# agent @NAME@\n{ networking.hostName = \"@NAME@\"; }\n",
+    )
+    .unwrap();
+    let original = "# my agents\n[defaults]\nimage = \"base\" # shared\n\n[images.base]\nfile = \"base.qcow2\"\n\n# the first one\n[vms.drago]\nssh_port = 2222\n";
+    env.write_raw_fleet(original);
+
+    let made = env.json(&["new", "n-scaffold"]);
+    let host = env.dir.path().join("hosts/agent-n-scaffold/default.nix");
+    assert_eq!(
+        std::fs::read_to_string(&host).unwrap(),
+        "# agent n-scaffold\n{ networking.hostName = \"n-scaffold\"; }\n"
+    );
+    let fleet = std::fs::read_to_string(env.fleet_path()).unwrap();
+    assert!(
+        fleet.starts_with(original),
+        "comments and order kept:\n{fleet}"
+    );
+    let ssh = made["ssh_port"].as_u64().unwrap();
+    assert_ne!(ssh, 2222, "a port pinned by another VM is not reused");
+    assert!(
+        fleet.contains(&format!(
+            "[vms.n-scaffold]\nnixos = \".#agent-n-scaffold\"\nssh_port = {ssh}\nspice_port = {}\n",
+            made["spice_port"]
+        )),
+        "{fleet}"
+    );
+
+    // Existing names are refused and nothing changes.
+    for existing in ["n-scaffold", "drago"] {
+        let err = env.fails(&["new", existing]);
+        assert!(err.contains("already exists"), "{err}");
+    }
+    assert_eq!(std::fs::read_to_string(env.fleet_path()).unwrap(), fleet);
+    let err = env.fails(&["new", "Bad_Name"]);
+    assert!(err.contains("invalid name"), "{err}");
+}
+
+#[test]
+fn provision_runs_nixos_rebuild_against_the_vm_over_its_ssh_port() {
+    let env = Env::new();
+    env.write_fleet("[vms.n-prov]\nnixos = \".#agent-n-prov\"\n");
+    env.owns(&["n-prov"]);
+    env.ok(&["up", "n-prov", "--timeout", common::GUEST_TIMEOUT]);
+
+    let dry = env.ok(&["provision", "n-prov", "--dry-run"]);
+    assert!(
+        dry.contains("switch --flake")
+            && dry.contains("#agent-n-prov --target-host root@agentvm-n-prov"),
+        "{dry}"
+    );
+    // A stand-in nixos-rebuild that does what the real one needs first: reach
+    // the target with `ssh $NIX_SSHOPTS`. It tests agentvm's part only.
+    let stand_in = env.dir.path().join("nixos-rebuild");
+    std::fs::write(
+        &stand_in,
+        "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --target-host ] && target=$2; shift; done\n\
+         exec ssh $NIX_SSHOPTS \"$target\" 'echo switched on $(uname -n)'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &stand_in,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = env
+        .command(&["provision", "n-prov"])
+        .env("AGENTVM_NIXOS_REBUILD", &stand_in)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "switched on testguest\n"
+    );
+}

@@ -113,6 +113,15 @@ pub enum Command {
         #[arg(long, global = true)]
         no_block: bool,
     },
+    /// Scaffold a new agent: hosts/agent-NAME/ from the template and [vms.NAME] in agentvm.toml.
+    New { name: String },
+    /// Apply the VM's `nixos` flake attribute with nixos-rebuild over its SSH port.
+    Provision {
+        name: String,
+        /// Print the command instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Work on images.
     Image {
         #[command(subcommand)]

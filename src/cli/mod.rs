@@ -55,7 +55,13 @@ fn run(cli: Cli) -> Result<i32> {
     if let Command::Daemon { install_unit, stop } = cli.command {
         return daemon(&cli.connect, install_unit, stop);
     }
-    let needs_fleet = matches!(cli.command, Command::Up { .. } | Command::Image { .. });
+    let needs_fleet = matches!(
+        cli.command,
+        Command::Up { .. }
+            | Command::Image { .. }
+            | Command::New { .. }
+            | Command::Provision { .. }
+    );
     let app = App {
         json: cli.json,
         uri: cli.connect,
@@ -88,6 +94,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Spice { name, open } => spice(&app, &name, open),
         Command::Events => events(&app),
         Command::Inventory => inventory(&app),
+        Command::New { name } => new_agent(&app, &name),
+        Command::Provision { name, dry_run } => provision(&app, &name, dry_run),
         Command::Image {
             command: ImageCommand::Build { name, rebuild },
         } => image_build(&app, &name, rebuild),
@@ -610,4 +618,64 @@ fn image_build(app: &App, name: &str, rebuild: bool) -> Result<i32> {
             format!("up to date ({digest})")
         }
     })
+}
+
+fn new_agent(app: &App, name: &str) -> Result<i32> {
+    let fleet = app.fleet()?;
+    let name = crate::spec::Name::new(name)?;
+    // Reserve ports no VM has, defined or pinned in the fleet file.
+    let mut claims = app.backend()?.port_claims()?;
+    for vm in fleet.vms.values() {
+        for port in [vm.ssh_port, vm.spice_port].into_iter().flatten() {
+            claims.add(port, vm.name.as_str());
+        }
+    }
+    let ssh = crate::ports::choose(
+        "ssh",
+        crate::ports::SSH_PORT_BASE,
+        name.as_str(),
+        None,
+        None,
+        &claims,
+    )?;
+    claims.add(ssh, &format!("{name} (ssh)"));
+    let spice = crate::ports::choose(
+        "spice",
+        crate::ports::SPICE_PORT_BASE,
+        name.as_str(),
+        None,
+        None,
+        &claims,
+    )?;
+    let made = crate::scaffold::scaffold(fleet, &name, ssh, spice)?;
+    if app.json {
+        output::print_json(&made)?;
+    } else {
+        println!(
+            "{name}: wrote {} and added [vms.{name}] to {} (ssh port {ssh}, spice port {spice})",
+            made.host_config.display(),
+            fleet.file.display()
+        );
+    }
+    Ok(0)
+}
+
+fn provision(app: &App, name: &str, dry_run: bool) -> Result<i32> {
+    let fleet = app.fleet()?;
+    let spec = fleet.vm(name)?;
+    let endpoint = app.backend()?.ssh_endpoint(name)?;
+    let mut cmd = crate::provision::command(&fleet.file, name, spec.nixos.as_deref(), &endpoint)?;
+    if dry_run {
+        println!("{}", crate::provision::shell_line(&cmd));
+        return Ok(0);
+    }
+    // Output streams straight through: nixos-rebuild's own progress is what the user wants.
+    let status = cmd.status().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!(
+            "{} is not installed (it comes with Nix/NixOS); --dry-run shows the command",
+            cmd.get_program().to_string_lossy()
+        ),
+        _ => anyhow::Error::new(e).context("running nixos-rebuild"),
+    })?;
+    Ok(status.code().unwrap_or(1))
 }

@@ -111,6 +111,11 @@ impl LocalBackend {
             .ok_or_else(|| BackendError::NotFound(name.to_string()))
     }
 
+    /// Ports held by every agentvm VM.
+    pub fn port_claims(&self) -> Result<Claims> {
+        self.claims("")
+    }
+
     /// Ports held by every agentvm VM except `except`.
     fn claims(&self, except: &str) -> Result<Claims> {
         let mut claims = Claims::default();
