@@ -12,6 +12,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   libxml2-utils pkg-config dbus openssh-client cpio binutils
+  nix-bin age
 )
 
 say() { printf '\n==> %s\n' "$*" >&2; }
@@ -82,4 +83,13 @@ use_readable_checkout() {
   (cd "$REPO" && tar --exclude=./target -cf - .) | tar -xf - -C "$copy"
   chmod -R a+rX "$copy"
   REPO="$copy"
+}
+
+# Every .nix file of the project must at least parse.
+parse_nix_files() {
+  say "nix-instantiate --parse on every .nix file"
+  local f
+  while IFS= read -r f; do
+    nix-instantiate --parse "$f" >/dev/null || { echo "does not parse: $f" >&2; return 1; }
+  done < <(cd "$REPO" && git ls-files -co --exclude-standard -- '*.nix')
 }

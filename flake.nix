@@ -1,0 +1,115 @@
+{
+  description = "agentvm: per-user agent VMs on libvirt, and the NixOS images they run";
+
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+    # agentvm itself needs Rust 1.89 (let chains, sha2 0.11, uuid through virt);
+    # nixos-25.05 ships 1.86, so the package is built from nixos-unstable.
+    nixpkgs-unstable.url = "github:NixOS/nixpkgs/nixos-unstable";
+    home-manager = {
+      url = "github:nix-community/home-manager/release-25.05";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+  };
+
+  outputs = { self, nixpkgs, nixpkgs-unstable, ... }:
+    let
+      system = "x86_64-linux";
+      lib = nixpkgs.lib;
+      hosts = [ "agent-base" "agent-drago" "agent-luce" ];
+
+      packageOption = pkgs: lib.mkOption {
+        type = lib.types.package;
+        default = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        defaultText = lib.literalExpression "agentvm.packages.\${pkgs.stdenv.hostPlatform.system}.default";
+        description = "The agentvm package to run.";
+      };
+    in
+    {
+      nixosConfigurations = lib.genAttrs hosts (name: lib.nixosSystem {
+        inherit system;
+        modules = [ (./hosts + "/${name}") ];
+      });
+
+      packages.${system} =
+        let
+          pkgs = nixpkgs-unstable.legacyPackages.${system};
+        in
+        {
+          agentvm = pkgs.rustPlatform.buildRustPackage {
+            pname = "agentvm";
+            version = "0.1.0";
+            src = ./.;
+            cargoLock.lockFile = ./Cargo.lock;
+            nativeBuildInputs = [ pkgs.pkg-config ];
+            buildInputs = [ pkgs.libvirt ];
+            # The tests need libvirt and QEMU at run time, which the build
+            # sandbox does not have.
+            doCheck = false;
+            meta.mainProgram = "agentvm";
+          };
+          default = self.packages.${system}.agentvm;
+        }
+        # agent-base-image, agent-drago-image, ...: the qcow2 of each host.
+        // lib.mapAttrs'
+          (name: host: lib.nameValuePair "${name}-image" host.config.system.build.agentvmImage)
+          self.nixosConfigurations;
+
+      # Runs `agentvm daemon` as a systemd user service for every user.
+      nixosModules.agentvm-daemon = { config, lib, pkgs, ... }:
+        let
+          cfg = config.services.agentvm;
+        in
+        {
+          options.services.agentvm = {
+            enable = lib.mkEnableOption "the agentvm daemon (a systemd user service) and libvirt";
+            package = packageOption pkgs;
+          };
+
+          config = lib.mkIf cfg.enable {
+            virtualisation.libvirtd.enable = true;
+            environment.systemPackages = [ cfg.package ];
+
+            systemd.user.services.agentvm-daemon = {
+              description = "agentvm daemon";
+              wantedBy = [ "default.target" ];
+              # User services get no PATH from the system; the daemon runs
+              # qemu-img, ssh-keyscan and ssh-keygen, and passt when present.
+              path = [ config.virtualisation.libvirtd.qemu.package pkgs.openssh pkgs.passt ];
+              serviceConfig = {
+                ExecStart = "${cfg.package}/bin/agentvm daemon";
+                Restart = "on-failure";
+              };
+            };
+          };
+        };
+
+      # The same user service for home-manager, on NixOS or any other distribution.
+      homeManagerModules.agentvm-daemon = { config, lib, pkgs, ... }:
+        let
+          cfg = config.services.agentvm;
+          tools = lib.makeBinPath [ pkgs.qemu pkgs.openssh pkgs.passt ];
+        in
+        {
+          options.services.agentvm = {
+            enable = lib.mkEnableOption "the agentvm daemon as a systemd user service";
+            package = packageOption pkgs;
+          };
+
+          config = lib.mkIf cfg.enable {
+            home.packages = [ cfg.package ];
+
+            systemd.user.services.agentvm-daemon = {
+              Unit.Description = "agentvm daemon";
+              Service = {
+                ExecStart = "${cfg.package}/bin/agentvm daemon";
+                Restart = "on-failure";
+                # See the NixOS module; the system's own directories come after.
+                Environment = [ "PATH=${tools}:/run/current-system/sw/bin:/usr/bin:/bin" ];
+              };
+              Install.WantedBy = [ "default.target" ];
+            };
+          };
+        };
+    };
+}
