@@ -15,5 +15,6 @@ pub mod progress;
 pub mod provision;
 pub mod scaffold;
 pub mod screenshot;
+pub mod secrets;
 pub mod spec;
 pub mod ssh;

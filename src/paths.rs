@@ -46,6 +46,8 @@ pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
 /// `$AGENTVM_HOME/vms/NAME/pinned_host_key`: the host key `agentvm hostkey` pinned;
 /// while it exists `agentvm ssh` checks host keys strictly.
 pub const VM_PINNED_HOST_KEY_FILE: &str = "pinned_host_key";
+/// `$AGENTVM_HOME/secrets.json`: the recipients `secrets rekey` added, per VM.
+pub const SECRETS_RECORD_FILE: &str = "secrets.json";
 /// `$AGENTVM_HOME/ssh`: agentvm's own SSH identity.
 pub const SSH_DIR: &str = "ssh";
 /// `$AGENTVM_HOME/ssh/id_ed25519` (and `.pub`).
@@ -135,6 +137,10 @@ impl Home {
 
     pub fn vm_pinned_host_key(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join(VM_PINNED_HOST_KEY_FILE)
+    }
+
+    pub fn secrets_record(&self) -> PathBuf {
+        self.root.join(SECRETS_RECORD_FILE)
     }
 
     pub fn ssh_dir(&self) -> PathBuf {

@@ -122,6 +122,11 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Work on the age-encrypted secrets of VMs.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// Work on images.
     Image {
         #[command(subcommand)]
@@ -174,5 +179,23 @@ pub enum ImageCommand {
         /// Build even if nothing changed.
         #[arg(long)]
         rebuild: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Add the VM's SSH host key as a recipient of its secrets (agenix secrets.nix and
+    /// .sops.yaml) and re-encrypt its .age files; --remove takes it away again.
+    Rekey {
+        name: String,
+        /// The admin identity that can decrypt the secrets today.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
+        /// The host public key to add (default: the pinned key, or read from the running VM).
+        #[arg(long, value_name = "FILE", conflicts_with = "remove")]
+        host_key: Option<std::path::PathBuf>,
+        /// Remove the recipient agentvm added for this VM (e.g. after destroy).
+        #[arg(long)]
+        remove: bool,
     },
 }

@@ -18,7 +18,7 @@ use crate::daemon::protocol::{Event, Request, UpItem, VmRef, VmResult};
 use crate::paths::Home;
 use crate::progress::{Console, Reporter};
 use crate::spec::{Fleet, SpecError, VmSpec};
-pub use args::{Cli, Command, ImageCommand, SnapshotCommand};
+pub use args::{Cli, Command, ImageCommand, SecretsCommand, SnapshotCommand};
 
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> i32 {
@@ -95,6 +95,15 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Events => events(&app),
         Command::Inventory => inventory(&app),
         Command::New { name } => new_agent(&app, &name),
+        Command::Secrets {
+            command:
+                SecretsCommand::Rekey {
+                    name,
+                    identity,
+                    host_key,
+                    remove,
+                },
+        } => secrets_rekey(&app, &name, identity, host_key, remove),
         Command::Provision { name, dry_run } => provision(&app, &name, dry_run),
         Command::Image {
             command: ImageCommand::Build { name, rebuild },
@@ -678,4 +687,82 @@ fn provision(app: &App, name: &str, dry_run: bool) -> Result<i32> {
         _ => anyhow::Error::new(e).context("running nixos-rebuild"),
     })?;
     Ok(status.code().unwrap_or(1))
+}
+
+fn secrets_rekey(
+    app: &App,
+    name: &str,
+    identity: Option<std::path::PathBuf>,
+    host_key: Option<std::path::PathBuf>,
+    remove: bool,
+) -> Result<i32> {
+    let fleet = app.fleet()?;
+    let spec = fleet.vm(name)?;
+    app.home.ensure()?;
+    if spec.secrets.is_empty() {
+        bail!("{}: vms.{name} has no secrets", fleet.file.display());
+    }
+    let identity = match identity {
+        Some(path) => path,
+        None => std::path::PathBuf::from(
+            crate::paths::non_empty_env("HOME").context("HOME is not set: give --identity")?,
+        )
+        .join(".ssh/id_ed25519"),
+    };
+    let key = if remove {
+        None
+    } else if let Some(path) = host_key {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Some(text)
+    } else {
+        let pinned = app.home.vm_pinned_host_key(name);
+        match std::fs::read_to_string(&pinned) {
+            Ok(text) => Some(text),
+            Err(_) => Some(app.backend()?.host_key(name)?.key),
+        }
+    };
+    let key = key.map(|k| {
+        let mut fields = k.split_whitespace();
+        format!(
+            "{} {}",
+            fields.next().unwrap_or_default(),
+            fields.next().unwrap_or_default()
+        )
+    });
+    let fleet_dir = fleet
+        .file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let report = crate::secrets::rekey(
+        name,
+        &spec.secrets,
+        fleet_dir,
+        key.as_deref(),
+        &identity,
+        &app.home.secrets_record(),
+    )?;
+    if app.json {
+        output::print_json(&report)?;
+    } else {
+        let verb = if remove { "removed" } else { "added" };
+        println!("{name}: {verb} recipient {}", report.recipient);
+        for file in &report.rekeyed {
+            println!("  re-encrypted {}", file.display());
+        }
+        for file in &report.edited {
+            println!("  edited {}", file.display());
+        }
+        for file in &report.sops_files {
+            println!(
+                "  run `sops updatekeys {}` to re-encrypt it",
+                file.display()
+            );
+        }
+    }
+    for (file, why) in &report.failed {
+        eprintln!("agentvm: error: {}: left as it was: {why}", file.display());
+    }
+    Ok(i32::from(!report.failed.is_empty()))
 }
