@@ -236,12 +236,13 @@ fn up(app: &App, names: &[String], wait: bool, timeout: u64, no_block: bool) -> 
     let vms = names
         .iter()
         .map(|n| {
-            fleet.vm(n).map(|spec| UpItem {
+            let spec = fleet.vm(n)?;
+            Ok(UpItem {
                 spec: spec.clone(),
-                image: fleet.image(&spec.image).clone(),
+                image: fleet.image_of(spec)?.clone(),
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, SpecError>>()?;
     let results = app.call(Request::Up {
         vms,
         wait,

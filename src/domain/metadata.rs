@@ -76,7 +76,11 @@ impl VmState {
             name: spec.name.to_string(),
             backend: spec.backend.clone(),
             spec_hash,
-            image: spec.image.to_string(),
+            image: spec
+                .image
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             image_digest: image_digest.to_string(),
             ssh_port,
             spice_port,

@@ -35,6 +35,55 @@ pub struct Fleet {
     pub file: PathBuf,
     pub images: BTreeMap<Name, ImageSpec>,
     pub vms: BTreeMap<Name, VmSpec>,
+    pub backends: BTreeMap<Name, BackendSpec>,
+}
+
+/// A `[backends.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    pub name: Name,
+    pub proxmox: ProxmoxSpec,
+}
+
+/// A Proxmox VE node reached with an API token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxmoxSpec {
+    /// `https://host:8006` (plain http only for loopback).
+    pub endpoint: String,
+    pub node: String,
+    pub token: TokenSource,
+    pub template: TemplateRef,
+    pub storage: Option<String>,
+    pub pool: Option<String>,
+    pub full_clone: bool,
+    pub tls: TlsMode,
+    /// The port the guests' SSH listens on.
+    pub ssh_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateRef {
+    Id(u32),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// The certificate must verify against the system's roots.
+    Verified,
+    /// The certificate's SHA-256 fingerprint must be this (`AA:BB:…`).
+    Fingerprint(String),
+    /// No verification at all (warned about loudly).
+    Insecure,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,7 +118,8 @@ pub enum ImageSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub name: Name,
-    pub image: Name,
+    /// The image; VMs on a Proxmox backend are cloned from its template instead.
+    pub image: Option<Name>,
     pub cpus: u32,
     pub memory: Size,
     /// Disk size; `None` keeps the base image's size.
@@ -86,6 +136,8 @@ pub struct VmSpec {
     /// Public key lines (files named in `ssh_keys` already read).
     pub ssh_keys: Vec<String>,
     pub accel: Accel,
+    /// A pinned VMID (Proxmox).
+    pub vmid: Option<u32>,
 }
 
 impl Fleet {
@@ -151,9 +203,22 @@ impl Fleet {
         })
     }
 
-    pub fn image(&self, name: &Name) -> &ImageSpec {
-        // Resolution guarantees every VM's image exists.
-        &self.images[name]
+    /// The image of a VM on the local backend.
+    pub fn image_of(&self, vm: &VmSpec) -> Result<&ImageSpec, SpecError> {
+        vm.image
+            .as_ref()
+            .and_then(|name| self.images.get(name))
+            .ok_or_else(|| SpecError::Invalid {
+                file: self.file.clone(),
+                line: 0,
+                column: 0,
+                field: format!("vms.{}.image", vm.name),
+                message: "this VM has no image".to_string(),
+            })
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&BackendSpec> {
+        self.backends.get(name)
     }
 }
 
@@ -223,22 +288,43 @@ impl Resolver<'_> {
                 },
             );
         }
+        let mut backends = BTreeMap::new();
+        for (key, backend) in raw.backends {
+            let name = self.table_name("backends", &key)?;
+            if name.as_str() == LOCAL_BACKEND {
+                return Err(self.at.error(
+                    self.key_span("backends", &key),
+                    "backends.local",
+                    "`local` is the built-in libvirt backend; give this one another name".into(),
+                ));
+            }
+            let spec = self.backend(&name, backend)?;
+            backends.insert(
+                name.clone(),
+                BackendSpec {
+                    name,
+                    proxmox: spec,
+                },
+            );
+        }
         let mut vms = BTreeMap::new();
         for (key, vm) in raw.vms {
             let name = self.table_name("vms", &key)?;
-            let spec = self.vm(&name, vm, &raw.defaults, &images)?;
+            let spec = self.vm(&name, vm, &raw.defaults, &images, &backends)?;
             vms.insert(name, spec);
         }
         Ok(Fleet {
             file: self.at.file.to_path_buf(),
             images,
             vms,
+            backends,
         })
     }
 
     fn key_span(&self, table: &str, key: &str) -> Option<Range<usize>> {
         let keys = match table {
             "images" => &self.key_spans.images,
+            "backends" => &self.key_spans.backends,
             _ => &self.key_spans.vms,
         };
         keys.keys().find(|k| k.get_ref() == key).map(Spanned::span)
@@ -260,6 +346,92 @@ impl Resolver<'_> {
             _ => PathBuf::from(text),
         };
         self.base_dir.join(expanded)
+    }
+
+    fn backend(&self, name: &Name, raw: raw::RawBackend) -> Result<ProxmoxSpec, SpecError> {
+        let field = |key: &str| format!("backends.{name}.{key}");
+        if raw.kind.get_ref() != "proxmox" {
+            return Err(self.at.error(
+                Some(raw.kind.span()),
+                &field("kind"),
+                format!(
+                    "unknown backend kind {:?} (known: proxmox)",
+                    raw.kind.get_ref()
+                ),
+            ));
+        }
+        let endpoint = raw.endpoint.get_ref().trim_end_matches('/').to_string();
+        let bad_endpoint = |why: &str| {
+            self.at.error(
+                Some(raw.endpoint.span()),
+                &field("endpoint"),
+                why.to_string(),
+            )
+        };
+        match endpoint.split_once("://") {
+            Some(("https", host)) if !host.is_empty() => {}
+            Some(("http", host)) if is_loopback_host(host) => {}
+            Some(("http", _)) => {
+                return Err(bad_endpoint(
+                    "plain http:// is only allowed for loopback endpoints; use https://",
+                ));
+            }
+            _ => return Err(bad_endpoint("expected https://host:8006")),
+        }
+        let token = match (raw.token.env, raw.token.file) {
+            (Some(var), None) => TokenSource::Env(var),
+            (None, Some(path)) => TokenSource::File(self.path(&path)),
+            _ => {
+                return Err(self.at.error(
+                    self.key_span("backends", name.as_str()),
+                    &field("token"),
+                    "token is { env = \"VAR\" } or { file = \"path\" }".into(),
+                ));
+            }
+        };
+        let (fingerprint, insecure) = match raw.tls {
+            Some(tls) => (
+                tls.fingerprint.or(raw.fingerprint),
+                tls.insecure || raw.insecure,
+            ),
+            None => (raw.fingerprint, raw.insecure),
+        };
+        let tls = match (fingerprint, insecure) {
+            (Some(_), true) => {
+                return Err(self.at.error(
+                    self.key_span("backends", name.as_str()),
+                    &field("tls"),
+                    "set either fingerprint or insecure, not both".into(),
+                ));
+            }
+            (Some(fp), false) => {
+                let hex: String = fp.get_ref().chars().filter(|c| *c != ':').collect();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(self.at.error(
+                        Some(fp.span()),
+                        &field("fingerprint"),
+                        "expected a SHA-256 fingerprint like \"AA:BB:…\" (32 bytes)".into(),
+                    ));
+                }
+                TlsMode::Fingerprint(hex.to_ascii_uppercase())
+            }
+            (None, true) => TlsMode::Insecure,
+            (None, false) => TlsMode::Verified,
+        };
+        Ok(ProxmoxSpec {
+            endpoint,
+            node: raw.node,
+            token,
+            template: match raw.template {
+                raw::RawTemplate::Id(id) => TemplateRef::Id(id),
+                raw::RawTemplate::Name(n) => TemplateRef::Name(n),
+            },
+            storage: raw.storage,
+            pool: raw.pool,
+            full_clone: raw.full_clone,
+            tls,
+            ssh_port: raw.ssh_port.unwrap_or(22),
+        })
     }
 
     /// `./x#attr`, `.#attr`, `~/x#attr` and `/x#attr` become absolute; other
@@ -326,12 +498,43 @@ impl Resolver<'_> {
         vm: RawVm,
         defaults: &raw::RawDefaults,
         images: &BTreeMap<Name, ImageSpec>,
+        backends: &BTreeMap<Name, BackendSpec>,
     ) -> Result<VmSpec, SpecError> {
         let field = |key: &str| format!("vms.{name}.{key}");
+
+        let (backend_text, backend_field) = match (&vm.backend, &defaults.backend) {
+            (Some(v), _) => (Some(v), field("backend")),
+            (None, Some(d)) => (Some(d), "defaults.backend".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let backend = match backend_text {
+            None => LOCAL_BACKEND.to_string(),
+            Some(b)
+                if b.get_ref() == LOCAL_BACKEND || backends.contains_key(b.get_ref().as_str()) =>
+            {
+                b.get_ref().clone()
+            }
+            Some(b) => {
+                let mut known = vec![LOCAL_BACKEND.to_string()];
+                known.extend(backends.keys().map(Name::to_string));
+                return Err(self.at.error(
+                    Some(b.span()),
+                    &backend_field,
+                    format!(
+                        "unknown backend {:?} (available: {})",
+                        b.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+            }
+        };
 
         let (image_text, image_field) = match (&vm.image, &defaults.image) {
             (Some(v), _) => (v, field("image")),
             (None, Some(d)) => (d, "defaults.image".to_string()),
+            (None, None) if backend != LOCAL_BACKEND => {
+                return self.vm_rest(name, vm, defaults, None, backend);
+            }
             (None, None) => {
                 return Err(self.at.error(
                     self.key_span("vms", name.as_str()),
@@ -360,26 +563,19 @@ impl Resolver<'_> {
                 )
             })?;
 
-        let (backend_text, backend_field) = match (&vm.backend, &defaults.backend) {
-            (Some(v), _) => (Some(v), field("backend")),
-            (None, Some(d)) => (Some(d), "defaults.backend".to_string()),
-            (None, None) => (None, String::new()),
-        };
-        let backend = match backend_text {
-            None => LOCAL_BACKEND.to_string(),
-            Some(b) if b.get_ref() == LOCAL_BACKEND => LOCAL_BACKEND.to_string(),
-            Some(b) => {
-                return Err(self.at.error(
-                    Some(b.span()),
-                    &backend_field,
-                    format!(
-                        "unknown backend {:?} (available: {LOCAL_BACKEND})",
-                        b.get_ref()
-                    ),
-                ));
-            }
-        };
+        self.vm_rest(name, vm, defaults, Some(image), backend)
+    }
 
+    /// Everything of a VM but its image and backend.
+    fn vm_rest(
+        &self,
+        name: &Name,
+        vm: RawVm,
+        defaults: &raw::RawDefaults,
+        image: Option<Name>,
+        backend: String,
+    ) -> Result<VmSpec, SpecError> {
+        let field = |key: &str| format!("vms.{name}.{key}");
         let user = match &vm.user {
             None => DEFAULT_USER.to_string(),
             Some(u) if is_unix_user(u.get_ref()) => u.get_ref().clone(),
@@ -467,6 +663,16 @@ impl Resolver<'_> {
             purpose: vm.purpose,
             ssh_keys,
             accel: vm.accel.or(defaults.accel).unwrap_or_default(),
+            vmid: match vm.vmid {
+                Some(id) if !(100..=999_999_999).contains(&id) => {
+                    return Err(self.at.error(
+                        self.key_span("vms", name.as_str()),
+                        &field("vmid"),
+                        format!("invalid vmid {id}: expected 100 to 999999999"),
+                    ));
+                }
+                other => other,
+            },
         })
     }
 
@@ -491,6 +697,20 @@ impl Resolver<'_> {
         }
         Ok(keys)
     }
+}
+
+/// `127.0.0.1:8006`, `localhost`, `[::1]:8006`…
+fn is_loopback_host(authority: &str) -> bool {
+    let host = authority.split('/').next().unwrap_or("");
+    let host = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn looks_like_key(entry: &str) -> bool {

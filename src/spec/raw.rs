@@ -75,6 +75,54 @@ pub struct RawFleet {
     pub images: BTreeMap<String, RawImage>,
     #[serde(default)]
     pub vms: BTreeMap<String, RawVm>,
+    #[serde(default)]
+    pub backends: BTreeMap<String, RawBackend>,
+}
+
+/// `[backends.NAME]`: a remote place to run VMs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub kind: Spanned<String>,
+    pub endpoint: Spanned<String>,
+    pub node: String,
+    pub token: RawToken,
+    pub template: RawTemplate,
+    pub storage: Option<String>,
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub full_clone: bool,
+    pub fingerprint: Option<Spanned<String>>,
+    #[serde(default)]
+    pub insecure: bool,
+    pub tls: Option<RawTls>,
+    /// The port the guests' SSH listens on (default 22).
+    pub ssh_port: Option<u16>,
+}
+
+/// Where an API token comes from: `{ env = "VAR" }` or `{ file = "path" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub env: Option<String>,
+    pub file: Option<String>,
+}
+
+/// `tls = { fingerprint = "AA:BB:…" }` or `tls = { insecure = true }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub fingerprint: Option<Spanned<String>>,
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// A template by VMID or by name.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawTemplate {
+    Id(u32),
+    Name(String),
 }
 
 /// `[defaults]`: every key here may also be set per VM.
@@ -127,6 +175,8 @@ pub struct RawVm {
     pub secrets: Vec<String>,
     pub nixos: Option<String>,
     pub purpose: Option<String>,
+    /// A pinned VMID on a Proxmox backend.
+    pub vmid: Option<u32>,
 }
 
 /// Where each table key stands in the file, for errors about names.
@@ -136,4 +186,6 @@ pub struct KeySpans {
     pub images: BTreeMap<Spanned<String>, serde::de::IgnoredAny>,
     #[serde(default)]
     pub vms: BTreeMap<Spanned<String>, serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub backends: BTreeMap<Spanned<String>, serde::de::IgnoredAny>,
 }

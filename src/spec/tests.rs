@@ -52,7 +52,7 @@ fn resolves_defaults_and_overrides() {
     assert_eq!(drago.cpus, 4);
     assert_eq!(drago.memory.bytes(), 8 * GIB);
     assert_eq!(drago.disk.unwrap().bytes(), 20 * GIB);
-    assert_eq!(drago.image.as_str(), "nixos");
+    assert_eq!(drago.image.as_ref().unwrap().as_str(), "nixos");
     assert_eq!(drago.ssh_port, Some(2300));
     assert_eq!(drago.user, "root");
     assert_eq!(drago.backend, "local");
@@ -64,7 +64,7 @@ fn resolves_defaults_and_overrides() {
     assert!(luce.readonly);
     assert_eq!(luce.user, "agent");
     assert_eq!(
-        fleet.image(&luce.image).source,
+        fleet.image_of(luce).unwrap().source,
         ImageSource::Kernel {
             kernel: "/boot/vmlinuz".into(),
             initrd: Some("/boot/initrd.img".into()),
@@ -73,7 +73,7 @@ fn resolves_defaults_and_overrides() {
         }
     );
     assert_eq!(
-        fleet.image(&drago.image).source,
+        fleet.image_of(drago).unwrap().source,
         ImageSource::File("/fleet/images/nixos.qcow2".into())
     );
 }
@@ -278,4 +278,59 @@ fn images_have_agent_and_host_key_settings() {
     assert_eq!(b.host_key, "/etc/ssh/ssh_host_rsa_key.pub");
     let (_, field, _) = invalid("[images.a]\nfile = \"x\"\nhost_key = \"relative.pub\"\n");
     assert_eq!(field, "images.a.host_key");
+}
+
+const PROXMOX: &str = r#"
+[backends.homelab]
+kind = "proxmox"
+endpoint = "https://pve.lan:8006"
+node = "pve"
+token = { env = "PVE_TOKEN" }
+template = 9000
+storage = "local-lvm"
+pool = "agents"
+tls = { fingerprint = "aa:bb:cc:dd:ee:ff:00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff:00:11:22:33:44:55:66:77:88:99" }
+
+[vms.remote]
+backend = "homelab"
+vmid = 4242
+"#;
+
+#[test]
+fn proxmox_backends_parse_and_vms_need_no_image_there() {
+    let fleet = parse(PROXMOX).unwrap();
+    let backend = &fleet.backends[&Name::new("homelab").unwrap()].proxmox;
+    assert_eq!(backend.endpoint, "https://pve.lan:8006");
+    assert_eq!(backend.template, TemplateRef::Id(9000));
+    assert_eq!(backend.token, TokenSource::Env("PVE_TOKEN".into()));
+    assert!(
+        matches!(&backend.tls, TlsMode::Fingerprint(fp) if fp.starts_with("AABBCC") && fp.len() == 64)
+    );
+    assert!(!backend.full_clone);
+    assert_eq!(backend.ssh_port, 22);
+    let vm = fleet.vm("remote").unwrap();
+    assert_eq!(vm.backend, "homelab");
+    assert_eq!(vm.vmid, Some(4242));
+    assert_eq!(vm.image, None);
+}
+
+#[test]
+fn proxmox_backend_errors_name_the_field() {
+    let plain = PROXMOX.replace("https://pve.lan:8006", "http://pve.lan:8006");
+    let (_, field, message) = invalid(&plain);
+    assert_eq!(field, "backends.homelab.endpoint");
+    assert!(message.contains("only allowed for loopback"), "{message}");
+    assert!(parse(&PROXMOX.replace("https://pve.lan:8006", "http://127.0.0.1:8006")).is_ok());
+    let (_, field, _) = invalid(&PROXMOX.replace("kind = \"proxmox\"", "kind = \"vmware\""));
+    assert_eq!(field, "backends.homelab.kind");
+    let (_, field, _) = invalid(&PROXMOX.replace("{ env = \"PVE_TOKEN\" }", "{ }"));
+    assert_eq!(field, "backends.homelab.token");
+    let (_, field, _) = invalid(&PROXMOX.replace("aa:bb:cc", "zz:bb:cc"));
+    assert_eq!(field, "backends.homelab.fingerprint");
+    let (_, field, message) =
+        invalid(&PROXMOX.replace("backend = \"homelab\"", "backend = \"nope\""));
+    assert_eq!(field, "vms.remote.backend");
+    assert!(message.contains("local, homelab"), "{message}");
+    let (_, field, _) = invalid(&PROXMOX.replace("vmid = 4242", "vmid = 7"));
+    assert_eq!(field, "vms.remote.vmid");
 }

@@ -274,7 +274,7 @@ impl LocalBackend {
         let size = match (&image.base, spec.disk) {
             (Some(base), Some(disk)) if disk.bytes() < base.virtual_size => bail!(
                 "vms.{name}.disk = {disk} is smaller than image {}'s virtual size {}",
-                spec.image,
+                image_name(spec),
                 Size::from_bytes(base.virtual_size)
             ),
             (_, disk) => disk,
@@ -444,7 +444,7 @@ impl Backend for LocalBackend {
                         name,
                         &format!(
                             "image {} changed since this VM was made; the VM keeps its old base (destroy and up to use the new one)",
-                            spec.image
+                            image_name(spec)
                         ),
                     );
                 }
@@ -604,7 +604,7 @@ impl Backend for LocalBackend {
                 backend: LOCAL_BACKEND.to_string(),
                 ssh_port: None,
                 spice_port: None,
-                image: spec.map(|s| s.image.to_string()),
+                image: spec.and_then(|s| s.image.as_ref()).map(ToString::to_string),
                 readonly: spec.is_some_and(|s| s.readonly),
                 restart_needed: false,
                 in_spec: spec.is_some(),
@@ -648,6 +648,10 @@ impl Backend for LocalBackend {
             state.spice_port
         ))
     }
+}
+
+fn image_name(spec: &VmSpec) -> &str {
+    spec.image.as_ref().map_or("-", |n| n.as_str())
 }
 
 fn read_state(dom: &Domain) -> Option<VmState> {
