@@ -48,6 +48,8 @@ pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
 pub const VM_PINNED_HOST_KEY_FILE: &str = "pinned_host_key";
 /// `$AGENTVM_HOME/secrets.json`: the recipients `secrets rekey` added, per VM.
 pub const SECRETS_RECORD_FILE: &str = "secrets.json";
+/// `$AGENTVM_HOME/remote/BACKEND/NAME/`: local files of VMs on remote backends.
+pub const REMOTE_DIR: &str = "remote";
 /// `$AGENTVM_HOME/ssh`: agentvm's own SSH identity.
 pub const SSH_DIR: &str = "ssh";
 /// `$AGENTVM_HOME/ssh/id_ed25519` (and `.pub`).

@@ -2,6 +2,7 @@
 //! lacks return [`BackendError::Unsupported`], never a fake success.
 
 pub mod libvirt;
+pub mod proxmox;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -129,7 +130,7 @@ pub struct UpOutcome {
     pub action: UpAction,
     pub restart_needed: bool,
     pub ssh_port: u16,
-    pub spice_port: u16,
+    pub spice_port: Option<u16>,
     /// Time spent in each phase, in order.
     pub timings: Vec<Phase>,
 }
@@ -160,7 +161,13 @@ pub trait Backend {
 
     /// Imports the VM's image, then creates, redefines or starts the VM as needed.
     /// Does not wait for the guest.
-    fn up(&self, spec: &VmSpec, image: &ImageSpec, progress: &dyn Reporter) -> Result<UpOutcome>;
+    /// `image` is the VM's image where the backend uses one (the local backend does).
+    fn up(
+        &self,
+        spec: &VmSpec,
+        image: Option<&ImageSpec>,
+        progress: &dyn Reporter,
+    ) -> Result<UpOutcome>;
 
     /// Waits until the VM answers on SSH; returns how long that took.
     fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration>;

@@ -152,6 +152,47 @@ impl App {
         Client::connect_or_start(&self.home, &self.uri)
     }
 
+    /// The Proxmox backend named `name` in the fleet file.
+    fn remote(&self, name: &str) -> Result<crate::backend::proxmox::ProxmoxBackend> {
+        let spec = self
+            .fleet
+            .as_ref()
+            .and_then(|f| f.backend(name))
+            .with_context(|| format!("no [backends.{name}] in agentvm.toml"))?;
+        crate::backend::proxmox::ProxmoxBackend::connect(name, &spec.proxmox, self.home.clone())
+    }
+
+    /// Names on the local backend, and (name, backend) pairs on others.
+    fn split_by_backend(&self, names: &[String]) -> (Vec<String>, Vec<(String, String)>) {
+        let mut local = Vec::new();
+        let mut remote = Vec::new();
+        for name in names {
+            match self.spec(name) {
+                Some(spec) if spec.backend != crate::spec::LOCAL_BACKEND => {
+                    remote.push((name.clone(), spec.backend.clone()));
+                }
+                _ => local.push(name.clone()),
+            }
+        }
+        (local, remote)
+    }
+
+    fn check_remote_writable(
+        &self,
+        backend: &crate::backend::proxmox::ProxmoxBackend,
+        name: &str,
+        action: &'static str,
+    ) -> Result<()> {
+        if backend.status(name, self.spec(name))?.readonly {
+            return Err(crate::backend::BackendError::ReadOnly {
+                name: name.to_string(),
+                action,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     fn refs(&self, names: &[String]) -> Vec<VmRef> {
         names
             .iter()
@@ -233,22 +274,49 @@ fn show_event(console: &Console, json: bool, event: Event) {
 fn up(app: &App, names: &[String], wait: bool, timeout: u64, no_block: bool) -> Result<i32> {
     let fleet = app.fleet()?;
     // Every name is checked before anything is touched.
-    let vms = names
-        .iter()
-        .map(|n| {
-            let spec = fleet.vm(n)?;
-            Ok(UpItem {
+    let mut vms = Vec::new();
+    let mut remote = Vec::new();
+    for n in names {
+        let spec = fleet.vm(n)?;
+        if spec.backend == crate::spec::LOCAL_BACKEND {
+            vms.push(UpItem {
                 spec: spec.clone(),
                 image: fleet.image_of(spec)?.clone(),
-            })
-        })
-        .collect::<Result<Vec<_>, SpecError>>()?;
-    let results = app.call(Request::Up {
-        vms,
-        wait,
-        timeout_secs: timeout,
-        no_block,
-    })?;
+            });
+        } else {
+            remote.push(spec.clone());
+        }
+    }
+    let mut results = if vms.is_empty() {
+        Vec::new()
+    } else {
+        app.call(Request::Up {
+            vms,
+            wait,
+            timeout_secs: timeout,
+            no_block,
+        })?
+    };
+    let console = Console::new(app.json);
+    for spec in remote {
+        let result = app.remote(&spec.backend).and_then(|backend| {
+            let outcome = backend.up(&spec, None, &console)?;
+            let ready = if wait {
+                Some(
+                    backend
+                        .wait_ready(spec.name.as_str(), Duration::from_secs(timeout))?
+                        .as_secs_f64(),
+                )
+            } else {
+                None
+            };
+            Ok(serde_json::to_value(crate::daemon::UpResult {
+                outcome,
+                ssh_ready_seconds: ready,
+            })?)
+        });
+        results.push(VmResult::from_result(spec.name.as_str(), result));
+    }
     app.report(results, |v| {
         let mut line = match v["ssh_ready_seconds"].as_f64() {
             Some(s) => format!("ssh ready in {s:.1}s"),
@@ -266,12 +334,25 @@ fn up(app: &App, names: &[String], wait: bool, timeout: u64, no_block: bool) -> 
 }
 
 fn down(app: &App, names: &[String], force: bool, timeout: u64, no_block: bool) -> Result<i32> {
-    let results = app.call(Request::Down {
-        vms: app.refs(names),
-        force,
-        timeout_secs: timeout,
-        no_block,
-    })?;
+    let (local, remote) = app.split_by_backend(names);
+    let mut results = if local.is_empty() {
+        Vec::new()
+    } else {
+        app.call(Request::Down {
+            vms: app.refs(&local),
+            force,
+            timeout_secs: timeout,
+            no_block,
+        })?
+    };
+    for (name, backend) in remote {
+        let result = app.remote(&backend).and_then(|b| {
+            app.check_remote_writable(&b, &name, "stop")?;
+            let stopped_by = b.down(&name, force, Duration::from_secs(timeout))?;
+            Ok(serde_json::json!({ "stopped_by": stopped_by }))
+        });
+        results.push(VmResult::from_result(&name, result));
+    }
     app.report(results, |v| {
         match v["stopped_by"].as_str() {
             Some("already-stopped") => "already stopped",
@@ -304,19 +385,73 @@ fn destroy(app: &App, names: &[String], yes: bool, no_block: bool) -> Result<i32
             return Ok(1);
         }
     }
-    let results = app.call(Request::Destroy {
-        vms: app.refs(names),
-        no_block,
-    })?;
+    let (local, remote) = app.split_by_backend(names);
+    let mut results = if local.is_empty() {
+        Vec::new()
+    } else {
+        app.call(Request::Destroy {
+            vms: app.refs(&local),
+            no_block,
+        })?
+    };
+    for (name, backend) in remote {
+        let result = app.remote(&backend).and_then(|b| {
+            app.check_remote_writable(&b, &name, "destroy")?;
+            b.destroy(&name)?;
+            Ok(serde_json::json!({ "destroyed": true }))
+        });
+        results.push(VmResult::from_result(&name, result));
+    }
     app.report(results, |_| "destroyed".to_string())
 }
 
 /// Every VM: those in the fleet file (absent ones included) and those the backend has.
 fn all_statuses(app: &App, backend: &LocalBackend) -> Result<Vec<VmStatus>> {
     let mut rows: Vec<VmStatus> = Vec::new();
+    let mut remote_lists = Vec::new();
     if let Some(fleet) = &app.fleet {
-        for name in fleet.vms.keys() {
-            rows.push(backend.status(name.as_str(), app.spec(name.as_str()))?);
+        for backend_name in fleet.backends.keys() {
+            match app
+                .remote(backend_name.as_str())
+                .and_then(|b| Ok(b.list()?))
+            {
+                Ok(list) => remote_lists.extend(list),
+                Err(e) => eprintln!("agentvm: warning: backend {backend_name}: {e:#}"),
+            }
+        }
+        for (name, spec) in &fleet.vms {
+            if spec.backend == crate::spec::LOCAL_BACKEND {
+                rows.push(backend.status(name.as_str(), Some(spec))?);
+            } else if let Some(mut row) = remote_lists
+                .iter()
+                .find(|r| r.name == name.as_str())
+                .cloned()
+            {
+                row.in_spec = true;
+                row.readonly = spec.readonly;
+                row.purpose = spec.purpose.clone();
+                rows.push(row);
+            } else {
+                rows.push(VmStatus {
+                    name: name.to_string(),
+                    state: State::Absent,
+                    backend: spec.backend.clone(),
+                    ssh_port: None,
+                    spice_port: None,
+                    image: None,
+                    readonly: spec.readonly,
+                    restart_needed: false,
+                    in_spec: true,
+                    purpose: spec.purpose.clone(),
+                    ips: Vec::new(),
+                    agent: "stopped".into(),
+                });
+            }
+        }
+    }
+    for row in remote_lists {
+        if !rows.iter().any(|r| r.name == row.name) {
+            rows.push(row);
         }
     }
     for row in backend.list()? {
@@ -332,7 +467,13 @@ fn status(app: &App, name: Option<&str>) -> Result<i32> {
     let backend = app.backend()?;
     let rows = match name {
         Some(name) => {
-            let row = backend.status(name, app.spec(name))?;
+            let row = match app
+                .spec(name)
+                .filter(|s| s.backend != crate::spec::LOCAL_BACKEND)
+            {
+                Some(spec) => app.remote(&spec.backend)?.status(name, Some(spec))?,
+                None => backend.status(name, app.spec(name))?,
+            };
             if row.state == State::Absent && !row.in_spec {
                 bail!("no VM named {name:?} in agentvm.toml or libvirt");
             }
@@ -349,7 +490,13 @@ fn status(app: &App, name: Option<&str>) -> Result<i32> {
 }
 
 fn ssh(app: &App, name: &str, command: &[String]) -> Result<i32> {
-    let endpoint = app.backend()?.ssh_endpoint(name)?;
+    let endpoint = match app
+        .spec(name)
+        .filter(|s| s.backend != crate::spec::LOCAL_BACKEND)
+    {
+        Some(spec) => app.remote(&spec.backend)?.ssh_endpoint(name)?,
+        None => app.backend()?.ssh_endpoint(name)?,
+    };
     let err = endpoint.command(command).exec();
     Err(err).context("running ssh (is openssh-client installed?)")
 }

@@ -5,6 +5,7 @@
 mod lifecycle;
 pub mod locks;
 mod ops;
+pub use ops::UpResult;
 pub mod protocol;
 
 use std::fs::{self, File, OpenOptions};

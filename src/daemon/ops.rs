@@ -190,7 +190,7 @@ fn up(
     events: &Events,
 ) -> Result<serde_json::Value, BackendError> {
     let name = item.spec.name.as_str();
-    let outcome = backend.up(&item.spec, &item.image, events)?;
+    let outcome = backend.up(&item.spec, Some(&item.image), events)?;
     let ssh_ready_seconds = if wait {
         let took = backend.wait_ready(name, timeout)?;
         events.step(name, &format!("ssh-ready in {:.1} s", took.as_secs_f64()));

@@ -127,6 +127,23 @@ pub struct VmResult {
     pub error: Option<String>,
 }
 
+impl VmResult {
+    pub fn from_result(name: &str, result: anyhow::Result<serde_json::Value>) -> Self {
+        match result {
+            Ok(value) => Self {
+                name: name.to_string(),
+                ok: Some(value),
+                error: None,
+            },
+            Err(e) => Self {
+                name: name.to_string(),
+                ok: None,
+                error: Some(format!("{e:#}")),
+            },
+        }
+    }
+}
+
 /// Why a request line was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {

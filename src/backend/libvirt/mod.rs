@@ -417,8 +417,15 @@ impl Backend for LocalBackend {
         "libvirt"
     }
 
-    fn up(&self, spec: &VmSpec, image: &ImageSpec, progress: &dyn Reporter) -> Result<UpOutcome> {
+    fn up(
+        &self,
+        spec: &VmSpec,
+        image: Option<&ImageSpec>,
+        progress: &dyn Reporter,
+    ) -> Result<UpOutcome> {
         let name = spec.name.as_str();
+        let image =
+            image.ok_or_else(|| anyhow!("{name}: a VM on the local backend needs an image"))?;
         let mut timings = Timings::start();
         let prepared = self.store.prepare(image, progress)?;
         failpoint::hit("up:image-imported");
@@ -511,7 +518,7 @@ impl Backend for LocalBackend {
             action,
             restart_needed,
             ssh_port: state.ssh_port,
-            spice_port: state.spice_port,
+            spice_port: Some(state.spice_port),
             timings: timings.phases,
         })
     }

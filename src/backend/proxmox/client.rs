@@ -1,0 +1,335 @@
+//! A small Proxmox VE API client: token auth, TLS as configured, retries for
+//! transient failures, and waiting for tasks (UPIDs) to finish.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+use crate::paths::non_empty_env;
+use crate::progress::Reporter;
+use crate::spec::{ProxmoxSpec, TlsMode, TokenSource};
+
+/// Attempts for a request that fails transiently (lock timeouts, 5xx).
+const ATTEMPTS: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const TASK_POLL: Duration = Duration::from_millis(250);
+const TASK_LOG_TAIL: usize = 10;
+
+/// Errors the backend acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum PveError {
+    #[error(
+        "{method} {path}: authentication failed (401): check the API token (USER@REALM!TOKENID=SECRET)"
+    )]
+    Unauthorized { method: String, path: String },
+    #[error("{method} {path}: permission denied (403): {message}")]
+    Forbidden {
+        method: String,
+        path: String,
+        message: String,
+    },
+    #[error("{method} {path}: HTTP {status}: {message}")]
+    Api {
+        method: String,
+        path: String,
+        status: u16,
+        message: String,
+    },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl PveError {
+    pub fn message(&self) -> String {
+        match self {
+            Self::Api { message, .. } | Self::Forbidden { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+pub struct Client {
+    http: reqwest::blocking::Client,
+    base: String,
+    auth: String,
+    pub node: String,
+}
+
+impl Client {
+    pub fn new(backend: &str, spec: &ProxmoxSpec) -> Result<Self> {
+        let token = read_token(backend, &spec.token)?;
+        let mut builder = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("agentvm/", env!("CARGO_PKG_VERSION")));
+        builder = match &spec.tls {
+            TlsMode::Verified => builder,
+            TlsMode::Insecure => {
+                tracing::warn!(
+                    "backend {backend}: TLS verification is OFF (insecure = true): anyone on the path can read the API token"
+                );
+                eprintln!(
+                    "agentvm: WARNING: backend {backend}: TLS certificate NOT verified (insecure = true)"
+                );
+                builder.danger_accept_invalid_certs(true)
+            }
+            TlsMode::Fingerprint(hex) => builder.use_preconfigured_tls(super::tls::pinned(hex)?),
+        };
+        Ok(Self {
+            http: builder.build().context("building the HTTP client")?,
+            base: format!("{}/api2/json", spec.endpoint),
+            auth: format!("PVEAPIToken={token}"),
+            node: spec.node.clone(),
+        })
+    }
+
+    pub fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
+        self.request(reqwest::Method::GET, path, params)
+    }
+
+    pub fn post(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
+        self.request(reqwest::Method::POST, path, params)
+    }
+
+    pub fn put(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
+        self.request(reqwest::Method::PUT, path, params)
+    }
+
+    pub fn delete(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
+        self.request(reqwest::Method::DELETE, path, params)
+    }
+
+    /// One API call; lock timeouts and transient 5xx are retried with backoff.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        params: &[(&str, String)],
+    ) -> Result<Value, PveError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match self.once(&method, path, params) {
+                Err(PveError::Api {
+                    status, message, ..
+                }) if attempt < ATTEMPTS && transient(status, &message) => {
+                    tracing::info!("{method} {path}: {message}; retrying in {backoff:?}");
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn once(
+        &self,
+        method: &reqwest::Method,
+        path: &str,
+        params: &[(&str, String)],
+    ) -> Result<Value, PveError> {
+        let url = format!("{}{path}", self.base);
+        let request = self
+            .http
+            .request(method.clone(), &url)
+            .header("Authorization", &self.auth);
+        let request = if matches!(*method, reqwest::Method::GET | reqwest::Method::DELETE) {
+            request.query(params)
+        } else {
+            request.form(params)
+        };
+        let response = request.send().map_err(|e| anyhow!("{method} {url}: {e}"))?;
+        let status = response.status().as_u16();
+        let reason = response
+            .status()
+            .canonical_reason()
+            .unwrap_or("")
+            .to_string();
+        let body: Value = response.json().unwrap_or(Value::Null);
+        let (method, path) = (method.to_string(), path.to_string());
+        match status {
+            200..=299 => Ok(body.get("data").cloned().unwrap_or(Value::Null)),
+            401 => Err(PveError::Unauthorized { method, path }),
+            403 => Err(PveError::Forbidden {
+                method,
+                path,
+                message: error_message(&body, &reason),
+            }),
+            _ => Err(PveError::Api {
+                method,
+                path,
+                status,
+                message: error_message(&body, &reason),
+            }),
+        }
+    }
+
+    /// Polls a task until it stops. `OK` and `WARNINGS: n` are success; a failure
+    /// reports the end of the task's log.
+    pub fn wait_task(
+        &self,
+        upid: &Value,
+        what: &str,
+        progress: &dyn Reporter,
+        vm: &str,
+    ) -> Result<()> {
+        let Some(upid) = upid.as_str().filter(|u| u.starts_with("UPID:")) else {
+            return Ok(());
+        };
+        let node = upid.split(':').nth(1).unwrap_or(&self.node).to_string();
+        let encoded =
+            percent_encoding::utf8_percent_encode(upid, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        let start = Instant::now();
+        loop {
+            let status = self.get(&format!("/nodes/{node}/tasks/{encoded}/status"), &[])?;
+            if status["status"] == "stopped" {
+                let exit = status["exitstatus"].as_str().unwrap_or("").to_string();
+                if exit == "OK" || exit.starts_with("WARNINGS") {
+                    progress.step(
+                        vm,
+                        &format!("{what} done ({:.1} s)", start.elapsed().as_secs_f64()),
+                    );
+                    return Ok(());
+                }
+                let log = self
+                    .get(
+                        &format!("/nodes/{node}/tasks/{encoded}/log"),
+                        &[("start", "0".into()), ("limit", "500".into())],
+                    )
+                    .unwrap_or(Value::Null);
+                let lines: Vec<String> = log
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|e| e["t"].as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let tail = lines[lines.len().saturating_sub(TASK_LOG_TAIL)..].join("\n  ");
+                bail!("{what} failed: {exit}\n  {tail}");
+            }
+            std::thread::sleep(TASK_POLL);
+        }
+    }
+}
+
+/// Lock timeouts anywhere, and 5xx that are not a definite answer, are worth another try.
+fn transient(status: u16, message: &str) -> bool {
+    if message.contains("can't lock file") || message.contains("got timeout") {
+        return true;
+    }
+    const DEFINITE: &[&str] = &[
+        "already exists",
+        "guest agent is not running",
+        "not supported",
+        "does not exist",
+        "not running",
+    ];
+    (500..600).contains(&status) && !DEFINITE.iter().any(|d| message.contains(d))
+}
+
+fn error_message(body: &Value, reason: &str) -> String {
+    let mut message = body["message"]
+        .as_str()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .unwrap_or(reason)
+        .to_string();
+    if let Some(errors) = body["errors"].as_object() {
+        for (param, why) in errors {
+            message.push_str(&format!(
+                "; {param}: {}",
+                why.as_str().unwrap_or_default().trim()
+            ));
+        }
+    }
+    message
+}
+
+/// The token from its source, checked for the `USER@REALM!TOKENID=SECRET` shape.
+/// Its value is never logged.
+pub fn read_token(backend: &str, source: &TokenSource) -> Result<String> {
+    let token = match source {
+        TokenSource::Env(var) => non_empty_env(var)
+            .ok_or_else(|| anyhow!("backend {backend}: the token variable {var} is not set"))?,
+        TokenSource::File(path) => std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "backend {backend}: reading the token file {}",
+                path.display()
+            )
+        })?,
+    };
+    let token = token.trim().to_string();
+    let valid = token.split_once('=').is_some_and(|(id, secret)| {
+        !secret.is_empty()
+            && id
+                .split_once('!')
+                .is_some_and(|(user, tokenid)| user.contains('@') && !tokenid.is_empty())
+    });
+    if !valid {
+        bail!("backend {backend}: the API token must look like USER@REALM!TOKENID=SECRET");
+    }
+    Ok(token)
+}
+
+/// Proxmox wants `sshkeys` URL-encoded: spaces as `%20` (never `+`), newlines between keys.
+pub fn encode_ssh_keys(keys: &[String]) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(&keys.join("\n"), KEEP).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_keys_are_percent_encoded_without_plus() {
+        let encoded =
+            encode_ssh_keys(&["ssh-ed25519 AAAA+b/c= me@x".into(), "ssh-rsa BBBB".into()]);
+        assert_eq!(
+            encoded,
+            "ssh-ed25519%20AAAA%2Bb%2Fc%3D%20me%40x%0Assh-rsa%20BBBB"
+        );
+        assert!(!encoded.contains('+') && !encoded.contains(' '));
+    }
+
+    #[test]
+    fn tokens_must_have_the_proxmox_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t");
+        std::fs::write(&file, "alice@pve!agentvm=0b1c-secret\n").unwrap();
+        assert_eq!(
+            read_token("b", &TokenSource::File(file.clone())).unwrap(),
+            "alice@pve!agentvm=0b1c-secret"
+        );
+        std::fs::write(&file, "just-a-password").unwrap();
+        let err = read_token("b", &TokenSource::File(file))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("USER@REALM!TOKENID=SECRET") && !err.contains("just-a-password"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn transient_errors() {
+        assert!(transient(
+            500,
+            "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout"
+        ));
+        assert!(transient(503, "service unavailable"));
+        assert!(!transient(
+            500,
+            "unable to create VM 100: config file already exists"
+        ));
+        assert!(!transient(500, "QEMU guest agent is not running"));
+        assert!(!transient(400, "parameter verification failed"));
+    }
+}
