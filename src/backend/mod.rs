@@ -72,6 +72,30 @@ pub struct VmStatus {
     pub agent: String,
 }
 
+/// What `up` would do to one VM.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub backend: String,
+    /// The VM does not exist yet and would be created.
+    pub create: bool,
+    /// Settings that would change: key, old value (`None` when new), new value.
+    pub changes: Vec<Change>,
+    /// The disk would grow to this size.
+    pub resize: Option<String>,
+    /// The VM would be started.
+    pub start: bool,
+    /// It runs with an older spec: a restart would apply the changes.
+    pub restart_needed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub key: String,
+    pub old: Option<String>,
+    pub new: String,
+}
+
 /// Which output stream of a guest command bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -194,6 +218,11 @@ pub trait Backend {
     /// The `spice://` URI of the VM's display.
     fn spice_uri(&self, _name: &str) -> Result<String> {
         Err(self.unsupported("SPICE"))
+    }
+
+    /// What `up` would change, without changing anything.
+    fn plan(&self, _spec: &VmSpec, _image: Option<&ImageSpec>) -> Result<Plan> {
+        Err(self.unsupported("plan"))
     }
 
     /// Runs a command in the guest without the network; output goes to `output`

@@ -127,6 +127,18 @@ pub enum Command {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// Show what `up` would change (create, settings old → new, resize, start); changes nothing.
+    Plan {
+        names: Vec<String>,
+        /// Plan for this backend instead of each VM's own.
+        #[arg(long)]
+        backend: Option<String>,
+    },
+    /// Proxmox VE helpers.
+    Proxmox {
+        #[command(subcommand)]
+        command: ProxmoxCommand,
+    },
     /// Work on images.
     Image {
         #[command(subcommand)]
@@ -197,5 +209,17 @@ pub enum SecretsCommand {
         /// Remove the recipient agentvm added for this VM (e.g. after destroy).
         #[arg(long)]
         remove: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxmoxCommand {
+    /// With the backend's (admin) token: create USER, a pool pool-USER, the PVEVMAdmin role on
+    /// it and an API token for USER; print the token once.
+    BootstrapUser {
+        user: String,
+        /// The [backends.NAME] whose token is an admin's.
+        #[arg(long)]
+        backend: String,
     },
 }

@@ -18,7 +18,7 @@ use crate::daemon::protocol::{Event, Request, UpItem, VmRef, VmResult};
 use crate::paths::Home;
 use crate::progress::{Console, Reporter};
 use crate::spec::{Fleet, SpecError, VmSpec};
-pub use args::{Cli, Command, ImageCommand, SecretsCommand, SnapshotCommand};
+pub use args::{Cli, Command, ImageCommand, ProxmoxCommand, SecretsCommand, SnapshotCommand};
 
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> i32 {
@@ -95,6 +95,10 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Events => events(&app),
         Command::Inventory => inventory(&app),
         Command::New { name } => new_agent(&app, &name),
+        Command::Plan { names, backend } => plan(&app, &names, backend.as_deref()),
+        Command::Proxmox {
+            command: ProxmoxCommand::BootstrapUser { user, backend },
+        } => bootstrap_user(&app, &user, &backend),
         Command::Secrets {
             command:
                 SecretsCommand::Rekey {
@@ -913,4 +917,85 @@ fn secrets_rekey(
         eprintln!("agentvm: error: {}: left as it was: {why}", file.display());
     }
     Ok(i32::from(!report.failed.is_empty()))
+}
+
+fn plan(app: &App, names: &[String], backend_override: Option<&str>) -> Result<i32> {
+    let fleet = app.fleet()?;
+    let names: Vec<String> = if names.is_empty() {
+        fleet.vms.keys().map(ToString::to_string).collect()
+    } else {
+        names.to_vec()
+    };
+    let local = app.backend()?;
+    let mut plans = Vec::new();
+    for name in &names {
+        let mut spec = fleet.vm(name)?.clone();
+        if let Some(b) = backend_override {
+            if b != crate::spec::LOCAL_BACKEND && fleet.backend(b).is_none() {
+                bail!(
+                    "no backend named {b:?} (available: local{})",
+                    fleet
+                        .backends
+                        .keys()
+                        .map(|k| format!(", {k}"))
+                        .collect::<String>()
+                );
+            }
+            spec.backend = b.to_string();
+        }
+        let plan = if spec.backend == crate::spec::LOCAL_BACKEND {
+            local.plan(&spec, fleet.image_of(&spec).ok())?
+        } else {
+            app.remote(&spec.backend)?.plan(&spec, None)?
+        };
+        plans.push(plan);
+    }
+    if app.json {
+        output::print_json(&plans)?;
+        return Ok(0);
+    }
+    for plan in &plans {
+        let what = if plan.create {
+            "create"
+        } else if plan.changes.is_empty() && plan.resize.is_none() {
+            if plan.start { "start" } else { "no changes" }
+        } else {
+            "update"
+        };
+        println!("{} ({}): {what}", plan.name, plan.backend);
+        for change in &plan.changes {
+            match &change.old {
+                None => println!("  + {} = {}", change.key, change.new),
+                Some(old) => println!("  ~ {}: {old} -> {}", change.key, change.new),
+            }
+        }
+        if let Some(size) = &plan.resize {
+            println!("  grow disk to {size}");
+        }
+        if plan.start && what != "start" {
+            println!("  start");
+        }
+        if plan.restart_needed {
+            println!("  (running: a restart applies this)");
+        }
+    }
+    Ok(0)
+}
+
+fn bootstrap_user(app: &App, user: &str, backend: &str) -> Result<i32> {
+    let made = app.remote(backend)?.bootstrap_user(user)?;
+    if app.json {
+        output::print_json(&made)?;
+    } else {
+        println!(
+            "user {} with pool {} (PVEVMAdmin) and token {}",
+            made.user, made.pool, made.token_id
+        );
+        println!("token (shown once, keep it secret): {}", made.token);
+        println!(
+            "use it with: token = {{ env = \"PVE_TOKEN\" }}, pool = \"{}\"",
+            made.pool
+        );
+    }
+    Ok(0)
 }

@@ -550,6 +550,66 @@ impl Backend for LocalBackend {
         self.stop_gracefully(&dom, &state, timeout)
     }
 
+    fn plan(&self, spec: &VmSpec, _image: Option<&ImageSpec>) -> Result<super::Plan> {
+        let name = spec.name.as_str();
+        let mut plan = super::Plan {
+            name: name.to_string(),
+            backend: LOCAL_BACKEND.to_string(),
+            ..super::Plan::default()
+        };
+        let change = |key: &str, old: Option<String>, new: String| super::Change {
+            key: key.to_string(),
+            old,
+            new,
+        };
+        let memory = spec.memory.to_string();
+        match self.lookup(name)? {
+            None => {
+                plan.create = true;
+                plan.changes
+                    .push(change("image", None, image_name(spec).to_string()));
+                plan.changes
+                    .push(change("cpus", None, spec.cpus.to_string()));
+                plan.changes.push(change("memory", None, memory));
+                plan.resize = spec.disk.map(|d| d.to_string());
+                plan.start = true;
+            }
+            Some((dom, state)) => {
+                let info = dom.info().map_err(lv).context("reading the domain")?;
+                let old_memory = Size::from_bytes(info.max_mem * 1024).to_string();
+                if info.nr_virt_cpu != spec.cpus {
+                    plan.changes.push(change(
+                        "cpus",
+                        Some(info.nr_virt_cpu.to_string()),
+                        spec.cpus.to_string(),
+                    ));
+                }
+                if old_memory != memory {
+                    plan.changes
+                        .push(change("memory", Some(old_memory), memory));
+                }
+                if let Some(want) = spec.disk {
+                    let have = qemu_img::virtual_size(&self.home.vm_disk(name)).unwrap_or(0);
+                    if want.bytes() > have {
+                        plan.resize = Some(want.to_string());
+                    }
+                }
+                let drift = self.target(spec, None)?.hash != state.spec_hash;
+                if drift && plan.changes.is_empty() {
+                    plan.changes.push(change(
+                        "spec",
+                        Some(state.spec_hash.clone()),
+                        "changed".into(),
+                    ));
+                }
+                let running = dom.is_active().map_err(lv).context("asking libvirt")?;
+                plan.start = !running;
+                plan.restart_needed = running && drift;
+            }
+        }
+        Ok(plan)
+    }
+
     fn exec(
         &self,
         name: &str,

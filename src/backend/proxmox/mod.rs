@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use serde_json::Value;
 
-use super::{Backend, BackendError, DownPath, Phase, Result, State, UpAction, UpOutcome, VmStatus};
+use super::{
+    Backend, BackendError, Change, DownPath, Phase, Plan, Result, State, UpAction, UpOutcome,
+    VmStatus,
+};
 use crate::paths::Home;
 use crate::progress::Reporter;
 use crate::spec::{GIB, ImageSpec, ProxmoxSpec, TemplateRef, VmSpec};
@@ -245,13 +248,9 @@ impl ProxmoxBackend {
     }
 
     /// Name, cores, memory, marker, cloud-init (user, keys, DHCP) and the guest agent.
-    fn configure(
-        &self,
-        vmid: u32,
-        spec: &VmSpec,
-        hash: &str,
-        progress: &dyn Reporter,
-    ) -> Result<()> {
+    /// The config keys `up` sets: name, cores, memory, the marker, cloud-init
+    /// (user, keys, DHCP) and the guest agent.
+    fn desired_config(&self, spec: &VmSpec, hash: &str) -> Vec<(&'static str, String)> {
         let marker = Marker {
             spec_hash: hash.to_string(),
             readonly: spec.readonly,
@@ -259,7 +258,7 @@ impl ProxmoxBackend {
         };
         let mut keys = vec![self.identity.public_line.clone()];
         keys.extend(spec.ssh_keys.iter().cloned());
-        let params = vec![
+        vec![
             ("name", spec.name.to_string()),
             ("cores", spec.cpus.to_string()),
             ("memory", (spec.memory.bytes() / (1024 * 1024)).to_string()),
@@ -268,7 +267,17 @@ impl ProxmoxBackend {
             ("sshkeys", encode_ssh_keys(&keys)),
             ("ipconfig0", "ip=dhcp".to_string()),
             ("agent", "1".to_string()),
-        ];
+        ]
+    }
+
+    fn configure(
+        &self,
+        vmid: u32,
+        spec: &VmSpec,
+        hash: &str,
+        progress: &dyn Reporter,
+    ) -> Result<()> {
+        let params = self.desired_config(spec, hash);
         let upid = self
             .client
             .post(&self.vm_path(vmid, "/config"), &params)
@@ -502,6 +511,88 @@ impl Backend for ProxmoxBackend {
         })
     }
 
+    fn plan(&self, spec: &VmSpec, _image: Option<&ImageSpec>) -> Result<Plan> {
+        let name = spec.name.as_str();
+        let hash = self.spec_hash(spec);
+        let mut plan = Plan {
+            name: name.to_string(),
+            backend: self.name.clone(),
+            ..Plan::default()
+        };
+        let desired = self.desired_config(spec, &hash);
+        let shown = |key: &str, value: &str| -> String {
+            // Keys are long and the marker is multi-line: show what matters.
+            match key {
+                "sshkeys" => format!("{} key(s)", value.matches("%0A").count() + 1),
+                "description" => value.lines().nth(1).unwrap_or_default().to_string(),
+                _ => value.to_string(),
+            }
+        };
+        match self.find(name)? {
+            None => {
+                plan.create = true;
+                plan.changes.push(Change {
+                    key: "clone".into(),
+                    old: None,
+                    new: format!(
+                        "template {} ({} clone)",
+                        match &self.spec.template {
+                            TemplateRef::Id(id) => id.to_string(),
+                            TemplateRef::Name(n) => n.clone(),
+                        },
+                        if self.spec.full_clone {
+                            "full"
+                        } else {
+                            "linked"
+                        }
+                    ),
+                });
+                for (key, value) in &desired {
+                    plan.changes.push(Change {
+                        key: key.to_string(),
+                        old: None,
+                        new: shown(key, value),
+                    });
+                }
+                plan.resize = spec.disk.map(|d| d.to_string());
+                plan.start = true;
+            }
+            Some(found) => {
+                for (key, value) in &desired {
+                    let old = found.config[*key]
+                        .as_str()
+                        .map(String::from)
+                        .or_else(|| found.config[*key].as_u64().map(|n| n.to_string()));
+                    let same = match *key {
+                        "sshkeys" => {
+                            old.as_deref()
+                                .map(|o| o.replace(' ', "%20").replace('\n', "%0A"))
+                                .as_deref()
+                                == Some(value.as_str())
+                                || old.as_deref() == Some(value.as_str())
+                        }
+                        _ => old.as_deref() == Some(value.as_str()),
+                    };
+                    if !same {
+                        plan.changes.push(Change {
+                            key: key.to_string(),
+                            old: old.as_deref().map(|o| shown(key, o)),
+                            new: shown(key, value),
+                        });
+                    }
+                }
+                if let (Some(want), Some((_, have))) = (spec.disk, boot_disk(&found.config))
+                    && want.bytes() > have
+                {
+                    plan.resize = Some(want.to_string());
+                }
+                plan.start = !found.running;
+                plan.restart_needed = found.running && !plan.changes.is_empty();
+            }
+        }
+        Ok(plan)
+    }
+
     fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration> {
         let (found, _) = self.managed(name)?;
         let start = Instant::now();
@@ -660,7 +751,83 @@ impl Backend for ProxmoxBackend {
     }
 }
 
+/// What `agentvm proxmox bootstrap-user` made.
+#[derive(Debug, serde::Serialize)]
+pub struct Bootstrapped {
+    pub user: String,
+    pub pool: String,
+    pub token_id: String,
+    /// The secret, shown once: Proxmox does not show it again.
+    pub token: String,
+}
+
 impl ProxmoxBackend {
+    /// With this backend's (admin) token: a user, a pool `pool-USER`, the
+    /// `PVEVMAdmin` role on that pool for the user and its new API token, and
+    /// the token itself. VMs are then made with the user's token, not the admin's.
+    pub fn bootstrap_user(&self, user: &str) -> anyhow::Result<Bootstrapped> {
+        let userid = if user.contains('@') {
+            user.to_string()
+        } else {
+            format!("{user}@pve")
+        };
+        let short = userid.split('@').next().unwrap_or(user).to_string();
+        let pool = format!("pool-{short}");
+        let tokenid = "agentvm";
+        let api = |e: PveError| anyhow!(e);
+        self.client
+            .post(
+                "/access/users",
+                &[
+                    ("userid", userid.clone()),
+                    ("comment", "agentvm user".into()),
+                ],
+            )
+            .map_err(api)?;
+        self.client
+            .post(
+                "/pools",
+                &[
+                    ("poolid", pool.clone()),
+                    ("comment", format!("agentvm VMs of {userid}")),
+                ],
+            )
+            .map_err(api)?;
+        let created = self
+            .client
+            .post(
+                &format!("/access/users/{userid}/token/{tokenid}"),
+                &[("privsep", "1".into()), ("comment", "agentvm".into())],
+            )
+            .map_err(api)?;
+        let full = created["full-tokenid"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| format!("{userid}!{tokenid}"));
+        let secret = created["value"]
+            .as_str()
+            .context("the new token has no value")?
+            .to_string();
+        self.client
+            .put(
+                "/access/acl",
+                &[
+                    ("path", format!("/pool/{pool}")),
+                    ("roles", "PVEVMAdmin".into()),
+                    ("users", userid.clone()),
+                    ("tokens", full.clone()),
+                    ("propagate", "1".into()),
+                ],
+            )
+            .map_err(api)?;
+        Ok(Bootstrapped {
+            user: userid,
+            pool,
+            token: format!("{full}={secret}"),
+            token_id: full,
+        })
+    }
+
     fn known_hosts_dir(&self, name: &str) -> PathBuf {
         self.home
             .root()
