@@ -154,18 +154,7 @@ pub async fn run(
             Ok(result) => result,
             Err(e) => Err(anyhow::anyhow!("the operation failed: {e}")),
         };
-        results.push(match outcome {
-            Ok(value) => VmResult {
-                name,
-                ok: Some(value),
-                error: None,
-            },
-            Err(e) => VmResult {
-                name,
-                ok: None,
-                error: Some(format!("{e:#}")),
-            },
-        });
+        results.push(VmResult::from_result(&name, outcome));
     }
     results
 }
