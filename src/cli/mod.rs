@@ -518,7 +518,13 @@ fn ssh_config(app: &App, name: Option<&str>) -> Result<i32> {
 }
 
 fn console(app: &App, name: &str, follow: bool) -> Result<i32> {
-    let path = app.backend()?.serial_log(name)?;
+    let path = match app
+        .spec(name)
+        .filter(|s| s.backend != crate::spec::LOCAL_BACKEND)
+    {
+        Some(spec) => app.remote(&spec.backend)?.serial_log(name)?,
+        None => app.backend()?.serial_log(name)?,
+    };
     let mut file = loop {
         match std::fs::File::open(&path) {
             Ok(f) => break f,
@@ -550,7 +556,13 @@ fn console(app: &App, name: &str, follow: bool) -> Result<i32> {
 }
 
 fn spice(app: &App, name: &str, open: bool) -> Result<i32> {
-    let uri = app.backend()?.spice_uri(name)?;
+    let uri = match app
+        .spec(name)
+        .filter(|s| s.backend != crate::spec::LOCAL_BACKEND)
+    {
+        Some(spec) => app.remote(&spec.backend)?.spice_uri(name)?,
+        None => app.backend()?.spice_uri(name)?,
+    };
     if app.json {
         output::print_json(&serde_json::json!({ "name": name, "uri": uri }))?;
     } else {

@@ -1,0 +1,334 @@
+//! The Proxmox backend against the in-repo fake Proxmox VE, which checks every
+//! request against the real API schema (pve-api-schema-9.1.3.json).
+
+mod common;
+#[path = "pve/mod.rs"]
+mod pve;
+
+use std::io::Write;
+use std::net::TcpListener;
+
+use common::Env;
+use pve::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeOptions, FakePve, FakeVm};
+use serde_json::Value;
+
+/// A port with an SSH banner on 127.0.0.1, for the backend's ssh_port setting.
+fn ssh_banner() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.6 fake-guest\r\n");
+        }
+    });
+    port
+}
+
+struct Lab {
+    env: Env,
+    fake: FakePve,
+}
+
+impl Lab {
+    fn new(opts: FakeOptions, vms: &str) -> Self {
+        let env = Env::new();
+        let fake = FakePve::start(opts);
+        let token = env.dir.path().join("pve-token");
+        std::fs::write(
+            &token,
+            format!("{DEFAULT_TOKEN_ID}={DEFAULT_TOKEN_SECRET}\n"),
+        )
+        .unwrap();
+        env.write_raw_fleet(&format!(
+            "[backends.lab]\nkind = \"proxmox\"\nendpoint = \"{}\"\nnode = \"pve\"\ntoken = {{ file = {:?} }}\ntemplate = \"nixos-template\"\nstorage = \"local-lvm\"\npool = \"agents\"\nssh_port = {}\n\n{vms}",
+            fake.url(),
+            token.display().to_string(),
+            ssh_banner()
+        ));
+        Lab { env, fake }
+    }
+
+    fn no_violations(&self) {
+        assert_eq!(
+            self.fake.violations(),
+            Vec::<String>::new(),
+            "requests the schema rejects"
+        );
+    }
+
+    fn vm(&self, name: &str) -> (u32, FakeVm) {
+        self.fake
+            .vms()
+            .into_iter()
+            .find(|(_, vm)| vm.name == name)
+            .unwrap_or_else(|| panic!("no VM {name} on the fake"))
+    }
+}
+
+const REMOTE: &str = "[vms.remote]\nbackend = \"lab\"\ncpus = 2\nmemory = \"2GiB\"\ndisk = \"16GiB\"\nuser = \"agent\"\nssh_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBc+/user= me@laptop\"]\npurpose = \"remote agent\"\n";
+
+fn create_pool(lab: &Lab) {
+    let (status, _) = pve::raw_call(
+        &lab.fake.url(),
+        "POST",
+        "/pools",
+        &[("poolid", "agents")],
+        Some(&lab.fake.auth_header()),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn up_clones_configures_and_starts_and_waiting_ignores_loopback() {
+    let lab = Lab::new(FakeOptions::default(), REMOTE);
+    create_pool(&lab);
+    let up = lab.env.json(&["up", "remote", "--no-wait"]);
+    assert_eq!(up[0]["action"], "created", "{up}");
+    let (vmid, vm) = lab.vm("remote");
+    assert!(vmid >= 100 && vmid != 9000);
+    assert!(vm.running);
+    assert_eq!(vm.config["cores"], "2");
+    assert_eq!(vm.config["memory"], "2048");
+    assert_eq!(vm.config["ciuser"], "agent");
+    assert_eq!(vm.config["ipconfig0"], "ip=dhcp");
+    assert!(vm.config["description"].starts_with("agentvm: managed\nspec-hash: sha256:"));
+    let keys = &vm.config["sshkeys"];
+    assert!(
+        keys.contains("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBc+/user= me@laptop"),
+        "{keys}"
+    );
+    assert_eq!(
+        keys.lines().count(),
+        2,
+        "agentvm's key and the spec's: {keys}"
+    );
+    assert_eq!(vm.disk_size_gib, 16, "disk grown from the template's 8G");
+    assert_eq!(vm.pool.as_deref(), Some("agents"));
+    // The sshkeys went over the wire URL-encoded with %20, never '+'.
+    let sent = lab
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.params.contains_key("sshkeys"))
+        .unwrap();
+    assert!(!sent.params["sshkeys"].contains('+') && sent.params["sshkeys"].contains("%20"));
+    lab.no_violations();
+
+    // Waiting: the agent answers 500 "not running" at first (retried), then
+    // reports only loopback (lo) and link-local (eth0's fe80::, and the fake's
+    // 127.0.0.1) addresses, which are ignored: there is nothing to SSH to.
+    let err = lab.env.fails(&["up", "remote", "--timeout", "10"]);
+    assert!(
+        err.contains("the guest reports no routable address"),
+        "{err}"
+    );
+    let pings = lab
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/agent/ping"))
+        .count();
+    assert!(pings >= 3, "pinged through the agent's 500s: {pings}");
+
+    let status = lab.env.status("remote");
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["backend"], "lab");
+    assert_eq!(status["agent"], "ready");
+    assert_eq!(status["ips"], serde_json::json!([]));
+    let listed = lab.env.json(&["list"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "remote" && r["state"] == "running"),
+        "{listed}"
+    );
+    // A second up finds it running.
+    assert_eq!(
+        lab.env.json(&["up", "remote", "--no-wait"])[0]["action"],
+        "already-running"
+    );
+    // Capabilities Proxmox lacks here say so.
+    let err = lab.env.fails(&["console", "remote", "--no-follow"]);
+    assert!(
+        err.contains("does not support a serial console log"),
+        "{err}"
+    );
+
+    let down = lab.env.json(&["down", "remote"]);
+    assert_eq!(down[0]["stopped_by"], "acpi", "{down}");
+    lab.env.ok(&["destroy", "--yes", "remote"]);
+    assert!(lab.fake.vms().values().all(|v| v.name != "remote"));
+    let deleted =
+        lab.fake.requests().into_iter().any(|r| {
+            r.method == "DELETE" && r.params.get("purge").map(String::as_str) == Some("1")
+        });
+    assert!(deleted, "destroy purges");
+    lab.no_violations();
+}
+
+#[test]
+fn nextid_races_lock_timeouts_and_pinned_vmids() {
+    let lab = Lab::new(
+        FakeOptions {
+            nextid_race: true,
+            lock_timeout_once: true,
+            ..FakeOptions::default()
+        },
+        &format!(
+            "{REMOTE}\n[vms.pinned]\nbackend = \"lab\"\nvmid = 4242\n\n[vms.clash]\nbackend = \"lab\"\nvmid = 9000\n"
+        ),
+    );
+    create_pool(&lab);
+    lab.env.ok(&["up", "remote", "--no-wait"]);
+    let (vmid, _) = lab.vm("remote");
+    assert!(
+        lab.fake.vms().values().any(|v| v.name == "someone-else"),
+        "the race happened"
+    );
+    assert_ne!(lab.vm("someone-else").0, vmid);
+    lab.env.ok(&["up", "pinned", "--no-wait"]);
+    assert_eq!(lab.vm("pinned").0, 4242);
+    let err = lab.env.fails(&["up", "clash", "--no-wait"]);
+    assert!(err.contains("vmid = 9000 is already used"), "{err}");
+    lab.no_violations();
+}
+
+#[test]
+fn a_failed_clone_reports_the_task_log_and_leaves_nothing() {
+    let lab = Lab::new(
+        FakeOptions {
+            fail_task: Some(("qmclone".into(), "clone failed: out of space".into())),
+            ..FakeOptions::default()
+        },
+        REMOTE,
+    );
+    create_pool(&lab);
+    let err = lab.env.fails(&["up", "remote", "--no-wait"]);
+    assert!(err.contains("clone failed"), "{err}");
+    assert!(lab.fake.vms().values().all(|v| v.name != "remote"));
+    lab.no_violations();
+}
+
+#[test]
+fn foreign_and_readonly_vms_are_protected() {
+    let lab = Lab::new(
+        FakeOptions::default(),
+        &format!("{REMOTE}readonly = true\n\n[vms.foreign]\nbackend = \"lab\"\n"),
+    );
+    create_pool(&lab);
+    lab.fake.put_vm(
+        321,
+        FakeVm {
+            name: "foreign".into(),
+            config: [("name".to_string(), "foreign".to_string())]
+                .into_iter()
+                .collect(),
+            running: true,
+            template: false,
+            pool: None,
+            disk_size_gib: 8,
+        },
+    );
+    let err = lab.env.fails(&["destroy", "--yes", "foreign"]);
+    assert!(err.contains("not created by agentvm"), "{err}");
+    let err = lab.env.fails(&["up", "foreign", "--no-wait"]);
+    assert!(err.contains("not created by agentvm"), "{err}");
+    assert!(lab.fake.vms().contains_key(&321));
+
+    lab.env.ok(&["up", "remote", "--no-wait"]);
+    for verb in [vec!["down", "remote"], vec!["destroy", "--yes", "remote"]] {
+        let err = lab.env.fails(&verb);
+        assert!(err.contains("readonly"), "{err}");
+    }
+    assert!(lab.vm("remote").1.running);
+    lab.no_violations();
+}
+
+#[test]
+fn bad_tokens_and_missing_privileges_are_named() {
+    let lab = Lab::new(
+        FakeOptions {
+            tokens: vec![(
+                DEFAULT_TOKEN_ID.into(),
+                DEFAULT_TOKEN_SECRET.into(),
+                vec!["VM.Audit".into()],
+            )],
+            ..FakeOptions::default()
+        },
+        REMOTE,
+    );
+    let err = lab.env.fails(&["up", "remote", "--no-wait"]);
+    assert!(
+        err.contains("permission denied (403)") && err.contains("VM."),
+        "{err}"
+    );
+    let token = lab.env.dir.path().join("pve-token");
+    std::fs::write(&token, format!("{DEFAULT_TOKEN_ID}=wrong-secret\n")).unwrap();
+    let err = lab.env.fails(&["up", "remote", "--no-wait"]);
+    assert!(err.contains("authentication failed (401)"), "{err}");
+    assert!(
+        !err.contains("wrong-secret"),
+        "the token is never shown: {err}"
+    );
+    std::fs::write(&token, "not a token\n").unwrap();
+    let err = lab.env.fails(&["up", "remote", "--no-wait"]);
+    assert!(err.contains("USER@REALM!TOKENID=SECRET"), "{err}");
+}
+
+#[test]
+fn plan_shows_changes_and_changes_nothing() {
+    let lab = Lab::new(FakeOptions::default(), REMOTE);
+    create_pool(&lab);
+    let plan = lab.env.json(&["plan", "remote"]);
+    assert_eq!(plan[0]["create"], true, "{plan}");
+    assert_eq!(plan[0]["resize"], "16GiB");
+    assert!(
+        lab.fake.vms().values().all(|v| v.name != "remote"),
+        "plan created nothing"
+    );
+    lab.env.ok(&["up", "remote", "--no-wait"]);
+    lab.env.ok(&["down", "--force", "remote"]);
+    let fleet = std::fs::read_to_string(lab.env.fleet_path()).unwrap();
+    lab.env
+        .write_raw_fleet(&fleet.replace("memory = \"2GiB\"", "memory = \"4GiB\""));
+    let before = lab.fake.requests().len();
+    let plan = lab.env.json(&["plan", "remote"]);
+    let changes = plan[0]["changes"].as_array().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["key"] == "memory" && c["old"] == "2048" && c["new"] == "4096"),
+        "{plan}"
+    );
+    assert_eq!(plan[0]["start"], true);
+    let writes = lab.fake.requests()[before..]
+        .iter()
+        .filter(|r| r.method != "GET")
+        .count();
+    assert_eq!(writes, 0, "plan only reads");
+    lab.no_violations();
+}
+
+#[test]
+fn bootstrap_user_makes_a_least_privilege_token() {
+    let lab = Lab::new(FakeOptions::default(), REMOTE);
+    let made = lab
+        .env
+        .json(&["proxmox", "bootstrap-user", "alice", "--backend", "lab"]);
+    assert_eq!(made["user"], "alice@pve");
+    assert_eq!(made["pool"], "pool-alice");
+    let token = made["token"].as_str().unwrap();
+    assert!(token.starts_with("alice@pve!agentvm="), "{made}");
+    assert!(lab.fake.users().contains_key("alice@pve"));
+    assert!(lab.fake.pools().contains_key("pool-alice"));
+    let acl = lab.fake.acls();
+    assert!(
+        acl.iter()
+            .any(|a| a.path == "/pool/pool-alice" && a.roleid == "PVEVMAdmin"),
+        "{acl:?}"
+    );
+    lab.no_violations();
+    let _: Value = made;
+}

@@ -1,0 +1,689 @@
+//! Checks requests against the Proxmox VE API schema (`shared/proxmox/pve-api-schema-9.1.3.json`).
+//!
+//! The schema is the `apidata.js` of pve-docs 9.1.3: a tree of nodes with a `path` and, per HTTP
+//! method, the accepted `parameters.properties`, `returns`, `allowtoken` and `permissions`.
+//! [`Schema::check`] tells whether one request (method, path below `/api2/json`, merged query/body
+//! parameters, `Authorization` header) is one that a real PVE 9.1 would accept, with a message
+//! naming the method, path, parameter and rule when it is not.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Mutex, OnceLock};
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+/// Where the schema lives, relative to the crate root.
+pub const SCHEMA_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/proxmox/pve-api-schema-9.1.3.json"
+);
+
+/// One API path of the schema with its methods.
+pub struct Endpoint {
+    /// The path template, e.g. `/nodes/{node}/qemu/{vmid}/clone`.
+    pub template: String,
+    segments: Vec<Segment>,
+    /// Method (`GET`, `POST`, …) → the schema's method object (`parameters`, `returns`, …).
+    pub info: Map<String, Value>,
+}
+
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+impl Endpoint {
+    fn literal_count(&self) -> usize {
+        self.segments
+            .iter()
+            .filter(|s| matches!(s, Segment::Literal(_)))
+            .count()
+    }
+
+    fn matches(&self, segments: &[&str]) -> Option<BTreeMap<String, String>> {
+        if segments.len() != self.segments.len() {
+            return None;
+        }
+        let mut params = BTreeMap::new();
+        for (want, got) in self.segments.iter().zip(segments) {
+            match want {
+                Segment::Literal(lit) if lit == got => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(_) if got.is_empty() => return None,
+                Segment::Param(name) => {
+                    params.insert(name.clone(), (*got).to_string());
+                }
+            }
+        }
+        Some(params)
+    }
+}
+
+/// A concrete path matched to its schema template.
+pub struct PathMatch<'a> {
+    pub endpoint: &'a Endpoint,
+    /// Values of the `{…}` segments, by parameter name.
+    pub path_params: BTreeMap<String, String>,
+}
+
+/// The parts of a `PVEAPIToken=USER@REALM!TOKENID=SECRET` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenAuth {
+    /// `user@realm`
+    pub userid: String,
+    /// The token name after `!`.
+    pub tokenid: String,
+    pub secret: String,
+}
+
+impl TokenAuth {
+    /// `user@realm!tokenid`, as PVE names the token.
+    pub fn full_tokenid(&self) -> String {
+        format!("{}!{}", self.userid, self.tokenid)
+    }
+}
+
+/// The Proxmox VE API schema, loaded once per test binary.
+pub struct Schema {
+    endpoints: Vec<Endpoint>,
+    /// Compiled schema patterns (`None`: the `regex` crate cannot compile it, so it is not checked).
+    patterns: Mutex<HashMap<String, Option<Regex>>>,
+}
+
+static SCHEMA: OnceLock<Schema> = OnceLock::new();
+
+impl Schema {
+    /// The schema, read from [`SCHEMA_PATH`] on first use. Panics when the file is missing or
+    /// malformed: tests that depend on it must not pass silently without it.
+    pub fn load() -> &'static Schema {
+        SCHEMA.get_or_init(|| {
+            let text = std::fs::read_to_string(SCHEMA_PATH).unwrap_or_else(|e| {
+                panic!(
+                    "Proxmox VE API schema missing: cannot read {SCHEMA_PATH}: {e} \
+                     (it is shipped in shared/proxmox/ beside the crate checkout)"
+                )
+            });
+            Schema::parse(&text)
+                .unwrap_or_else(|e| panic!("Proxmox VE API schema {SCHEMA_PATH} malformed: {e}"))
+        })
+    }
+
+    /// Builds a schema from the JSON text of the schema file.
+    pub fn parse(text: &str) -> Result<Schema, String> {
+        let root: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let nodes = root.as_array().ok_or("top level is not an array")?;
+        let mut endpoints = Vec::new();
+        collect(nodes, &mut endpoints)?;
+        if endpoints.is_empty() {
+            return Err("no API paths".into());
+        }
+        Ok(Schema {
+            endpoints,
+            patterns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// All API paths.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter()
+    }
+
+    /// The template matching `path` (below `/api2/json`, no query string); among several, the
+    /// one with the most literal segments.
+    pub fn match_path(&self, path: &str) -> Option<PathMatch<'_>> {
+        let segments = split_path(path);
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.matches(&segments).map(|p| (e, p)))
+            .max_by_key(|(e, _)| e.literal_count())
+            .map(|(endpoint, path_params)| PathMatch {
+                endpoint,
+                path_params,
+            })
+    }
+
+    /// The schema's method object for `method` on `path` (`parameters`, `returns`, …).
+    pub fn method_info(&self, method: &str, path: &str) -> Option<&Value> {
+        self.match_path(path)?
+            .endpoint
+            .info
+            .get(&method.to_ascii_uppercase())
+    }
+
+    /// The schema's description of `method` on `path` when it says the method is deprecated.
+    pub fn deprecation(&self, method: &str, path: &str) -> Option<&str> {
+        let text = self
+            .method_info(method, path)?
+            .get("description")?
+            .as_str()?;
+        text.contains("deprecated").then_some(text)
+    }
+
+    /// The declared `returns` of `method` on `path`.
+    pub fn returns(&self, method: &str, path: &str) -> Option<&Value> {
+        self.method_info(method, path)?.get("returns")
+    }
+
+    /// Checks one request as PVE 9.1 would: known path and method, API-token authentication
+    /// allowed and well-formed, every required parameter present, no unknown parameter, and
+    /// each value valid for its type, enum, range, length, pattern and (some) formats.
+    ///
+    /// `path` is the part after `/api2/json`, without query string and already percent-decoded;
+    /// `params` are the query or body parameters (decoded), without the path parameters.
+    pub fn check(
+        &self,
+        method: &str,
+        path: &str,
+        params: &BTreeMap<String, String>,
+        auth_header: Option<&str>,
+    ) -> Result<(), String> {
+        let (info, _) = self.method_and_params(method, path, params)?;
+        let at = format!("{method} {path}");
+        parse_token_header(auth_header).map_err(|e| format!("{at}: Authorization header: {e}"))?;
+        if info.get("allowtoken").and_then(as_i64) != Some(1) {
+            return Err(format!(
+                "{at}: API tokens are not allowed to call this method (allowtoken is not 1)"
+            ));
+        }
+        self.check_params(method, path, params)
+    }
+
+    /// [`Schema::check`] without the authentication part.
+    pub fn check_params(
+        &self,
+        method: &str,
+        path: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let (info, all) = self.method_and_params(method, path, params)?;
+        let at = format!("{method} {path}");
+        let props = info
+            .pointer("/parameters/properties")
+            .and_then(Value::as_object);
+        let empty = Map::new();
+        let props = props.unwrap_or(&empty);
+        let additional = info
+            .pointer("/parameters/additionalProperties")
+            .and_then(as_i64)
+            == Some(1);
+
+        for (name, prop) in props {
+            if name.ends_with("[n]") || prop.get("optional").and_then(as_i64) == Some(1) {
+                continue;
+            }
+            if !all.contains_key(name) {
+                return Err(format!(
+                    "{at}: parameter '{name}': required parameter missing"
+                ));
+            }
+        }
+        for (name, value) in &all {
+            let Some(prop) = lookup_property(props, name) else {
+                if additional {
+                    continue;
+                }
+                return Err(format!(
+                    "{at}: parameter '{name}': unknown parameter (not in the schema)"
+                ));
+            };
+            self.check_value(prop, value)
+                .map_err(|rule| format!("{at}: parameter '{name}': value {value:?}: {rule}"))?;
+            if let Some(required) = prop.get("requires").and_then(Value::as_str)
+                && !all.contains_key(required)
+            {
+                return Err(format!(
+                    "{at}: parameter '{name}': requires parameter '{required}'"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The method object and the request's parameters merged with the path parameters.
+    fn method_and_params(
+        &self,
+        method: &str,
+        path: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<(&Value, BTreeMap<String, String>), String> {
+        let method = method.to_ascii_uppercase();
+        let at = format!("{method} {path}");
+        if path.contains('?') {
+            return Err(format!(
+                "{at}: path contains a query string: pass the parameters separately"
+            ));
+        }
+        let Some(m) = self.match_path(path) else {
+            return Err(format!("{at}: unknown API path (no schema path matches)"));
+        };
+        let Some(info) = m.endpoint.info.get(&method) else {
+            let known: Vec<&str> = m.endpoint.info.keys().map(String::as_str).collect();
+            return Err(format!(
+                "{at}: method {method} not allowed on {} (schema has: {})",
+                m.endpoint.template,
+                known.join(", ")
+            ));
+        };
+        let mut all = params.clone();
+        for (name, value) in m.path_params {
+            if let Some(given) = all.get(&name)
+                && *given != value
+            {
+                return Err(format!(
+                    "{at}: parameter '{name}': given as {given:?} but the path says {value:?}"
+                ));
+            }
+            all.insert(name, value);
+        }
+        Ok((info, all))
+    }
+
+    /// Checks one value against its property schema; the error names the rule.
+    fn check_value(&self, prop: &Value, value: &str) -> Result<(), String> {
+        match prop.get("type").and_then(Value::as_str).unwrap_or("string") {
+            "integer" => {
+                let n = parse_integer(value).ok_or("not an integer")?;
+                check_range(prop, n as f64)?;
+            }
+            "number" => {
+                let n = parse_number(value).ok_or("not a number")?;
+                check_range(prop, n)?;
+            }
+            "boolean" => {
+                parse_bool(value).ok_or("not a boolean (use 0/1, true/false, yes/no, on/off)")?;
+            }
+            "string" => self.check_string(prop, value)?,
+            // Arrays and objects are not sent as form values by us; nothing to check loosely.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn check_string(&self, prop: &Value, value: &str) -> Result<(), String> {
+        if let Some(allowed) = prop.get("enum").and_then(Value::as_array)
+            && !allowed.iter().any(|a| a.as_str() == Some(value))
+        {
+            let names: Vec<String> = allowed.iter().map(value_text).collect();
+            return Err(format!("not one of the enum values [{}]", names.join(", ")));
+        }
+        let len = value.chars().count();
+        if let Some(max) = prop.get("maxLength").and_then(as_i64)
+            && len as i64 > max
+        {
+            return Err(format!("longer than maxLength {max} ({len} characters)"));
+        }
+        if let Some(min) = prop.get("minLength").and_then(as_i64)
+            && (len as i64) < min
+        {
+            return Err(format!("shorter than minLength {min} ({len} characters)"));
+        }
+        if let Some(pattern) = prop.get("pattern").and_then(Value::as_str)
+            && let Some(re) = self.pattern(pattern)
+            && !re.is_match(value)
+        {
+            return Err(format!("does not match pattern {pattern}"));
+        }
+        match prop.get("format") {
+            Some(Value::String(format)) => check_format(format, value),
+            Some(Value::Object(keys)) => self.check_property_string(keys, value),
+            _ => Ok(()),
+        }
+    }
+
+    /// A property string like `virtio=BC:24:11:00:00:01,bridge=vmbr0` against an inline format:
+    /// known keys (or aliases), at most one bare value for the `default_key`, no duplicate key,
+    /// and each value's type and enum. Patterns and formats inside are not checked.
+    fn check_property_string(&self, keys: &Map<String, Value>, value: &str) -> Result<(), String> {
+        let default_key = keys
+            .iter()
+            .find(|(_, p)| p.get("default_key").and_then(as_i64) == Some(1))
+            .map(|(k, _)| k.as_str());
+        let mut seen = Vec::new();
+        for part in value.split(',') {
+            let (key, val) = match part.split_once('=') {
+                Some((k, v)) => (k, v),
+                None => match default_key {
+                    Some(k) => (k, part),
+                    None => {
+                        return Err(format!(
+                            "property string part {part:?} has no key (and the format has no default key)"
+                        ));
+                    }
+                },
+            };
+            let Some(mut sub) = keys.get(key) else {
+                let names: Vec<&String> = keys.keys().collect();
+                return Err(format!(
+                    "property string key {key:?} unknown (known: {names:?})"
+                ));
+            };
+            let mut canonical = key;
+            if let Some(alias) = sub.get("alias").and_then(Value::as_str) {
+                canonical = alias;
+                sub = keys.get(alias).unwrap_or(sub);
+            }
+            if seen.contains(&canonical) {
+                return Err(format!("property string key {canonical:?} given twice"));
+            }
+            seen.push(canonical);
+            let ok = match sub.get("type").and_then(Value::as_str).unwrap_or("string") {
+                "integer" => parse_integer(val).is_some(),
+                "number" => parse_number(val).is_some(),
+                "boolean" => parse_bool(val).is_some(),
+                _ => sub
+                    .get("enum")
+                    .and_then(Value::as_array)
+                    .is_none_or(|allowed| allowed.iter().any(|a| a.as_str() == Some(val))),
+            };
+            if !ok {
+                return Err(format!(
+                    "property string key {canonical:?}: invalid value {val:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The schema's parameter patterns that the `regex` crate cannot compile (so
+    /// [`Schema::check`] skips them), for the record.
+    pub fn uncompilable_patterns(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for endpoint in &self.endpoints {
+            for info in endpoint.info.values() {
+                let props = info
+                    .pointer("/parameters/properties")
+                    .and_then(Value::as_object);
+                for prop in props.into_iter().flat_map(|p| p.values()) {
+                    if let Some(pattern) = prop.get("pattern").and_then(Value::as_str)
+                        && self.pattern(pattern).is_none()
+                        && !out.iter().any(|p| p == pattern)
+                    {
+                        out.push(pattern.to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The compiled, anchored form of a schema pattern; `None` when the `regex` crate cannot
+    /// compile it (Perl-only syntax; in 9.1.3 only the SDN vnet `alias` pattern, whose class
+    /// `[\(\)-_…]` has an escaped range start): that pattern is then skipped rather than failing
+    /// every request. Perl's `(?^:…)`/`(?^i:…)` groups are rewritten; `\0` (NUL) needs `octal`.
+    fn pattern(&self, pattern: &str) -> Option<Regex> {
+        let mut cache = self.patterns.lock().unwrap();
+        cache
+            .entry(pattern.to_string())
+            .or_insert_with(|| {
+                let rust = pattern.replace("(?^:", "(?:").replace("(?^i:", "(?i:");
+                regex::RegexBuilder::new(&format!("^(?:{rust})$"))
+                    .octal(true)
+                    .build()
+                    .ok()
+            })
+            .clone()
+    }
+}
+
+/// Parses `PVEAPIToken=USER@REALM!TOKENID=SECRET`.
+pub fn parse_token_header(header: Option<&str>) -> Result<TokenAuth, String> {
+    let header = header.ok_or("missing (expected PVEAPIToken=USER@REALM!TOKENID=SECRET)")?;
+    let rest = header
+        .strip_prefix("PVEAPIToken=")
+        .ok_or_else(|| format!("{header:?} does not start with 'PVEAPIToken='"))?;
+    if rest.chars().any(char::is_whitespace) {
+        return Err("contains whitespace".into());
+    }
+    let (full_id, secret) = rest
+        .split_once('=')
+        .ok_or("no '=SECRET' after the token id")?;
+    let (userid, tokenid) = full_id
+        .split_once('!')
+        .ok_or_else(|| format!("token id {full_id:?} is not USER@REALM!TOKENID"))?;
+    if !is_userid(userid) {
+        return Err(format!("user {userid:?} is not a valid USER@REALM"));
+    }
+    if !regex_is_match(r"^[A-Za-z][A-Za-z0-9.\-_]+$", tokenid) {
+        return Err(format!("token name {tokenid:?} is not valid"));
+    }
+    if !regex_is_match(r"^[A-Za-z0-9][A-Za-z0-9._~+/=-]*$", secret) {
+        return Err("secret is empty or has invalid characters".into());
+    }
+    Ok(TokenAuth {
+        userid: userid.to_string(),
+        tokenid: tokenid.to_string(),
+        secret: secret.to_string(),
+    })
+}
+
+/// The header value a client sends for a token.
+pub fn token_header(full_tokenid: &str, secret: &str) -> String {
+    format!("PVEAPIToken={full_tokenid}={secret}")
+}
+
+fn collect(nodes: &[Value], out: &mut Vec<Endpoint>) -> Result<(), String> {
+    for node in nodes {
+        let path = node
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or("node without path")?;
+        let segments = split_path(path)
+            .into_iter()
+            .map(
+                |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) => Segment::Param(name.to_string()),
+                    None => Segment::Literal(s.to_string()),
+                },
+            )
+            .collect();
+        let info = node
+            .get("info")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        out.push(Endpoint {
+            template: path.to_string(),
+            segments,
+            info,
+        });
+        if let Some(children) = node.get("children").and_then(Value::as_array) {
+            collect(children, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn split_path(path: &str) -> Vec<&str> {
+    let trimmed = path.trim_matches('/');
+    if trimmed.is_empty() {
+        Vec::new()
+    } else {
+        trimmed.split('/').collect()
+    }
+}
+
+/// The property for `name`, also when `name` is an instance of an indexed `NAME[n]` property
+/// (`ipconfig0` for `ipconfig[n]`) within the index range the description gives.
+fn lookup_property<'a>(props: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    if let Some(prop) = props.get(name) {
+        return Some(prop);
+    }
+    let digits_at = name.find(|c: char| c.is_ascii_digit())?;
+    let (base, index) = name.split_at(digits_at);
+    if !index.bytes().all(|b| b.is_ascii_digit()) || (index.len() > 1 && index.starts_with('0')) {
+        return None;
+    }
+    let prop = props.get(&format!("{base}[n]"))?;
+    let index: u64 = index.parse().ok()?;
+    (index <= max_index(prop)).then_some(prop)
+}
+
+/// The largest index of an indexed property: from its description ("n is 0 to 30", "n can be
+/// up to 14", "link0..link7"), else a generous 255 (PVE's largest, for `unused[n]`/`mp[n]`).
+fn max_index(prop: &Value) -> u64 {
+    let text = prop
+        .get("description")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let re = Regex::new(r"n is 0 to (\d+)|n can be up to (\d+)|[a-z]0\.\.[a-z]+(\d+)").unwrap();
+    re.captures_iter(text)
+        .filter_map(|c| c.iter().skip(1).flatten().next()?.as_str().parse().ok())
+        .max()
+        .unwrap_or(255)
+}
+
+fn check_range(prop: &Value, n: f64) -> Result<(), String> {
+    if let Some(min) = prop.get("minimum").and_then(as_f64)
+        && n < min
+    {
+        return Err(format!("below minimum {min}"));
+    }
+    if let Some(max) = prop.get("maximum").and_then(as_f64)
+        && n > max
+    {
+        return Err(format!("above maximum {max}"));
+    }
+    Ok(())
+}
+
+/// Checks the named formats that matter for agentvm; unknown formats pass. `X-list` formats are
+/// split like PVE does (on `,`, `;`, whitespace and NUL) and each item checked as `X`.
+fn check_format(format: &str, value: &str) -> Result<(), String> {
+    if let Some(item_format) = format.strip_suffix("-list") {
+        for item in value
+            .split([',', ';', ' ', '\t', '\n', '\0'])
+            .filter(|s| !s.is_empty())
+        {
+            check_format(item_format, item).map_err(|e| format!("list item {item:?}: {e}"))?;
+        }
+        return Ok(());
+    }
+    let ok = match format {
+        "pve-vmid" => parse_integer(value).is_some_and(|n| (100..=999_999_999).contains(&n)),
+        "pve-node" => regex_is_match(r"^[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?$", value),
+        "pve-configid" | "pve-storage-id" => regex_is_match(r"^[a-zA-Z][a-zA-Z0-9\-_]+$", value),
+        "pve-poolid" => regex_is_match(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+){0,2}$", value),
+        "pve-userid" => value.len() <= 64 && is_userid(value),
+        "pve-tokenid" => value
+            .split_once('!')
+            .is_some_and(|(u, t)| is_userid(u) && regex_is_match(r"^[A-Za-z][A-Za-z0-9.\-_]+$", t)),
+        "pve-roleid" | "pve-groupid" => regex_is_match(r"^[A-Za-z0-9.\-_]+$", value),
+        "pve-priv" => regex_is_match(r"^[A-Za-z][A-Za-z.]*[A-Za-z]$", value),
+        "dns-name" => regex_is_match(
+            r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9\-]*[a-zA-Z0-9])?\.)*[a-zA-Z0-9](?:[a-zA-Z0-9\-]*[a-zA-Z0-9])?$",
+            value,
+        ),
+        // PVE::JSONSchema::pve_verify_urlencoded: /^[-%a-zA-Z0-9_.!~*'()]*$/ — so '+' and raw
+        // spaces are rejected (cloud-init sshkeys must encode a space as %20). Also require each
+        // '%' to start a valid escape, or PVE's uri_unescape would mangle the value.
+        "urlencoded" => {
+            regex_is_match(r"^[-%a-zA-Z0-9_.!~*'()]*$", value)
+                && regex_is_match(r"^(?:[^%]|%[0-9A-Fa-f]{2})*$", value)
+        }
+        "pve-qm-ipconfig" => return check_ipconfig(value),
+        "ip" => value.parse::<IpAddr>().is_ok(),
+        "ipv4" => value.parse::<Ipv4Addr>().is_ok(),
+        "ipv6" => value.parse::<Ipv6Addr>().is_ok(),
+        "CIDR" => is_cidr(value, true, true),
+        "CIDRv4" => is_cidr(value, true, false),
+        "CIDRv6" => is_cidr(value, false, true),
+        "mac-addr" => regex_is_match(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$", value),
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("not a valid {format}"))
+    }
+}
+
+/// `pve-qm-ipconfig`: `[gw=<IPv4>] [,gw6=<IPv6>] [,ip=<IPv4/CIDR|dhcp>] [,ip6=<IPv6/CIDR|dhcp|auto>]`.
+fn check_ipconfig(value: &str) -> Result<(), String> {
+    let mut seen = Vec::new();
+    for part in value.split(',') {
+        let (key, val) = part
+            .split_once('=')
+            .ok_or_else(|| format!("ipconfig part {part:?} is not key=value"))?;
+        let ok = match key {
+            "ip" => val == "dhcp" || is_cidr(val, true, false),
+            "ip6" => val == "dhcp" || val == "auto" || is_cidr(val, false, true),
+            "gw" => val.parse::<Ipv4Addr>().is_ok(),
+            "gw6" => val.parse::<Ipv6Addr>().is_ok(),
+            _ => return Err(format!("ipconfig key {key:?} unknown (ip, gw, ip6, gw6)")),
+        };
+        if !ok {
+            return Err(format!("ipconfig {key}={val:?} is invalid"));
+        }
+        if seen.contains(&key) {
+            return Err(format!("ipconfig key {key:?} given twice"));
+        }
+        seen.push(key);
+    }
+    Ok(())
+}
+
+fn is_cidr(value: &str, v4: bool, v6: bool) -> bool {
+    let Some((ip, prefix)) = value.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => v4 && prefix <= 32,
+        Ok(IpAddr::V6(_)) => v6 && prefix <= 128,
+        Err(_) => false,
+    }
+}
+
+fn is_userid(value: &str) -> bool {
+    regex_is_match(r"^[^\s:/@]+@[A-Za-z][A-Za-z0-9.\-_]+$", value)
+}
+
+fn regex_is_match(pattern: &str, value: &str) -> bool {
+    static CACHE: OnceLock<Mutex<HashMap<String, Regex>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    cache
+        .entry(pattern.to_string())
+        .or_insert_with(|| Regex::new(pattern).expect("built-in pattern"))
+        .is_match(value)
+}
+
+/// PVE's integer syntax: `^-?\d+$`.
+pub fn parse_integer(value: &str) -> Option<i64> {
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// PVE's number syntax: `^-?\d+(\.\d+)?([eE][-+]?\d+)?$` (no `inf`, `nan`, `.5`, `5.`).
+pub fn parse_number(value: &str) -> Option<f64> {
+    regex_is_match(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$", value)
+        .then(|| value.parse().ok())
+        .flatten()
+}
+
+/// PVE's boolean syntax: `1|true|yes|on` and `0|false|no|off`, any case.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Schema numbers are sometimes strings (`"minimum": "0"`).
+fn as_f64(v: &Value) -> Option<f64> {
+    v.as_f64().or_else(|| v.as_str()?.parse().ok())
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_str()?.parse().ok())
+}
+
+fn value_text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
