@@ -332,3 +332,25 @@ fn bootstrap_user_makes_a_least_privilege_token() {
     lab.no_violations();
     let _: Value = made;
 }
+
+#[test]
+fn up_backend_runs_a_local_spec_on_proxmox() {
+    let lab = Lab::new(
+        FakeOptions::default(),
+        "[images.x]\nfile = \"x.qcow2\"\n\n[vms.moved]\nimage = \"x\"\n",
+    );
+    create_pool(&lab);
+    let err = lab
+        .env
+        .fails(&["up", "moved", "--no-wait", "--backend", "nope"]);
+    assert!(
+        err.contains("no backend named \"nope\" (available: local, lab)"),
+        "{err}"
+    );
+    let up = lab
+        .env
+        .json(&["up", "moved", "--no-wait", "--backend", "lab"]);
+    assert_eq!(up[0]["action"], "created", "{up}");
+    assert!(lab.vm("moved").1.running);
+    lab.no_violations();
+}

@@ -41,6 +41,9 @@ pub enum Command {
         /// Fail at once if another operation holds a VM, instead of waiting.
         #[arg(long)]
         no_block: bool,
+        /// Run the VMs on this backend instead of the one their spec names.
+        #[arg(long)]
+        backend: Option<String>,
     },
     /// Shut VMs down (ACPI), forcing them off after the timeout.
     Down {

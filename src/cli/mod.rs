@@ -74,7 +74,15 @@ fn run(cli: Cli) -> Result<i32> {
             no_wait,
             timeout,
             no_block,
-        } => up(&app, &names, !no_wait, timeout, no_block),
+            backend,
+        } => up(
+            &app,
+            &names,
+            !no_wait,
+            timeout,
+            no_block,
+            backend.as_deref(),
+        ),
         Command::Down {
             names,
             force,
@@ -164,6 +172,21 @@ impl App {
             .and_then(|f| f.backend(name))
             .with_context(|| format!("no [backends.{name}] in agentvm.toml"))?;
         crate::backend::proxmox::ProxmoxBackend::connect(name, &spec.proxmox, self.home.clone())
+    }
+
+    fn check_backend_name(&self, name: &str) -> Result<()> {
+        let fleet = self.fleet()?;
+        if name != crate::spec::LOCAL_BACKEND && fleet.backend(name).is_none() {
+            bail!(
+                "no backend named {name:?} (available: local{})",
+                fleet
+                    .backends
+                    .keys()
+                    .map(|k| format!(", {k}"))
+                    .collect::<String>()
+            );
+        }
+        Ok(())
     }
 
     /// Names on the local backend, and (name, backend) pairs on others.
@@ -275,13 +298,25 @@ fn show_event(console: &Console, json: bool, event: Event) {
     }
 }
 
-fn up(app: &App, names: &[String], wait: bool, timeout: u64, no_block: bool) -> Result<i32> {
+fn up(
+    app: &App,
+    names: &[String],
+    wait: bool,
+    timeout: u64,
+    no_block: bool,
+    backend: Option<&str>,
+) -> Result<i32> {
     let fleet = app.fleet()?;
     // Every name is checked before anything is touched.
     let mut vms = Vec::new();
     let mut remote = Vec::new();
     for n in names {
-        let spec = fleet.vm(n)?;
+        let mut spec = fleet.vm(n)?.clone();
+        if let Some(b) = backend {
+            app.check_backend_name(b)?;
+            spec.backend = b.to_string();
+        }
+        let spec = &spec;
         if spec.backend == crate::spec::LOCAL_BACKEND {
             vms.push(UpItem {
                 spec: spec.clone(),
@@ -943,16 +978,7 @@ fn plan(app: &App, names: &[String], backend_override: Option<&str>) -> Result<i
     for name in &names {
         let mut spec = fleet.vm(name)?.clone();
         if let Some(b) = backend_override {
-            if b != crate::spec::LOCAL_BACKEND && fleet.backend(b).is_none() {
-                bail!(
-                    "no backend named {b:?} (available: local{})",
-                    fleet
-                        .backends
-                        .keys()
-                        .map(|k| format!(", {k}"))
-                        .collect::<String>()
-                );
-            }
+            app.check_backend_name(b)?;
             spec.backend = b.to_string();
         }
         let plan = if spec.backend == crate::spec::LOCAL_BACKEND {
