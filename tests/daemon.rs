@@ -381,11 +381,7 @@ fn install_unit_writes_a_systemd_user_unit() {
         .env("XDG_CONFIG_HOME", &config)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let unit = std::fs::read_to_string(config.join("systemd/user/agentvm.service")).unwrap();
     assert!(
         unit.contains(&format!(

@@ -107,11 +107,7 @@ fn without_an_agent_hostkey_scans_the_port_and_says_so() {
     env.ok(&["up", "g-noagent", "--timeout", GUEST_TIMEOUT]);
     assert_eq!(env.status("g-noagent")["agent"], "disabled");
     let out = env.agentvm(&["hostkey", "g-noagent", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let key: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(key["source"], "ssh-keyscan");
     assert!(String::from_utf8_lossy(&out.stderr).contains("SSH key scan"));
@@ -146,11 +142,7 @@ fn screenshot_is_a_png_of_the_display_size() {
         .arg(&theirs)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let data = std::fs::read(&theirs).unwrap();
     let (width, height) = if data.starts_with(b"\x89PNG") {
         let d = png::Decoder::new(std::io::Cursor::new(data));

@@ -190,11 +190,7 @@ fn provision_runs_nixos_rebuild_against_the_vm_over_its_ssh_port() {
         .env("AGENTVM_NIXOS_REBUILD", &stand_in)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "switched on testguest\n"

@@ -15,11 +15,7 @@ fn keygen(path: &Path) {
         .arg(path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
 }
 
 fn age(args: &[&str]) -> std::process::Output {
@@ -217,11 +213,7 @@ fn age_keygen_recipient(private_key: &Path) -> String {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 

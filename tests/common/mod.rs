@@ -246,3 +246,12 @@ impl Drop for DaemonProcess {
         self.kill_now();
     }
 }
+
+/// Fails the test with the command's stderr unless it succeeded.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
