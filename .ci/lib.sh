@@ -88,3 +88,12 @@ use_readable_checkout() {
   chmod -R a+rX "$top"
   REPO="$top/main"
 }
+
+# Every .nix file of the project must at least parse.
+parse_nix_files() {
+  say "nix-instantiate --parse on every .nix file"
+  local f
+  while IFS= read -r f; do
+    nix-instantiate --parse "$f" >/dev/null || { echo "does not parse: $f" >&2; return 1; }
+  done < <(cd "$REPO" && git ls-files -co --exclude-standard -- '*.nix')
+}
