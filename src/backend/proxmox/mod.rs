@@ -112,23 +112,28 @@ impl ProxmoxBackend {
     }
 
     fn find(&self, name: &str) -> Result<Option<Found>> {
-        let Some(vm) = self.resources()?.into_iter().find(|r| {
+        match self.resources()?.into_iter().find(|r| {
             r["name"] == name && r["node"] == self.spec.node.as_str() && r["template"] != 1
-        }) else {
-            return Ok(None);
-        };
-        let vmid = vm["vmid"].as_u64().context("resource without vmid")? as u32;
+        }) {
+            Some(resource) => Ok(Some(self.found(&resource)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A VM from its `/cluster/resources` entry, with its config and marker.
+    fn found(&self, resource: &Value) -> Result<Found> {
+        let vmid = resource["vmid"].as_u64().context("resource without vmid")? as u32;
         let config = self
             .client
             .get(&self.vm_path(vmid, "/config"), &[])
             .map_err(pve)?;
         let marker = config["description"].as_str().and_then(Marker::parse);
-        Ok(Some(Found {
+        Ok(Found {
             vmid,
-            running: vm["status"] == "running",
+            running: resource["status"] == "running",
             marker,
             config,
-        }))
+        })
     }
 
     /// The VM `name`, which must have been made by agentvm.
@@ -722,9 +727,9 @@ impl Backend for ProxmoxBackend {
             let Some(name) = r["name"].as_str() else {
                 continue;
             };
-            if let Some(found) = self.find(name)?
-                && (found.marker.is_some() || in_pool)
-            {
+            // The resource list is already in hand: only the config is fetched.
+            let found = self.found(&r)?;
+            if found.marker.is_some() || in_pool {
                 out.push(self.status_of(name, &found, None));
             }
         }
