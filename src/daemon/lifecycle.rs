@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::broadcast;
 
 use super::protocol::Event;
+use crate::backend::State;
 use crate::backend::libvirt::LocalBackend;
-use crate::backend::{Backend, State};
 
 const POLL: Duration = Duration::from_millis(500);
 
@@ -22,10 +22,10 @@ pub async fn watch(backend: Arc<LocalBackend>, events: broadcast::Sender<Event>)
             continue;
         }
         let b = backend.clone();
-        let Ok(Ok(list)) = tokio::task::spawn_blocking(move || b.list()).await else {
+        let Ok(Ok(states)) = tokio::task::spawn_blocking(move || b.states()).await else {
             continue;
         };
-        let now: BTreeMap<String, State> = list.into_iter().map(|s| (s.name, s.state)).collect();
+        let now: BTreeMap<String, State> = states.into_iter().collect();
         if let Some(before) = &last {
             for change in changes(before, &now) {
                 let _ = events.send(change);

@@ -111,6 +111,15 @@ impl LocalBackend {
             .ok_or_else(|| BackendError::NotFound(name.to_string()))
     }
 
+    /// Every agentvm VM's lifecycle state, without asking guests anything
+    /// (cheap enough to poll, unlike `list`, which talks to each guest agent).
+    pub fn states(&self) -> Result<Vec<(String, State)>> {
+        self.managed_domains()?
+            .iter()
+            .map(|(dom, state)| Ok((state.name.clone(), live_state(dom)?)))
+            .collect()
+    }
+
     /// Ports held by every agentvm VM.
     pub fn port_claims(&self) -> Result<Claims> {
         self.claims("")
