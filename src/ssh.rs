@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -177,14 +177,23 @@ pub fn read_banner(addr: &SocketAddr) -> Option<String> {
     line.starts_with("SSH-").then_some(line)
 }
 
-/// Removes a VM's known_hosts entries, e.g. when its disk is replaced.
-pub fn forget_host(known_hosts: &Path) -> Result<()> {
-    match std::fs::remove_file(known_hosts) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", known_hosts.display()))
+/// `type base64` from a public key file or a known_hosts/keyscan line.
+pub fn public_key_of(text: &str) -> anyhow::Result<String> {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let Some(i) = fields
+            .iter()
+            .position(|f| f.starts_with("ssh-") || f.starts_with("ecdsa-"))
+            && let Some(blob) = fields.get(i + 1)
+        {
+            return Ok(format!("{} {blob}", fields[i]));
         }
-        _ => Ok(()),
     }
+    anyhow::bail!("no SSH public key found")
 }
 
 #[cfg(test)]
@@ -279,6 +288,20 @@ mod tests {
         assert!(effective.contains("port 2222"), "{effective}");
         assert!(effective.contains("hostname 127.0.0.1"), "{effective}");
         assert!(effective.contains("user root"), "{effective}");
+    }
+
+    #[test]
+    fn keys_come_from_pub_files_and_keyscan_lines() {
+        assert_eq!(
+            public_key_of("ssh-ed25519 AAAA root@host\n").unwrap(),
+            "ssh-ed25519 AAAA"
+        );
+        assert_eq!(
+            public_key_of("# 127.0.0.1:2222 SSH-2.0-dropbear\n[127.0.0.1]:2222 ssh-ed25519 BBBB\n")
+                .unwrap(),
+            "ssh-ed25519 BBBB"
+        );
+        assert!(public_key_of("garbage").is_err());
     }
 
     #[test]

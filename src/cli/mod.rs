@@ -921,14 +921,10 @@ fn secrets_rekey(
             Err(_) => Some(app.backend()?.host_key(name)?.key),
         }
     };
-    let key = key.map(|k| {
-        let mut fields = k.split_whitespace();
-        format!(
-            "{} {}",
-            fields.next().unwrap_or_default(),
-            fields.next().unwrap_or_default()
-        )
-    });
+    let key = key
+        .map(|k| crate::ssh::public_key_of(&k))
+        .transpose()
+        .context("the host key")?;
     let fleet_dir = fleet
         .file
         .parent()

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use qapi::{qga, qmp};
 use serde::{Deserialize, Serialize};
 use virt::domain::Domain;
@@ -187,7 +187,8 @@ impl LocalBackend {
         };
         let (key, source) = match from_agent {
             Some(text) => (
-                key_of(&text).with_context(|| format!("{name}: {}", state.host_key))?,
+                crate::ssh::public_key_of(&text)
+                    .with_context(|| format!("{name}: {}", state.host_key))?,
                 "agent",
             ),
             None => (keyscan(state.ssh_port)?, "ssh-keyscan"),
@@ -353,25 +354,6 @@ fn read_guest_file(guest: &Guest, path: &str) -> Result<String, GuestError> {
     result.map(|()| String::from_utf8_lossy(&data).into_owned())
 }
 
-/// `type base64` from a public key file or a known_hosts/keyscan line.
-fn key_of(text: &str) -> anyhow::Result<String> {
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if let Some(i) = fields
-            .iter()
-            .position(|f| f.starts_with("ssh-") || f.starts_with("ecdsa-"))
-            && let Some(blob) = fields.get(i + 1)
-        {
-            return Ok(format!("{} {blob}", fields[i]));
-        }
-    }
-    bail!("no SSH public key found")
-}
-
 /// The guest's ed25519 host key as its forwarded SSH port presents it.
 fn keyscan(port: u16) -> Result<String> {
     tracing::warn!("no guest agent: taking the host key from an SSH key scan of port {port}");
@@ -388,7 +370,7 @@ fn keyscan(port: u16) -> Result<String> {
         .output()
         .context("running ssh-keyscan (openssh-client)")?;
     Ok(
-        key_of(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
+        crate::ssh::public_key_of(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
             format!(
                 "ssh-keyscan of port {port}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -413,20 +395,6 @@ fn routable_addresses(interfaces: &[qga::GuestNetworkInterface]) -> Vec<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_come_from_pub_files_and_keyscan_lines() {
-        assert_eq!(
-            key_of("ssh-ed25519 AAAA root@host\n").unwrap(),
-            "ssh-ed25519 AAAA"
-        );
-        assert_eq!(
-            key_of("# 127.0.0.1:2222 SSH-2.0-dropbear\n[127.0.0.1]:2222 ssh-ed25519 BBBB\n")
-                .unwrap(),
-            "ssh-ed25519 BBBB"
-        );
-        assert!(key_of("garbage").is_err());
-    }
 
     #[test]
     fn loopback_and_link_local_addresses_are_left_out() {
