@@ -796,7 +796,6 @@ fn inventory(app: &App) -> Result<i32> {
                 image: s.image,
                 ssh_port: s.ssh_port,
                 spice_port: s.spice_port,
-                ips: s.ips,
                 state: s.state.as_str().to_string(),
                 purpose: s.purpose,
             }

@@ -74,23 +74,23 @@ pub struct InventoryRow {
     pub disk: Option<String>,
     pub ssh_port: Option<u16>,
     pub spice_port: Option<u16>,
-    pub ips: Vec<String>,
     pub state: String,
     pub purpose: Option<String>,
 }
 
-/// A Markdown table, like a hand-kept `docs/machines.md`.
+/// A Markdown table, like a hand-kept `docs/machines.md`. It holds what stays
+/// put from boot to boot; addresses come and go with the guest and belong to `list`.
 pub fn inventory_markdown(rows: &[InventoryRow]) -> String {
     let cell = |text: &str| text.replace('|', "\\|").replace('\n', " ");
     let opt = |v: &Option<String>| v.as_deref().map_or("-".to_string(), cell);
     let mut out = String::from(
-        "| name | backend | image | cpus | memory | disk | ssh | spice | IP | state | purpose |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| name | backend | image | cpus | memory | disk | ssh | spice | state | purpose |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(&r.name),
             cell(&r.backend),
             opt(&r.image),
@@ -99,11 +99,6 @@ pub fn inventory_markdown(rows: &[InventoryRow]) -> String {
             opt(&r.disk),
             port(r.ssh_port),
             port(r.spice_port),
-            if r.ips.is_empty() {
-                "-".to_string()
-            } else {
-                r.ips.join(", ")
-            },
             r.state,
             opt(&r.purpose),
         );
@@ -126,7 +121,6 @@ mod tests {
             disk: None,
             ssh_port: Some(2222),
             spice_port: Some(5900),
-            ips: vec!["10.0.2.15".into()],
             state: "running".into(),
             purpose: Some("builds | ships\nthings".into()),
         }];
@@ -135,7 +129,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(
             lines[2],
-            "| drago | local | nixos | 4 | 8GiB | - | 2222 | 5900 | 10.0.2.15 | running | builds \\| ships things |"
+            "| drago | local | nixos | 4 | 8GiB | - | 2222 | 5900 | running | builds \\| ships things |"
         );
     }
 }
