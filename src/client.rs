@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::daemon::protocol::{
-    Envelope, Event, PROTOCOL_VERSION, Reply, Request, VmResult, encode,
-};
+use crate::backend::VmStatus;
 use crate::paths::{self, Home};
+use crate::protocol::{
+    BUILD, BackendFailure, Envelope, Event, PROTOCOL_VERSION, Reply, Request, VmResult, encode,
+};
 
 /// Connections tried before giving up on a daemon that keeps going away.
 const CONNECT_ATTEMPTS: u32 = 3;
@@ -73,14 +74,23 @@ impl Client {
     }
 
     fn check_daemon(&mut self, home: &Home, uri: &str) -> Result<()> {
-        self.send(Request::Hello {})?;
+        self.send(Request::Hello {
+            build: BUILD.to_string(),
+        })?;
         match self.next_reply()? {
             Reply::Hello {
                 pid,
+                build,
                 home: daemon_home,
                 uri: daemon_uri,
                 ..
             } => {
+                if build != BUILD {
+                    bail!(
+                        "the running agentvm daemon (pid {pid}) is build {build}, this agentvm is {BUILD}: \
+                         restart the daemon (agentvm daemon --stop; the next command starts the new one)"
+                    );
+                }
                 let ours = home.root().display().to_string();
                 if daemon_home != ours || daemon_uri != uri {
                     bail!(
@@ -134,14 +144,31 @@ impl Client {
                 Reply::Event(event) => on_event(event),
                 Reply::Done { results } => return Ok(results),
                 Reply::Error { message } => bail!("{message}"),
-                Reply::Hello { .. } => {}
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a `List` request: every VM's status, and the backends that failed.
+    pub fn list(&mut self, request: Request) -> Result<(Vec<VmStatus>, Vec<BackendFailure>)> {
+        self.send(request)?;
+        loop {
+            match self.next_reply()? {
+                Reply::Event(_) => {}
+                Reply::Listed { rows, failed } => return Ok((rows, failed)),
+                Reply::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
             }
         }
     }
 
     /// Follows lifecycle events until the daemon goes away.
-    pub fn follow_events(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<()> {
-        self.call(Request::Events {}, on_event).map(drop)
+    pub fn follow_events(
+        &mut self,
+        request: Request,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        self.call(request, on_event).map(drop)
     }
 }
 

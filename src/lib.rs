@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod daemon;
 pub mod domain;
 pub mod failpoint;
@@ -12,6 +13,7 @@ pub mod image;
 pub mod paths;
 pub mod ports;
 pub mod progress;
+pub mod protocol;
 pub mod provision;
 pub mod scaffold;
 pub mod screenshot;

@@ -54,7 +54,7 @@ impl Identity {
 }
 
 /// How to reach a VM over SSH.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {
     /// The VM's name (the `Host` alias is `agentvm-<name>`).
     pub vm: String,

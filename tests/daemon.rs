@@ -255,7 +255,10 @@ fn exchange(socket: &std::path::Path, payload: &[u8]) -> Value {
 }
 
 fn hello_works(socket: &std::path::Path) {
-    let reply = exchange(socket, b"{\"version\":1,\"request\":{\"op\":\"hello\"}}\n");
+    let reply = exchange(
+        socket,
+        b"{\"version\":2,\"request\":{\"op\":\"hello\",\"build\":\"test\"}}\n",
+    );
     assert_eq!(reply["type"], "hello", "{reply}");
 }
 
@@ -272,12 +275,12 @@ fn garbage_oversized_and_unknown_requests_get_errors_and_the_daemon_keeps_servin
     for (payload, expect) in [
         (b"not json\n".to_vec(), "not JSON"),
         (
-            b"{\"version\":1,\"request\":{\"op\":\"format-disk\"}}\n".to_vec(),
+            b"{\"version\":2,\"request\":{\"op\":\"format-disk\"}}\n".to_vec(),
             "unknown or malformed",
         ),
         (
             b"{\"version\":99,\"request\":{\"op\":\"hello\"}}\n".to_vec(),
-            "protocol version 1, the client 99",
+            "protocol version 2, the client 99",
         ),
         (
             b"{\"request\":{\"op\":\"hello\"}}\n".to_vec(),

@@ -122,13 +122,23 @@ fn up_clones_configures_and_starts_and_waiting_ignores_loopback() {
         err.contains("the guest reports no routable address"),
         "{err}"
     );
-    let pings = lab
+    // The agent is pinged and asked for addresses at once; together they go
+    // through the fake's two "not running" answers and then get through.
+    let agent_calls: Vec<String> = lab
         .fake
         .requests()
-        .iter()
-        .filter(|r| r.path.ends_with("/agent/ping"))
-        .count();
-    assert!(pings >= 3, "pinged through the agent's 500s: {pings}");
+        .into_iter()
+        .filter(|r| r.path.contains("/agent/"))
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        agent_calls.len() >= 3,
+        "asked through the agent's 500s: {agent_calls:?}"
+    );
+    assert!(
+        agent_calls.iter().any(|p| p.ends_with("/agent/ping")),
+        "{agent_calls:?}"
+    );
 
     let status = lab.env.status("remote");
     assert_eq!(status["state"], "running");
@@ -156,8 +166,9 @@ fn up_clones_configures_and_starts_and_waiting_ignores_loopback() {
         "{err}"
     );
 
+    // agentvm sets agent: 1, so `down` asks the guest agent first.
     let down = lab.env.json(&["down", "remote"]);
-    assert_eq!(down[0]["stopped_by"], "acpi", "{down}");
+    assert_eq!(down[0]["stopped_by"], "agent", "{down}");
     lab.env.ok(&["destroy", "--yes", "remote"]);
     assert!(lab.fake.vms().values().all(|v| v.name != "remote"));
     let deleted =

@@ -1,24 +1,34 @@
-//! The one interface every place VMs can run implements. Capabilities a backend
-//! lacks return [`BackendError::Unsupported`], never a fake success.
+//! The places VMs run. A backend supplies steps through small role traits;
+//! `orchestrate` runs the sequences (`up`, `down`) once for every backend, and
+//! `registry` resolves a VM to the backend it lives on.
+//!
+//! Capabilities a backend lacks return [`BackendError::Unsupported`], naming
+//! what to do instead — never a fake success.
 
 pub mod libvirt;
+pub mod orchestrate;
 pub mod proxmox;
+pub mod registry;
+mod types;
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
+pub use types::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("the {backend} backend does not support {capability}")]
+    #[error("the {backend} backend does not support {capability}: {instead}")]
     Unsupported {
         backend: &'static str,
         capability: &'static str,
+        /// What to do instead.
+        instead: &'static str,
     },
     #[error("no VM named {0:?} exists on this backend")]
     NotFound(String),
@@ -28,205 +38,128 @@ pub enum BackendError {
     Other(#[from] anyhow::Error),
 }
 
-pub type Result<T, E = BackendError> = std::result::Result<T, E>;
-
-/// The lifecycle state shown by `list` and `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Running,
-    Stopped,
-    Crashed,
-    Absent,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
+impl BackendError {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Running => "running",
-            Self::Stopped => "stopped",
-            Self::Crashed => "crashed",
-            Self::Absent => "absent",
+            Self::Unsupported { .. } => ErrorKind::Unsupported,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::ReadOnly { .. } => ErrorKind::Readonly,
+            Self::Other(_) => ErrorKind::Failed,
         }
     }
 }
 
-/// What a backend knows about one of its VMs.
-#[derive(Debug, Clone, Serialize)]
-pub struct VmStatus {
-    pub name: String,
-    pub state: State,
-    pub backend: String,
-    pub ssh_port: Option<u16>,
-    pub spice_port: Option<u16>,
-    pub image: Option<String>,
-    pub readonly: bool,
-    /// The spec changed while the VM ran: a restart applies it.
-    pub restart_needed: bool,
-    /// Present in the fleet file (false for VMs left from an older spec).
-    pub in_spec: bool,
-    pub purpose: Option<String>,
-    /// The guest's addresses from its agent (loopback and link-local left out).
-    pub ips: Vec<String>,
-    /// `ready`, `not-responding`, `disabled` (the image has no agent), or `stopped`.
-    pub agent: String,
-}
-
-/// What `up` would do to one VM.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Plan {
-    pub name: String,
-    pub backend: String,
-    /// The VM does not exist yet and would be created.
-    pub create: bool,
-    /// Settings that would change: key, old value (`None` when new), new value.
-    pub changes: Vec<Change>,
-    /// The disk would grow to this size.
-    pub resize: Option<String>,
-    /// The VM would be started.
-    pub start: bool,
-    /// It runs with an older spec: a restart would apply the changes.
-    pub restart_needed: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Change {
-    pub key: String,
-    pub old: Option<String>,
-    pub new: String,
-}
-
-/// Which output stream of a guest command bytes came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// How a command run in the guest ended.
-#[derive(Debug, Clone, Serialize)]
-pub struct ExecOutcome {
-    pub exit_code: Option<i64>,
-    pub signal: Option<i64>,
-}
-
-/// A VM's SSH host key, as pinned into its known_hosts.
-#[derive(Debug, Clone, Serialize)]
-pub struct HostKey {
-    /// `ssh-ed25519 AAAA…`
-    pub key: String,
-    /// `agent` (read from the guest's file) or `ssh-keyscan` (the agent was missing).
-    pub source: String,
-    pub known_hosts: PathBuf,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(tag = "action", rename_all = "kebab-case")]
-pub enum SnapshotAction {
-    Create { name: Option<String> },
-    List,
-    Revert { name: String },
-    Delete { name: String },
-}
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct SnapshotInfo {
-    pub name: String,
-    /// Unix time in seconds.
-    pub created: u64,
-    /// The VM's state when the snapshot was taken.
-    pub state: String,
-}
-
-/// What `up` did to a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The kind of an error, as `--json` output names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum UpAction {
-    Created,
-    Redefined,
-    Started,
-    AlreadyRunning,
+pub enum ErrorKind {
+    Unsupported,
+    NotFound,
+    Readonly,
+    Busy,
+    Failed,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct UpOutcome {
-    pub name: String,
-    pub action: UpAction,
-    pub restart_needed: bool,
-    pub ssh_port: u16,
-    pub spice_port: Option<u16>,
-    /// Time spent in each phase, in order.
-    pub timings: Vec<Phase>,
-}
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
-/// One timed phase of an operation (`image`, `overlay`, `xml`, `define`, `start`).
-#[derive(Debug, Clone, Serialize)]
-pub struct Phase {
-    pub phase: String,
-    pub ms: f64,
-}
+/// The steps every backend supplies: finding, making, starting, stopping and
+/// removing VMs, and what `list`/`status`/`plan`/`ssh` need.
+pub trait Lifecycle: Send + Sync {
+    /// The kind of backend (`libvirt`, `proxmox`).
+    fn kind(&self) -> &'static str;
 
-/// How `down` stopped a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DownPath {
-    AlreadyStopped,
-    /// The guest shut down when its agent was asked to (QGA `guest-shutdown`).
-    Agent,
-    /// The guest shut down after an ACPI power button press (QMP `system_powerdown`).
-    Acpi,
-    /// Forced off, at once (`--force`) or after the timeout.
-    Forced,
-}
+    /// The VM `name`, if this backend has it. A VM of the same name that agentvm
+    /// did not make is an error, not `None`.
+    fn find(&self, name: &str) -> Result<Option<Existing>>;
 
-pub trait Backend {
-    /// The backend's name as VMs refer to it (`local`, or a `[backends.NAME]`).
-    fn name(&self) -> &str;
-
-    /// Imports the VM's image, then creates, redefines or starts the VM as needed.
-    /// Does not wait for the guest.
-    /// `image` is the VM's image where the backend uses one (the local backend does).
-    fn up(
+    /// Gets what `create`/`reconfigure` need (the image imported or built, the
+    /// template found) and the hash `spec` has here.
+    fn prepare(
         &self,
         spec: &VmSpec,
         image: Option<&ImageSpec>,
         progress: &dyn Reporter,
-    ) -> Result<UpOutcome>;
+    ) -> Result<Prepared>;
 
-    /// Waits until the VM answers on SSH; returns how long that took.
-    fn wait_ready(&self, name: &str, timeout: Duration) -> Result<Duration>;
+    /// Makes the VM, stopped. On error nothing of it is left.
+    fn create(
+        &self,
+        spec: &VmSpec,
+        prepared: &Prepared,
+        timings: &mut Timings,
+        progress: &dyn Reporter,
+    ) -> Result<()>;
 
-    /// Stops the VM: gracefully, then by force after `timeout` (or at once with `force`).
-    fn down(&self, name: &str, force: bool, timeout: Duration) -> Result<DownPath>;
+    /// Brings a stopped VM in line with `spec` where it differs (or must change,
+    /// such as ports now taken by others); returns whether anything changed.
+    fn reconfigure(
+        &self,
+        spec: &VmSpec,
+        prepared: &Prepared,
+        existing: &Existing,
+        timings: &mut Timings,
+        progress: &dyn Reporter,
+    ) -> Result<bool>;
 
-    /// Removes the VM and everything it owns.
-    fn destroy(&self, name: &str) -> Result<()>;
+    fn start(&self, name: &str, progress: &dyn Reporter) -> Result<()>;
+
+    fn is_running(&self, name: &str) -> Result<bool>;
+
+    /// Waits until the guest's SSH server sends its banner.
+    fn wait_ssh(&self, name: &str, deadline: Instant) -> Result<()>;
+
+    /// Presses the ACPI power button; does not wait.
+    fn acpi_shutdown(&self, name: &str) -> Result<()>;
+
+    fn force_off(&self, name: &str) -> Result<()>;
+
+    /// Removes the VM and everything it owns (stopping it first).
+    fn remove(&self, name: &str) -> Result<()>;
 
     /// The VM's status; `spec` is its current spec, if it still has one.
     fn status(&self, name: &str, spec: Option<&VmSpec>) -> Result<VmStatus>;
 
-    /// Every VM this backend manages.
-    fn list(&self) -> Result<Vec<VmStatus>>;
+    /// Every VM this backend manages; `specs` are the fleet file's VMs, used
+    /// for the VMs they name (readonly, purpose, restart needed).
+    fn list(&self, specs: &[VmSpec]) -> Result<Vec<VmStatus>>;
 
-    fn ssh_endpoint(&self, name: &str) -> Result<Endpoint>;
-
-    /// The file the VM's serial console is logged to.
-    fn serial_log(&self, _name: &str) -> Result<PathBuf> {
-        Err(self.unsupported("a serial console log"))
-    }
-
-    /// The `spice://` URI of the VM's display.
-    fn spice_uri(&self, _name: &str) -> Result<String> {
-        Err(self.unsupported("SPICE"))
-    }
+    /// Every managed VM's state, without asking guests anything (cheap enough to poll).
+    fn states(&self) -> Result<Vec<(String, State)>>;
 
     /// What `up` would change, without changing anything.
-    fn plan(&self, _spec: &VmSpec, _image: Option<&ImageSpec>) -> Result<Plan> {
-        Err(self.unsupported("plan"))
+    fn plan(&self, spec: &VmSpec, image: Option<&ImageSpec>) -> Result<Plan>;
+
+    /// Where and how `ssh` reaches the VM.
+    fn ssh_endpoint(&self, name: &str) -> Result<Endpoint>;
+
+    /// The typed error for a capability this backend lacks.
+    fn unsupported(&self, capability: &'static str, instead: &'static str) -> BackendError {
+        BackendError::Unsupported {
+            backend: self.kind(),
+            capability,
+            instead,
+        }
+    }
+}
+
+/// Talking to the guest through its agent, without the network.
+pub trait GuestAgent: Lifecycle {
+    /// Whether the VM's guest runs an agent that `up` should wait for.
+    fn agent_expected(&self, _name: &str) -> Result<bool> {
+        Ok(false)
     }
 
-    /// Runs a command in the guest without the network; output goes to `output`
-    /// as the guest agent delivers it.
+    /// Waits until the agent answers a ping.
+    fn wait_agent(&self, _name: &str, _deadline: Instant) -> Result<()> {
+        Err(self.unsupported("a guest agent", "rely on SSH"))
+    }
+
+    /// Asks the guest to power off through its agent; does not wait.
+    fn agent_shutdown(&self, _name: &str) -> Result<()> {
+        Err(self.unsupported("shutdown through the guest agent", "agentvm down uses ACPI"))
+    }
+
+    /// Runs a command in the guest; output goes to `output` as the agent delivers it.
     fn exec(
         &self,
         _name: &str,
@@ -234,31 +167,54 @@ pub trait Backend {
         _timeout: Duration,
         _output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome> {
-        Err(self.unsupported("exec"))
+        Err(self.unsupported("exec", "use agentvm ssh NAME -- CMD"))
     }
 
     /// Reads the guest's SSH host key and pins it for `agentvm ssh`.
     fn host_key(&self, _name: &str) -> Result<HostKey> {
-        Err(self.unsupported("reading host keys"))
+        Err(self.unsupported(
+            "reading host keys",
+            "check the key on first `agentvm ssh` by hand",
+        ))
+    }
+}
+
+/// Snapshots of a VM's disk (and memory).
+pub trait Snapshots: Lifecycle {
+    /// Creates, lists, reverts to or deletes snapshots.
+    fn snapshot(&self, _name: &str, _action: &SnapshotAction) -> Result<Vec<SnapshotInfo>> {
+        Err(self.unsupported("snapshots", "use the backend's own snapshot tools"))
+    }
+}
+
+/// The VM's console and display.
+pub trait Display: Lifecycle {
+    /// The file the VM's serial console is logged to (on this machine).
+    fn serial_log(&self, _name: &str) -> Result<PathBuf> {
+        Err(self.unsupported(
+            "a serial console log",
+            "use the backend's own console (the Proxmox web UI)",
+        ))
+    }
+
+    /// The `spice://` URI of the VM's display.
+    fn spice_uri(&self, _name: &str) -> Result<String> {
+        Err(self.unsupported(
+            "SPICE",
+            "use the backend's own console (the Proxmox web UI)",
+        ))
     }
 
     /// Saves the guest's display as a PNG file; returns its width and height.
-    fn screenshot(&self, _name: &str, _png: &std::path::Path) -> Result<(u32, u32)> {
-        Err(self.unsupported("screenshots"))
+    fn screenshot(&self, _name: &str, _png: &Path) -> Result<(u32, u32)> {
+        Err(self.unsupported(
+            "screenshots",
+            "use the backend's own console (the Proxmox web UI)",
+        ))
     }
-
-    /// Creates, lists, reverts to or deletes snapshots.
-    fn snapshot(&self, _name: &str, _action: &SnapshotAction) -> Result<Vec<SnapshotInfo>> {
-        Err(self.unsupported("snapshots"))
-    }
-
-    fn unsupported(&self, capability: &'static str) -> BackendError {
-        BackendError::Unsupported {
-            backend: self.kind(),
-            capability,
-        }
-    }
-
-    /// The kind of backend (`libvirt`, `proxmox`).
-    fn kind(&self) -> &'static str;
 }
+
+/// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
+pub trait Backend: GuestAgent + Snapshots + Display {}
+
+impl<T: GuestAgent + Snapshots + Display> Backend for T {}

@@ -4,11 +4,55 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::backend::VmStatus;
+use crate::backend::{Plan, VmStatus};
+use crate::protocol::Outcome;
 
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// One VM's outcome as a JSON object: its fields, with the VM's `name`.
+pub fn outcome_json(name: &str, outcome: &Outcome) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(outcome)?;
+    if let Some(object) = value.as_object_mut() {
+        object.remove("outcome");
+        object
+            .entry("name")
+            .or_insert_with(|| name.to_string().into());
+    }
+    Ok(value)
+}
+
+/// What `plan` shows: per VM create/update/start/no changes, then the changes.
+pub fn plan_text(plans: &[Plan]) -> String {
+    let mut out = String::new();
+    for plan in plans {
+        let what = if plan.create {
+            "create"
+        } else if plan.changes.is_empty() && plan.resize.is_none() {
+            if plan.start { "start" } else { "no changes" }
+        } else {
+            "update"
+        };
+        let _ = writeln!(out, "{} ({}): {what}", plan.name, plan.backend);
+        for change in &plan.changes {
+            let _ = match &change.old {
+                None => writeln!(out, "  + {} = {}", change.key, change.new),
+                Some(old) => writeln!(out, "  ~ {}: {old} -> {}", change.key, change.new),
+            };
+        }
+        if let Some(size) = &plan.resize {
+            let _ = writeln!(out, "  grow disk to {size}");
+        }
+        if plan.start && what != "start" {
+            let _ = writeln!(out, "  start");
+        }
+        if plan.restart_needed {
+            let _ = writeln!(out, "  (running: a restart applies this)");
+        }
+    }
+    out
 }
 
 fn port(p: Option<u16>) -> String {

@@ -1,47 +1,86 @@
-//! VM lifecycle events for `agentvm events`, found by polling libvirt.
+//! VM lifecycle events for `agentvm events`, found by polling every backend.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::broadcast;
-
-use super::protocol::Event;
+use super::Shared;
 use crate::backend::State;
-use crate::backend::libvirt::LocalBackend;
+use crate::protocol::Event;
 
 const POLL: Duration = Duration::from_millis(500);
+/// Remote backends are asked every this many polls (each ask is an API call).
+const REMOTE_EVERY: u32 = 4;
 
-/// Polls the VMs' states while anyone listens and broadcasts each change.
-pub async fn watch(backend: Arc<LocalBackend>, events: broadcast::Sender<Event>) {
-    let mut last: Option<BTreeMap<String, State>> = None;
+/// A VM as the watcher keys it: (backend, name).
+type Key = (String, String);
+
+/// Polls the VMs' states while anyone listens and broadcasts each change. A
+/// backend that cannot be polled is logged (once per distinct error) and its
+/// VMs keep their last known state.
+pub async fn watch(shared: Arc<Shared>) {
+    let mut last: Option<BTreeMap<Key, State>> = None;
+    let mut errors: BTreeMap<String, String> = BTreeMap::new();
+    let mut tick: u32 = 0;
     loop {
         tokio::time::sleep(POLL).await;
-        if events.receiver_count() == 0 {
+        if shared.lifecycle.receiver_count() == 0 {
             last = None;
             continue;
         }
-        let b = backend.clone();
-        let Ok(Ok(states)) = tokio::task::spawn_blocking(move || b.states()).await else {
-            continue;
+        tick = tick.wrapping_add(1);
+        let backends = shared.registry.all();
+        let remote_turn = last.is_none() || tick.is_multiple_of(REMOTE_EVERY);
+        let polled = tokio::task::spawn_blocking(move || {
+            backends
+                .iter()
+                .filter(|(name, _)| remote_turn || *name == crate::spec::LOCAL_BACKEND)
+                .map(|(name, b)| (name.to_string(), b.states().map_err(|e| format!("{e:#}"))))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(e) => {
+                tracing::warn!("polling VM states failed: {e}");
+                continue;
+            }
         };
-        let now: BTreeMap<String, State> = states.into_iter().collect();
+        let mut now = last.clone().unwrap_or_default();
+        for (backend, states) in polled {
+            match states {
+                Ok(states) => {
+                    if errors.remove(&backend).is_some() {
+                        tracing::info!("backend {backend} answers again");
+                    }
+                    now.retain(|(b, _), _| *b != backend);
+                    now.extend(states.into_iter().map(|(vm, s)| ((backend.clone(), vm), s)));
+                }
+                Err(e) => {
+                    if errors.get(&backend) != Some(&e) {
+                        tracing::warn!("polling the VM states of backend {backend}: {e}");
+                        errors.insert(backend, e);
+                    }
+                }
+            }
+        }
         if let Some(before) = &last {
             for change in changes(before, &now) {
-                let _ = events.send(change);
+                let _ = shared.lifecycle.send(change);
             }
         }
         last = Some(now);
     }
 }
 
-fn changes(before: &BTreeMap<String, State>, now: &BTreeMap<String, State>) -> Vec<Event> {
+fn changes(before: &BTreeMap<Key, State>, now: &BTreeMap<Key, State>) -> Vec<Event> {
     let at = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let event = |vm: &str, state: &str| Event::Lifecycle {
-        vm: vm.to_string(),
+    let event = |(backend, vm): &Key, state: &str| Event::Lifecycle {
+        vm: vm.clone(),
+        backend: backend.clone(),
         state: state.to_string(),
         at,
     };
@@ -77,8 +116,10 @@ fn transition(state: State) -> &'static str {
 mod tests {
     use super::*;
 
-    fn states(list: &[(&str, State)]) -> BTreeMap<String, State> {
-        list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    fn states(list: &[(&str, State)]) -> BTreeMap<Key, State> {
+        list.iter()
+            .map(|(n, s)| (("local".to_string(), n.to_string()), *s))
+            .collect()
     }
 
     fn names(events: Vec<Event>) -> Vec<(String, String)> {

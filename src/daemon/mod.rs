@@ -2,36 +2,33 @@
 //! a per-user unix socket, runs one operation at a time per VM and many VMs in
 //! parallel, and on start repairs what a killed predecessor left behind.
 
+mod connection;
 mod lifecycle;
 pub mod locks;
 mod ops;
-pub use ops::UpResult;
-pub mod protocol;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::{Mode, umask};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::net::UnixListener;
+use tokio::sync::broadcast;
 
 use crate::backend::libvirt::LocalBackend;
+use crate::backend::registry::Registry;
 use crate::fsutil::create_private_dir;
 use crate::paths::{self, Home};
+use crate::protocol::{Event, PROTOCOL_VERSION};
 use locks::VmLocks;
-use protocol::{Event, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Reply, Request, encode, parse_request};
 
 /// What every connection handler shares.
 struct Shared {
-    backend: Arc<LocalBackend>,
+    registry: Registry,
     locks: VmLocks,
     lifecycle: broadcast::Sender<Event>,
     home: String,
@@ -70,7 +67,7 @@ pub fn run(uri: &str) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let shared = Arc::new(Shared {
-        backend,
+        registry: Registry::new(backend, home.clone()),
         locks: VmLocks::default(),
         lifecycle: broadcast::channel(256).0,
         home: home.root().display().to_string(),
@@ -122,17 +119,14 @@ pub fn running_pid(socket: &Path) -> Option<u32> {
 
 async fn serve(socket: &Path, shared: Arc<Shared>) -> Result<()> {
     let listener = bind_private(socket)?;
-    tokio::spawn(lifecycle::watch(
-        shared.backend.clone(),
-        shared.lifecycle.clone(),
-    ));
+    tokio::spawn(lifecycle::watch(shared.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(handle(stream, shared.clone()));
+                    tokio::spawn(connection::handle(stream, shared.clone()));
                 }
                 Err(e) => tracing::warn!("accept failed: {e}"),
             },
@@ -153,124 +147,6 @@ fn bind_private(socket: &Path) -> Result<UnixListener> {
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     Ok(UnixListener::from_std(listener)?)
-}
-
-fn peer_uid(stream: &UnixStream) -> Option<u32> {
-    getsockopt(&stream.as_fd(), PeerCredentials)
-        .ok()
-        .map(|cred| cred.uid())
-}
-
-async fn handle(stream: UnixStream, shared: Arc<Shared>) {
-    let peer = peer_uid(&stream);
-    let (read, mut write) = stream.into_split();
-    if peer != Some(shared.uid) {
-        tracing::warn!("refused a connection from uid {peer:?}");
-        let refusal = Reply::Error {
-            message: format!(
-                "refused: this agentvm daemon serves uid {} only (you are uid {})",
-                shared.uid,
-                peer.map_or_else(|| "unknown".to_string(), |u| u.to_string())
-            ),
-        };
-        let _ = write.write_all(&encode(&refusal)).await;
-        return;
-    }
-    let mut reader = BufReader::new(read);
-    loop {
-        let line = match read_line_limited(&mut reader).await {
-            Ok(Some(line)) => line,
-            Ok(None) => return,
-            Err(LineError::TooLong) => {
-                let message = format!("request larger than {MAX_REQUEST_BYTES} bytes");
-                let _ = write.write_all(&encode(&Reply::Error { message })).await;
-                return;
-            }
-            Err(LineError::Io) => return,
-        };
-        let request = match parse_request(&line) {
-            Ok(request) => request,
-            Err(e) => {
-                let reply = Reply::Error {
-                    message: e.to_string(),
-                };
-                if write.write_all(&encode(&reply)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        // The operation runs on its own task: a client that goes away
-        // mid-operation neither cancels nor corrupts it.
-        tokio::spawn(dispatch(shared.clone(), request, tx));
-        while let Some(reply) = rx.recv().await {
-            if write.write_all(&encode(&reply)).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-enum LineError {
-    TooLong,
-    Io,
-}
-
-async fn read_line_limited(
-    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
-) -> Result<Option<Vec<u8>>, LineError> {
-    let mut line = Vec::new();
-    loop {
-        let buf = reader.fill_buf().await.map_err(|_| LineError::Io)?;
-        if buf.is_empty() {
-            return Ok(if line.is_empty() { None } else { Some(line) });
-        }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        if line.len() + chunk.len() > MAX_REQUEST_BYTES {
-            return Err(LineError::TooLong);
-        }
-        line.extend_from_slice(chunk);
-        let used = done.unwrap_or(buf.len());
-        reader.consume(used);
-        if done.is_some() {
-            return Ok(Some(line));
-        }
-    }
-}
-
-async fn dispatch(shared: Arc<Shared>, request: Request, tx: mpsc::UnboundedSender<Reply>) {
-    match request {
-        Request::Hello {} => {
-            let _ = tx.send(Reply::Hello {
-                version: PROTOCOL_VERSION,
-                pid: std::process::id(),
-                home: shared.home.clone(),
-                uri: shared.uri.clone(),
-            });
-        }
-        Request::Events {} => {
-            let mut events = shared.lifecycle.subscribe();
-            loop {
-                match events.recv().await {
-                    Ok(event) => {
-                        if tx.send(Reply::Event(event)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        }
-        other => {
-            let results = ops::run(shared, other, tx.clone()).await;
-            let _ = tx.send(Reply::Done { results });
-        }
-    }
 }
 
 /// The systemd user unit `agentvm daemon --install-unit` writes.

@@ -1,40 +1,22 @@
-//! The mutating operations, one VM per blocking task, all VMs of a request at once.
+//! Operations on VMs: each VM of a request on its own blocking task, under its
+//! lock when the operation changes it, on whichever backend it lives on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use anyhow::anyhow;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Shared;
-use super::protocol::{Event, Reply, Request, UpItem, VmRef, VmResult};
-use crate::backend::libvirt::LocalBackend;
-use crate::backend::{Backend, BackendError, DownPath, SnapshotAction, UpOutcome};
+use crate::backend::registry::{Backends, Located, RemoteConfig};
+use crate::backend::{BackendError, ErrorKind, SnapshotAction, VmStatus, orchestrate};
 use crate::progress::Reporter;
-use crate::spec::{ImageSource, ImageSpec};
-
-/// What `up` reports for one VM.
-#[derive(Debug, Serialize)]
-pub struct UpResult {
-    #[serde(flatten)]
-    pub outcome: UpOutcome,
-    /// Seconds from the end of `up` until SSH answered (when waited for).
-    pub ssh_ready_seconds: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct Stopped {
-    stopped_by: DownPath,
-}
-
-#[derive(Serialize)]
-struct Destroyed {
-    destroyed: bool,
-}
+use crate::protocol::{BackendFailure, Built, Event, Op, Outcome, Reply, VmRef, VmResult};
+use crate::spec::{ImageSource, ImageSpec, VmSpec};
 
 /// Sends progress to the client as events.
-struct Events {
-    tx: UnboundedSender<Reply>,
+pub struct Events {
+    pub tx: UnboundedSender<Reply>,
 }
 
 impl Reporter for Events {
@@ -60,213 +42,274 @@ impl Reporter for Events {
     }
 }
 
-type Op = Box<dyn FnOnce(&LocalBackend, &Events) -> Result<serde_json::Value, BackendError> + Send>;
+/// The backends a request names, built on a blocking thread (a remote
+/// backend's first use reads its settings and makes its HTTP client).
+async fn backends(shared: &Arc<Shared>, configs: Vec<RemoteConfig>) -> anyhow::Result<Backends> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || shared.registry.view(&configs))
+        .await
+        .map_err(|e| anyhow!("building the backends failed: {e}"))?
+}
 
-pub async fn run(
+/// Runs `op` on every VM of a request at once; results come in request order.
+pub async fn run_vms(
     shared: Arc<Shared>,
-    request: Request,
+    configs: Vec<RemoteConfig>,
+    vms: Vec<VmRef>,
+    op: Op,
+    no_block: bool,
     tx: UnboundedSender<Reply>,
-) -> Vec<VmResult> {
-    let (verb, no_block, jobs): (&str, bool, Vec<(String, Op)>) = match request {
-        Request::Up {
-            vms,
-            wait,
-            timeout_secs,
-            no_block,
-        } => {
-            let timeout = Duration::from_secs(timeout_secs);
-            let jobs = jobs(
-                vms,
-                |item| item.spec.name.to_string(),
-                |item| Box::new(move |b, events| up(b, &item, wait, timeout, events)),
-            );
-            ("up", no_block, jobs)
-        }
-        Request::Down {
-            vms,
-            force,
-            timeout_secs,
-            no_block,
-        } => {
-            let timeout = Duration::from_secs(timeout_secs);
-            let jobs = jobs(
-                vms,
-                |vm| vm.name.clone(),
-                |vm| Box::new(move |b, _| down(b, &vm, force, timeout)),
-            );
-            ("down", no_block, jobs)
-        }
-        Request::Destroy { vms, no_block } => {
-            let jobs = jobs(
-                vms,
-                |vm| vm.name.clone(),
-                |vm| Box::new(move |b, _| destroy(b, &vm)),
-            );
-            ("destroy", no_block, jobs)
-        }
-        Request::Snapshot {
-            vm,
-            action,
-            no_block,
-        } => {
-            let jobs = jobs(
-                vec![vm],
-                |vm| vm.name.clone(),
-                |vm| {
-                    let action = action.clone();
-                    Box::new(move |b, _| snapshot(b, &vm, &action))
-                },
-            );
-            ("snapshot", no_block, jobs)
-        }
-        Request::ImageBuild { image, rebuild } => {
-            let jobs = jobs(
-                vec![image],
-                |i| format!("image:{}", i.name),
-                |image| Box::new(move |b, events| build_image(b, &image, rebuild, events)),
-            );
-            ("image build", false, jobs)
-        }
-        Request::Hello {} | Request::Events {} => return Vec::new(),
-    };
+) -> Result<Vec<VmResult>, String> {
+    let backends = backends(&shared, configs)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     let mut tasks = Vec::new();
-    for (name, op) in jobs {
-        let shared = shared.clone();
-        let tx = tx.clone();
+    for vm in vms {
+        let (shared, backends, op, tx) = (shared.clone(), backends.clone(), op.clone(), tx.clone());
+        let name = vm.name.clone();
         tasks.push((
             name.clone(),
             tokio::spawn(async move {
-                let guard = shared.locks.acquire(&name, verb, no_block).await?;
-                let backend = shared.backend.clone();
+                let guard = if op.changes_vm() {
+                    Some(shared.locks.acquire(&name, op.verb(), no_block).await)
+                } else {
+                    None
+                };
+                let guard = match guard.transpose() {
+                    Ok(guard) => guard,
+                    Err(busy) => {
+                        return VmResult::failed(&name, ErrorKind::Busy, busy.to_string());
+                    }
+                };
                 tokio::task::spawn_blocking(move || {
                     let _guard = guard;
-                    op(&backend, &Events { tx })
+                    let events = Events { tx };
+                    VmResult::new(&vm.name, perform(&backends, &vm, &op, &events))
                 })
                 .await
-                .map_err(|e| anyhow::anyhow!("the operation failed: {e}"))?
-                .map_err(anyhow::Error::from)
+                .unwrap_or_else(|e| {
+                    VmResult::failed(
+                        &name,
+                        ErrorKind::Failed,
+                        format!("the operation failed: {e}"),
+                    )
+                })
             }),
         ));
     }
     let mut results = Vec::new();
     for (name, task) in tasks {
-        let outcome = match task.await {
-            Ok(result) => result,
-            Err(e) => Err(anyhow::anyhow!("the operation failed: {e}")),
-        };
-        results.push(VmResult::from_result(&name, outcome));
+        results.push(task.await.unwrap_or_else(|e| {
+            VmResult::failed(
+                &name,
+                ErrorKind::Failed,
+                format!("the operation failed: {e}"),
+            )
+        }));
     }
-    results
+    Ok(results)
 }
 
-/// One named job per item of a request.
-fn jobs<T>(items: Vec<T>, name: impl Fn(&T) -> String, op: impl Fn(T) -> Op) -> Vec<(String, Op)> {
-    items
-        .into_iter()
-        .map(|item| (name(&item), op(item)))
-        .collect()
-}
-
-fn to_value<T: Serialize>(value: T) -> Result<serde_json::Value, BackendError> {
-    serde_json::to_value(value).map_err(|e| BackendError::Other(e.into()))
-}
-
-fn up(
-    backend: &LocalBackend,
-    item: &UpItem,
-    wait: bool,
-    timeout: Duration,
-    events: &Events,
-) -> Result<serde_json::Value, BackendError> {
-    let name = item.spec.name.as_str();
-    let outcome = backend.up(&item.spec, Some(&item.image), events)?;
-    let ssh_ready_seconds = if wait {
-        let took = backend.wait_ready(name, timeout)?;
-        events.step(name, &format!("ssh-ready in {:.1} s", took.as_secs_f64()));
-        Some(took.as_secs_f64())
-    } else {
-        None
-    };
-    to_value(UpResult {
-        outcome,
-        ssh_ready_seconds,
-    })
-}
-
-/// Refuses `action` on a readonly VM (by its spec, or its metadata without one).
-fn check_writable(
-    backend: &LocalBackend,
+/// One operation on one VM, on the backend it lives on.
+fn perform(
+    backends: &Backends,
     vm: &VmRef,
-    action: &'static str,
-) -> Result<(), BackendError> {
-    if backend.status(&vm.name, vm.spec.as_ref())?.readonly {
-        return Err(BackendError::ReadOnly {
-            name: vm.name.clone(),
-            action,
+    op: &Op,
+    events: &Events,
+) -> Result<Outcome, BackendError> {
+    let name = vm.name.as_str();
+    let spec = vm.spec.as_ref();
+    let requested = match op {
+        Op::Up { backend, .. } | Op::Plan { backend } => backend.as_deref(),
+        _ => None,
+    };
+    let Located {
+        backend_name,
+        backend,
+        existing,
+    } = backends.locate(name, spec, requested, events)?;
+    let backend = backend.as_ref();
+    let check_writable = |action: &'static str| -> Result<(), BackendError> {
+        let readonly = spec.map_or(existing.as_ref().is_some_and(|e| e.readonly), |s| {
+            s.readonly
         });
-    }
-    Ok(())
-}
-
-fn down(
-    backend: &LocalBackend,
-    vm: &VmRef,
-    force: bool,
-    timeout: Duration,
-) -> Result<serde_json::Value, BackendError> {
-    check_writable(backend, vm, "stop")?;
-    let stopped_by = backend.down(&vm.name, force, timeout)?;
-    to_value(Stopped { stopped_by })
-}
-
-fn destroy(backend: &LocalBackend, vm: &VmRef) -> Result<serde_json::Value, BackendError> {
-    check_writable(backend, vm, "destroy")?;
-    backend.destroy(&vm.name)?;
-    to_value(Destroyed { destroyed: true })
-}
-
-/// Snapshots of a readonly VM may be made and listed, not reverted to or deleted.
-fn snapshot(
-    backend: &LocalBackend,
-    vm: &VmRef,
-    action: &SnapshotAction,
-) -> Result<serde_json::Value, BackendError> {
-    match action {
-        SnapshotAction::Revert { .. } => check_writable(backend, vm, "revert a snapshot of")?,
-        SnapshotAction::Delete { .. } => check_writable(backend, vm, "delete a snapshot of")?,
-        SnapshotAction::Create { .. } | SnapshotAction::List => {}
-    }
-    to_value(backend.snapshot(&vm.name, action)?)
-}
-
-#[derive(Serialize)]
-struct Built {
-    digest: String,
-    path: std::path::PathBuf,
-    /// False when the flake and its lock file were unchanged since the last build.
-    built: bool,
-}
-
-fn build_image(
-    backend: &LocalBackend,
-    image: &ImageSpec,
-    rebuild: bool,
-    events: &Events,
-) -> Result<serde_json::Value, BackendError> {
-    let ImageSource::Flake(flake_ref) = &image.source else {
-        return Err(anyhow::anyhow!(
-            "image {} is not a flake image: there is nothing to build",
-            image.name
-        )
-        .into());
+        if readonly && existing.is_some() {
+            return Err(BackendError::ReadOnly {
+                name: name.to_string(),
+                action,
+            });
+        }
+        Ok(())
     };
-    let (base, built) =
-        backend
-            .store()
-            .build_flake(image.name.as_str(), flake_ref, rebuild, events)?;
-    to_value(Built {
-        digest: base.file.digest,
-        path: base.file.path,
-        built,
+    Ok(match op {
+        Op::Up { wait_secs, .. } => {
+            let spec = with_backend(needs_spec(vm)?, &backend_name);
+            Outcome::Up(orchestrate::up(
+                backend,
+                &backend_name,
+                &spec,
+                vm.image.as_ref(),
+                wait_secs.map(Duration::from_secs),
+                events,
+            )?)
+        }
+        Op::Down {
+            force,
+            timeout_secs,
+        } => {
+            check_writable("stop")?;
+            if existing.is_none() {
+                return Err(BackendError::NotFound(name.to_string()));
+            }
+            Outcome::Down {
+                stopped_by: orchestrate::down(
+                    backend,
+                    name,
+                    *force,
+                    Duration::from_secs(*timeout_secs),
+                )?,
+            }
+        }
+        Op::Destroy => {
+            check_writable("destroy")?;
+            backend.remove(name)?;
+            Outcome::Destroyed
+        }
+        Op::Status => Outcome::Status(match existing {
+            Some(_) => backend.status(name, spec)?,
+            None => VmStatus::absent(name, &backend_name, spec),
+        }),
+        Op::Plan { .. } => {
+            let spec = with_backend(needs_spec(vm)?, &backend_name);
+            Outcome::Plan(backend.plan(&spec, vm.image.as_ref())?)
+        }
+        Op::SshEndpoint => Outcome::SshEndpoint(backend.ssh_endpoint(name)?),
+        Op::Exec { argv, timeout_secs } => {
+            let outcome = backend.exec(
+                name,
+                argv,
+                Duration::from_secs(*timeout_secs),
+                &mut |stream, data| {
+                    let _ = events.tx.send(Reply::Event(Event::Output {
+                        vm: name.to_string(),
+                        stream,
+                        data: data.to_vec(),
+                    }));
+                },
+            )?;
+            Outcome::Exec(outcome)
+        }
+        Op::HostKey => Outcome::HostKey(backend.host_key(name)?),
+        Op::Screenshot { path } => {
+            let (width, height) = backend.screenshot(name, path)?;
+            Outcome::Screenshot { width, height }
+        }
+        Op::Snapshot { action } => {
+            // Snapshots of a readonly VM may be made and listed, not reverted to or deleted.
+            match action {
+                SnapshotAction::Revert { .. } => check_writable("revert a snapshot of")?,
+                SnapshotAction::Delete { .. } => check_writable("delete a snapshot of")?,
+                SnapshotAction::Create { .. } | SnapshotAction::List => {}
+            }
+            Outcome::Snapshots {
+                snapshots: backend.snapshot(name, action)?,
+            }
+        }
+        Op::SerialLog => Outcome::SerialLog {
+            path: backend.serial_log(name)?,
+        },
+        Op::Spice => Outcome::Spice {
+            uri: backend.spice_uri(name)?,
+        },
     })
+}
+
+fn needs_spec(vm: &VmRef) -> Result<&VmSpec, BackendError> {
+    vm.spec
+        .as_ref()
+        .ok_or_else(|| anyhow!("no [vms.{}] in agentvm.toml", vm.name).into())
+}
+
+/// The spec as it runs on `backend` (after `up --backend`, or where the VM was found).
+fn with_backend(spec: &VmSpec, backend: &str) -> VmSpec {
+    let mut spec = spec.clone();
+    spec.backend = backend.to_string();
+    spec
+}
+
+/// Every VM of every backend, plus the fleet's VMs that exist nowhere. A
+/// backend that cannot be listed is reported, and its VMs are not shown as absent.
+pub async fn list(
+    shared: Arc<Shared>,
+    configs: Vec<RemoteConfig>,
+    specs: Vec<VmSpec>,
+) -> Result<(Vec<VmStatus>, Vec<BackendFailure>), String> {
+    let backends = backends(&shared, configs)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    tokio::task::spawn_blocking(move || {
+        let mut rows: Vec<VmStatus> = Vec::new();
+        let mut failed = Vec::new();
+        for (name, backend) in backends.iter() {
+            match backend.list(&specs) {
+                Ok(list) => rows.extend(list),
+                Err(e) => failed.push(BackendFailure {
+                    backend: name.to_string(),
+                    error: format!("{e:#}"),
+                }),
+            }
+        }
+        for spec in &specs {
+            let listed = rows.iter().any(|r| r.name == spec.name.as_str());
+            let unknown = failed.iter().any(|f| f.backend == spec.backend);
+            if !listed && !unknown {
+                rows.push(VmStatus::absent(
+                    spec.name.as_str(),
+                    &spec.backend,
+                    Some(spec),
+                ));
+            }
+        }
+        rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.backend.cmp(&b.backend)));
+        (rows, failed)
+    })
+    .await
+    .map_err(|e| format!("listing failed: {e}"))
+}
+
+/// Builds a flake image on this machine's image store.
+pub async fn build_image(
+    shared: Arc<Shared>,
+    image: ImageSpec,
+    rebuild: bool,
+    tx: UnboundedSender<Reply>,
+) -> Vec<VmResult> {
+    let label = format!("image:{}", image.name);
+    let guard = match shared.locks.acquire(&label, "image build", false).await {
+        Ok(guard) => guard,
+        Err(busy) => return vec![VmResult::failed(&label, ErrorKind::Busy, busy.to_string())],
+    };
+    let local = shared.registry.local().clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let ImageSource::Flake(flake_ref) = &image.source else {
+            return Err(anyhow!(
+                "image {} is not a flake image: there is nothing to build",
+                image.name
+            )
+            .into());
+        };
+        let (base, built) =
+            local
+                .store()
+                .build_flake(image.name.as_str(), flake_ref, rebuild, &Events { tx })?;
+        Ok(Outcome::Built(Built {
+            digest: base.file.digest,
+            path: base.file.path,
+            built,
+        }))
+    })
+    .await
+    .unwrap_or_else(|e| Err(anyhow!("the build failed: {e}").into()));
+    vec![VmResult::new(&label, result)]
 }

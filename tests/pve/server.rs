@@ -719,6 +719,10 @@ impl State {
                 self.check_node(node)?;
                 self.agent(caller, vmid_of(vmid), "ping")
             }
+            ("POST", ["nodes", node, "qemu", vmid, "agent", "shutdown"]) => {
+                self.check_node(node)?;
+                self.agent_shutdown(caller, vmid_of(vmid))
+            }
             (
                 "GET",
                 [
@@ -1352,6 +1356,30 @@ impl State {
                 ]},
             ]}),
         })
+    }
+
+    /// `agent/shutdown`: the guest powers off once its agent answers.
+    fn agent_shutdown(&mut self, caller: &Caller, vmid: u32) -> Result<Value, Fail> {
+        caller.require_any(
+            &format!("/vms/{vmid}"),
+            &["VM.PowerMgmt", "VM.GuestAgent.Unrestricted"],
+        )?;
+        let vm = self.vm(vmid)?;
+        if !vm.agent_enabled() {
+            return fail(500, "No QEMU guest agent configured");
+        }
+        if !vm.running {
+            return fail(500, format!("VM {vmid} is not running"));
+        }
+        let calls = self.agent_calls.entry(vmid).or_insert(0);
+        *calls += 1;
+        if *calls <= self.opts.agent_down_calls {
+            return fail(500, "QEMU guest agent is not running");
+        }
+        if let Some(vm) = self.vms.get_mut(&vmid) {
+            vm.running = false;
+        }
+        Ok(json!({ "result": {} }))
     }
 
     // ----- tasks -----

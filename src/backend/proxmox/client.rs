@@ -57,8 +57,8 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(backend: &str, spec: &ProxmoxSpec) -> Result<Self> {
-        let token = read_token(backend, &spec.token)?;
+    /// A client for backend `backend` with `token` (read by [`read_token`]).
+    pub fn new(backend: &str, spec: &ProxmoxSpec, token: &str) -> Result<Self> {
         let mut builder = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
             .user_agent(concat!("agentvm/", env!("CARGO_PKG_VERSION")));

@@ -1,20 +1,16 @@
-//! The local backend's conversations with running guests: agent readiness and
-//! addresses, graceful stop, exec, host keys, screenshots and snapshots.
+//! The local backend's guest agent: readiness and addresses, shutdown, exec
+//! and host keys, through typed QGA commands.
 
 use std::net::IpAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use qapi::{qga, qmp};
-use serde::{Deserialize, Serialize};
+use qapi::qga;
 use virt::domain::Domain;
 
-use super::{LocalBackend, POLL, lv};
-use crate::backend::{
-    BackendError, DownPath, ExecOutcome, HostKey, Result, SnapshotAction, SnapshotInfo, Stream,
-};
+use super::{LocalBackend, POLL};
+use crate::backend::{AgentState, BackendError, ExecOutcome, GuestAgent, HostKey, Result, Stream};
 use crate::domain::{LISTEN_ADDRESS, VmState};
 use crate::fsutil::write_atomic;
 use crate::guest::{Guest, GuestError};
@@ -23,26 +19,19 @@ use crate::guest::{Guest, GuestError};
 const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `exec` polls between `guest-exec-status` calls.
 const EXEC_POLL: Duration = Duration::from_millis(100);
-/// The share of `down --timeout` given to the guest agent before ACPI is tried.
-const AGENT_SHARE: u32 = 2;
-
-pub const AGENT_READY: &str = "ready";
-pub const AGENT_NOT_RESPONDING: &str = "not-responding";
-pub const AGENT_DISABLED: &str = "disabled";
-pub const AGENT_STOPPED: &str = "stopped";
 
 impl LocalBackend {
     /// The agent's state and the guest's addresses (loopback and link-local left out).
-    pub(super) fn agent_info(&self, dom: &Domain, state: &VmState) -> (String, Vec<String>) {
+    pub(super) fn agent_info(&self, dom: &Domain, state: &VmState) -> (AgentState, Vec<String>) {
         if !dom.is_active().unwrap_or(false) {
-            return (AGENT_STOPPED.into(), Vec::new());
+            return (AgentState::Stopped, Vec::new());
         }
         if !state.agent {
-            return (AGENT_DISABLED.into(), Vec::new());
+            return (AgentState::Disabled, Vec::new());
         }
         match Guest::new(dom).agent(qga::guest_network_get_interfaces {}, AGENT_TIMEOUT) {
-            Ok(interfaces) => (AGENT_READY.into(), routable_addresses(&interfaces)),
-            Err(_) => (AGENT_NOT_RESPONDING.into(), Vec::new()),
+            Ok(interfaces) => (AgentState::Ready, routable_addresses(&interfaces)),
+            Err(_) => (AgentState::NotResponding, Vec::new()),
         }
     }
 
@@ -54,49 +43,13 @@ impl LocalBackend {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(anyhow!(
-                        "{name}: SSH is up but the guest agent did not answer guest-ping ({e}); \
+                        "{name}: the guest agent did not answer guest-ping ({e}); \
                          if the image has no qemu-guest-agent, set agent = false in its [images] table"
                     )
                     .into());
                 }
                 Err(_) => std::thread::sleep(POLL),
             }
-        }
-    }
-
-    /// Stops a running guest: its agent first, then ACPI, then by force.
-    pub(super) fn stop_gracefully(
-        &self,
-        dom: &Domain,
-        state: &VmState,
-        timeout: Duration,
-    ) -> Result<DownPath> {
-        let start = Instant::now();
-        let guest = Guest::new(dom);
-        if state.agent && guest.agent(qga::guest_ping {}, AGENT_TIMEOUT).is_ok() {
-            // guest-shutdown sends no reply when it works: the guest goes away.
-            let _ = guest.agent(
-                qga::guest_shutdown {
-                    mode: Some(qga::GuestShutdownMode::Powerdown),
-                },
-                AGENT_TIMEOUT,
-            );
-            if wait_inactive(dom, start + timeout / AGENT_SHARE)? {
-                return Ok(DownPath::Agent);
-            }
-        }
-        match guest.monitor(qmp::system_powerdown {}) {
-            Ok(_) => {
-                if wait_inactive(dom, start + timeout)? {
-                    return Ok(DownPath::Acpi);
-                }
-            }
-            Err(e) => tracing::warn!("{}: system_powerdown: {e}", state.name),
-        }
-        match dom.destroy() {
-            Ok(()) => Ok(DownPath::Forced),
-            Err(_) if !dom.is_active().unwrap_or(true) => Ok(DownPath::Acpi),
-            Err(e) => Err(lv(e).context(format!("forcing {} off", state.name)).into()),
         }
     }
 
@@ -207,121 +160,54 @@ impl LocalBackend {
             known_hosts,
         })
     }
+}
 
-    pub(super) fn screendump(&self, dom: &Domain, name: &str, png: &Path) -> Result<(u32, u32)> {
-        let ppm = self
-            .home
-            .vm_dir(name)
-            .join(format!(".tmp-screen-{}.ppm", std::process::id()));
-        let result = Guest::new(dom)
-            .monitor(qmp::screendump {
-                filename: ppm.display().to_string(),
-                device: None,
-                head: None,
-                format: None,
-            })
-            .map_err(|e| anyhow!("{name}: {e}"))
-            .and_then(|_| std::fs::read(&ppm).with_context(|| format!("reading {}", ppm.display())))
-            .and_then(|data| crate::screenshot::ppm_to_png(&data, png));
-        let _ = std::fs::remove_file(&ppm);
-        Ok(result?)
+impl GuestAgent for LocalBackend {
+    fn agent_expected(&self, name: &str) -> Result<bool> {
+        Ok(self.require(name)?.1.agent)
     }
 
-    pub(super) fn snapshots(
+    fn wait_agent(&self, name: &str, deadline: Instant) -> Result<()> {
+        let (dom, _) = self.require(name)?;
+        self.wait_for_agent(&dom, name, deadline)
+    }
+
+    fn agent_shutdown(&self, name: &str) -> Result<()> {
+        let (dom, state) = self.require_running(name)?;
+        self.require_agent(&state, "shutdown through the agent")?;
+        let guest = Guest::new(&dom);
+        guest
+            .agent(qga::guest_ping {}, AGENT_TIMEOUT)
+            .map_err(guest_error)?;
+        // guest-shutdown sends no reply when it works: the guest goes away.
+        let _ = guest.agent(
+            qga::guest_shutdown {
+                mode: Some(qga::GuestShutdownMode::Powerdown),
+            },
+            AGENT_TIMEOUT,
+        );
+        Ok(())
+    }
+
+    fn exec(
         &self,
-        dom: &Domain,
         name: &str,
-        action: &SnapshotAction,
-    ) -> Result<Vec<SnapshotInfo>> {
-        match action {
-            SnapshotAction::Create { name: snap } => {
-                let snap = snap.clone().unwrap_or_else(|| {
-                    format!(
-                        "snap-{}",
-                        crate::daemon::locks::format_time(std::time::SystemTime::now())
-                            .replace([':', '-'], "")
-                    )
-                });
-                crate::spec::Name::new(&snap).map_err(|e| anyhow!("snapshot name: {e}"))?;
-                let xml = quick_xml::se::to_string(&NewSnapshot {
-                    name: snap.clone(),
-                    description: format!("agentvm snapshot of {name}"),
-                })
-                .context("writing snapshot XML")?;
-                dom.create_snapshot_xml(&xml, 0)
-                    .map_err(lv)
-                    .with_context(|| format!("{name}: creating snapshot {snap}"))?;
-            }
-            SnapshotAction::Revert { name: snap } => find_snapshot(dom, name, snap)?
-                .revert(0)
-                .map_err(lv)
-                .with_context(|| format!("{name}: reverting to {snap}"))?,
-            SnapshotAction::Delete { name: snap } => find_snapshot(dom, name, snap)?
-                .delete(0)
-                .map_err(lv)
-                .with_context(|| format!("{name}: deleting {snap}"))?,
-            SnapshotAction::List => {}
-        }
-        let mut list = Vec::new();
-        for snap in dom
-            .list_all_snapshots(0)
-            .map_err(lv)
-            .context("listing snapshots")?
-        {
-            let xml = snap.xml_desc(0).map_err(lv).context("reading a snapshot")?;
-            let info: SnapshotXml =
-                quick_xml::de::from_str(&xml).context("reading snapshot XML")?;
-            list.push(SnapshotInfo {
-                name: info.name,
-                created: info.creation_time,
-                state: info.state,
-            });
-        }
-        list.sort_by_key(|s| s.created);
-        Ok(list)
+        argv: &[String],
+        timeout: Duration,
+        output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        let (dom, state) = self.require_running(name)?;
+        self.exec_in(&dom, &state, argv, timeout, output)
     }
-}
 
-#[derive(Serialize)]
-#[serde(rename = "domainsnapshot")]
-struct NewSnapshot {
-    name: String,
-    description: String,
-}
-
-#[derive(Deserialize)]
-struct SnapshotXml {
-    name: String,
-    #[serde(rename = "creationTime")]
-    creation_time: u64,
-    state: String,
-}
-
-fn find_snapshot(
-    dom: &Domain,
-    vm: &str,
-    snap: &str,
-) -> anyhow::Result<virt::domain_snapshot::DomainSnapshot> {
-    Domain::lookup_snapshot_by_name(dom, snap, 0)
-        .map_err(lv)
-        .with_context(|| format!("{vm}: no snapshot {snap}"))
+    fn host_key(&self, name: &str) -> Result<HostKey> {
+        let (dom, state) = self.require_running(name)?;
+        self.pin_host_key(&dom, &state)
+    }
 }
 
 fn guest_error(e: GuestError) -> BackendError {
     BackendError::Other(anyhow!(e))
-}
-
-/// Polls until the domain is off; false if `deadline` came first.
-fn wait_inactive(dom: &Domain, deadline: Instant) -> Result<bool> {
-    loop {
-        if !dom.is_active().map_err(lv).context("asking libvirt")? {
-            return Ok(true);
-        }
-        if Instant::now() >= deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(POLL);
-    }
 }
 
 fn read_guest_file(guest: &Guest, path: &str) -> Result<String, GuestError> {

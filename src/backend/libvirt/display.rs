@@ -1,0 +1,49 @@
+//! The local backend's console and display: the serial log file, SPICE on
+//! 127.0.0.1, and screenshots through QMP `screendump`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use qapi::qmp;
+
+use super::LocalBackend;
+use crate::backend::{Display, Result};
+use crate::domain;
+use crate::guest::Guest;
+
+impl Display for LocalBackend {
+    fn serial_log(&self, name: &str) -> Result<PathBuf> {
+        self.require(name)?;
+        Ok(self.home.vm_serial_log(name))
+    }
+
+    fn spice_uri(&self, name: &str) -> Result<String> {
+        let (_, state) = self.require(name)?;
+        Ok(format!(
+            "spice://{}:{}",
+            domain::LISTEN_ADDRESS,
+            state.spice_port
+        ))
+    }
+
+    fn screenshot(&self, name: &str, png: &Path) -> Result<(u32, u32)> {
+        let (dom, _) = self.require_running(name)?;
+        let dom = &dom;
+        let ppm = self
+            .home
+            .vm_dir(name)
+            .join(format!(".tmp-screen-{}.ppm", std::process::id()));
+        let result = Guest::new(dom)
+            .monitor(qmp::screendump {
+                filename: ppm.display().to_string(),
+                device: None,
+                head: None,
+                format: None,
+            })
+            .map_err(|e| anyhow!("{name}: {e}"))
+            .and_then(|_| std::fs::read(&ppm).with_context(|| format!("reading {}", ppm.display())))
+            .and_then(|data| crate::screenshot::ppm_to_png(&data, png));
+        let _ = std::fs::remove_file(&ppm);
+        Ok(result?)
+    }
+}

@@ -1,0 +1,209 @@
+//! The sequences every backend runs, written once: `up` (prepare → create if
+//! absent → apply a changed spec → start → wait for SSH and the agent together
+//! → pin the host key) and `down` (agent → ACPI → force after the timeout).
+//! Backends supply the steps (see the role traits in `backend`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+
+use super::{Backend, BackendError, DownPath, Existing, Result, Timings, UpAction, UpOutcome};
+use crate::failpoint;
+use crate::progress::Reporter;
+use crate::spec::{ImageSpec, VmSpec};
+
+/// How often `down` checks whether the guest has stopped.
+const STOP_POLL: Duration = Duration::from_millis(200);
+/// The share of `down --timeout` given to the guest agent before ACPI is tried.
+const AGENT_SHARE: u32 = 2;
+
+/// Brings `spec` up on `backend` (named `backend_name`); with `wait`, until the
+/// guest answers on SSH and (when it has one) through its agent.
+pub fn up(
+    backend: &dyn Backend,
+    backend_name: &str,
+    spec: &VmSpec,
+    image: Option<&ImageSpec>,
+    wait: Option<Duration>,
+    progress: &dyn Reporter,
+) -> Result<UpOutcome> {
+    let name = spec.name.as_str();
+    let mut timings = Timings::start();
+    let prepared = backend.prepare(spec, image, progress)?;
+    failpoint::hit("up:image-imported");
+    timings.mark("image");
+
+    let (action, restart_needed) = match backend.find(name)? {
+        None => {
+            backend.create(spec, &prepared, &mut timings, progress)?;
+            start_new(backend, name, &mut timings, progress)?;
+            (UpAction::Created, false)
+        }
+        Some(existing) if existing.running => {
+            let drift = existing.spec_hash != prepared.spec_hash;
+            if drift {
+                progress.step(name, "running, but its spec changed: restart needed");
+            }
+            (UpAction::AlreadyRunning, drift)
+        }
+        Some(existing) => {
+            if existing.spec_hash != prepared.spec_hash && readonly(spec, &existing) {
+                return Err(BackendError::ReadOnly {
+                    name: name.to_string(),
+                    action: "redefine",
+                });
+            }
+            let changed =
+                backend.reconfigure(spec, &prepared, &existing, &mut timings, progress)?;
+            if changed {
+                progress.step(name, "redefined from its changed spec");
+            }
+            backend.start(name, progress)?;
+            timings.mark("start");
+            let action = if changed {
+                UpAction::Redefined
+            } else {
+                UpAction::Started
+            };
+            (action, false)
+        }
+    };
+    let now = backend
+        .find(name)?
+        .ok_or_else(|| anyhow!("{name} is gone right after up (removed by someone else?)"))?;
+    progress.step(
+        name,
+        &match now.ssh_port {
+            Some(port) => format!("{} (ssh port {port})", action.text()),
+            None => action.text().to_string(),
+        },
+    );
+    let mut outcome = UpOutcome {
+        name: name.to_string(),
+        backend: backend_name.to_string(),
+        action,
+        restart_needed,
+        ssh_port: now.ssh_port,
+        spice_port: now.spice_port,
+        ssh_ready_seconds: None,
+        host_key_pinned: false,
+        timings: timings.phases,
+    };
+    if let Some(timeout) = wait {
+        let took = wait_ready(backend, name, timeout)?;
+        progress.step(name, &format!("ssh-ready in {:.1} s", took.as_secs_f64()));
+        outcome.ssh_ready_seconds = Some(took.as_secs_f64());
+        outcome.host_key_pinned = pin_host_key(backend, name, progress);
+    }
+    Ok(outcome)
+}
+
+/// Starts a VM `create` just made; if it cannot start, it is removed again so
+/// that a failed `up` leaves nothing behind.
+fn start_new(
+    backend: &dyn Backend,
+    name: &str,
+    timings: &mut Timings,
+    progress: &dyn Reporter,
+) -> Result<()> {
+    if let Err(e) = backend.start(name, progress) {
+        return Err(match backend.remove(name) {
+            Ok(()) => e,
+            Err(cleanup) => anyhow!(
+                "{e}; removing the half-made VM failed too: {cleanup} (agentvm destroy {name})"
+            )
+            .into(),
+        });
+    }
+    failpoint::hit("up:started");
+    timings.mark("start");
+    Ok(())
+}
+
+fn readonly(spec: &VmSpec, existing: &Existing) -> bool {
+    spec.readonly || existing.readonly
+}
+
+/// Waits for the SSH banner and the guest agent at once; returns how long it took.
+pub fn wait_ready(backend: &dyn Backend, name: &str, timeout: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let agent = backend.agent_expected(name)?;
+    std::thread::scope(|scope| {
+        let agent_wait = agent.then(|| scope.spawn(|| backend.wait_agent(name, deadline)));
+        let ssh = backend.wait_ssh(name, deadline);
+        let agent = match agent_wait {
+            Some(handle) => handle.join().unwrap_or_else(|_| {
+                Err(anyhow!("{name}: waiting for the guest agent panicked").into())
+            }),
+            None => Ok(()),
+        };
+        ssh.and(agent)
+    })?;
+    Ok(start.elapsed())
+}
+
+/// Reads and pins the guest's host key; says why when it cannot (never fatal:
+/// the VM is up, and `agentvm hostkey` can pin it later).
+fn pin_host_key(backend: &dyn Backend, name: &str, progress: &dyn Reporter) -> bool {
+    match backend.host_key(name) {
+        Ok(key) => {
+            progress.step(name, &format!("host key pinned ({})", key.source));
+            true
+        }
+        Err(e) => {
+            progress.step(name, &format!("host key not pinned: {e}"));
+            false
+        }
+    }
+}
+
+/// Stops a VM: its agent first (half the timeout), then ACPI, then by force.
+/// Returns what really stopped it.
+pub fn down(backend: &dyn Backend, name: &str, force: bool, timeout: Duration) -> Result<DownPath> {
+    if !backend.is_running(name)? {
+        return Ok(DownPath::AlreadyStopped);
+    }
+    if force {
+        backend.force_off(name)?;
+        return Ok(DownPath::Forced);
+    }
+    let start = Instant::now();
+    if backend.agent_expected(name)? {
+        match backend.agent_shutdown(name) {
+            Ok(()) => {
+                if wait_stopped(backend, name, start + timeout / AGENT_SHARE)? {
+                    return Ok(DownPath::Agent);
+                }
+            }
+            Err(e) => tracing::info!("{name}: shutdown through the agent: {e}; trying ACPI"),
+        }
+    }
+    match backend.acpi_shutdown(name) {
+        Ok(()) => {
+            if wait_stopped(backend, name, start + timeout)? {
+                return Ok(DownPath::Acpi);
+            }
+        }
+        Err(e) => tracing::warn!("{name}: ACPI shutdown: {e}; forcing it off"),
+    }
+    match backend.force_off(name) {
+        Ok(()) => Ok(DownPath::Forced),
+        // It went down on its own between the last check and now.
+        Err(_) if !backend.is_running(name)? => Ok(DownPath::Acpi),
+        Err(e) => Err(e),
+    }
+}
+
+/// Polls until the VM is off (true) or the deadline passes (false).
+fn wait_stopped(backend: &dyn Backend, name: &str, deadline: Instant) -> Result<bool> {
+    loop {
+        if !backend.is_running(name)? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(STOP_POLL);
+    }
+}

@@ -1,0 +1,184 @@
+//! Making a Proxmox VM: clone the template (linked unless `full_clone`), set
+//! its config (name, cores, memory, marker, cloud-init, agent), grow its disk.
+
+use anyhow::{Context, anyhow};
+use serde_json::Value;
+
+use super::{Marker, ProxmoxBackend, PveError, boot_disk, encode_ssh_keys, pve};
+use crate::backend::Result;
+use crate::progress::Reporter;
+use crate::spec::VmSpec;
+
+/// Attempts at a fresh VMID when another client takes ours in between.
+const NEXTID_ATTEMPTS: u32 = 5;
+
+impl ProxmoxBackend {
+    /// Clones the template into a new VM: the pinned VMID, or `/cluster/nextid`
+    /// again whenever another client took the id between asking and cloning.
+    pub(super) fn clone_vm(&self, spec: &VmSpec, progress: &dyn Reporter) -> Result<u32> {
+        let name = spec.name.as_str();
+        let template = self.template_vmid()?;
+        let taken = |id: u32| -> Result<bool> {
+            Ok(self
+                .resources()?
+                .iter()
+                .any(|r| r["vmid"].as_u64() == Some(u64::from(id))))
+        };
+        if let Some(id) = spec.vmid
+            && taken(id)?
+        {
+            return Err(anyhow!("vms.{name}.vmid = {id} is already used on {}", self.name).into());
+        }
+        for attempt in 1..=NEXTID_ATTEMPTS {
+            let vmid = match spec.vmid {
+                Some(id) => id,
+                None => {
+                    let next = self.client.get("/cluster/nextid", &[]).map_err(pve)?;
+                    next.as_u64()
+                        .or_else(|| next.as_str().and_then(|s| s.parse().ok()))
+                        .context("nextid returned no number")? as u32
+                }
+            };
+            let mut params = vec![
+                ("newid", vmid.to_string()),
+                ("name", name.to_string()),
+                (
+                    "full",
+                    if self.spec.full_clone { "1" } else { "0" }.to_string(),
+                ),
+            ];
+            if let Some(pool) = &self.spec.pool {
+                params.push(("pool", pool.clone()));
+            }
+            if let (Some(storage), true) = (&self.spec.storage, self.spec.full_clone) {
+                params.push(("storage", storage.clone()));
+            }
+            progress.step(name, &format!("cloning template {template} to vmid {vmid}"));
+            match self.client.post(&self.vm_path(template, "/clone"), &params) {
+                Ok(upid) => {
+                    if let Err(e) = self.client.wait_task(&upid, "clone", progress, name) {
+                        // The clone started: do not leave half a VM behind.
+                        let _ = self.purge(vmid, progress, name);
+                        return Err(e.into());
+                    }
+                    return Ok(vmid);
+                }
+                Err(PveError::Api { message, .. })
+                    if message.contains("already exists")
+                        && spec.vmid.is_none()
+                        && attempt < NEXTID_ATTEMPTS =>
+                {
+                    progress.step(
+                        name,
+                        &format!("vmid {vmid} was taken meanwhile; asking for another"),
+                    );
+                }
+                Err(e) => return Err(pve(e)),
+            }
+        }
+        Err(anyhow!("no free vmid after {NEXTID_ATTEMPTS} attempts").into())
+    }
+
+    pub(super) fn purge(
+        &self,
+        vmid: u32,
+        progress: &dyn Reporter,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        let upid = self
+            .client
+            .delete(
+                &self.vm_path(vmid, ""),
+                &[
+                    ("purge", "1".into()),
+                    ("destroy-unreferenced-disks", "1".into()),
+                ],
+            )
+            .map_err(|e| anyhow!(e))?;
+        self.client.wait_task(&upid, "delete", progress, name)
+    }
+
+    /// The config keys `up` sets: name, cores, memory, the marker, cloud-init
+    /// (user, keys, DHCP) and the guest agent.
+    pub(super) fn desired_config(&self, spec: &VmSpec, hash: &str) -> Vec<(&'static str, String)> {
+        let marker = Marker {
+            spec_hash: hash.to_string(),
+            readonly: spec.readonly,
+            user: spec.user.clone(),
+        };
+        let mut keys = vec![self.identity.public_line.clone()];
+        keys.extend(spec.ssh_keys.iter().cloned());
+        vec![
+            ("name", spec.name.to_string()),
+            ("cores", spec.cpus.to_string()),
+            ("memory", (spec.memory.bytes() / (1024 * 1024)).to_string()),
+            ("description", marker.render(spec.purpose.as_deref())),
+            ("ciuser", spec.user.clone()),
+            ("sshkeys", encode_ssh_keys(&keys)),
+            ("ipconfig0", "ip=dhcp".to_string()),
+            ("agent", "1".to_string()),
+        ]
+    }
+
+    pub(super) fn configure(
+        &self,
+        vmid: u32,
+        spec: &VmSpec,
+        hash: &str,
+        progress: &dyn Reporter,
+    ) -> Result<()> {
+        let params = self.desired_config(spec, hash);
+        let upid = self
+            .client
+            .post(&self.vm_path(vmid, "/config"), &params)
+            .map_err(pve)?;
+        self.client
+            .wait_task(&upid, "configure", progress, spec.name.as_str())
+            .map_err(Into::into)
+    }
+
+    /// Grows the boot disk to the spec's size; never shrinks it.
+    pub(super) fn grow_disk(
+        &self,
+        vmid: u32,
+        spec: &VmSpec,
+        config: &Value,
+        progress: &dyn Reporter,
+    ) -> Result<()> {
+        let Some(want) = spec.disk else { return Ok(()) };
+        let name = spec.name.as_str();
+        let Some((disk, have)) = boot_disk(config) else {
+            return Err(anyhow!("{name}: the cloned VM has no disk to grow").into());
+        };
+        if want.bytes() <= have {
+            if want.bytes() < have {
+                progress.step(
+                    name,
+                    &format!("{disk} is larger than the spec's disk; disks are never shrunk"),
+                );
+            }
+            return Ok(());
+        }
+        let size = format!("{}K", want.bytes() / 1024);
+        let upid = self
+            .client
+            .put(
+                &self.vm_path(vmid, "/resize"),
+                &[("disk", disk.clone()), ("size", size)],
+            )
+            .map_err(pve)?;
+        self.client
+            .wait_task(&upid, "resize", progress, name)
+            .map_err(Into::into)
+    }
+
+    pub(super) fn start_vm(&self, vmid: u32, name: &str, progress: &dyn Reporter) -> Result<()> {
+        let upid = self
+            .client
+            .post(&self.vm_path(vmid, "/status/start"), &[])
+            .map_err(pve)?;
+        self.client
+            .wait_task(&upid, "start", progress, name)
+            .map_err(Into::into)
+    }
+}

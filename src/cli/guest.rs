@@ -1,0 +1,216 @@
+//! Verbs that reach into a VM: `ssh`, `ssh-config`, `console`, `spice`, `exec`,
+//! `hostkey`, `screenshot` and `snapshot`.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::{App, SnapshotCommand, one, output, status};
+use crate::backend::{SnapshotAction, Stream};
+use crate::protocol::{Answer, Event, Op, Outcome};
+use crate::ssh::Endpoint;
+
+pub fn endpoint(app: &App, name: &str) -> Result<Endpoint> {
+    match app.call_one(name, Op::SshEndpoint)? {
+        Outcome::SshEndpoint(endpoint) => Ok(endpoint),
+        other => bail!("{name}: unexpected answer {other:?}"),
+    }
+}
+
+pub fn ssh(app: &App, name: &str, command: &[String]) -> Result<i32> {
+    let err = endpoint(app, name)?.command(command).exec();
+    Err(err).context("running ssh (is openssh-client installed?)")
+}
+
+pub fn ssh_config(app: &App, name: Option<&str>) -> Result<i32> {
+    let names: Vec<String> = match name {
+        Some(n) => vec![n.to_string()],
+        None => status::existing_names(app)?,
+    };
+    let results = app.call(&names, Op::SshEndpoint, false)?;
+    let mut failed = false;
+    for result in results {
+        match result.answer {
+            Answer::Ok(Outcome::SshEndpoint(endpoint)) => print!("{}", endpoint.config_block()),
+            Answer::Ok(other) => bail!("{}: unexpected answer {other:?}", result.name),
+            Answer::Error { message, .. } => {
+                failed = true;
+                eprintln!("agentvm: error: {}: {message}", result.name);
+            }
+        }
+    }
+    Ok(i32::from(failed))
+}
+
+pub fn console(app: &App, name: &str, follow: bool) -> Result<i32> {
+    let path = match app.call_one(name, Op::SerialLog)? {
+        Outcome::SerialLog { path } => path,
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    let mut file = loop {
+        match std::fs::File::open(&path) {
+            Ok(f) => break f,
+            Err(e) if follow && e.kind() == std::io::ErrorKind::NotFound => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n > 0 {
+            stdout.write_all(&buf[..n])?;
+            stdout.flush()?;
+            continue;
+        }
+        if !follow {
+            return Ok(0);
+        }
+        // The log is appended across restarts; a shorter file means it was replaced.
+        let pos = file.stream_position()?;
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() < pos) {
+            file.seek(SeekFrom::Start(0))?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn spice(app: &App, name: &str, open: bool) -> Result<i32> {
+    let uri = match app.call_one(name, Op::Spice)? {
+        Outcome::Spice { uri } => uri,
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    if app.json {
+        output::print_json(&serde_json::json!({ "name": name, "uri": uri }))?;
+    } else {
+        println!("{uri}");
+    }
+    if open {
+        std::process::Command::new("remote-viewer")
+            .arg(&uri)
+            .spawn()
+            .context("starting remote-viewer (install virt-viewer)")?;
+    }
+    Ok(0)
+}
+
+pub fn exec(app: &App, name: &str, argv: Vec<String>, timeout: u64) -> Result<i32> {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let json = app.json;
+    let op = Op::Exec {
+        argv,
+        timeout_secs: timeout,
+    };
+    let results = app.call_with(&[name.to_string()], op, false, &mut |event| {
+        if let Event::Output { stream, data, .. } = event {
+            match (json, stream) {
+                (true, Stream::Stdout) => out.extend_from_slice(&data),
+                (true, Stream::Stderr) => err.extend_from_slice(&data),
+                (false, Stream::Stdout) => {
+                    let _ = std::io::stdout().write_all(&data);
+                    let _ = std::io::stdout().flush();
+                }
+                (false, Stream::Stderr) => {
+                    let _ = std::io::stderr().write_all(&data);
+                }
+            }
+        }
+    })?;
+    let outcome = match one(results, name)? {
+        Outcome::Exec(outcome) => outcome,
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    if json {
+        output::print_json(&serde_json::json!({
+            "name": name,
+            "exit_code": outcome.exit_code,
+            "signal": outcome.signal,
+            "stdout": String::from_utf8_lossy(&out),
+            "stderr": String::from_utf8_lossy(&err),
+        }))?;
+    }
+    // The guest command's status is ours; a signal reads as 128+N, as in a shell.
+    Ok(match (outcome.exit_code, outcome.signal) {
+        (Some(code), _) => code as i32,
+        (None, Some(signal)) => 128 + signal as i32,
+        (None, None) => 1,
+    })
+}
+
+pub fn hostkey(app: &App, name: &str) -> Result<i32> {
+    let key = match app.call_one(name, Op::HostKey)? {
+        Outcome::HostKey(key) => key,
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    if key.source != "agent" {
+        eprintln!(
+            "{name}: no guest agent answered: the host key comes from an SSH key scan of its port"
+        );
+    }
+    if app.json {
+        output::print_json(&key)?;
+    } else {
+        println!("{}", key.key);
+        eprintln!(
+            "{name}: pinned in {}; agentvm ssh now checks it strictly",
+            key.known_hosts.display()
+        );
+    }
+    Ok(0)
+}
+
+pub fn screenshot(app: &App, name: &str, file: &Path) -> Result<i32> {
+    // The daemon writes the file: give it a path that does not depend on its folder.
+    let path =
+        std::path::absolute(file).with_context(|| format!("resolving {}", file.display()))?;
+    let (width, height) = match app.call_one(name, Op::Screenshot { path: path.clone() })? {
+        Outcome::Screenshot { width, height } => (width, height),
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    if app.json {
+        output::print_json(&serde_json::json!({
+            "name": name, "file": file, "width": width, "height": height,
+        }))?;
+    } else {
+        println!("{}: {width}x{height}", file.display());
+    }
+    Ok(0)
+}
+
+pub fn snapshot(app: &App, name: &str, command: SnapshotCommand, no_block: bool) -> Result<i32> {
+    let action = match command {
+        SnapshotCommand::Create { snapshot } => SnapshotAction::Create { name: snapshot },
+        SnapshotCommand::List => SnapshotAction::List,
+        SnapshotCommand::Revert { snapshot } => SnapshotAction::Revert { name: snapshot },
+        SnapshotCommand::Delete { snapshot } => SnapshotAction::Delete { name: snapshot },
+    };
+    let op = Op::Snapshot {
+        action: action.clone(),
+    };
+    let list = match one(app.call(&[name.to_string()], op, no_block)?, name)? {
+        Outcome::Snapshots { snapshots } => snapshots,
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    if app.json {
+        output::print_json(&list)?;
+        return Ok(0);
+    }
+    match &action {
+        SnapshotAction::Create { .. } => println!("{name}: snapshot taken"),
+        SnapshotAction::Revert { name: snap } => println!("{name}: reverted to {snap}"),
+        SnapshotAction::Delete { name: snap } => println!("{name}: deleted {snap}"),
+        SnapshotAction::List => {}
+    }
+    for snap in &list {
+        let when = crate::clock::format_time(
+            std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(snap.created),
+        );
+        println!("{:<24} {when} {}", snap.name, snap.state);
+    }
+    Ok(0)
+}

@@ -1,0 +1,113 @@
+//! `up`, `down`, `destroy` and `plan`.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::{Result, bail};
+
+use super::{App, output};
+use crate::backend::DownPath;
+use crate::protocol::{Answer, Op, Outcome};
+
+pub fn up(
+    app: &App,
+    names: &[String],
+    wait_secs: Option<u64>,
+    no_block: bool,
+    backend: Option<String>,
+) -> Result<i32> {
+    let fleet = app.fleet()?;
+    // Every name is checked before anything is touched.
+    for name in names {
+        fleet.vm(name)?;
+    }
+    let results = app.call(names, Op::Up { wait_secs, backend }, no_block)?;
+    app.report(results, |name, outcome| {
+        let Outcome::Up(up) = outcome else {
+            return format!("{outcome:?}");
+        };
+        let mut line = match up.ssh_ready_seconds {
+            Some(s) => format!("ssh ready in {s:.1}s"),
+            None => format!("{} (not waiting for ssh)", up.action.text()),
+        };
+        if up.backend != crate::spec::LOCAL_BACKEND {
+            line += &format!(" on {}", up.backend);
+        }
+        if up.restart_needed {
+            line += "; restart needed: its spec changed while it ran (agentvm down, then up)";
+        }
+        format!("{line}; connect with: agentvm ssh {name}")
+    })
+}
+
+pub fn down(app: &App, names: &[String], force: bool, timeout: u64, no_block: bool) -> Result<i32> {
+    let op = Op::Down {
+        force,
+        timeout_secs: timeout,
+    };
+    let results = app.call(names, op, no_block)?;
+    app.report(results, |_, outcome| {
+        match outcome {
+            Outcome::Down { stopped_by } => match stopped_by {
+                DownPath::AlreadyStopped => "already stopped",
+                DownPath::Agent => "stopped by its guest agent (guest-shutdown)",
+                DownPath::Acpi => "stopped by ACPI shutdown (power button)",
+                DownPath::Forced if force => "forced off",
+                DownPath::Forced => "did not shut down in time: forced off",
+            },
+            _ => "stopped",
+        }
+        .to_string()
+    })
+}
+
+pub fn destroy(app: &App, names: &[String], yes: bool, no_block: bool) -> Result<i32> {
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "refusing to destroy {} without --yes (not on a terminal)",
+                names.join(", ")
+            );
+        }
+        eprint!("Destroy {} (VM, disk and folder)? [y/N] ", names.join(", "));
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing destroyed");
+            return Ok(1);
+        }
+    }
+    let results = app.call(names, Op::Destroy, no_block)?;
+    app.report(results, |_, _| "destroyed".to_string())
+}
+
+pub fn plan(app: &App, names: &[String], backend: Option<String>) -> Result<i32> {
+    let fleet = app.fleet()?;
+    let names: Vec<String> = if names.is_empty() {
+        fleet.vms.keys().map(ToString::to_string).collect()
+    } else {
+        names.to_vec()
+    };
+    for name in &names {
+        fleet.vm(name)?;
+    }
+    let results = app.call(&names, Op::Plan { backend }, false)?;
+    let mut plans = Vec::new();
+    let mut failed = false;
+    for result in results {
+        match result.answer {
+            Answer::Ok(Outcome::Plan(plan)) => plans.push(plan),
+            Answer::Ok(other) => bail!("{}: unexpected answer {other:?}", result.name),
+            Answer::Error { message, .. } => {
+                failed = true;
+                eprintln!("agentvm: error: {}: {message}", result.name);
+            }
+        }
+    }
+    if app.json {
+        output::print_json(&plans)?;
+    } else {
+        print!("{}", output::plan_text(&plans));
+    }
+    Ok(i32::from(failed))
+}

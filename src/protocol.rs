@@ -1,0 +1,380 @@
+//! The CLI ↔ daemon protocol: JSON lines over the daemon's unix socket.
+//!
+//! The client sends one `Envelope` per line; the daemon answers each with any
+//! number of `Reply::Event` lines and then exactly one `Reply::Done` or
+//! `Reply::Error`. Every envelope carries the protocol version; a daemon that
+//! speaks another version answers with an error that says so.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::registry::RemoteConfig;
+use crate::backend::{
+    BackendError, DownPath, ErrorKind, ExecOutcome, HostKey, Plan, SnapshotAction, SnapshotInfo,
+    Stream, UpOutcome, VmStatus,
+};
+use crate::spec::{ImageSpec, VmSpec};
+use crate::ssh::Endpoint;
+
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The agentvm build a client and daemon must share: protocol types change
+/// with the code, so a daemon of another build is restarted, not trusted.
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+protocol.2");
+/// The longest request line the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub version: u32,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// The handshake: answered with `Reply::Hello`.
+    Hello { build: String },
+    /// An operation on VMs, each on the backend it lives on.
+    Vms {
+        /// The fleet file's `[backends.NAME]`, tokens read.
+        backends: Vec<RemoteConfig>,
+        vms: Vec<VmRef>,
+        action: Op,
+        /// Fail at once when another operation holds a VM, instead of waiting.
+        no_block: bool,
+    },
+    /// Every VM of every backend, and the fleet file's VMs that exist nowhere.
+    List {
+        backends: Vec<RemoteConfig>,
+        specs: Vec<VmSpec>,
+    },
+    /// Builds a flake image (and imports it) unless it is up to date.
+    ImageBuild { image: ImageSpec, rebuild: bool },
+    /// Streams lifecycle events of every backend until the client goes away.
+    Events { backends: Vec<RemoteConfig> },
+}
+
+/// A VM by name, with its spec and image when the fleet file has them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRef {
+    pub name: String,
+    pub spec: Option<VmSpec>,
+    pub image: Option<ImageSpec>,
+}
+
+/// What to do to each VM of a `Request::Vms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Op {
+    Up {
+        /// Wait this long for SSH and the agent; `None` returns once started.
+        wait_secs: Option<u64>,
+        /// Create absent VMs on this backend instead of their spec's.
+        backend: Option<String>,
+    },
+    Down {
+        force: bool,
+        timeout_secs: u64,
+    },
+    Destroy,
+    Status,
+    Plan {
+        backend: Option<String>,
+    },
+    SshEndpoint,
+    Exec {
+        argv: Vec<String>,
+        timeout_secs: u64,
+    },
+    HostKey,
+    /// Saves the display to `path` (absolute, on the daemon's machine).
+    Screenshot {
+        path: PathBuf,
+    },
+    Snapshot {
+        action: SnapshotAction,
+    },
+    SerialLog,
+    Spice,
+}
+
+impl Op {
+    /// The verb as `busy: … since …` names it.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Self::Up { .. } => "up",
+            Self::Down { .. } => "down",
+            Self::Destroy => "destroy",
+            Self::Status => "status",
+            Self::Plan { .. } => "plan",
+            Self::SshEndpoint => "ssh",
+            Self::Exec { .. } => "exec",
+            Self::HostKey => "hostkey",
+            Self::Screenshot { .. } => "screenshot",
+            Self::Snapshot { .. } => "snapshot",
+            Self::SerialLog => "console",
+            Self::Spice => "spice",
+        }
+    }
+
+    /// Whether the operation changes the VM and so holds its lock.
+    pub fn changes_vm(&self) -> bool {
+        match self {
+            Self::Up { .. } | Self::Down { .. } | Self::Destroy => true,
+            Self::Snapshot { action } => *action != SnapshotAction::List,
+            // The host key is pinned in agentvm's files: one writer at a time.
+            Self::HostKey => true,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Reply {
+    Hello {
+        version: u32,
+        build: String,
+        pid: u32,
+        home: String,
+        uri: String,
+    },
+    Event(Event),
+    /// One outcome per VM of the request, in request order.
+    Done {
+        results: Vec<VmResult>,
+    },
+    /// The answer to `List`: rows, and the backends that could not be listed.
+    Listed {
+        rows: Vec<VmStatus>,
+        failed: Vec<BackendFailure>,
+    },
+    /// The request as a whole was refused.
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendFailure {
+    pub backend: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A step of an operation on a VM (`defined`, `started`, `ssh ready in 4.1 s`).
+    Step {
+        vm: String,
+        step: String,
+    },
+    /// Progress of a byte copy (an image import).
+    Bytes {
+        label: String,
+        done: u64,
+        total: u64,
+    },
+    BytesDone {
+        label: String,
+    },
+    /// Output of a command run by `exec`, as the guest agent delivers it.
+    Output {
+        vm: String,
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    /// A VM changed state (from `agentvm events`).
+    Lifecycle {
+        vm: String,
+        backend: String,
+        state: String,
+        /// Unix time in seconds.
+        at: u64,
+    },
+}
+
+/// One VM's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmResult {
+    pub name: String,
+    #[serde(flatten)]
+    pub answer: Answer,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Answer {
+    Ok(Outcome),
+    Error { kind: ErrorKind, message: String },
+}
+
+impl VmResult {
+    pub fn new(name: &str, result: Result<Outcome, BackendError>) -> Self {
+        Self {
+            name: name.to_string(),
+            answer: match result {
+                Ok(outcome) => Answer::Ok(outcome),
+                Err(e) => Answer::Error {
+                    kind: e.kind(),
+                    message: format!("{e:#}"),
+                },
+            },
+        }
+    }
+
+    pub fn failed(name: &str, kind: ErrorKind, message: String) -> Self {
+        Self {
+            name: name.to_string(),
+            answer: Answer::Error { kind, message },
+        }
+    }
+}
+
+/// What an operation produced for one VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Outcome {
+    Up(UpOutcome),
+    Down { stopped_by: DownPath },
+    Destroyed,
+    Status(VmStatus),
+    Plan(Plan),
+    SshEndpoint(Endpoint),
+    Exec(ExecOutcome),
+    HostKey(HostKey),
+    Screenshot { width: u32, height: u32 },
+    Snapshots { snapshots: Vec<SnapshotInfo> },
+    SerialLog { path: PathBuf },
+    Spice { uri: String },
+    Built(Built),
+}
+
+/// What `image build` did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Built {
+    pub digest: String,
+    pub path: PathBuf,
+    /// False when the flake and what it reads were unchanged since the last build.
+    pub built: bool,
+}
+
+/// Why a request line was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("request is not JSON: {0}")]
+    NotJson(String),
+    #[error(
+        "this daemon speaks protocol version {PROTOCOL_VERSION}, the client {0}: restart the daemon (agentvm daemon --stop) or use the matching agentvm"
+    )]
+    Version(u64),
+    #[error("request has no protocol version")]
+    NoVersion,
+    #[error("unknown or malformed request: {0}")]
+    Malformed(String),
+}
+
+/// Reads one request line; the version is checked before the rest, so a client
+/// of another version gets a message about versions, not about fields.
+pub fn parse_request(line: &[u8]) -> Result<Request, ParseError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        None => return Err(ParseError::NoVersion),
+        Some(v) if v != u64::from(PROTOCOL_VERSION) => return Err(ParseError::Version(v)),
+        Some(_) => {}
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| ParseError::Malformed(e.to_string()))
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).expect("protocol types serialize to JSON");
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trips_a_request() {
+        let line = encode(&Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::Vms {
+                backends: Vec::new(),
+                vms: vec![VmRef {
+                    name: "drago".into(),
+                    spec: None,
+                    image: None,
+                }],
+                action: Op::Destroy,
+                no_block: true,
+            },
+        });
+        match parse_request(&line[..line.len() - 1]).unwrap() {
+            Request::Vms {
+                vms,
+                no_block,
+                action,
+                ..
+            } => {
+                assert_eq!(vms[0].name, "drago");
+                assert!(matches!(action, Op::Destroy));
+                assert!(no_block);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn another_version_is_named() {
+        let err = parse_request(br#"{"version":7,"request":{"op":"teleport"}}"#).unwrap_err();
+        assert_eq!(err, ParseError::Version(7));
+        assert!(err.to_string().contains("protocol version 2, the client 7"));
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        assert!(matches!(
+            parse_request(b"not json"),
+            Err(ParseError::NotJson(_))
+        ));
+        assert_eq!(parse_request(b"{}").unwrap_err(), ParseError::NoVersion);
+        assert!(matches!(
+            parse_request(br#"{"version":2,"request":{"op":"format-disk"}}"#),
+            Err(ParseError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"version":2,"request":{"op":"hello","build":"x","extra":1}}"#),
+            Err(ParseError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_request(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(
+            op in "[a-z-]{0,12}",
+            version in 0u64..4,
+            extra in proptest::collection::btree_map("[a-z_]{1,8}", any::<i64>(), 0..4),
+        ) {
+            let mut request = serde_json::json!({ "op": op });
+            for (k, v) in extra {
+                request[k] = serde_json::json!(v);
+            }
+            let line = serde_json::json!({ "version": version, "request": request }).to_string();
+            let _ = parse_request(line.as_bytes());
+        }
+    }
+}
