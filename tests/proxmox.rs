@@ -5,8 +5,10 @@ mod common;
 #[path = "pve/mod.rs"]
 mod pve;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use common::Env;
 use pve::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeOptions, FakePve, FakeVm};
@@ -363,5 +365,273 @@ fn up_backend_runs_a_local_spec_on_proxmox() {
         .json(&["up", "moved", "--no-wait", "--backend", "lab"]);
     assert_eq!(up[0]["action"], "created", "{up}");
     assert!(lab.vm("moved").1.running);
+    lab.no_violations();
+}
+
+fn clone_requests(lab: &Lab) -> usize {
+    lab.fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/clone"))
+        .count()
+}
+
+#[test]
+fn two_concurrent_ups_of_one_proxmox_vm_make_one_clone() {
+    // Tasks that take a few polls keep the first up busy while the second arrives.
+    let lab = Lab::new(
+        FakeOptions {
+            task_polls: 3,
+            ..FakeOptions::default()
+        },
+        REMOTE,
+    );
+    create_pool(&lab);
+    let spawn = || {
+        lab.env
+            .command(&["up", "remote", "--no-wait", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let mut actions = Vec::new();
+    for out in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v[0]["backend"], "lab", "{v}");
+        actions.push(v[0]["action"].as_str().unwrap().to_string());
+    }
+    actions.sort();
+    assert_eq!(
+        actions,
+        ["already-running", "created"],
+        "exactly one cloned"
+    );
+    assert_eq!(clone_requests(&lab), 1);
+    assert_eq!(
+        lab.fake
+            .vms()
+            .values()
+            .filter(|v| v.name == "remote")
+            .count(),
+        1
+    );
+    // --no-block: a VM held by another operation fails at once, naming it.
+    let mut slow = lab
+        .env
+        .command(&["down", "remote", "--timeout", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let busy = loop {
+        let out = lab
+            .env
+            .agentvm(&["destroy", "--yes", "--no-block", "remote"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if err.contains("busy: down since") || Instant::now() > deadline {
+            break err;
+        }
+        assert!(
+            !out.status.success() || slow.try_wait().unwrap().is_none(),
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(busy.contains("busy: down since"), "{busy}");
+    assert!(slow.wait().unwrap().success());
+    lab.no_violations();
+}
+
+#[test]
+fn where_a_vm_was_made_is_remembered_on_the_backend_itself() {
+    // The guest's agent answers from the start (nothing here waits for it).
+    let lab = Lab::new(
+        FakeOptions {
+            agent_down_calls: 0,
+            ..FakeOptions::default()
+        },
+        "[images.x]\nfile = \"x.qcow2\"\n\n[vms.roam]\nimage = \"x\"\n",
+    );
+    create_pool(&lab);
+    let up = lab
+        .env
+        .json(&["up", "roam", "--no-wait", "--backend", "lab"]);
+    assert_eq!(up[0]["action"], "created", "{up}");
+    assert_eq!(up[0]["backend"], "lab", "{up}");
+
+    // agentvm's own data folder is not the record: lose it, and the VM is still found.
+    lab.env.ok(&["daemon", "--stop"]);
+    std::fs::remove_dir_all(lab.env.home()).unwrap();
+    let status = lab.env.status("roam");
+    assert_eq!(status["backend"], "lab", "{status}");
+    assert_eq!(status["state"], "running", "{status}");
+    let plan = lab.env.json(&["plan", "roam"]);
+    assert_eq!(plan[0]["backend"], "lab", "{plan}");
+    assert_eq!(plan[0]["create"], false, "{plan}");
+
+    // Verbs Proxmox does not offer say so, with what to do instead.
+    for (args, capability) in [
+        (vec!["exec", "roam", "--", "true"], "exec: use agentvm ssh"),
+        (vec!["hostkey", "roam"], "reading host keys"),
+        (vec!["snapshot", "roam", "list"], "snapshots"),
+        (vec!["spice", "roam"], "SPICE"),
+        (vec!["screenshot", "roam", "shot.png"], "screenshots"),
+        (
+            vec!["console", "roam", "--no-follow"],
+            "a serial console log",
+        ),
+    ] {
+        let err = lab.env.fails(&args);
+        assert!(
+            err.contains(&format!(
+                "the proxmox backend does not support {capability}"
+            )),
+            "{args:?}: {err}"
+        );
+    }
+    // --backend naming another backend than the VM's is refused.
+    let err = lab
+        .env
+        .fails(&["up", "roam", "--no-wait", "--backend", "local"]);
+    assert!(
+        err.contains("roam already exists on backend lab, not local"),
+        "{err}"
+    );
+
+    let down = lab.env.json(&["down", "roam"]);
+    assert_eq!(down[0]["stopped_by"], "agent", "{down}");
+    assert_eq!(lab.env.status("roam")["state"], "stopped");
+    lab.env.ok(&["destroy", "--yes", "roam"]);
+    assert!(lab.fake.vms().values().all(|v| v.name != "roam"));
+    // Gone everywhere: the spec's own backend (local) answers for it again.
+    let status = lab.env.status("roam");
+    assert_eq!(status["state"], "absent", "{status}");
+    assert_eq!(status["backend"], "local", "{status}");
+    lab.no_violations();
+}
+
+#[test]
+fn a_vm_on_two_backends_is_an_error_naming_both() {
+    let guest = common::guest_dir();
+    let images = format!(
+        "[images.testguest]\nkernel = {:?}\ninitrd = {:?}\nfile = {:?}\ncmdline = \"console=ttyS0 quiet\"\n\n[vms.dup]\nimage = \"testguest\"\ncpus = 1\nmemory = \"256MiB\"\n",
+        guest.join("vmlinuz").display().to_string(),
+        guest.join("initrd.img").display().to_string(),
+        guest.join("disk.qcow2").display().to_string(),
+    );
+    let lab = Lab::new(FakeOptions::default(), &images);
+    create_pool(&lab);
+    let with_lab = std::fs::read_to_string(lab.env.fleet_path()).unwrap();
+    lab.env.owns(&["dup"]);
+    lab.env
+        .json(&["up", "dup", "--no-wait", "--backend", "lab"]);
+    // Without [backends.lab] in the file, agentvm only sees the local backend,
+    // where dup does not exist yet: it is made there too.
+    lab.env.write_raw_fleet(&images);
+    let local = lab.env.json(&["up", "dup", "--no-wait"]);
+    assert_eq!(local[0]["backend"], "local", "{local}");
+    lab.env.write_raw_fleet(&with_lab);
+    for args in [
+        vec!["status", "dup"],
+        vec!["down", "dup"],
+        vec!["destroy", "--yes", "dup"],
+    ] {
+        let err = lab.env.fails(&args);
+        assert!(
+            err.contains("dup exists on more than one backend (local and lab)"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(lab.fake.vms().values().any(|v| v.name == "dup"));
+    lab.env.write_raw_fleet(&images);
+    lab.env.ok(&["destroy", "--yes", "dup"]);
+    lab.no_violations();
+}
+
+#[test]
+fn a_backend_that_cannot_be_listed_is_named_and_its_vms_not_shown_absent() {
+    let env = Env::new();
+    let token = env.dir.path().join("pve-token");
+    std::fs::write(
+        &token,
+        format!("{DEFAULT_TOKEN_ID}={DEFAULT_TOKEN_SECRET}\n"),
+    )
+    .unwrap();
+    // Nothing listens on a port the test bound and closed again.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.write_raw_fleet(&format!(
+        "[backends.gone]\nkind = \"proxmox\"\nendpoint = \"http://127.0.0.1:{port}\"\nnode = \"pve\"\ntoken = {{ file = {:?} }}\ntemplate = 9000\n\n[vms.far]\nbackend = \"gone\"\n",
+        token.display().to_string()
+    ));
+    let out = env.agentvm(&["list", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("backend gone could not be listed"),
+        "{stderr}"
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        rows.as_array().unwrap().iter().all(|r| r["name"] != "far"),
+        "far is not known to be absent: {rows}"
+    );
+}
+
+#[test]
+fn events_follow_a_proxmox_vm() {
+    let lab = Lab::new(FakeOptions::default(), REMOTE);
+    create_pool(&lab);
+    let mut follower = lab
+        .env
+        .command(&["events", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Let the follower subscribe before anything happens.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut seen = Vec::new();
+    let wait_for = |state: &str, seen: &mut Vec<String>| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !seen.iter().any(|s| s == state) {
+            assert!(Instant::now() < deadline, "no {state} event; saw {seen:?}");
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                let event: Value = serde_json::from_str(&line).unwrap();
+                if event["vm"] == "remote" {
+                    assert_eq!(event["backend"], "lab", "{event}");
+                    seen.push(event["state"].as_str().unwrap().to_string());
+                }
+            }
+        }
+    };
+    lab.env.ok(&["up", "remote", "--no-wait"]);
+    wait_for("started", &mut seen);
+    lab.env.ok(&["down", "--force", "remote"]);
+    wait_for("stopped", &mut seen);
+    lab.env.ok(&["destroy", "--yes", "remote"]);
+    wait_for("undefined", &mut seen);
+    let _ = follower.kill();
+    let _ = follower.wait();
     lab.no_violations();
 }
