@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::KernelBoot;
-use crate::fsutil::{FileLock, create_private_dir, write_atomic};
+use crate::fsutil::{FileLock, create_private_dir, read_json_state, write_atomic};
 use crate::paths::Home;
 use crate::paths::{BUILDS_FILE, STORE_LOCK_FILE};
 use crate::progress::Reporter;
@@ -157,7 +157,7 @@ impl ImageStore {
         progress: &dyn Reporter,
     ) -> Result<(BaseDisk, bool)> {
         let records_path = self.dir.join(BUILDS_FILE);
-        let mut records = nix_build::read_records(&records_path);
+        let mut records = nix_build::read_records(&records_path)?;
         let inputs = nix_build::inputs_key(flake_ref);
         if !rebuild
             && let (Some(inputs), Some(record)) = (&inputs, records.get(image))
@@ -304,17 +304,7 @@ impl ImageStore {
     }
 
     fn read_index(&self) -> Result<BTreeMap<String, IndexEntry>> {
-        match fs::read(&self.index_path) {
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(
-                    "ignoring unreadable image index {}: {e}",
-                    self.index_path.display()
-                );
-                BTreeMap::new()
-            })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.index_path.display())),
-        }
+        read_json_state(&self.index_path)
     }
 
     fn write_index(&self, index: &BTreeMap<String, IndexEntry>) -> Result<()> {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::{read_json_state, write_atomic};
 use crate::paths::{ENV_NIX, non_empty_env};
 use crate::progress::Reporter;
 
@@ -42,11 +42,10 @@ pub fn inputs_key(flake_ref: &str) -> Option<String> {
     Some(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
-pub fn read_records(path: &Path) -> BTreeMap<String, BuildRecord> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
+/// The build records in `path` (none when the file does not exist); a file that
+/// cannot be parsed is an error, and is not written over.
+pub fn read_records(path: &Path) -> Result<BTreeMap<String, BuildRecord>> {
+    read_json_state(path)
 }
 
 pub fn write_records(path: &Path, records: &BTreeMap<String, BuildRecord>) -> Result<()> {
@@ -139,6 +138,29 @@ mod tests {
         std::fs::write(dir.path().join(FLAKE_LOCK_FILE), "{\"version\":8}").unwrap();
         assert_ne!(inputs_key(&flake).unwrap(), first);
         assert_eq!(inputs_key("github:me/agents#base"), None);
+    }
+
+    #[test]
+    fn build_records_round_trip_and_a_corrupt_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("builds.json");
+        assert!(
+            read_records(&path).unwrap().is_empty(),
+            "no file, no records"
+        );
+        let records = BTreeMap::from([(
+            "base".to_string(),
+            BuildRecord {
+                inputs: "sha256:00".into(),
+                output: "/nix/store/x-image/nixos.qcow2".into(),
+            },
+        )]);
+        write_records(&path, &records).unwrap();
+        assert_eq!(read_records(&path).unwrap(), records);
+        std::fs::write(&path, "{\"base\": {\"inputs\": 7}}").unwrap();
+        let err = format!("{:#}", read_records(&path).unwrap_err());
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("line 1 column"), "{err}");
     }
 
     #[test]
