@@ -106,6 +106,35 @@ fn flake_images_are_built_once_per_lock_file_and_imported() {
 }
 
 #[test]
+fn a_corrupt_build_record_is_an_error_and_left_as_it_is() {
+    let env = Env::new();
+    let (nix, log) = stand_in_nix(&env);
+    let flake = env.dir.path().join("flake");
+    std::fs::create_dir_all(&flake).unwrap();
+    std::fs::write(flake.join("flake.lock"), "{\"version\": 7}").unwrap();
+    env.write_raw_fleet("[images.base]\nflake = \"./flake#agent-base-image\"\n");
+    let records = env.home().join("images/builds.json");
+    std::fs::create_dir_all(records.parent().unwrap()).unwrap();
+    let corrupt = b"{\"base\": {\"inputs\": \"sha256:00\", \"output\": }}".to_vec();
+    std::fs::write(&records, &corrupt).unwrap();
+    let _daemon = env.spawn_daemon(&[("AGENTVM_NIX", nix.to_str().unwrap())]);
+
+    let out = env
+        .command(&["image", "build", "base"])
+        .env("AGENTVM_NIX", &nix)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&records.display().to_string()) && stderr.contains("line 1 column 44"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&records).unwrap(), corrupt, "left as it was");
+    assert!(calls(&log).is_empty(), "nothing built: {:?}", calls(&log));
+}
+
+#[test]
 fn a_missing_nix_is_a_clear_error() {
     let env = Env::new();
     env.write_raw_fleet("[images.base]\nflake = \"github:someone/agents#base\"\n");
