@@ -106,6 +106,58 @@ fn flake_images_are_built_once_per_lock_file_and_imported() {
 }
 
 #[test]
+fn nix_files_and_the_files_they_name_decide_a_rebuild_and_the_readme_does_not() {
+    let env = Env::new();
+    let (nix, log) = stand_in_nix(&env);
+    let flake = env.dir.path().join("flake");
+    let write = |file: &str, text: &str| {
+        let path = flake.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write("flake.lock", "{\"version\": 7}");
+    write(
+        "flake.nix",
+        "{\n  outputs = { self, nixpkgs }: {\n    packages.x86_64-linux.agent-base-image =\n      (nixpkgs.lib.nixosSystem { modules = [ ./hosts/agent-base ]; }).config.system.build.image;\n  };\n}\n",
+    );
+    write(
+        "hosts/agent-base/default.nix",
+        "{ ... }: {\n  imports = [ ../common/base.nix ];\n  networking.hostName = \"base\";\n}\n",
+    );
+    write(
+        "hosts/common/base.nix",
+        "{ ... }: {\n  users.motd = builtins.readFile ../../files/motd.txt;\n}\n",
+    );
+    write("files/motd.txt", "welcome\n");
+    write("README.md", "# agents\n");
+    env.write_raw_fleet("[images.base]\nflake = \"./flake#agent-base-image\"\n");
+    let _daemon = env.spawn_daemon(&[("AGENTVM_NIX", nix.to_str().unwrap())]);
+
+    assert_eq!(build(&env, &nix, &[])["built"], true, "first build");
+    for (file, text, rebuilds) in [
+        ("README.md", "# agents, documented\n", false),
+        (
+            "hosts/agent-base/default.nix",
+            "{ ... }: {\n  imports = [ ../common/base.nix ];\n  networking.hostName = \"base2\";\n}\n",
+            true,
+        ),
+        ("files/motd.txt", "welcome back\n", true),
+        ("notes.txt", "not named by any .nix file\n", false),
+        ("hosts/common/extra.nix", "{ }\n", true),
+    ] {
+        let before = calls(&log).len();
+        write(file, text);
+        let built = build(&env, &nix, &[]);
+        assert_eq!(built["built"], rebuilds, "after editing {file}: {built}");
+        assert_eq!(
+            calls(&log).len(),
+            before + usize::from(rebuilds),
+            "nix runs after editing {file}: {rebuilds}"
+        );
+    }
+}
+
+#[test]
 fn a_corrupt_build_record_is_an_error_and_left_as_it_is() {
     let env = Env::new();
     let (nix, log) = stand_in_nix(&env);
