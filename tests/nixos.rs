@@ -106,6 +106,87 @@ fn flake_images_are_built_once_per_lock_file_and_imported() {
 }
 
 #[test]
+fn nix_files_and_the_files_they_name_decide_a_rebuild_and_the_readme_does_not() {
+    let env = Env::new();
+    let (nix, log) = stand_in_nix(&env);
+    let flake = env.dir.path().join("flake");
+    let write = |file: &str, text: &str| {
+        let path = flake.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write("flake.lock", "{\"version\": 7}");
+    write(
+        "flake.nix",
+        "{\n  outputs = { self, nixpkgs }: {\n    packages.x86_64-linux.agent-base-image =\n      (nixpkgs.lib.nixosSystem { modules = [ ./hosts/agent-base ]; }).config.system.build.image;\n  };\n}\n",
+    );
+    write(
+        "hosts/agent-base/default.nix",
+        "{ ... }: {\n  imports = [ ../common/base.nix ];\n  networking.hostName = \"base\";\n}\n",
+    );
+    write(
+        "hosts/common/base.nix",
+        "{ ... }: {\n  users.motd = builtins.readFile ../../files/motd.txt;\n}\n",
+    );
+    write("files/motd.txt", "welcome\n");
+    write("README.md", "# agents\n");
+    env.write_raw_fleet("[images.base]\nflake = \"./flake#agent-base-image\"\n");
+    let _daemon = env.spawn_daemon(&[("AGENTVM_NIX", nix.to_str().unwrap())]);
+
+    assert_eq!(build(&env, &nix, &[])["built"], true, "first build");
+    for (file, text, rebuilds) in [
+        ("README.md", "# agents, documented\n", false),
+        (
+            "hosts/agent-base/default.nix",
+            "{ ... }: {\n  imports = [ ../common/base.nix ];\n  networking.hostName = \"base2\";\n}\n",
+            true,
+        ),
+        ("files/motd.txt", "welcome back\n", true),
+        ("notes.txt", "not named by any .nix file\n", false),
+        ("hosts/common/extra.nix", "{ }\n", true),
+    ] {
+        let before = calls(&log).len();
+        write(file, text);
+        let built = build(&env, &nix, &[]);
+        assert_eq!(built["built"], rebuilds, "after editing {file}: {built}");
+        assert_eq!(
+            calls(&log).len(),
+            before + usize::from(rebuilds),
+            "nix runs after editing {file}: {rebuilds}"
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_build_record_is_an_error_and_left_as_it_is() {
+    let env = Env::new();
+    let (nix, log) = stand_in_nix(&env);
+    let flake = env.dir.path().join("flake");
+    std::fs::create_dir_all(&flake).unwrap();
+    std::fs::write(flake.join("flake.lock"), "{\"version\": 7}").unwrap();
+    env.write_raw_fleet("[images.base]\nflake = \"./flake#agent-base-image\"\n");
+    let records = env.home().join("images/builds.json");
+    std::fs::create_dir_all(records.parent().unwrap()).unwrap();
+    let corrupt = b"{\"base\": {\"inputs\": \"sha256:00\", \"output\": }}".to_vec();
+    std::fs::write(&records, &corrupt).unwrap();
+    let _daemon = env.spawn_daemon(&[("AGENTVM_NIX", nix.to_str().unwrap())]);
+
+    let out = env
+        .command(&["image", "build", "base"])
+        .env("AGENTVM_NIX", &nix)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&records.display().to_string()) && stderr.contains("line 1 column 44"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&records).unwrap(), corrupt, "left as it was");
+    assert!(calls(&log).is_empty(), "nothing built: {:?}", calls(&log));
+}
+
+#[test]
 fn a_missing_nix_is_a_clear_error() {
     let env = Env::new();
     env.write_raw_fleet("[images.base]\nflake = \"github:someone/agents#base\"\n");

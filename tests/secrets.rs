@@ -224,3 +224,54 @@ fn a_missing_entry_or_identity_is_reported() {
     let err = env.fails(&["secrets", "rekey", "drago", "--identity", "/nonexistent"]);
     assert!(err.contains("has no secrets"), "{err}");
 }
+
+#[test]
+fn a_corrupt_record_file_is_an_error_and_left_as_it_is() {
+    let env = Env::new();
+    let dir = env.dir.path();
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("secrets.nix"), "{ }\n").unwrap();
+    env.write_raw_fleet(
+        "[images.x]\nfile = \"x.qcow2\"\n[vms.drago]\nimage = \"x\"\nsecrets = [\"secrets/drago-token.age\"]\n",
+    );
+    // A record cut short, as a full disk or a bad hand edit would leave it.
+    let record = env.home().join("secrets.json");
+    std::fs::create_dir_all(env.home()).unwrap();
+    let corrupt = b"{\n  \"drago\": {\n    \"ssh\": \"ssh-ed25519 AAAA agentvm-drago\",\n".to_vec();
+    std::fs::write(&record, &corrupt).unwrap();
+    let (admin, host) = (dir.join("admin"), dir.join("host"));
+    keygen(&admin);
+    keygen(&host);
+    let host_pub = host.with_extension("pub");
+
+    for extra in [
+        &["--remove"][..],
+        &["--host-key", host_pub.to_str().unwrap()][..],
+    ] {
+        let mut args = vec![
+            "secrets",
+            "rekey",
+            "drago",
+            "--identity",
+            admin.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = env.agentvm(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail: {stderr}");
+        assert!(
+            stderr.contains(&record.display().to_string()) && stderr.contains("line 4 column 0"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&record).unwrap(),
+            corrupt,
+            "{args:?} left the record as it was"
+        );
+        assert_eq!(
+            std::fs::read_to_string(secrets.join("secrets.nix")).unwrap(),
+            "{ }\n"
+        );
+    }
+}

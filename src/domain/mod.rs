@@ -354,11 +354,14 @@ pub fn mac_address(name: &str) -> String {
     )
 }
 
-/// The hash of a VM's spec as applied on this host. A stored hash that differs
-/// from the current one means the domain no longer matches its spec.
+/// The hash of a VM's machine as applied on this host: its spec's
+/// [`VmSpec::machine`] view plus the accelerator and network chosen here. A
+/// stored hash that differs from the current one means the domain no longer
+/// matches its spec; fields outside that view (purpose, readonly, secrets…)
+/// never make a VM need a redefinition or a restart.
 pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
-    let canonical =
-        serde_json::to_vec(&(spec, accel, network)).expect("a VM spec always serializes to JSON");
+    let canonical = serde_json::to_vec(&(spec.machine(), accel, network))
+        .expect("a VM spec always serializes to JSON");
     format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
 }
 

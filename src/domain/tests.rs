@@ -135,3 +135,123 @@ fn env_goes_into_its_own_credential_only_when_set() {
         "{xml}"
     );
 }
+
+fn sample_spec() -> VmSpec {
+    let fleet = crate::spec::Fleet::parse(
+        Path::new("/fleet/agentvm.toml"),
+        r#"
+[images.nixos]
+file = "/images/nixos.qcow2"
+
+[images.other]
+file = "/images/other.qcow2"
+
+[vms.drago]
+image = "nixos"
+cpus = 2
+memory = "2GiB"
+disk = "20GiB"
+ssh_port = 2300
+spice_port = 5990
+env = { EDITOR = "vim" }
+ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBc user@host"]
+purpose = "builds things"
+secrets = ["secrets/drago.age"]
+nixos = ".#agent-drago"
+"#,
+    )
+    .unwrap();
+    fleet.vm("drago").unwrap().clone()
+}
+
+/// A named edit of a spec.
+type Edit = (&'static str, fn(&mut VmSpec));
+
+fn hash(spec: &VmSpec) -> String {
+    spec_hash(spec, Accel::Tcg, NetworkMode::Slirp)
+}
+
+#[test]
+fn spec_hash_ignores_what_does_not_change_the_machine() {
+    let spec = sample_spec();
+    let base = hash(&spec);
+    let edits: [Edit; 7] = [
+        ("readonly", |s| s.readonly = true),
+        ("purpose", |s| s.purpose = Some("something else".into())),
+        ("no purpose", |s| s.purpose = None),
+        ("secrets", |s| s.secrets.push("secrets/more.age".into())),
+        ("nixos", |s| s.nixos = Some(".#agent-other".into())),
+        ("backend", |s| s.backend = "pve".into()),
+        ("vmid", |s| s.vmid = Some(4242)),
+    ];
+    for (what, edit) in edits {
+        let mut changed = spec.clone();
+        edit(&mut changed);
+        assert_ne!(changed, spec, "{what} is an edit");
+        assert_eq!(hash(&changed), base, "{what} does not change the machine");
+    }
+}
+
+#[test]
+fn spec_hash_follows_what_changes_the_machine() {
+    let spec = sample_spec();
+    let base = hash(&spec);
+    let edits: [Edit; 11] = [
+        ("cpus", |s| s.cpus = 3),
+        ("memory", |s| {
+            s.memory = crate::spec::Size::from_bytes(3 << 30)
+        }),
+        ("disk", |s| s.disk = None),
+        ("image", |s| {
+            s.image = Some(crate::spec::Name::new("other").unwrap())
+        }),
+        ("ssh_port", |s| s.ssh_port = Some(2301)),
+        ("spice_port", |s| s.spice_port = None),
+        ("env value", |s| {
+            s.env.insert("EDITOR".into(), "nano".into());
+        }),
+        ("env key", |s| {
+            s.env.insert("LANG".into(), "C.UTF-8".into());
+        }),
+        ("ssh_keys", |s| s.ssh_keys.clear()),
+        ("user", |s| s.user = "agent".into()),
+        ("no image", |s| s.image = None),
+    ];
+    for (what, edit) in edits {
+        let mut changed = spec.clone();
+        edit(&mut changed);
+        assert_ne!(hash(&changed), base, "{what} changes the machine");
+    }
+    assert_ne!(
+        spec_hash(&spec, Accel::Kvm, NetworkMode::Slirp),
+        base,
+        "accel"
+    );
+    assert_ne!(
+        spec_hash(&spec, Accel::Tcg, NetworkMode::Passt),
+        base,
+        "network"
+    );
+}
+
+#[test]
+fn the_machine_view_holds_the_spec_fields_it_names() {
+    let spec = sample_spec();
+    let machine = spec.machine();
+    assert_eq!(machine.image.map(|n| n.as_str()), Some("nixos"));
+    assert_eq!((machine.cpus, machine.memory), (spec.cpus, spec.memory));
+    assert_eq!(machine.disk, spec.disk);
+    assert_eq!(
+        (machine.ssh_port, machine.spice_port),
+        (Some(2300), Some(5990))
+    );
+    assert_eq!(machine.env, &spec.env);
+    assert_eq!(machine.ssh_keys, spec.ssh_keys.as_slice());
+    assert_eq!(machine.user, "root");
+    let json = serde_json::to_value(machine).unwrap();
+    for absent in [
+        "name", "readonly", "purpose", "secrets", "nixos", "backend", "vmid", "accel",
+    ] {
+        assert!(json.get(absent).is_none(), "{absent} in {json}");
+    }
+}

@@ -3,6 +3,7 @@
 //! A source file is copied in once, named by its sha256; an index keyed by the
 //! source's path, size and mtime makes re-importing an unchanged file instant.
 
+pub mod flake_inputs;
 pub mod nix_build;
 pub mod qemu_img;
 
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::KernelBoot;
-use crate::fsutil::{FileLock, create_private_dir, write_atomic};
+use crate::fsutil::{FileLock, create_private_dir, read_json_state, write_atomic};
 use crate::paths::Home;
 use crate::paths::{BUILDS_FILE, STORE_LOCK_FILE};
 use crate::progress::Reporter;
@@ -134,8 +135,9 @@ impl ImageStore {
         }
     }
 
-    /// Builds a flake image (unless its flake reference and lock file are what
-    /// the last build used, or `rebuild`) and imports the qcow2 by content.
+    /// Builds a flake image (unless its inputs, as [`flake_inputs::inputs_key`]
+    /// sees them, are what the last build used, or `rebuild`) and imports the
+    /// qcow2 by content.
     /// Returns the base and whether `nix build` ran.
     pub fn build_flake(
         &self,
@@ -157,22 +159,22 @@ impl ImageStore {
         progress: &dyn Reporter,
     ) -> Result<(BaseDisk, bool)> {
         let records_path = self.dir.join(BUILDS_FILE);
-        let mut records = nix_build::read_records(&records_path);
-        let inputs = nix_build::inputs_key(flake_ref);
+        let mut records = nix_build::read_records(&records_path)?;
+        let inputs = flake_inputs::inputs_key(flake_ref);
         if !rebuild
-            && let (Some(inputs), Some(record)) = (&inputs, records.get(image))
+            && let (Ok(inputs), Some(record)) = (&inputs, records.get(image))
             && &record.inputs == inputs
             && record.output.is_file()
         {
-            progress.step(image, "flake and lock file unchanged: not building again");
+            progress.step(image, "flake inputs unchanged: not building again");
             return Ok((self.import_disk(&record.output, progress)?, false));
         }
-        if inputs.is_none() {
-            progress.step(image, "no local flake.lock to compare with: building");
+        if let Err(why) = &inputs {
+            progress.step(image, &format!("{why}: building"));
         }
         let output = nix_build::build(image, flake_ref, progress)?;
         let base = self.import_disk(&output, progress)?;
-        if let Some(inputs) = inputs {
+        if let Ok(inputs) = inputs {
             records.insert(image.to_string(), nix_build::BuildRecord { inputs, output });
             nix_build::write_records(&records_path, &records)?;
         }
@@ -304,17 +306,7 @@ impl ImageStore {
     }
 
     fn read_index(&self) -> Result<BTreeMap<String, IndexEntry>> {
-        match fs::read(&self.index_path) {
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(
-                    "ignoring unreadable image index {}: {e}",
-                    self.index_path.display()
-                );
-                BTreeMap::new()
-            })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.index_path.display())),
-        }
+        read_json_state(&self.index_path)
     }
 
     fn write_index(&self, index: &BTreeMap<String, IndexEntry>) -> Result<()> {

@@ -1,5 +1,6 @@
 //! Building NixOS images from flakes: `nix build`, with a record of what was
-//! built from which lock file so an unchanged flake is not built again.
+//! built from which inputs (see [`super::flake_inputs`]) so an unchanged flake
+//! is not built again.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -8,45 +9,27 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::{read_json_state, write_atomic};
 use crate::paths::{ENV_NIX, non_empty_env};
 use crate::progress::Reporter;
 
 /// The `nix` program, unless `AGENTVM_NIX` names another.
 pub const NIX: &str = "nix";
-pub const FLAKE_LOCK_FILE: &str = "flake.lock";
 
 /// What a build produced, and from which inputs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BuildRecord {
-    /// sha256 of the flake reference and its lock file.
+    /// The key of the inputs it was built from ([`super::flake_inputs::inputs_key`]).
     pub inputs: String,
     /// The qcow2 `nix build` produced (a Nix store path).
     pub output: PathBuf,
 }
 
-/// The build inputs' key: the flake reference plus its lock file's content.
-/// `None` when the flake has no local lock file, so there is nothing to compare.
-pub fn inputs_key(flake_ref: &str) -> Option<String> {
-    let (source, _) = flake_ref.split_once('#')?;
-    if !source.starts_with('/') {
-        return None;
-    }
-    let lock = std::fs::read(Path::new(source).join(FLAKE_LOCK_FILE)).ok()?;
-    let mut hasher = Sha256::new();
-    hasher.update(flake_ref.as_bytes());
-    hasher.update(b"\0");
-    hasher.update(&lock);
-    Some(format!("sha256:{}", hex::encode(hasher.finalize())))
-}
-
-pub fn read_records(path: &Path) -> BTreeMap<String, BuildRecord> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
+/// The build records in `path` (none when the file does not exist); a file that
+/// cannot be parsed is an error, and is not written over.
+pub fn read_records(path: &Path) -> Result<BTreeMap<String, BuildRecord>> {
+    read_json_state(path)
 }
 
 pub fn write_records(path: &Path, records: &BTreeMap<String, BuildRecord>) -> Result<()> {
@@ -125,20 +108,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inputs_key_follows_the_lock_file() {
+    fn build_records_round_trip_and_a_corrupt_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let flake = format!("{}#base", dir.path().display());
-        assert_eq!(inputs_key(&flake), None, "no lock file, nothing to compare");
-        std::fs::write(dir.path().join(FLAKE_LOCK_FILE), "{\"version\":7}").unwrap();
-        let first = inputs_key(&flake).unwrap();
-        assert_eq!(inputs_key(&flake).unwrap(), first);
-        assert_ne!(
-            inputs_key(&format!("{}#other", dir.path().display())).unwrap(),
-            first
+        let path = dir.path().join("builds.json");
+        assert!(
+            read_records(&path).unwrap().is_empty(),
+            "no file, no records"
         );
-        std::fs::write(dir.path().join(FLAKE_LOCK_FILE), "{\"version\":8}").unwrap();
-        assert_ne!(inputs_key(&flake).unwrap(), first);
-        assert_eq!(inputs_key("github:me/agents#base"), None);
+        let records = BTreeMap::from([(
+            "base".to_string(),
+            BuildRecord {
+                inputs: "sha256:00".into(),
+                output: "/nix/store/x-image/nixos.qcow2".into(),
+            },
+        )]);
+        write_records(&path, &records).unwrap();
+        assert_eq!(read_records(&path).unwrap(), records);
+        std::fs::write(&path, "{\"base\": {\"inputs\": 7}}").unwrap();
+        let err = format!("{:#}", read_records(&path).unwrap_err());
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("line 1 column"), "{err}");
     }
 
     #[test]

@@ -99,3 +99,60 @@ fn backing_files_are_refused() {
     let err = store.import_disk(&top, &Silent).unwrap_err().to_string();
     assert!(err.contains("backing file"), "{err}");
 }
+
+/// Every file in the store folder with its bytes.
+fn store_files(store: &ImageStore) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&store.dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_corrupt_index_is_an_error_and_left_untouched() {
+    let (dir, store) = store();
+    create_private_dir(&store.dir).unwrap();
+    let corrupt = b"{\"/a.img\": {\"size\": 12,".to_vec();
+    std::fs::write(&store.index_path, &corrupt).unwrap();
+    let before = store_files(&store);
+    let a = dir.path().join("a.img");
+    std::fs::write(&a, b"kernel bytes").unwrap();
+    let err = format!(
+        "{:#}",
+        store.import_blob(&a, "kernel", &Silent).unwrap_err()
+    );
+    assert!(
+        err.contains(&store.index_path.display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("line 1 column"), "{err}");
+    assert_eq!(std::fs::read(&store.index_path).unwrap(), corrupt);
+    assert_eq!(store_files(&store), before, "nothing imported or written");
+}
+
+#[test]
+fn corrupt_build_records_are_an_error_before_building() {
+    let (_dir, store) = store();
+    create_private_dir(&store.dir).unwrap();
+    let records = store.dir.join(BUILDS_FILE);
+    let corrupt = b"<<<<<<< merge conflict".to_vec();
+    std::fs::write(&records, &corrupt).unwrap();
+    let err = format!(
+        "{:#}",
+        store
+            .build_flake("base", "/nonexistent/flake#base", false, &Silent)
+            .unwrap_err()
+    );
+    assert!(err.contains(&records.display().to_string()), "{err}");
+    assert!(err.contains("line 1 column 1"), "{err}");
+    assert!(!err.contains("not installed"), "nix is not run: {err}");
+    assert_eq!(std::fs::read(&records).unwrap(), corrupt);
+}

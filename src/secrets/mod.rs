@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::{read_json_state, write_atomic};
 
 /// How agentvm marks the keys it adds: the key comment `agentvm-NAME`.
 pub fn marker(vm: &str) -> String {
@@ -41,11 +41,10 @@ pub struct Added {
     pub age: Option<String>,
 }
 
-pub fn read_added(path: &Path) -> BTreeMap<String, Added> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// The recipients recorded in `path` (none when the file does not exist); a
+/// file that cannot be parsed is an error, and is not written over.
+pub fn read_added(path: &Path) -> Result<BTreeMap<String, Added>> {
+    read_json_state(path)
 }
 
 /// An admin identity: an unencrypted OpenSSH private key or an age identity file.
@@ -153,7 +152,7 @@ pub fn rekey(
     added_path: &Path,
 ) -> Result<Report> {
     let mark = marker(vm);
-    let mut added = read_added(added_path);
+    let mut added = read_added(added_path)?;
     let remove = host_key.is_none();
     let (ssh_recipient, age_recipient) = match host_key {
         Some(key) => {
@@ -281,4 +280,55 @@ pub fn rekey(
     }
     write_atomic(added_path, &serde_json::to_vec_pretty(&added)?, 0o600)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_recipients_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.json");
+        assert!(read_added(&path).unwrap().is_empty(), "no file, no record");
+        let added = BTreeMap::from([(
+            "drago".to_string(),
+            Added {
+                ssh: "ssh-ed25519 AAAA agentvm-drago".into(),
+                age: Some("age1xyz".into()),
+            },
+        )]);
+        write_atomic(&path, &serde_json::to_vec_pretty(&added).unwrap(), 0o600).unwrap();
+        let read = read_added(&path).unwrap();
+        assert_eq!(read["drago"].ssh, added["drago"].ssh);
+        assert_eq!(read["drago"].age, added["drago"].age);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_an_error_and_rekey_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.json");
+        let corrupt = b"{\"drago\": {\"ssh\": \"ssh-ed25519 AAAA agentvm-drago\"".to_vec();
+        std::fs::write(&path, &corrupt).unwrap();
+        for host_key in [Some("ssh-ed25519 AAAA"), None] {
+            let err = rekey(
+                "drago",
+                &[],
+                dir.path(),
+                host_key,
+                &dir.path().join("no-identity"),
+                &path,
+            )
+            .unwrap_err();
+            let text = format!("{err:#}");
+            assert!(text.contains(&path.display().to_string()), "{text}");
+            assert!(text.contains("line 1 column"), "{text}");
+            assert_eq!(std::fs::read(&path).unwrap(), corrupt);
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["secrets.json"], "no temp file left either");
+    }
 }

@@ -140,6 +140,51 @@ pub struct VmSpec {
     pub vmid: Option<u32>,
 }
 
+/// The part of a [`VmSpec`] that makes the machine: what a backend puts into the
+/// VM's definition, so a change to any of it means the VM must be redefined (or,
+/// while it runs, restarted) to match. A backend hashes this view, never the
+/// whole spec, to decide that.
+///
+/// In: the image, cpus, memory, disk size, pinned SSH and SPICE ports, the `env`
+/// table and the SSH keys (both delivered to the guest as SMBIOS credentials on
+/// libvirt, as cloud-init keys on Proxmox), and the login user (libvirt keeps it
+/// in the domain metadata that `agentvm ssh` reads; Proxmox sets it as `ciuser`).
+///
+/// Out: the name (it identifies the VM, it does not configure it), `readonly`
+/// and `purpose` (read from the spec whenever there is one), `secrets` and
+/// `nixos` (used by `secrets rekey` and `provision` against a running guest),
+/// the backend name and `vmid` (where the VM lives, not what it is), and the
+/// `accel` preference (a backend hashes the accelerator it resolved instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MachineSpec<'a> {
+    pub image: Option<&'a Name>,
+    pub cpus: u32,
+    pub memory: Size,
+    pub disk: Option<Size>,
+    pub user: &'a str,
+    pub ssh_port: Option<u16>,
+    pub spice_port: Option<u16>,
+    pub env: &'a BTreeMap<String, String>,
+    pub ssh_keys: &'a [String],
+}
+
+impl VmSpec {
+    /// The view of this spec that decides whether the machine must change.
+    pub fn machine(&self) -> MachineSpec<'_> {
+        MachineSpec {
+            image: self.image.as_ref(),
+            cpus: self.cpus,
+            memory: self.memory,
+            disk: self.disk,
+            user: &self.user,
+            ssh_port: self.ssh_port,
+            spice_port: self.spice_port,
+            env: &self.env,
+            ssh_keys: &self.ssh_keys,
+        }
+    }
+}
+
 impl Fleet {
     /// The fleet file: `explicit`, else `$AGENTVM_FILE`, else `agentvm.toml` in the
     /// current folder or the nearest parent that has one.
