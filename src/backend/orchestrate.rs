@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 
-use super::{Backend, BackendError, DownPath, Existing, Result, Timings, UpAction, UpOutcome};
+use super::{Backend, BackendError, DownPath, Result, Timings, UpAction, UpOutcome};
 use crate::failpoint;
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, VmSpec};
@@ -47,7 +47,9 @@ pub fn up(
             (UpAction::AlreadyRunning, drift)
         }
         Some(existing) => {
-            if existing.spec_hash != prepared.spec_hash && readonly(spec, &existing) {
+            // The spec says whether the VM is readonly now; what the backend
+            // recorded is for VMs that have left the fleet file.
+            if existing.spec_hash != prepared.spec_hash && spec.readonly {
                 return Err(BackendError::ReadOnly {
                     name: name.to_string(),
                     action: "redefine",
@@ -118,10 +120,6 @@ fn start_new(
     failpoint::hit("up:started");
     timings.mark("start");
     Ok(())
-}
-
-fn readonly(spec: &VmSpec, existing: &Existing) -> bool {
-    spec.readonly || existing.readonly
 }
 
 /// Waits for the SSH banner and the guest agent at once; returns how long it took.

@@ -134,7 +134,8 @@ impl ProxmoxBackend {
     }
 
     fn spec_hash(&self, spec: &VmSpec) -> String {
-        let canonical = serde_json::to_vec(&(spec, &self.spec)).expect("specs serialize to JSON");
+        let canonical =
+            serde_json::to_vec(&(spec.machine(), &self.spec)).expect("specs serialize to JSON");
         format!(
             "sha256:{}",
             hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&canonical))
