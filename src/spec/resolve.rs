@@ -1,0 +1,548 @@
+//! Resolving the raw fleet file into validated specs: `[defaults]` applied,
+//! paths made absolute, every value checked, errors as `file:line:column: field`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::raw::{self, KeySpans, RawFleet, RawImage, RawVm};
+use super::*;
+
+/// Turns byte spans into `file:line:column` errors.
+pub(super) struct Locator<'a> {
+    pub(super) file: &'a Path,
+    pub(super) text: &'a str,
+}
+
+impl Locator<'_> {
+    fn line_col(&self, span: Option<Range<usize>>) -> (usize, usize) {
+        let Some(span) = span else { return (0, 0) };
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, col)
+    }
+
+    fn error(&self, span: Option<Range<usize>>, field: &str, message: String) -> SpecError {
+        let (line, column) = self.line_col(span);
+        SpecError::Invalid {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            field: field.to_string(),
+            message,
+        }
+    }
+
+    pub(super) fn toml_error(&self, path: &str, e: &toml::de::Error) -> SpecError {
+        let field = if path == "." { "" } else { path };
+        self.error(e.span(), field, e.message().trim().to_string())
+    }
+}
+
+pub(super) struct Resolver<'a> {
+    pub(super) at: Locator<'a>,
+    pub(super) base_dir: PathBuf,
+    pub(super) key_spans: KeySpans,
+}
+
+impl Resolver<'_> {
+    pub(super) fn resolve(&self, raw: RawFleet) -> Result<Fleet, SpecError> {
+        let mut images = BTreeMap::new();
+        for (key, image) in raw.images {
+            let name = self.table_name("images", &key)?;
+            let agent = image.agent.unwrap_or(true);
+            let host_key = match image.host_key.clone() {
+                None => DEFAULT_HOST_KEY.to_string(),
+                Some(path) if path.starts_with('/') && !has_control(&path, false) => path,
+                Some(path) => {
+                    return Err(self.at.error(
+                        self.key_span("images", name.as_str()),
+                        &format!("images.{name}.host_key"),
+                        format!("{path:?} must be an absolute path in the guest"),
+                    ));
+                }
+            };
+            let source = self.image_source(&name, image)?;
+            images.insert(
+                name.clone(),
+                ImageSpec {
+                    name,
+                    source,
+                    agent,
+                    host_key,
+                },
+            );
+        }
+        let mut backends = BTreeMap::new();
+        for (key, backend) in raw.backends {
+            let name = self.table_name("backends", &key)?;
+            if name.as_str() == LOCAL_BACKEND {
+                return Err(self.at.error(
+                    self.key_span("backends", &key),
+                    "backends.local",
+                    "`local` is the built-in libvirt backend; give this one another name".into(),
+                ));
+            }
+            let spec = self.backend(&name, backend)?;
+            backends.insert(
+                name.clone(),
+                BackendSpec {
+                    name,
+                    proxmox: spec,
+                },
+            );
+        }
+        let mut vms = BTreeMap::new();
+        for (key, vm) in raw.vms {
+            let name = self.table_name("vms", &key)?;
+            let spec = self.vm(&name, vm, &raw.defaults, &images, &backends)?;
+            vms.insert(name, spec);
+        }
+        Ok(Fleet {
+            file: self.at.file.to_path_buf(),
+            images,
+            vms,
+            backends,
+        })
+    }
+
+    fn key_span(&self, table: &str, key: &str) -> Option<Range<usize>> {
+        let keys = match table {
+            "images" => &self.key_spans.images,
+            "backends" => &self.key_spans.backends,
+            _ => &self.key_spans.vms,
+        };
+        keys.keys().find(|k| k.get_ref() == key).map(Spanned::span)
+    }
+
+    fn table_name(&self, table: &str, key: &str) -> Result<Name, SpecError> {
+        Name::new(key).map_err(|e| {
+            self.at.error(
+                self.key_span(table, key),
+                &format!("{table}.{key}"),
+                e.to_string(),
+            )
+        })
+    }
+
+    fn path(&self, text: &str) -> PathBuf {
+        let expanded = match (text.strip_prefix("~/"), non_empty_env("HOME")) {
+            (Some(rest), Some(home)) => Path::new(&home).join(rest),
+            _ => PathBuf::from(text),
+        };
+        self.base_dir.join(expanded)
+    }
+
+    fn backend(&self, name: &Name, raw: raw::RawBackend) -> Result<ProxmoxSpec, SpecError> {
+        let field = |key: &str| format!("backends.{name}.{key}");
+        if raw.kind.get_ref() != "proxmox" {
+            return Err(self.at.error(
+                Some(raw.kind.span()),
+                &field("kind"),
+                format!(
+                    "unknown backend kind {:?} (known: proxmox)",
+                    raw.kind.get_ref()
+                ),
+            ));
+        }
+        let endpoint = raw.endpoint.get_ref().trim_end_matches('/').to_string();
+        let bad_endpoint = |why: &str| {
+            self.at.error(
+                Some(raw.endpoint.span()),
+                &field("endpoint"),
+                why.to_string(),
+            )
+        };
+        match endpoint.split_once("://") {
+            Some(("https", host)) if !host.is_empty() => {}
+            Some(("http", host)) if is_loopback_host(host) => {}
+            Some(("http", _)) => {
+                return Err(bad_endpoint(
+                    "plain http:// is only allowed for loopback endpoints; use https://",
+                ));
+            }
+            _ => return Err(bad_endpoint("expected https://host:8006")),
+        }
+        let token = match (raw.token.env, raw.token.file) {
+            (Some(var), None) => TokenSource::Env(var),
+            (None, Some(path)) => TokenSource::File(self.path(&path)),
+            _ => {
+                return Err(self.at.error(
+                    self.key_span("backends", name.as_str()),
+                    &field("token"),
+                    "token is { env = \"VAR\" } or { file = \"path\" }".into(),
+                ));
+            }
+        };
+        let (fingerprint, insecure) = match raw.tls {
+            Some(tls) => (
+                tls.fingerprint.or(raw.fingerprint),
+                tls.insecure || raw.insecure,
+            ),
+            None => (raw.fingerprint, raw.insecure),
+        };
+        let tls = match (fingerprint, insecure) {
+            (Some(_), true) => {
+                return Err(self.at.error(
+                    self.key_span("backends", name.as_str()),
+                    &field("tls"),
+                    "set either fingerprint or insecure, not both".into(),
+                ));
+            }
+            (Some(fp), false) => {
+                let hex: String = fp.get_ref().chars().filter(|c| *c != ':').collect();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(self.at.error(
+                        Some(fp.span()),
+                        &field("fingerprint"),
+                        "expected a SHA-256 fingerprint like \"AA:BB:…\" (32 bytes)".into(),
+                    ));
+                }
+                TlsMode::Fingerprint(hex.to_ascii_uppercase())
+            }
+            (None, true) => TlsMode::Insecure,
+            (None, false) => TlsMode::Verified,
+        };
+        Ok(ProxmoxSpec {
+            endpoint,
+            node: raw.node,
+            token,
+            template: match raw.template {
+                raw::RawTemplate::Id(id) => TemplateRef::Id(id),
+                raw::RawTemplate::Name(n) => TemplateRef::Name(n),
+            },
+            storage: raw.storage,
+            pool: raw.pool,
+            full_clone: raw.full_clone,
+            tls,
+            ssh_port: raw.ssh_port.unwrap_or(22),
+        })
+    }
+
+    /// `./x#attr`, `.#attr`, `~/x#attr` and `/x#attr` become absolute; other
+    /// flake references (`github:…#attr`) stay as written.
+    fn flake_ref(&self, flake: &str) -> String {
+        let (source, attr) = flake.split_once('#').unwrap_or((flake, ""));
+        if source.starts_with('.') || source.starts_with('/') || source.starts_with("~/") {
+            let dir = self.path(source);
+            let dir = dir.canonicalize().unwrap_or(dir);
+            format!("{}#{attr}", dir.display())
+        } else {
+            flake.to_string()
+        }
+    }
+
+    fn image_source(&self, name: &Name, raw: RawImage) -> Result<ImageSource, SpecError> {
+        let field = format!("images.{name}");
+        let span = self.key_span("images", name.as_str());
+        let fail = |message: &str| self.at.error(span.clone(), &field, message.to_string());
+        match (raw.file, raw.flake, raw.kernel) {
+            (_, Some(_), Some(_)) | (Some(_), Some(_), None) => {
+                Err(fail("set only one of `file`, `flake` or `kernel`"))
+            }
+            (None, Some(flake), None) => {
+                if raw.initrd.is_some() || raw.cmdline.is_some() {
+                    return Err(fail("`initrd` and `cmdline` go with `kernel`, not `flake`"));
+                }
+                if flake.trim().is_empty() || !flake.contains('#') {
+                    return Err(fail(
+                        "`flake` must name a flake attribute, like \".#agent-base\"",
+                    ));
+                }
+                Ok(ImageSource::Flake(self.flake_ref(&flake)))
+            }
+            (_, None, Some(_))
+                if raw
+                    .cmdline
+                    .as_deref()
+                    .is_some_and(|c| has_control(c, false)) =>
+            {
+                Err(fail("`cmdline` must not contain control characters"))
+            }
+            (file, None, Some(kernel)) => Ok(ImageSource::Kernel {
+                kernel: self.path(&kernel),
+                initrd: raw.initrd.as_deref().map(|p| self.path(p)),
+                cmdline: raw.cmdline,
+                disk: file.as_deref().map(|p| self.path(p)),
+            }),
+            (Some(file), None, None) => {
+                if raw.initrd.is_some() || raw.cmdline.is_some() {
+                    return Err(fail("`initrd` and `cmdline` need `kernel`"));
+                }
+                Ok(ImageSource::File(self.path(&file)))
+            }
+            (None, None, None) => Err(fail(
+                "an image needs `file = \"path\"`, `flake = \".#attr\"` or `kernel = \"path\"`",
+            )),
+        }
+    }
+
+    fn vm(
+        &self,
+        name: &Name,
+        vm: RawVm,
+        defaults: &raw::RawDefaults,
+        images: &BTreeMap<Name, ImageSpec>,
+        backends: &BTreeMap<Name, BackendSpec>,
+    ) -> Result<VmSpec, SpecError> {
+        let field = |key: &str| format!("vms.{name}.{key}");
+
+        let (backend_text, backend_field) = match (&vm.backend, &defaults.backend) {
+            (Some(v), _) => (Some(v), field("backend")),
+            (None, Some(d)) => (Some(d), "defaults.backend".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let backend = match backend_text {
+            None => LOCAL_BACKEND.to_string(),
+            Some(b)
+                if b.get_ref() == LOCAL_BACKEND || backends.contains_key(b.get_ref().as_str()) =>
+            {
+                b.get_ref().clone()
+            }
+            Some(b) => {
+                let mut known = vec![LOCAL_BACKEND.to_string()];
+                known.extend(backends.keys().map(Name::to_string));
+                return Err(self.at.error(
+                    Some(b.span()),
+                    &backend_field,
+                    format!(
+                        "unknown backend {:?} (available: {})",
+                        b.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+            }
+        };
+
+        let (image_text, image_field) = match (&vm.image, &defaults.image) {
+            (Some(v), _) => (v, field("image")),
+            (None, Some(d)) => (d, "defaults.image".to_string()),
+            (None, None) if backend != LOCAL_BACKEND => {
+                return self.vm_rest(name, vm, defaults, None, backend);
+            }
+            (None, None) => {
+                return Err(self.at.error(
+                    self.key_span("vms", name.as_str()),
+                    &field("image"),
+                    "no image: set `image` here or in [defaults]".to_string(),
+                ));
+            }
+        };
+        let image = Name::new(image_text.get_ref())
+            .ok()
+            .filter(|n| images.contains_key(n))
+            .ok_or_else(|| {
+                let known: Vec<_> = images.keys().map(Name::as_str).collect();
+                self.at.error(
+                    Some(image_text.span()),
+                    &image_field,
+                    format!(
+                        "unknown image {:?} (defined images: {})",
+                        image_text.get_ref(),
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            })?;
+
+        self.vm_rest(name, vm, defaults, Some(image), backend)
+    }
+
+    /// Everything of a VM but its image and backend.
+    fn vm_rest(
+        &self,
+        name: &Name,
+        vm: RawVm,
+        defaults: &raw::RawDefaults,
+        image: Option<Name>,
+        backend: String,
+    ) -> Result<VmSpec, SpecError> {
+        let field = |key: &str| format!("vms.{name}.{key}");
+        let user = match &vm.user {
+            None => DEFAULT_USER.to_string(),
+            Some(u) if is_unix_user(u.get_ref()) => u.get_ref().clone(),
+            Some(u) => {
+                return Err(self.at.error(
+                    Some(u.span()),
+                    &field("user"),
+                    format!("invalid user name {:?}", u.get_ref()),
+                ));
+            }
+        };
+
+        let env = match &vm.env {
+            None => BTreeMap::new(),
+            Some(env) => {
+                if let Some(bad) = env.get_ref().keys().find(|k| !is_env_key(k)) {
+                    return Err(self.at.error(
+                        Some(env.span()),
+                        &field("env"),
+                        format!("invalid variable name {bad:?}: use letters, digits and '_'"),
+                    ));
+                }
+                env.get_ref().clone()
+            }
+        };
+
+        let (keys_value, keys_field) = match (&vm.ssh_keys, &defaults.ssh_keys) {
+            (Some(v), _) => (Some(v), field("ssh_keys")),
+            (None, Some(d)) => (Some(d), "defaults.ssh_keys".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let ssh_keys = match keys_value {
+            None => Vec::new(),
+            Some(keys) => self
+                .ssh_keys(keys.get_ref())
+                .map_err(|m| self.at.error(Some(keys.span()), &keys_field, m))?,
+        };
+
+        for (key, value, allow_newline) in [
+            ("purpose", vm.purpose.as_deref(), true),
+            ("nixos", vm.nixos.as_deref(), false),
+        ] {
+            if value.is_some_and(|v| has_control(v, allow_newline)) {
+                return Err(self.at.error(
+                    self.key_span("vms", name.as_str()),
+                    &field(key),
+                    "control characters are not allowed".to_string(),
+                ));
+            }
+        }
+        if let Some(env) = &vm.env
+            && env.get_ref().values().any(|v| has_control(v, false))
+        {
+            return Err(self.at.error(
+                Some(env.span()),
+                &field("env"),
+                "control characters are not allowed in values".to_string(),
+            ));
+        }
+
+        if let (Some(ssh), Some(spice)) = (vm.ssh_port, vm.spice_port)
+            && ssh == spice
+        {
+            return Err(self.at.error(
+                self.key_span("vms", name.as_str()),
+                &field("spice_port"),
+                format!("ssh_port and spice_port are both {}", ssh.0),
+            ));
+        }
+
+        Ok(VmSpec {
+            name: name.clone(),
+            image,
+            cpus: vm.cpus.or(defaults.cpus).map_or(DEFAULT_CPUS, |c| c.0),
+            memory: vm.memory.or(defaults.memory).unwrap_or(DEFAULT_MEMORY),
+            disk: vm.disk.or(defaults.disk),
+            user,
+            ssh_port: vm.ssh_port.map(|p| p.0),
+            spice_port: vm.spice_port.map(|p| p.0),
+            readonly: vm.readonly,
+            backend,
+            env,
+            secrets: vm.secrets.iter().map(|s| self.path(s)).collect(),
+            nixos: vm.nixos,
+            purpose: vm.purpose,
+            ssh_keys,
+            accel: vm.accel.or(defaults.accel).unwrap_or_default(),
+            vmid: match vm.vmid {
+                Some(id) if !(100..=999_999_999).contains(&id) => {
+                    return Err(self.at.error(
+                        self.key_span("vms", name.as_str()),
+                        &field("vmid"),
+                        format!("invalid vmid {id}: expected 100 to 999999999"),
+                    ));
+                }
+                other => other,
+            },
+        })
+    }
+
+    /// Key lines stay as they are; anything else is a file of key lines.
+    fn ssh_keys(&self, entries: &[String]) -> Result<Vec<String>, String> {
+        let mut keys = Vec::new();
+        for entry in entries {
+            let entry = entry.trim();
+            if looks_like_key(entry) {
+                keys.push(valid_key_line(entry)?);
+                continue;
+            }
+            let path = self.path(entry);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read public key file {}: {e}", path.display()))?;
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                keys.push(valid_key_line(line).map_err(|m| format!("{}: {m}", path.display()))?);
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// `127.0.0.1:8006`, `localhost`, `[::1]:8006`…
+fn is_loopback_host(authority: &str) -> bool {
+    let host = authority.split('/').next().unwrap_or("");
+    let host = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn looks_like_key(entry: &str) -> bool {
+    ["ssh-", "ecdsa-", "sk-"]
+        .iter()
+        .any(|p| entry.starts_with(p))
+}
+
+fn valid_key_line(line: &str) -> Result<String, String> {
+    let mut parts = line.split_whitespace();
+    let kind = parts.next().unwrap_or_default();
+    let blob = parts.next().unwrap_or_default();
+    let ok = looks_like_key(kind)
+        && !blob.is_empty()
+        && blob
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+        && !line.chars().any(char::is_control);
+    if ok {
+        Ok(line.to_string())
+    } else {
+        Err(format!("not an SSH public key line: {line:?}"))
+    }
+}
+
+/// XML cannot carry most control characters, and libvirt's C API stops at NUL.
+fn has_control(text: &str, allow_newline: bool) -> bool {
+    text.chars()
+        .any(|c| c.is_control() && c != '\t' && !(allow_newline && c == '\n'))
+}
+
+fn is_unix_user(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name.len() <= 32
+}
+
+fn is_env_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
