@@ -86,7 +86,12 @@ pub fn scaffold(fleet: &Fleet, name: &Name, ssh_port: u16, spice_port: u16) -> R
         0o644,
     )?;
     if let Err(e) = write_atomic(&fleet.file, edited.as_bytes(), 0o644) {
-        let _ = std::fs::remove_dir_all(dir);
+        if let Err(cleanup) = std::fs::remove_dir_all(dir) {
+            return Err(e.context(format!(
+                "and removing {} again failed too ({cleanup}): remove it by hand",
+                dir.display()
+            )));
+        }
         return Err(e);
     }
     Ok(Scaffolded {

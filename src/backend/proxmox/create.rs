@@ -58,8 +58,13 @@ impl ProxmoxBackend {
                 Ok(upid) => {
                     if let Err(e) = self.client.wait_task(&upid, "clone", progress, name) {
                         // The clone started: do not leave half a VM behind.
-                        let _ = self.purge(vmid, progress, name);
-                        return Err(e.into());
+                        return Err(match self.purge(vmid, progress, name) {
+                            Ok(()) => e.into(),
+                            Err(cleanup) => anyhow!(
+                                "{e:#}; removing the half-made clone (vmid {vmid}) failed too: {cleanup:#}"
+                            )
+                            .into(),
+                        });
                     }
                     return Ok(vmid);
                 }

@@ -77,7 +77,10 @@ impl ProxmoxBackend {
             .client
             .get("/cluster/resources", &[("type", "vm".into())])
             .map_err(pve)?;
-        Ok(list.as_array().cloned().unwrap_or_default())
+        match list {
+            Value::Array(items) => Ok(items),
+            other => Err(anyhow!("/cluster/resources answered {other} instead of a list").into()),
+        }
     }
 
     fn lookup(&self, name: &str) -> Result<Option<Found>> {
