@@ -431,18 +431,15 @@ fn two_concurrent_ups_of_one_proxmox_vm_make_one_clone() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
+    // The probe is harmless whichever wins: an up of a running VM changes nothing.
     let busy = loop {
         let out = lab
             .env
-            .agentvm(&["destroy", "--yes", "--no-block", "remote"]);
+            .agentvm(&["up", "--no-wait", "--no-block", "remote"]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         if err.contains("busy: down since") || Instant::now() > deadline {
             break err;
         }
-        assert!(
-            !out.status.success() || slow.try_wait().unwrap().is_none(),
-            "{err}"
-        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(busy.contains("busy: down since"), "{busy}");
