@@ -1,4 +1,5 @@
-//! Checks requests against the Proxmox VE API schema (`shared/proxmox/pve-api-schema-9.1.3.json`).
+//! Checks requests against the Proxmox VE API schema (`tests/pve/pve-api-schema-9.1.3.json`, see
+//! `tests/pve/README.md`).
 //!
 //! The schema is the `apidata.js` of pve-docs 9.1.3: a tree of nodes with a `path` and, per HTTP
 //! method, the accepted `parameters.properties`, `returns`, `allowtoken` and `permissions`.
@@ -13,10 +14,10 @@ use std::sync::{Mutex, OnceLock};
 use regex::Regex;
 use serde_json::{Map, Value};
 
-/// Where the schema lives, relative to the crate root.
+/// Where the schema lives: vendored in the repository, next to this file.
 pub const SCHEMA_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/proxmox/pve-api-schema-9.1.3.json"
+    "/tests/pve/pve-api-schema-9.1.3.json"
 );
 
 /// One API path of the schema with its methods.
@@ -101,7 +102,7 @@ impl Schema {
             let text = std::fs::read_to_string(SCHEMA_PATH).unwrap_or_else(|e| {
                 panic!(
                     "Proxmox VE API schema missing: cannot read {SCHEMA_PATH}: {e} \
-                     (it is shipped in shared/proxmox/ beside the crate checkout)"
+                     (it is committed in tests/pve/)"
                 )
             });
             Schema::parse(&text)
