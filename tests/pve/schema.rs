@@ -7,7 +7,7 @@
 //! parameters, `Authorization` header) is one that a real PVE 9.1 would accept, with a message
 //! naming the method, path, parameter and rule when it is not.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, OnceLock};
 
@@ -88,8 +88,8 @@ impl TokenAuth {
 /// The Proxmox VE API schema, loaded once per test binary.
 pub struct Schema {
     endpoints: Vec<Endpoint>,
-    /// Compiled schema patterns (`None`: the `regex` crate cannot compile it, so it is not checked).
-    patterns: Mutex<HashMap<String, Option<Regex>>>,
+    /// Schema patterns compiled by [`compile_pattern`], or why they could not be.
+    patterns: Mutex<HashMap<String, Result<Regex, String>>>,
 }
 
 static SCHEMA: OnceLock<Schema> = OnceLock::new();
@@ -319,11 +319,14 @@ impl Schema {
         {
             return Err(format!("shorter than minLength {min} ({len} characters)"));
         }
-        if let Some(pattern) = prop.get("pattern").and_then(Value::as_str)
-            && let Some(re) = self.pattern(pattern)
-            && !re.is_match(value)
-        {
-            return Err(format!("does not match pattern {pattern}"));
+        if let Some(pattern) = prop.get("pattern").and_then(Value::as_str) {
+            // A pattern the checker cannot translate rejects the value: never a silent pass.
+            let re = self
+                .pattern(pattern)
+                .map_err(|e| format!("the schema pattern {pattern} cannot be checked: {e}"))?;
+            if !re.is_match(value) {
+                return Err(format!("does not match pattern {pattern}"));
+            }
         }
         match prop.get("format") {
             Some(Value::String(format)) => check_format(format, value),
@@ -386,45 +389,94 @@ impl Schema {
         Ok(())
     }
 
-    /// The schema's parameter patterns that the `regex` crate cannot compile (so
-    /// [`Schema::check`] skips them), for the record.
-    pub fn uncompilable_patterns(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for endpoint in &self.endpoints {
-            for info in endpoint.info.values() {
-                let props = info
-                    .pointer("/parameters/properties")
-                    .and_then(Value::as_object);
-                for prop in props.into_iter().flat_map(|p| p.values()) {
-                    if let Some(pattern) = prop.get("pattern").and_then(Value::as_str)
-                        && self.pattern(pattern).is_none()
-                        && !out.iter().any(|p| p == pattern)
-                    {
-                        out.push(pattern.to_string());
-                    }
-                }
-            }
-        }
-        out
+    /// Every distinct `pattern` of a method parameter in the schema.
+    pub fn parameter_patterns(&self) -> BTreeSet<String> {
+        self.endpoints
+            .iter()
+            .flat_map(|endpoint| endpoint.info.values())
+            .filter_map(|info| {
+                info.pointer("/parameters/properties")
+                    .and_then(Value::as_object)
+            })
+            .flat_map(|props| props.values())
+            .filter_map(|prop| prop.get("pattern").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect()
     }
 
-    /// The compiled, anchored form of a schema pattern; `None` when the `regex` crate cannot
-    /// compile it (Perl-only syntax; in 9.1.3 only the SDN vnet `alias` pattern, whose class
-    /// `[\(\)-_…]` has an escaped range start): that pattern is then skipped rather than failing
-    /// every request. Perl's `(?^:…)`/`(?^i:…)` groups are rewritten; `\0` (NUL) needs `octal`.
-    fn pattern(&self, pattern: &str) -> Option<Regex> {
+    /// The parameter patterns [`compile_pattern`] cannot translate, each with the reason.
+    /// [`Schema::check`] rejects every value of a parameter with such a pattern.
+    pub fn uncompilable_patterns(&self) -> Vec<(String, String)> {
+        self.parameter_patterns()
+            .into_iter()
+            .filter_map(|pattern| {
+                let error = self.pattern(&pattern).err()?;
+                Some((pattern, error))
+            })
+            .collect()
+    }
+
+    /// [`compile_pattern`], cached.
+    fn pattern(&self, pattern: &str) -> Result<Regex, String> {
         let mut cache = self.patterns.lock().unwrap();
         cache
             .entry(pattern.to_string())
-            .or_insert_with(|| {
-                let rust = pattern.replace("(?^:", "(?:").replace("(?^i:", "(?i:");
-                regex::RegexBuilder::new(&format!("^(?:{rust})$"))
-                    .octal(true)
-                    .build()
-                    .ok()
-            })
+            .or_insert_with(|| compile_pattern(pattern))
             .clone()
     }
+}
+
+/// Compiled patterns may be this large: `\w` and `\s` are Unicode classes, and a bounded
+/// repetition of them (the SDN vnet alias pattern's `[\(\)-_.\w\d\s]{0,256}`) needs more than
+/// the `regex` crate's default limit of 10 MiB.
+const PATTERN_SIZE_LIMIT: usize = 64 << 20;
+
+/// A schema pattern (Perl syntax) as the anchored `regex` PVE applies: PVE checks a value with
+/// `m/^$pattern$/`. See [`perl_to_rust`] for the rewriting.
+pub fn compile_pattern(pattern: &str) -> Result<Regex, String> {
+    let rust = perl_to_rust(pattern)?;
+    regex::RegexBuilder::new(&format!("^(?:{rust})$"))
+        .octal(true)
+        .size_limit(PATTERN_SIZE_LIMIT)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Rewrites the Perl-only syntax of the schema's patterns for the `regex` crate:
+/// - `(?^FLAGS:…)`, Perl's "default flags plus FLAGS" group, becomes `(?FLAGS-OTHERS:…)` where
+///   OTHERS are the rest of `imsx` (Perl's `^` turns them off); other Perl flags are refused.
+/// - `\0` (NUL) is an octal escape, which [`compile_pattern`] enables.
+///
+/// One difference stays: Perl's `$` also matches before a final newline, so PVE accepts a
+/// trailing newline where this checker does not.
+pub fn perl_to_rust(pattern: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(pattern.len());
+    let mut rest = pattern;
+    while let Some(at) = rest.find("(?^") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 3..];
+        let flags_end = after
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(after.len());
+        let (flags, tail) = after.split_at(flags_end);
+        let Some(tail) = tail.strip_prefix(':') else {
+            return Err(format!("Perl group (?^{flags} is not followed by ':'"));
+        };
+        if let Some(bad) = flags.chars().find(|c| !"imsx".contains(*c)) {
+            return Err(format!(
+                "Perl flag '{bad}' in (?^{flags}: has no translation"
+            ));
+        }
+        let off: String = "imsx".chars().filter(|c| !flags.contains(*c)).collect();
+        if off.is_empty() {
+            out.push_str(&format!("(?{flags}:"));
+        } else {
+            out.push_str(&format!("(?{flags}-{off}:"));
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Parses `PVEAPIToken=USER@REALM!TOKENID=SECRET`.
