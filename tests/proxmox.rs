@@ -10,7 +10,6 @@ use std::net::TcpListener;
 
 use common::Env;
 use pve::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeOptions, FakePve, FakeVm};
-use serde_json::Value;
 
 /// A port with an SSH banner on 127.0.0.1, for the backend's ssh_port setting.
 fn ssh_banner() -> u16 {
@@ -188,6 +187,15 @@ fn nextid_races_lock_timeouts_and_pinned_vmids() {
         "the race happened"
     );
     assert_ne!(lab.vm("someone-else").0, vmid);
+    // The first config update met the lock timeout and was sent again.
+    let config = format!("/nodes/pve/qemu/{vmid}/config");
+    let updates = lab
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == config)
+        .count();
+    assert_eq!(updates, 2, "the lock timeout was retried once");
     lab.env.ok(&["up", "pinned", "--no-wait"]);
     assert_eq!(lab.vm("pinned").0, 4242);
     let err = lab.env.fails(&["up", "clash", "--no-wait"]);
@@ -206,8 +214,22 @@ fn a_failed_clone_reports_the_task_log_and_leaves_nothing() {
     );
     create_pool(&lab);
     let err = lab.env.fails(&["up", "remote", "--no-wait"]);
-    assert!(err.contains("clone failed"), "{err}");
+    assert!(err.contains("clone failed: out of space"), "{err}");
     assert!(lab.fake.vms().values().all(|v| v.name != "remote"));
+    // The clone's target is purged: a real failed clone can leave a half-made VM behind.
+    let newid = lab
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/clone"))
+        .map(|r| r.params["newid"].clone())
+        .unwrap();
+    assert!(
+        lab.fake.requests().iter().any(|r| r.method == "DELETE"
+            && r.path == format!("/nodes/pve/qemu/{newid}")
+            && r.params.get("purge").map(String::as_str) == Some("1")),
+        "no purge of vmid {newid}"
+    );
     lab.no_violations();
 }
 
@@ -330,7 +352,6 @@ fn bootstrap_user_makes_a_least_privilege_token() {
         "{acl:?}"
     );
     lab.no_violations();
-    let _: Value = made;
 }
 
 #[test]
