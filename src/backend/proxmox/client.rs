@@ -15,6 +15,8 @@ const ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const TASK_POLL: Duration = Duration::from_millis(250);
 const TASK_LOG_TAIL: usize = 10;
+/// How much of an unexpected reply body an error quotes.
+const EXCERPT_CHARS: usize = 200;
 
 /// Errors the backend acts on.
 #[derive(Debug, thiserror::Error)]
@@ -36,17 +38,26 @@ pub enum PveError {
         status: u16,
         message: String,
     },
-    #[error(transparent)]
-    Other(#[from] anyhow::Error),
-}
-
-impl PveError {
-    pub fn message(&self) -> String {
-        match self {
-            Self::Api { message, .. } | Self::Forbidden { message, .. } => message.clone(),
-            other => other.to_string(),
-        }
-    }
+    /// A reply PVE does not send: a body that is not JSON (a proxy's error page, a cut-off
+    /// reply), or a success without `data`.
+    #[error("{method} {path}: HTTP {status}: {problem}; the body starts \"{excerpt}\"")]
+    BadReply {
+        method: String,
+        path: String,
+        status: u16,
+        problem: &'static str,
+        /// The body's first characters, control characters escaped.
+        excerpt: String,
+    },
+    /// No HTTP reply: connecting, sending or reading failed.
+    #[error("{method} {path}: {message}")]
+    Transport {
+        method: String,
+        path: String,
+        message: String,
+        /// The connection was made, so the request may have reached PVE.
+        connected: bool,
+    },
 }
 
 pub struct Client {
@@ -110,10 +121,8 @@ impl Client {
         let mut attempt = 1;
         loop {
             match self.once(&method, path, params) {
-                Err(PveError::Api {
-                    status, message, ..
-                }) if attempt < ATTEMPTS && transient(status, &message) => {
-                    tracing::info!("{method} {path}: {message}; retrying in {backoff:?}");
+                Err(e) if attempt < ATTEMPTS && worth_retrying(&e) => {
+                    tracing::info!("{e}; retrying in {backoff:?}");
                     std::thread::sleep(backoff);
                     backoff *= 2;
                     attempt += 1;
@@ -139,18 +148,42 @@ impl Client {
         } else {
             request.form(params)
         };
-        let response = request.send().map_err(|e| anyhow!("{method} {url}: {e}"))?;
+        let (method, path) = (method.to_string(), path.to_string());
+        let transport = |e: reqwest::Error, connected: bool| PveError::Transport {
+            message: format!("{:#}", anyhow::Error::from(e)),
+            method: method.clone(),
+            path: path.clone(),
+            connected,
+        };
+        let response = request.send().map_err(|e| {
+            let connected = !e.is_connect();
+            transport(e, connected)
+        })?;
         let status = response.status().as_u16();
         let reason = response
             .status()
             .canonical_reason()
             .unwrap_or("")
             .to_string();
-        let body: Value = response.json().unwrap_or(Value::Null);
-        let (method, path) = (method.to_string(), path.to_string());
+        let bytes = response.bytes().map_err(|e| transport(e, true))?;
+        if status == 401 {
+            return Err(PveError::Unauthorized { method, path });
+        }
+        let bad_reply = |problem| PveError::BadReply {
+            method: method.clone(),
+            path: path.clone(),
+            status,
+            problem,
+            excerpt: excerpt(&bytes),
+        };
+        let Ok(body) = serde_json::from_slice::<Value>(&bytes) else {
+            return Err(bad_reply("the reply is not JSON"));
+        };
         match status {
-            200..=299 => Ok(body.get("data").cloned().unwrap_or(Value::Null)),
-            401 => Err(PveError::Unauthorized { method, path }),
+            200..=299 => body
+                .get("data")
+                .cloned()
+                .ok_or_else(|| bad_reply("the JSON reply has no \"data\"")),
             403 => Err(PveError::Forbidden {
                 method,
                 path,
@@ -215,6 +248,17 @@ impl Client {
     }
 }
 
+/// Whether a failed request is sent again.
+fn worth_retrying(error: &PveError) -> bool {
+    match error {
+        PveError::Api {
+            status, message, ..
+        } => transient(*status, message),
+        PveError::BadReply { status, .. } => (500..600).contains(status),
+        _ => false,
+    }
+}
+
 /// Lock timeouts anywhere, and 5xx that are not a definite answer, are worth another try.
 fn transient(status: u16, message: &str) -> bool {
     if message.contains("can't lock file") || message.contains("got timeout") {
@@ -228,6 +272,24 @@ fn transient(status: u16, message: &str) -> bool {
         "not running",
     ];
     (500..600).contains(&status) && !DEFINITE.iter().any(|d| message.contains(d))
+}
+
+/// The first [`EXCERPT_CHARS`] characters of a body, control characters escaped.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == EXCERPT_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn error_message(body: &Value, reason: &str) -> String {
@@ -315,6 +377,33 @@ mod tests {
         assert!(
             err.contains("USER@REALM!TOKENID=SECRET") && !err.contains("just-a-password"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn excerpts_are_short_and_escape_control_characters() {
+        assert_eq!(
+            excerpt(b"<html>\r\n<b>502</b>\x1b[0m\t\0"),
+            "<html>\\r\\n<b>502</b>\\u{1b}[0m\\t\\u{0}"
+        );
+        let long = excerpt("é".repeat(300).as_bytes());
+        assert_eq!(long, format!("{}…", "é".repeat(200)));
+        assert_eq!(excerpt(b"ok \xff"), "ok \u{fffd}");
+        assert_eq!(excerpt(b""), "");
+    }
+
+    #[test]
+    fn bad_replies_name_the_request_status_and_body() {
+        let e = PveError::BadReply {
+            method: "GET".into(),
+            path: "/cluster/nextid".into(),
+            status: 502,
+            problem: "the reply is not JSON",
+            excerpt: excerpt(b"<html>\nBad Gateway"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "GET /cluster/nextid: HTTP 502: the reply is not JSON; the body starts \"<html>\\nBad Gateway\""
         );
     }
 
