@@ -1,6 +1,7 @@
 //! A small Proxmox VE API client: token auth, TLS as configured, retries for
 //! transient failures, and waiting for tasks (UPIDs) to finish.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -60,11 +61,70 @@ pub enum PveError {
     },
 }
 
+/// A Proxmox task id, `UPID:$node:$pid:$pstart:$starttime:$dtype:$id:$user:`, as PVE's
+/// `PVE::Tools::upid_decode` accepts it: pid and starttime are 8 hex digits, pstart 8 or 9.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upid {
+    text: String,
+    /// The node the task runs on: its status is at `/nodes/{node}/tasks/{upid}/status`.
+    pub node: String,
+}
+
+impl Upid {
+    pub fn parse(text: &str) -> Option<Upid> {
+        let fields: Vec<&str> = text
+            .strip_prefix("UPID:")?
+            .strip_suffix(':')?
+            .split(':')
+            .collect();
+        let [node, pid, pstart, starttime, dtype, id, user] = fields[..] else {
+            return None;
+        };
+        let hex = |s: &str, lengths: std::ops::RangeInclusive<usize>| {
+            lengths.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        let no_space = |s: &str| !s.chars().any(char::is_whitespace);
+        let valid = is_node_name(node)
+            && hex(pid, 8..=8)
+            && hex(pstart, 8..=9)
+            && hex(starttime, 8..=8)
+            && !dtype.is_empty()
+            && no_space(dtype)
+            && no_space(id)
+            && !user.is_empty()
+            && no_space(user);
+        valid.then(|| Upid {
+            text: text.to_string(),
+            node: node.to_string(),
+        })
+    }
+
+    /// `/nodes/{node}/tasks/{upid}{rest}`, the UPID percent-encoded.
+    fn path(&self, rest: &str) -> String {
+        let encoded =
+            percent_encoding::utf8_percent_encode(&self.text, percent_encoding::NON_ALPHANUMERIC);
+        format!("/nodes/{}/tasks/{encoded}{rest}", self.node)
+    }
+}
+
+impl fmt::Display for Upid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// PVE's node names: `[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?`.
+fn is_node_name(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    alnum(s.chars().next())
+        && alnum(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
 pub struct Client {
     http: reqwest::blocking::Client,
     base: String,
     auth: String,
-    pub node: String,
 }
 
 impl Client {
@@ -90,7 +150,6 @@ impl Client {
             http: builder.build().context("building the HTTP client")?,
             base: format!("{}/api2/json", spec.endpoint),
             auth: format!("PVEAPIToken={token}"),
-            node: spec.node.clone(),
         })
     }
 
@@ -199,7 +258,8 @@ impl Client {
     }
 
     /// Polls a task until it stops. `OK` and `WARNINGS: n` are success; a failure
-    /// reports the end of the task's log.
+    /// reports the end of the task's log. `upid` is what the request that started the task
+    /// returned: anything but a UPID is an error.
     pub fn wait_task(
         &self,
         upid: &Value,
@@ -207,44 +267,51 @@ impl Client {
         progress: &dyn Reporter,
         vm: &str,
     ) -> Result<()> {
-        let Some(upid) = upid.as_str().filter(|u| u.starts_with("UPID:")) else {
-            return Ok(());
+        let Some(upid) = upid.as_str().and_then(Upid::parse) else {
+            bail!(
+                "{what}: Proxmox answered {} where a task id (UPID:node:pid:pstart:starttime:type:id:user:) was expected",
+                excerpt(upid.to_string().as_bytes())
+            );
         };
-        let node = upid.split(':').nth(1).unwrap_or(&self.node).to_string();
-        let encoded =
-            percent_encoding::utf8_percent_encode(upid, percent_encoding::NON_ALPHANUMERIC)
-                .to_string();
         let start = Instant::now();
         loop {
-            let status = self.get(&format!("/nodes/{node}/tasks/{encoded}/status"), &[])?;
-            if status["status"] == "stopped" {
-                let exit = status["exitstatus"].as_str().unwrap_or("").to_string();
-                if exit == "OK" || exit.starts_with("WARNINGS") {
-                    progress.step(
-                        vm,
-                        &format!("{what} done ({:.1} s)", start.elapsed().as_secs_f64()),
-                    );
-                    return Ok(());
+            let status = self.get(&upid.path("/status"), &[])?;
+            match status["status"].as_str() {
+                Some("running") => {}
+                Some("stopped") => {
+                    let exit = status["exitstatus"].as_str().unwrap_or("(no exit status)");
+                    if exit == "OK" || exit.starts_with("WARNINGS") {
+                        progress.step(
+                            vm,
+                            &format!("{what} done ({:.1} s)", start.elapsed().as_secs_f64()),
+                        );
+                        return Ok(());
+                    }
+                    bail!("{what} failed: {exit}\n  {}", self.task_log_tail(&upid));
                 }
-                let log = self
-                    .get(
-                        &format!("/nodes/{node}/tasks/{encoded}/log"),
-                        &[("start", "0".into()), ("limit", "500".into())],
-                    )
-                    .unwrap_or(Value::Null);
-                let lines: Vec<String> = log
-                    .as_array()
-                    .map(|l| {
-                        l.iter()
-                            .filter_map(|e| e["t"].as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let tail = lines[lines.len().saturating_sub(TASK_LOG_TAIL)..].join("\n  ");
-                bail!("{what} failed: {exit}\n  {tail}");
+                _ => bail!(
+                    "{what}: the status of task {upid} is neither running nor stopped: {}",
+                    excerpt(status.to_string().as_bytes())
+                ),
             }
             std::thread::sleep(TASK_POLL);
         }
+    }
+
+    /// The last lines of a task's log, or why they could not be read.
+    fn task_log_tail(&self, upid: &Upid) -> String {
+        let log = match self.get(
+            &upid.path("/log"),
+            &[("start", "0".into()), ("limit", "500".into())],
+        ) {
+            Ok(log) => log,
+            Err(e) => return format!("(the task log could not be read: {e})"),
+        };
+        let lines: Vec<&str> = log
+            .as_array()
+            .map(|l| l.iter().filter_map(|e| e["t"].as_str()).collect())
+            .unwrap_or_default();
+        lines[lines.len().saturating_sub(TASK_LOG_TAIL)..].join("\n  ")
     }
 }
 
@@ -405,6 +472,36 @@ mod tests {
             e.to_string(),
             "GET /cluster/nextid: HTTP 502: the reply is not JSON; the body starts \"<html>\\nBad Gateway\""
         );
+    }
+
+    #[test]
+    fn upids_are_parsed_as_pve_does() {
+        let text = "UPID:pve-1:00001001:00100064:65A0B0C0:qmclone:101:root@pam!agentvm:";
+        let upid = Upid::parse(text).unwrap();
+        assert_eq!(upid.node, "pve-1");
+        assert_eq!(upid.to_string(), text);
+        assert_eq!(
+            upid.path("/status"),
+            "/nodes/pve-1/tasks/UPID%3Apve%2D1%3A00001001%3A00100064%3A65A0B0C0%3Aqmclone%3A101%3Aroot%40pam%21agentvm%3A/status"
+        );
+        // An empty id and a 9-digit pstart are valid.
+        assert!(Upid::parse("UPID:n:0000A1B2:1000A1B2C:65A0B0C0:vzdump::root@pam:").is_some());
+        for bad in [
+            "",
+            "OK",
+            "UPID:",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam::",
+            "UPID:-pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam:",
+            "UPID:pve:1001:00100064:65A0B0C0:qmclone:101:root@pam:",
+            "UPID:pve:0000100G:00100064:65A0B0C0:qmclone:101:root@pam:",
+            "UPID:pve:00001001:00100064:65A0B0C0::101:root@pam:",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:101::",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:1 01:root@pam:",
+            "upid:pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam:",
+        ] {
+            assert_eq!(Upid::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
