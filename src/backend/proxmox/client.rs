@@ -61,6 +61,23 @@ pub enum PveError {
     },
 }
 
+impl PveError {
+    /// Whether PVE may have carried out the request that failed: a 5xx other than PVE's lock
+    /// timeout and its definite refusals, a 2xx or 5xx reply that could not be read, or a
+    /// connection lost after it was made. After [`Client::post_once`] fails so, look (for a
+    /// clone: whether the new VMID exists) before sending it again.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Api {
+                status, message, ..
+            } => (500..600).contains(status) && !is_lock_timeout(message) && !definite(message),
+            Self::BadReply { status, .. } => !(400..500).contains(status),
+            Self::Transport { connected, .. } => *connected,
+            Self::Unauthorized { .. } | Self::Forbidden { .. } => false,
+        }
+    }
+}
+
 /// A Proxmox task id, `UPID:$node:$pid:$pstart:$starttime:$dtype:$id:$user:`, as PVE's
 /// `PVE::Tools::upid_decode` accepts it: pid and starttime are 8 hex digits, pstart 8 or 9.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +138,15 @@ fn is_node_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
+/// Which failures of a request are worth sending it again for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Lock timeouts and transient 5xx: for requests that may be repeated.
+    Transient,
+    /// Only PVE's lock timeout, which says the request was not carried out.
+    LockTimeout,
+}
+
 pub struct Client {
     http: reqwest::blocking::Client,
     base: String,
@@ -154,33 +180,45 @@ impl Client {
     }
 
     pub fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::GET, path, params)
+        self.request(reqwest::Method::GET, path, params, Retry::Transient)
     }
 
+    /// A POST that may be repeated (start, stop, config, agent calls): lock timeouts and
+    /// transient 5xx are retried.
     pub fn post(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::POST, path, params)
+        self.request(reqwest::Method::POST, path, params, Retry::Transient)
+    }
+
+    /// A POST that must not be repeated blindly because it creates something, such as
+    /// `/nodes/{node}/qemu/{vmid}/clone`: it is sent again only after PVE's lock timeout
+    /// ("can't lock file … got timeout"), which says nothing was done. Any other failure is
+    /// returned at once; when [`PveError::outcome_unknown`], the caller looks whether the thing
+    /// exists before it tries again.
+    pub fn post_once(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
+        self.request(reqwest::Method::POST, path, params, Retry::LockTimeout)
     }
 
     pub fn put(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::PUT, path, params)
+        self.request(reqwest::Method::PUT, path, params, Retry::Transient)
     }
 
     pub fn delete(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::DELETE, path, params)
+        self.request(reqwest::Method::DELETE, path, params, Retry::Transient)
     }
 
-    /// One API call; lock timeouts and transient 5xx are retried with backoff.
+    /// One API call, sent again with backoff after the failures `retry` allows.
     fn request(
         &self,
         method: reqwest::Method,
         path: &str,
         params: &[(&str, String)],
+        retry: Retry,
     ) -> Result<Value, PveError> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
             match self.once(&method, path, params) {
-                Err(e) if attempt < ATTEMPTS && worth_retrying(&e) => {
+                Err(e) if attempt < ATTEMPTS && worth_retrying(retry, &e) => {
                     tracing::info!("{e}; retrying in {backoff:?}");
                     std::thread::sleep(backoff);
                     backoff *= 2;
@@ -315,22 +353,29 @@ impl Client {
     }
 }
 
-/// Whether a failed request is sent again.
-fn worth_retrying(error: &PveError) -> bool {
-    match error {
-        PveError::Api {
-            status, message, ..
-        } => transient(*status, message),
-        PveError::BadReply { status, .. } => (500..600).contains(status),
+/// Whether a failed request is sent again under `retry`.
+fn worth_retrying(retry: Retry, error: &PveError) -> bool {
+    match (retry, error) {
+        (_, PveError::Api { message, .. }) if is_lock_timeout(message) => true,
+        (
+            Retry::Transient,
+            PveError::Api {
+                status, message, ..
+            },
+        ) => transient(*status, message),
+        (Retry::Transient, PveError::BadReply { status, .. }) => (500..600).contains(status),
         _ => false,
     }
 }
 
-/// Lock timeouts anywhere, and 5xx that are not a definite answer, are worth another try.
-fn transient(status: u16, message: &str) -> bool {
-    if message.contains("can't lock file") || message.contains("got timeout") {
-        return true;
-    }
+/// PVE's "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout": the request
+/// gave up before doing anything.
+fn is_lock_timeout(message: &str) -> bool {
+    message.contains("can't lock file") && message.contains("got timeout")
+}
+
+/// 5xx messages that are PVE's final answer, not a passing failure.
+fn definite(message: &str) -> bool {
     const DEFINITE: &[&str] = &[
         "already exists",
         "guest agent is not running",
@@ -338,7 +383,15 @@ fn transient(status: u16, message: &str) -> bool {
         "does not exist",
         "not running",
     ];
-    (500..600).contains(&status) && !DEFINITE.iter().any(|d| message.contains(d))
+    DEFINITE.iter().any(|d| message.contains(d))
+}
+
+/// Lock timeouts anywhere, and 5xx that are not a definite answer, are worth another try.
+fn transient(status: u16, message: &str) -> bool {
+    if message.contains("can't lock file") || message.contains("got timeout") {
+        return true;
+    }
+    (500..600).contains(&status) && !definite(message)
 }
 
 /// The first [`EXCERPT_CHARS`] characters of a body, control characters escaped.
@@ -447,6 +500,28 @@ mod tests {
         );
     }
 
+    fn api(status: u16, message: &str) -> PveError {
+        PveError::Api {
+            method: "POST".into(),
+            path: "/nodes/pve/qemu/9000/clone".into(),
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_reply(status: u16) -> PveError {
+        PveError::BadReply {
+            method: "POST".into(),
+            path: "/nodes/pve/qemu/9000/clone".into(),
+            status,
+            problem: "the reply is not JSON",
+            excerpt: "<html>".into(),
+        }
+    }
+
+    const LOCK_TIMEOUT: &str =
+        "can't lock file '/var/lock/qemu-server/lock-9000.conf' - got timeout";
+
     #[test]
     fn excerpts_are_short_and_escape_control_characters() {
         assert_eq!(
@@ -501,6 +576,83 @@ mod tests {
             "upid:pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam:",
         ] {
             assert_eq!(Upid::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_post_once_is_retried_only_after_a_lock_timeout() {
+        assert!(worth_retrying(Retry::LockTimeout, &api(500, LOCK_TIMEOUT)));
+        for e in [
+            api(500, "got timeout"),
+            api(500, "proxy timeout"),
+            api(503, "Service Unavailable"),
+            api(500, "unable to create VM 101: config file already exists"),
+            bad_reply(502),
+            bad_reply(200),
+        ] {
+            assert!(!worth_retrying(Retry::LockTimeout, &e), "{e}");
+        }
+    }
+
+    #[test]
+    fn repeatable_requests_keep_their_retries() {
+        for e in [
+            api(500, LOCK_TIMEOUT),
+            api(400, "can't lock file 'x' - oops"),
+            api(503, "Service Unavailable"),
+            bad_reply(502),
+        ] {
+            assert!(worth_retrying(Retry::Transient, &e), "{e}");
+        }
+        for e in [
+            api(500, "unable to create VM 101: config file already exists"),
+            api(400, "Parameter verification failed."),
+            bad_reply(200),
+            bad_reply(404),
+            PveError::Transport {
+                method: "GET".into(),
+                path: "/version".into(),
+                message: "connection reset".into(),
+                connected: true,
+            },
+        ] {
+            assert!(!worth_retrying(Retry::Transient, &e), "{e}");
+        }
+    }
+
+    #[test]
+    fn failures_that_may_have_taken_effect() {
+        for e in [
+            api(500, "proxy timeout"),
+            api(502, "Bad Gateway"),
+            bad_reply(200),
+            bad_reply(504),
+            PveError::Transport {
+                method: "POST".into(),
+                path: "/nodes/pve/qemu/9000/clone".into(),
+                message: "operation timed out".into(),
+                connected: true,
+            },
+        ] {
+            assert!(e.outcome_unknown(), "{e}");
+        }
+        for e in [
+            api(500, LOCK_TIMEOUT),
+            api(500, "unable to create VM 101: config file already exists"),
+            api(400, "Parameter verification failed."),
+            bad_reply(404),
+            PveError::Transport {
+                method: "POST".into(),
+                path: "/nodes/pve/qemu/9000/clone".into(),
+                message: "connection refused".into(),
+                connected: false,
+            },
+            PveError::Unauthorized {
+                method: "POST".into(),
+                path: "/nodes/pve/qemu/9000/clone".into(),
+            },
+        ] {
+            assert!(!e.outcome_unknown(), "{e}");
         }
     }
 
