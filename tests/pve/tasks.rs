@@ -1,0 +1,135 @@
+//! Tasks (UPIDs): how the fake starts them, reports their status and serves their log.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use super::model::FakeTask;
+use super::state::{Caller, Fail, Params, State, fail};
+
+impl State {
+    /// Creates a task; unless [`FakeOptions::fail_task`] names its type, `work` runs now and its
+    /// error (if any) becomes the task's exit status, as a failing PVE worker's would.
+    pub(super) fn start_task(
+        &mut self,
+        kind: &str,
+        id: &str,
+        user: &str,
+        work: impl FnOnce(&mut State) -> Result<Vec<String>, String>,
+    ) -> String {
+        let n = self.next_counter();
+        let now = unix_now();
+        let upid = format!(
+            "UPID:{}:{:08X}:{:08X}:{:08X}:{kind}:{id}:{user}:",
+            self.opts.node,
+            0x1000 + n,
+            0x0010_0000 + n * 100,
+            now
+        );
+        let mut log = Vec::new();
+        let exitstatus = match &self.opts.fail_task {
+            Some((k, status)) if k == kind => {
+                log.push(status.clone());
+                status.clone()
+            }
+            _ => match work(self) {
+                Ok(lines) => {
+                    log.extend(lines);
+                    "OK".to_string()
+                }
+                Err(e) => {
+                    log.push(e.clone());
+                    e
+                }
+            },
+        };
+        let lock_vmid = (kind == "qmclone" && exitstatus == "OK")
+            .then(|| id.parse::<u32>().ok())
+            .flatten();
+        let task = FakeTask {
+            upid: upid.clone(),
+            kind: kind.to_string(),
+            id: id.to_string(),
+            user: user.to_string(),
+            exitstatus,
+            log,
+            polls: 0,
+            lock_vmid,
+        };
+        self.tasks.insert(upid.clone(), task);
+        upid
+    }
+
+    pub(super) fn task(&self, upid: &str) -> Result<&FakeTask, Fail> {
+        if !upid.starts_with("UPID:") {
+            return fail(400, format!("unable to parse worker upid '{upid}'"));
+        }
+        self.tasks
+            .get(upid)
+            .ok_or_else(|| (500, format!("no such task '{upid}'")))
+    }
+
+    pub(super) fn task_status(&mut self, caller: &Caller, upid: &str) -> Result<Value, Fail> {
+        let task = self.task(upid)?;
+        if task.user != caller.token {
+            caller.require(&format!("/nodes/{}", self.opts.node), "Sys.Audit")?;
+        }
+        let task = self.tasks.get_mut(upid).unwrap();
+        task.polls += 1;
+        let running = task.polls <= self.opts.task_polls;
+        let fields: Vec<&str> = upid.split(':').collect();
+        let hex =
+            |i: usize| i64::from_str_radix(fields.get(i).copied().unwrap_or("0"), 16).unwrap_or(0);
+        let mut r = json!({
+            "upid": upid,
+            "node": fields.get(1),
+            "pid": hex(2),
+            "pstart": hex(3),
+            "starttime": hex(4),
+            "type": task.kind,
+            "id": task.id,
+            "user": task.user,
+            "status": if running { "running" } else { "stopped" },
+        });
+        if !running {
+            r["exitstatus"] = json!(task.exitstatus);
+            if let Some(vmid) = task.lock_vmid.take()
+                && let Some(vm) = self.vms.get_mut(&vmid)
+            {
+                vm.config.remove("lock");
+            }
+        }
+        Ok(r)
+    }
+
+    pub(super) fn task_log(&self, caller: &Caller, upid: &str, p: &Params) -> Result<Value, Fail> {
+        let task = self.task(upid)?;
+        if task.user != caller.token {
+            caller.require(&format!("/nodes/{}", self.opts.node), "Sys.Audit")?;
+        }
+        let mut lines = task.log.clone();
+        if task.polls > self.opts.task_polls {
+            lines.push(if task.exitstatus == "OK" {
+                "TASK OK".to_string()
+            } else {
+                format!("TASK ERROR: {}", task.exitstatus)
+            });
+        }
+        let start: usize = p.get("start").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let limit: usize = p.get("limit").and_then(|s| s.parse().ok()).unwrap_or(50);
+        let out: Vec<Value> = lines
+            .iter()
+            .enumerate()
+            .skip(start)
+            .take(limit)
+            .map(|(i, t)| json!({ "n": i + 1, "t": t }))
+            .collect();
+        Ok(Value::Array(out))
+    }
+}
+
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
