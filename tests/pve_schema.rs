@@ -6,7 +6,7 @@ mod pve;
 use std::collections::BTreeMap;
 
 use pve::http::{percent_encode, raw_call};
-use pve::schema::{compile_pattern, perl_to_rust};
+use pve::syntax::{compile_pattern, perl_to_rust};
 use pve::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeOptions, FakePve, Schema, token_header};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 
 use super::model::{FakeAcl, FakeToken, FakeUser, all_privileges};
 use super::qemu::vmid_of;
-use super::schema::parse_bool;
 use super::state::{Caller, Fail, Params, State, fail};
+use super::syntax::parse_bool;
 
 impl State {
     pub(super) fn pool_json(&self, poolid: &str, with_members: bool) -> Value {

@@ -2,7 +2,8 @@
 //! API server that runs every request through it (see README.md). Include with
 //! `#[path = "pve/mod.rs"] mod pve;`.
 //!
-//! - `schema.rs`: the checker.
+//! - `schema.rs`: the checker; `syntax.rs`: the value syntaxes it knows (numbers, booleans,
+//!   formats, token headers, Perl patterns).
 //! - `server.rs`: the fake's HTTP side and its API for tests ([`FakePve`]).
 //! - `model.rs`: options and the data tests inspect ([`FakeOptions`], [`FakeVm`], …).
 //! - `state.rs`: the fake's state, callers and privileges, and the router.
@@ -19,6 +20,7 @@ mod qemu;
 pub mod schema;
 pub mod server;
 mod state;
+pub mod syntax;
 mod tasks;
 
 pub use http::raw_call;
@@ -26,5 +28,6 @@ pub use model::{
     DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeAcl, FakeOptions, FakePool, FakeTask, FakeToken,
     FakeUser, FakeVm, Recorded, all_privileges,
 };
-pub use schema::{Schema, TokenAuth, parse_token_header, token_header};
+pub use schema::Schema;
 pub use server::FakePve;
+pub use syntax::{TokenAuth, parse_token_header, token_header};

@@ -7,7 +7,8 @@ use std::hash::{Hash, Hasher};
 
 use serde_json::Value;
 
-use super::schema::{Schema, parse_bool};
+use super::schema::Schema;
+use super::syntax::parse_bool;
 
 /// The token [`FakeOptions::default`] knows, with every privilege.
 pub const DEFAULT_TOKEN_ID: &str = "root@pam!agentvm";

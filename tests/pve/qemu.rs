@@ -8,8 +8,9 @@ use serde_json::{Value, json};
 use super::http::percent_decode;
 use super::http::percent_encode;
 use super::model::FakeVm;
-use super::schema::{Schema, parse_bool};
+use super::schema::Schema;
 use super::state::{Caller, Fail, Params, State, fail};
+use super::syntax::parse_bool;
 
 /// Keys of a config update that are not config options.
 const CONFIG_META: &[&str] = &[

@@ -21,8 +21,9 @@ use serde_json::{Value, json};
 
 use super::http::{form_decode, percent_decode};
 use super::model::{FakeAcl, FakeOptions, FakePool, FakeTask, FakeUser, FakeVm, Recorded};
-use super::schema::{Schema, parse_token_header, token_header};
+use super::schema::Schema;
 use super::state::{Params, State};
+use super::syntax::{parse_token_header, token_header};
 
 /// A running fake PVE; stops when dropped.
 pub struct FakePve {

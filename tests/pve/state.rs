@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::model::{FakeAcl, FakeOptions, FakeTask, FakeUser, FakeVm, Recorded, all_privileges};
 use super::qemu::{mac_for, vmid_of};
-use super::schema::parse_bool;
+use super::syntax::parse_bool;
 
 pub(super) type Params = BTreeMap<String, String>;
 /// An error reply: HTTP status and message.
