@@ -940,3 +940,58 @@ fn fake_pve_pools() {
 fn method_case_does_not_matter() {
     accepted("post", CLONE, &[("newid", "101")]);
 }
+
+#[test]
+fn fake_pve_injected_replies() {
+    let pve = FakePve::start(FakeOptions::default());
+    pve.fail_next("POST", CLONE, 502, "<html>Bad Gateway</html>");
+    // A request the schema refuses is refused as usual and leaves the fault pending.
+    let (status, _) = call(&pve, "POST", CLONE, &[("newid", "99")]);
+    assert_eq!(status, 400);
+    let (status, body) = call(&pve, "POST", CLONE, &[("newid", "101")]);
+    assert_eq!((status, body), (502, Value::Null), "not JSON");
+    assert!(!pve.vms().contains_key(&101), "not carried out");
+    // Only the next one.
+    let upid = data(&pve, "POST", CLONE, &[("newid", "101")]);
+    assert!(upid.as_str().unwrap().starts_with("UPID:pve:"));
+
+    pve.lose_next_reply("POST", CLONE, 504, "");
+    let (status, _) = call(&pve, "POST", CLONE, &[("newid", "102")]);
+    assert_eq!(status, 504);
+    assert_eq!(pve.vms()[&102].config["lock"], "clone", "carried out");
+    assert_eq!(pve.violations().len(), 1, "{:?}", pve.violations());
+}
+
+#[test]
+fn fake_pve_task_list() {
+    let pve = FakePve::start(FakeOptions::default());
+    let first = data(&pve, "POST", CLONE, &[("newid", "101")]);
+    let second = data(&pve, "POST", CLONE, &[("newid", "102")]);
+    let list = |params: &[(&str, &str)]| -> Vec<String> {
+        data(&pve, "GET", "/nodes/pve/tasks", params)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["upid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (first, second) = (first.as_str().unwrap(), second.as_str().unwrap());
+    assert_eq!(
+        list(&[]),
+        Vec::<String>::new(),
+        "archive: stopped tasks only"
+    );
+    assert_eq!(list(&[("source", "all")]), [second, first], "newest first");
+    assert_eq!(list(&[("source", "active"), ("vmid", "101")]), [first]);
+    assert_eq!(wait_task(&pve, first), "OK");
+    assert_eq!(list(&[("typefilter", "qmclone")]), [first]);
+    assert_eq!(
+        list(&[("typefilter", "qmstart"), ("source", "all")]),
+        Vec::<String>::new()
+    );
+    let done = &data(&pve, "GET", "/nodes/pve/tasks", &[("vmid", "101")])[0];
+    assert_eq!(done["status"], "OK");
+    assert_eq!(done["type"], "qmclone");
+    assert_eq!(done["id"], "101");
+    assert!(pve.violations().is_empty(), "{:?}", pve.violations());
+}

@@ -11,6 +11,9 @@
 //! to scope them); operations take effect when their task is created, the task only reports
 //! `running` for the first [`FakeOptions::task_polls`] polls, except that a clone keeps the new
 //! VM locked (`lock: clone`) until its task has been polled to the end, as on PVE.
+//!
+//! [`FakePve::fail_next`] and [`FakePve::lose_next_reply`] replace the reply to one request with
+//! any status and body, before or after carrying it out.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +25,7 @@ use serde_json::{Value, json};
 use super::http::{form_decode, percent_decode};
 use super::model::{FakeAcl, FakeOptions, FakePool, FakeTask, FakeUser, FakeVm, Recorded};
 use super::schema::Schema;
-use super::state::{Params, State};
+use super::state::{Fault, Params, State};
 use super::syntax::{parse_token_header, token_header};
 
 /// A running fake PVE; stops when dropped.
@@ -153,6 +156,29 @@ impl FakePve {
         self.state().roles.clone()
     }
 
+    /// The next `method path` request (`path` below `/api2/json`) that passes the schema check
+    /// and authentication is not carried out: it is answered with `status` and `body` as they
+    /// are, e.g. a proxy's HTML error page, or JSON PVE would not send.
+    pub fn fail_next(&self, method: &str, path: &str, status: u16, body: &str) {
+        self.add_fault(method, path, status, body, false);
+    }
+
+    /// Like [`FakePve::fail_next`], but the request is carried out first: its reply is lost on
+    /// the way, as when a proxy times out while PVE does the work.
+    pub fn lose_next_reply(&self, method: &str, path: &str, status: u16, body: &str) {
+        self.add_fault(method, path, status, body, true);
+    }
+
+    fn add_fault(&self, method: &str, path: &str, status: u16, body: &str, carried_out: bool) {
+        self.state().faults.push(Fault {
+            method: method.to_ascii_uppercase(),
+            path: path.to_string(),
+            status,
+            body: body.to_string(),
+            carried_out,
+        });
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.inner.state()
     }
@@ -189,16 +215,20 @@ impl Inner {
         let _ = request.as_reader().read_to_end(&mut body);
 
         let (status, reply) = self.handle(&method, &url, auth.as_deref(), &content_type, &body);
-        let response = tiny_http::Response::from_string(reply.to_string())
+        let (text, content_type) = match reply {
+            Body::Json(value) => (value.to_string(), "application/json;charset=UTF-8"),
+            Body::Raw(text) if serde_json::from_str::<Value>(&text).is_ok() => {
+                (text, "application/json;charset=UTF-8")
+            }
+            Body::Raw(text) => (text, "text/html;charset=UTF-8"),
+        };
+        let response = tiny_http::Response::from_string(text)
             .with_status_code(status)
-            .with_header(
-                tiny_http::Header::from_bytes("Content-Type", "application/json;charset=UTF-8")
-                    .unwrap(),
-            );
+            .with_header(tiny_http::Header::from_bytes("Content-Type", content_type).unwrap());
         let _ = request.respond(response);
     }
 
-    /// One request → (HTTP status, JSON body).
+    /// One request → (HTTP status, body).
     fn handle(
         &self,
         method: &str,
@@ -206,7 +236,7 @@ impl Inner {
         auth: Option<&str>,
         content_type: &str,
         body: &[u8],
-    ) -> (u16, Value) {
+    ) -> (u16, Body) {
         let (raw_path, query) = url.split_once('?').unwrap_or((url, ""));
         let Some(api_path) = raw_path.strip_prefix("/api2/json") else {
             let msg = format!("{method} {raw_path}: not below /api2/json");
@@ -271,25 +301,41 @@ impl Inner {
         let Some(caller) = st.authenticate(&token.full_tokenid(), &token.secret) else {
             return error_reply(401, "authentication failure", None);
         };
+        let fault = st.take_fault(method, &path);
+        if let Some(fault) = &fault
+            && !fault.carried_out
+        {
+            return (fault.status, Body::Raw(fault.body.clone()));
+        }
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
-        match st.route(&caller, method, &segs, &params) {
-            Ok(data) => (200, json!({ "data": data })),
+        let reply = match st.route(&caller, method, &segs, &params) {
+            Ok(data) => (200, Body::Json(json!({ "data": data }))),
             Err((code, message)) => {
                 if code == 501 {
                     st.violations.push(format!("FakePve: {message}"));
                 }
                 error_reply(code, &message, None)
             }
+        };
+        match fault {
+            Some(fault) => (fault.status, Body::Raw(fault.body)),
+            None => reply,
         }
     }
 }
 
-fn error_reply(code: u16, message: &str, errors: Option<Value>) -> (u16, Value) {
+/// A reply body: PVE's JSON, or an injected fault's text as it is.
+enum Body {
+    Json(Value),
+    Raw(String),
+}
+
+fn error_reply(code: u16, message: &str, errors: Option<Value>) -> (u16, Body) {
     let mut body = json!({ "data": null, "message": format!("{}\n", message.trim_end()) });
     if let Some(errors) = errors {
         body["errors"] = errors;
     }
-    (code, body)
+    (code, Body::Json(body))
 }
 
 /// Query parameters, plus the body's (form-encoded or JSON) for any method.

@@ -71,6 +71,19 @@ pub(super) struct State {
     pub(super) lock_timeout_pending: bool,
     pub(super) nextid_race_pending: bool,
     pub(super) counter: u64,
+    /// Replies to inject, first match first ([`super::server::FakePve::fail_next`]).
+    pub(super) faults: Vec<Fault>,
+}
+
+/// A reply the fake gives instead of its own to the next matching request.
+pub(super) struct Fault {
+    pub(super) method: String,
+    /// Below `/api2/json`, percent-decoded, as in [`Recorded::path`].
+    pub(super) path: String,
+    pub(super) status: u16,
+    pub(super) body: String,
+    /// Whether the request is carried out before the reply is replaced.
+    pub(super) carried_out: bool,
 }
 
 impl State {
@@ -117,6 +130,7 @@ impl State {
             lock_timeout_pending: opts.lock_timeout_once,
             nextid_race_pending: opts.nextid_race,
             counter: 0,
+            faults: Vec::new(),
             opts,
         }
     }
@@ -207,6 +221,15 @@ impl State {
         Some(privs)
     }
 
+    /// The first fault registered for `method path`, removed.
+    pub(super) fn take_fault(&mut self, method: &str, path: &str) -> Option<Fault> {
+        let at = self
+            .faults
+            .iter()
+            .position(|f| f.method == method && f.path == path)?;
+        Some(self.faults.remove(at))
+    }
+
     pub(super) fn next_counter(&mut self) -> u64 {
         self.counter += 1;
         self.counter
@@ -272,6 +295,10 @@ impl State {
             ) => {
                 self.check_node(node)?;
                 self.agent(caller, vmid_of(vmid), "network-get-interfaces")
+            }
+            ("GET", ["nodes", node, "tasks"]) => {
+                self.check_node(node)?;
+                self.list_tasks(caller, p)
             }
             ("GET", ["nodes", node, "tasks", upid, "status"]) => {
                 self.check_node(node)?;

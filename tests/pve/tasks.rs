@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use super::model::FakeTask;
 use super::state::{Caller, Fail, Params, State, fail};
+use super::syntax::parse_bool;
 
 impl State {
     /// Creates a task; unless [`FakeOptions::fail_task`] names its type, `work` runs now and its
@@ -77,20 +78,8 @@ impl State {
         let task = self.tasks.get_mut(upid).unwrap();
         task.polls += 1;
         let running = task.polls <= self.opts.task_polls;
-        let fields: Vec<&str> = upid.split(':').collect();
-        let hex =
-            |i: usize| i64::from_str_radix(fields.get(i).copied().unwrap_or("0"), 16).unwrap_or(0);
-        let mut r = json!({
-            "upid": upid,
-            "node": fields.get(1),
-            "pid": hex(2),
-            "pstart": hex(3),
-            "starttime": hex(4),
-            "type": task.kind,
-            "id": task.id,
-            "user": task.user,
-            "status": if running { "running" } else { "stopped" },
-        });
+        let mut r = task_json(task);
+        r["status"] = json!(if running { "running" } else { "stopped" });
         if !running {
             r["exitstatus"] = json!(task.exitstatus);
             if let Some(vmid) = task.lock_vmid.take()
@@ -100,6 +89,49 @@ impl State {
             }
         }
         Ok(r)
+    }
+
+    /// `GET /nodes/{node}/tasks`: the caller's tasks (everyone's with `Sys.Audit`), newest first.
+    /// `source` `archive` (the default) lists stopped tasks, `active` running ones, `all` both.
+    pub(super) fn list_tasks(&self, caller: &Caller, p: &Params) -> Result<Value, Fail> {
+        let audit = caller.has("Sys.Audit");
+        let source = p.get("source").map_or("archive", String::as_str);
+        let errors_only = p.get("errors").and_then(|v| parse_bool(v)) == Some(true);
+        let start: usize = p.get("start").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let limit: usize = p.get("limit").and_then(|s| s.parse().ok()).unwrap_or(50);
+        let mut tasks: Vec<&FakeTask> = self
+            .tasks
+            .values()
+            .filter(|t| {
+                let running = t.polls <= self.opts.task_polls;
+                (audit || t.user == caller.token)
+                    && match source {
+                        "active" => running,
+                        "all" => true,
+                        _ => !running,
+                    }
+                    && p.get("vmid").is_none_or(|v| *v == t.id)
+                    && p.get("typefilter").is_none_or(|k| *k == t.kind)
+                    && p.get("userfilter")
+                        .is_none_or(|u| t.user.contains(u.as_str()))
+                    && (!errors_only || (!running && t.exitstatus != "OK"))
+            })
+            .collect();
+        tasks.sort_by_key(|t| std::cmp::Reverse(upid_hex(&t.upid, 2)));
+        let list = tasks
+            .into_iter()
+            .skip(start)
+            .take(limit)
+            .map(|t| {
+                let mut r = task_json(t);
+                if t.polls > self.opts.task_polls {
+                    r["status"] = json!(t.exitstatus);
+                    r["endtime"] = r["starttime"].clone();
+                }
+                r
+            })
+            .collect();
+        Ok(Value::Array(list))
     }
 
     pub(super) fn task_log(&self, caller: &Caller, upid: &str, p: &Params) -> Result<Value, Fail> {
@@ -132,4 +164,27 @@ pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// What PVE reports of every task: the fields of its UPID.
+fn task_json(task: &FakeTask) -> Value {
+    let upid = &task.upid;
+    json!({
+        "upid": upid,
+        "node": upid.split(':').nth(1),
+        "pid": upid_hex(upid, 2),
+        "pstart": upid_hex(upid, 3),
+        "starttime": upid_hex(upid, 4),
+        "type": task.kind,
+        "id": task.id,
+        "user": task.user,
+    })
+}
+
+/// Field `i` of a UPID, a hex number (`pid`, `pstart`, `starttime`).
+fn upid_hex(upid: &str, i: usize) -> i64 {
+    upid.split(':')
+        .nth(i)
+        .and_then(|f| i64::from_str_radix(f, 16).ok())
+        .unwrap_or(0)
 }
