@@ -583,8 +583,9 @@ fn fake_pve_clone_config_start_agent_flow() {
     );
     let upid = upid.as_str().unwrap().to_string();
     assert!(upid.starts_with("UPID:pve:"), "{upid}");
+    // PVE files a clone task under the source VM.
     assert!(
-        upid.ends_with(&format!(":qmclone:{newid}:{DEFAULT_TOKEN_ID}:")),
+        upid.ends_with(&format!(":qmclone:9000:{DEFAULT_TOKEN_ID}:")),
         "{upid}"
     );
 
@@ -958,7 +959,17 @@ fn fake_pve_injected_replies() {
     pve.lose_next_reply("POST", CLONE, 504, "");
     let (status, _) = call(&pve, "POST", CLONE, &[("newid", "102")]);
     assert_eq!(status, 504);
-    assert_eq!(pve.vms()[&102].config["lock"], "clone", "carried out");
+    // Carried out, and its task has ended: the clone is no longer locked.
+    let vm = &pve.vms()[&102];
+    assert!(!vm.config.contains_key("lock"), "{vm:?}");
+    let tasks = data(
+        &pve,
+        "GET",
+        "/nodes/pve/tasks",
+        &[("typefilter", "qmclone")],
+    );
+    assert_eq!(tasks.as_array().unwrap().len(), 1, "{tasks}");
+    assert_eq!(tasks[0]["status"], "OK");
     assert_eq!(pve.violations().len(), 1, "{:?}", pve.violations());
 }
 
@@ -982,16 +993,23 @@ fn fake_pve_task_list() {
         "archive: stopped tasks only"
     );
     assert_eq!(list(&[("source", "all")]), [second, first], "newest first");
-    assert_eq!(list(&[("source", "active"), ("vmid", "101")]), [first]);
+    assert_eq!(
+        list(&[("source", "active"), ("vmid", "9000")]),
+        [second, first]
+    );
+    assert_eq!(
+        list(&[("source", "all"), ("vmid", "101")]),
+        Vec::<String>::new()
+    );
     assert_eq!(wait_task(&pve, first), "OK");
     assert_eq!(list(&[("typefilter", "qmclone")]), [first]);
     assert_eq!(
         list(&[("typefilter", "qmstart"), ("source", "all")]),
         Vec::<String>::new()
     );
-    let done = &data(&pve, "GET", "/nodes/pve/tasks", &[("vmid", "101")])[0];
+    let done = &data(&pve, "GET", "/nodes/pve/tasks", &[("vmid", "9000")])[0];
     assert_eq!(done["status"], "OK");
     assert_eq!(done["type"], "qmclone");
-    assert_eq!(done["id"], "101");
+    assert_eq!(done["id"], "9000");
     assert!(pve.violations().is_empty(), "{:?}", pve.violations());
 }

@@ -115,6 +115,15 @@ pub struct FakeTask {
     pub polls: u32,
     /// A VM locked until the task is seen stopped.
     pub(super) lock_vmid: Option<u32>,
+    /// Stopped whatever the polls ([`super::server::FakePve::lose_next_reply`]).
+    pub(super) finished: bool,
+}
+
+impl FakeTask {
+    /// Whether the task still runs: for its first `running_polls` status polls, unless finished.
+    pub(super) fn running(&self, running_polls: u32) -> bool {
+        !self.finished && self.polls <= running_polls
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

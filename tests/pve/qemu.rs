@@ -192,7 +192,8 @@ impl State {
             .unwrap_or_else(|| format!("Copy-of-VM-{}", source.name));
         let pool = p.get("pool").cloned();
         let description = p.get("description").cloned();
-        let upid = self.start_task("qmclone", &newid.to_string(), &caller.token, |st| {
+        // PVE files a clone task under the source VM, not the new one.
+        let upid = self.start_task("qmclone", &vmid.to_string(), &caller.token, |st| {
             let mut config = BTreeMap::new();
             for (key, value) in &source.config {
                 let value = if is_disk_key(key) {
@@ -224,6 +225,11 @@ impl State {
                 if full { "full" } else { "linked" }
             )])
         });
+        // The new VM stays locked (`lock: clone`) until the task is seen to end.
+        let task = self.tasks.get_mut(&upid).expect("just started");
+        if task.exitstatus == "OK" {
+            task.lock_vmid = Some(newid);
+        }
         Ok(json!(upid))
     }
 

@@ -163,8 +163,9 @@ impl FakePve {
         self.add_fault(method, path, status, body, false);
     }
 
-    /// Like [`FakePve::fail_next`], but the request is carried out first: its reply is lost on
-    /// the way, as when a proxy times out while PVE does the work.
+    /// Like [`FakePve::fail_next`], but the request is carried out first, and a task it starts
+    /// has ended (unlocking a clone): its reply is lost on the way, as when a proxy times out
+    /// while PVE does the work.
     pub fn lose_next_reply(&self, method: &str, path: &str, status: u16, body: &str) {
         self.add_fault(method, path, status, body, true);
     }
@@ -308,6 +309,7 @@ impl Inner {
             return (fault.status, Body::Raw(fault.body.clone()));
         }
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let tasks_before: BTreeSet<String> = st.tasks.keys().cloned().collect();
         let reply = match st.route(&caller, method, &segs, &params) {
             Ok(data) => (200, Body::Json(json!({ "data": data }))),
             Err((code, message)) => {
@@ -318,7 +320,19 @@ impl Inner {
             }
         };
         match fault {
-            Some(fault) => (fault.status, Body::Raw(fault.body)),
+            Some(fault) => {
+                // By the time the reply is lost, the work is done.
+                let started: Vec<String> = st
+                    .tasks
+                    .keys()
+                    .filter(|u| !tasks_before.contains(*u))
+                    .cloned()
+                    .collect();
+                for upid in started {
+                    st.finish_task(&upid);
+                }
+                (fault.status, Body::Raw(fault.body))
+            }
             None => reply,
         }
     }

@@ -44,9 +44,6 @@ impl State {
                 }
             },
         };
-        let lock_vmid = (kind == "qmclone" && exitstatus == "OK")
-            .then(|| id.parse::<u32>().ok())
-            .flatten();
         let task = FakeTask {
             upid: upid.clone(),
             kind: kind.to_string(),
@@ -55,7 +52,8 @@ impl State {
             exitstatus,
             log,
             polls: 0,
-            lock_vmid,
+            lock_vmid: None,
+            finished: false,
         };
         self.tasks.insert(upid.clone(), task);
         upid
@@ -77,18 +75,31 @@ impl State {
         }
         let task = self.tasks.get_mut(upid).unwrap();
         task.polls += 1;
-        let running = task.polls <= self.opts.task_polls;
+        let running = task.running(self.opts.task_polls);
         let mut r = task_json(task);
         r["status"] = json!(if running { "running" } else { "stopped" });
         if !running {
             r["exitstatus"] = json!(task.exitstatus);
-            if let Some(vmid) = task.lock_vmid.take()
-                && let Some(vm) = self.vms.get_mut(&vmid)
-            {
-                vm.config.remove("lock");
-            }
+            self.release_lock(upid);
         }
         Ok(r)
+    }
+
+    /// Ends a task now, as if it had been polled to its end, e.g. while its UPID was lost.
+    pub(super) fn finish_task(&mut self, upid: &str) {
+        if let Some(task) = self.tasks.get_mut(upid) {
+            task.finished = true;
+        }
+        self.release_lock(upid);
+    }
+
+    /// Unlocks the VM a stopped task held locked.
+    fn release_lock(&mut self, upid: &str) {
+        if let Some(vmid) = self.tasks.get_mut(upid).and_then(|t| t.lock_vmid.take())
+            && let Some(vm) = self.vms.get_mut(&vmid)
+        {
+            vm.config.remove("lock");
+        }
     }
 
     /// `GET /nodes/{node}/tasks`: the caller's tasks (everyone's with `Sys.Audit`), newest first.
@@ -103,7 +114,7 @@ impl State {
             .tasks
             .values()
             .filter(|t| {
-                let running = t.polls <= self.opts.task_polls;
+                let running = t.running(self.opts.task_polls);
                 (audit || t.user == caller.token)
                     && match source {
                         "active" => running,
@@ -124,7 +135,7 @@ impl State {
             .take(limit)
             .map(|t| {
                 let mut r = task_json(t);
-                if t.polls > self.opts.task_polls {
+                if !t.running(self.opts.task_polls) {
                     r["status"] = json!(t.exitstatus);
                     r["endtime"] = r["starttime"].clone();
                 }
@@ -140,7 +151,7 @@ impl State {
             caller.require(&format!("/nodes/{}", self.opts.node), "Sys.Audit")?;
         }
         let mut lines = task.log.clone();
-        if task.polls > self.opts.task_polls {
+        if !task.running(self.opts.task_polls) {
             lines.push(if task.exitstatus == "OK" {
                 "TASK OK".to_string()
             } else {
