@@ -73,20 +73,16 @@ build_testguest() {
 }
 
 # Under root, the test user must be able to read the checkout (test binaries read
-# xml/ and run from target/). If it cannot, work on a readable copy.
+# xml/ and tests/pve/, and run from target/). If it cannot, work on a readable copy.
 use_readable_checkout() {
   [ "$(id -u)" -eq 0 ] || return 0
-  if as_vm_user test -r "$REPO/Cargo.toml" -a -x "$REPO/src" -a -r "$REPO/../shared/proxmox"; then return 0; fi
-  # The tests read ../shared/proxmox beside the checkout, so it is copied too.
-  local top=/var/tmp/agentvm-ci
-  say "$TEST_USER cannot read $REPO (or ../shared); using a copy in $top"
-  mkdir -p "$top/main" "$top/shared"
-  (cd "$REPO" && tar --exclude=./target -cf - .) | tar -xf - -C "$top/main"
-  if [ -d "$REPO/../shared" ]; then
-    (cd "$REPO/../shared" && tar -cf - .) | tar -xf - -C "$top/shared"
-  fi
-  chmod -R a+rX "$top"
-  REPO="$top/main"
+  if as_vm_user test -r "$REPO/Cargo.toml" -a -x "$REPO/src"; then return 0; fi
+  local copy=/var/tmp/agentvm-checkout
+  say "$TEST_USER cannot read $REPO; using a copy in $copy"
+  mkdir -p "$copy"
+  (cd "$REPO" && tar --exclude=./target -cf - .) | tar -xf - -C "$copy"
+  chmod -R a+rX "$copy"
+  REPO="$copy"
 }
 
 # Every .nix file of the project must at least parse.

@@ -1,5 +1,5 @@
-//! The Proxmox backend against the in-repo fake Proxmox VE, which checks every
-//! request against the real API schema (pve-api-schema-9.1.3.json).
+//! The Proxmox backend and its API client against the in-repo fake Proxmox VE, which checks
+//! every request against the real API schema (tests/pve/pve-api-schema-9.1.3.json).
 
 mod common;
 #[path = "pve/mod.rs"]
@@ -10,6 +10,9 @@ use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use agentvm::backend::proxmox::{Client, PveError, read_token};
+use agentvm::progress::Silent;
+use agentvm::spec::{ProxmoxSpec, TemplateRef, TlsMode, TokenSource};
 use common::Env;
 use pve::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeOptions, FakePve, FakeVm};
 use serde_json::Value;
@@ -201,6 +204,15 @@ fn nextid_races_lock_timeouts_and_pinned_vmids() {
         "the race happened"
     );
     assert_ne!(lab.vm("someone-else").0, vmid);
+    // The first config update met the lock timeout and was sent again.
+    let config = format!("/nodes/pve/qemu/{vmid}/config");
+    let updates = lab
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == config)
+        .count();
+    assert_eq!(updates, 2, "the lock timeout was retried once");
     lab.env.ok(&["up", "pinned", "--no-wait"]);
     assert_eq!(lab.vm("pinned").0, 4242);
     let err = lab.env.fails(&["up", "clash", "--no-wait"]);
@@ -219,8 +231,22 @@ fn a_failed_clone_reports_the_task_log_and_leaves_nothing() {
     );
     create_pool(&lab);
     let err = lab.env.fails(&["up", "remote", "--no-wait"]);
-    assert!(err.contains("clone failed"), "{err}");
+    assert!(err.contains("clone failed: out of space"), "{err}");
     assert!(lab.fake.vms().values().all(|v| v.name != "remote"));
+    // The clone's target is purged: a real failed clone can leave a half-made VM behind.
+    let newid = lab
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/clone"))
+        .map(|r| r.params["newid"].clone())
+        .unwrap();
+    assert!(
+        lab.fake.requests().iter().any(|r| r.method == "DELETE"
+            && r.path == format!("/nodes/pve/qemu/{newid}")
+            && r.params.get("purge").map(String::as_str) == Some("1")),
+        "no purge of vmid {newid}"
+    );
     lab.no_violations();
 }
 
@@ -343,7 +369,6 @@ fn bootstrap_user_makes_a_least_privilege_token() {
         "{acl:?}"
     );
     lab.no_violations();
-    let _: Value = made;
 }
 
 #[test]
@@ -630,5 +655,218 @@ fn events_follow_a_proxmox_vm() {
     wait_for("undefined", &mut seen);
     let _ = follower.kill();
     let _ = follower.wait();
+    lab.no_violations();
+}
+
+// ----- the client against the fake, without the CLI -----
+
+const CLONE: &str = "/nodes/pve/qemu/9000/clone";
+
+/// A client for the fake with its default token (kept in the returned directory).
+fn client(fake: &FakePve) -> (tempfile::TempDir, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(
+        &token,
+        format!("{DEFAULT_TOKEN_ID}={DEFAULT_TOKEN_SECRET}\n"),
+    )
+    .unwrap();
+    let spec = ProxmoxSpec {
+        endpoint: fake.url(),
+        node: "pve".into(),
+        token: TokenSource::File(token),
+        template: TemplateRef::Id(9000),
+        storage: None,
+        pool: None,
+        full_clone: false,
+        tls: TlsMode::Verified,
+        ssh_port: 22,
+    };
+    let token = read_token("lab", &spec.token).unwrap();
+    let client = Client::new("lab", &spec, &token).unwrap();
+    (dir, client)
+}
+
+fn sent(fake: &FakePve, method: &str, path: &str) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.method == method && r.path == path)
+        .count()
+}
+
+#[test]
+fn client_replies_that_are_not_json_are_errors() {
+    let fake = FakePve::start(FakeOptions::default());
+    let (_dir, client) = client(&fake);
+
+    fake.fail_next(
+        "GET",
+        "/cluster/nextid",
+        200,
+        "<html>\n<title>Login</title>",
+    );
+    match client.get("/cluster/nextid", &[]) {
+        Err(e @ PveError::BadReply { status: 200, .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.starts_with("GET /cluster/nextid: HTTP 200: the reply is not JSON")
+                    && text.contains(r#""<html>\n<title>Login</title>""#),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    fake.fail_next("GET", "/cluster/nextid", 200, r#"{"nodata": 1}"#);
+    let e = client.get("/cluster/nextid", &[]).unwrap_err();
+    assert!(e.to_string().contains(r#"has no "data""#), "{e}");
+    assert_eq!(sent(&fake, "GET", "/cluster/nextid"), 2, "not retried");
+
+    // A proxy's 502 page on a repeatable request is retried like any transient 5xx.
+    fake.fail_next("GET", "/cluster/nextid", 502, "<html>Bad Gateway</html>");
+    assert_eq!(
+        client.get("/cluster/nextid", &[]).unwrap(),
+        serde_json::json!("100")
+    );
+    assert_eq!(sent(&fake, "GET", "/cluster/nextid"), 4);
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn client_wait_task_requires_a_upid() {
+    let fake = FakePve::start(FakeOptions::default());
+    let (_dir, client) = client(&fake);
+    for (reply, shown) in [(Value::Null, "null"), (serde_json::json!("OK"), "\"OK\"")] {
+        let e = client
+            .wait_task(&reply, "configure", &Silent, "web-1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "configure: Proxmox answered {shown} where a task id"
+            )),
+            "{e}"
+        );
+    }
+    assert!(fake.requests().is_empty(), "nothing polled");
+
+    let upid = client
+        .post(CLONE, &[("newid", "101".into()), ("name", "web-1".into())])
+        .unwrap();
+    client.wait_task(&upid, "clone", &Silent, "web-1").unwrap();
+    assert_eq!(fake.tasks_polled()[upid.as_str().unwrap()], 2);
+    assert!(!fake.vms()[&101].config.contains_key("lock"));
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn client_post_once_leaves_a_clone_with_a_lost_reply_to_the_caller() {
+    let fake = FakePve::start(FakeOptions::default());
+    let (_dir, client) = client(&fake);
+    let clone = |newid: u32| [("newid", newid.to_string()), ("name", "web-1".to_string())];
+
+    fake.lose_next_reply("POST", CLONE, 504, "<html>Gateway Time-out</html>");
+    let e = client.post_once(CLONE, &clone(101)).unwrap_err();
+    assert!(
+        matches!(e, PveError::BadReply { status: 504, .. }) && e.outcome_unknown(),
+        "{e:?}"
+    );
+    assert_eq!(sent(&fake, "POST", CLONE), 1, "sent once");
+    assert_eq!(fake.vms()[&101].name, "web-1", "PVE did clone");
+
+    // What the caller finds out before trying again: the VMID exists, unlocked, with its name,
+    // and the clone task (filed under the template) ended well.
+    let resources = client
+        .get("/cluster/resources", &[("type", "vm".into())])
+        .unwrap();
+    let made = resources
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["vmid"] == 101)
+        .unwrap_or_else(|| panic!("{resources}"));
+    assert_eq!(made["name"], "web-1");
+    assert!(made.get("lock").is_none(), "{made}");
+    let tasks = client
+        .get(
+            "/nodes/pve/tasks",
+            &[
+                ("vmid", "9000".into()),
+                ("typefilter", "qmclone".into()),
+                ("source", "all".into()),
+            ],
+        )
+        .unwrap();
+    assert_eq!(tasks.as_array().unwrap().len(), 1, "{tasks}");
+    assert_eq!(tasks[0]["status"], "OK");
+    client
+        .wait_task(&tasks[0]["upid"], "clone", &Silent, "web-1")
+        .unwrap();
+
+    // post, which retries transient 5xx, would have sent it again into "already exists".
+    fake.lose_next_reply("POST", CLONE, 504, "<html>Gateway Time-out</html>");
+    let e = client.post(CLONE, &clone(102)).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    assert_eq!(sent(&fake, "POST", CLONE), 3);
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn client_post_once_retries_the_lock_timeout() {
+    let fake = FakePve::start(FakeOptions::default());
+    let (_dir, client) = client(&fake);
+    fake.fail_next(
+        "POST",
+        CLONE,
+        500,
+        r#"{"data":null,"message":"can't lock file '/var/lock/qemu-server/lock-9000.conf' - got timeout\n"}"#,
+    );
+    let upid = client.post_once(CLONE, &[("newid", "101".into())]).unwrap();
+    assert!(upid.as_str().unwrap().starts_with("UPID:pve:"), "{upid}");
+    assert_eq!(sent(&fake, "POST", CLONE), 2);
+    assert!(fake.vms().contains_key(&101));
+
+    // Any other 5xx is returned at once.
+    fake.fail_next("POST", CLONE, 503, "Service Unavailable");
+    let e = client
+        .post_once(CLONE, &[("newid", "102".into())])
+        .unwrap_err();
+    assert!(e.outcome_unknown(), "{e}");
+    assert_eq!(sent(&fake, "POST", CLONE), 3);
+    assert!(!fake.vms().contains_key(&102));
+}
+
+#[test]
+fn a_clone_whose_reply_is_lost_is_looked_for_not_sent_again() {
+    let lab = Lab::new(FakeOptions::default(), REMOTE);
+    create_pool(&lab);
+    // PVE made the clone, but the reply never arrived in one piece.
+    lab.fake
+        .lose_next_reply("POST", CLONE, 502, "<html>Bad Gateway</html>");
+    let up = lab.env.json(&["up", "remote", "--no-wait"]);
+    assert_eq!(up[0]["action"], "created", "{up}");
+    assert_eq!(clone_requests(&lab), 1, "the clone was not sent again");
+    let (_, vm) = lab.vm("remote");
+    assert!(vm.running);
+    assert!(vm.config["description"].starts_with("agentvm: managed"));
+    lab.env.ok(&["destroy", "--yes", "remote"]);
+
+    // A 500 after which nothing exists: the clone is asked for again.
+    lab.fake.fail_next(
+        "POST",
+        CLONE,
+        500,
+        "{\"data\":null,\"message\":\"internal error\"}",
+    );
+    let up = lab.env.json(&["up", "remote", "--no-wait"]);
+    assert_eq!(up[0]["action"], "created", "{up}");
+    assert_eq!(clone_requests(&lab), 3, "one lost, one refused, one made");
+    assert_eq!(
+        lab.fake
+            .vms()
+            .values()
+            .filter(|v| v.name == "remote")
+            .count(),
+        1
+    );
     lab.no_violations();
 }

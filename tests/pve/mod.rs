@@ -1,14 +1,33 @@
 //! Test support for the Proxmox VE backend: a checker for the PVE 9.1 API schema and a fake PVE
-//! API server that runs every request through it. Include with
+//! API server that runs every request through it (see README.md). Include with
 //! `#[path = "pve/mod.rs"] mod pve;`.
+//!
+//! - `schema.rs`: the checker; `syntax.rs`: the value syntaxes it knows (numbers, booleans,
+//!   formats, token headers, Perl patterns).
+//! - `server.rs`: the fake's HTTP side and its API for tests ([`FakePve`]).
+//! - `model.rs`: options and the data tests inspect ([`FakeOptions`], [`FakeVm`], …).
+//! - `state.rs`: the fake's state, callers and privileges, and the router.
+//! - `qemu.rs`, `tasks.rs`, `access.rs`: the handlers (cluster and VMs; tasks; pools, users,
+//!   tokens, roles and ACLs).
+//! - `http.rs`: URL encoding and a tiny HTTP client ([`raw_call`]).
 
 #![allow(dead_code, unused_imports)]
 
+mod access;
+pub mod http;
+pub mod model;
+mod qemu;
 pub mod schema;
 pub mod server;
+mod state;
+pub mod syntax;
+mod tasks;
 
-pub use schema::{Schema, TokenAuth, parse_token_header, token_header};
-pub use server::{
-    DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeAcl, FakeOptions, FakePool, FakePve, FakeTask,
-    FakeToken, FakeUser, FakeVm, Recorded, all_privileges, raw_call,
+pub use http::raw_call;
+pub use model::{
+    DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeAcl, FakeOptions, FakePool, FakeTask, FakeToken,
+    FakeUser, FakeVm, Recorded, all_privileges,
 };
+pub use schema::Schema;
+pub use server::FakePve;
+pub use syntax::{TokenAuth, parse_token_header, token_header};

@@ -1,4 +1,5 @@
-//! Checks requests against the Proxmox VE API schema (`shared/proxmox/pve-api-schema-9.1.3.json`).
+//! Checks requests against the Proxmox VE API schema (`tests/pve/pve-api-schema-9.1.3.json`, see
+//! `tests/pve/README.md`).
 //!
 //! The schema is the `apidata.js` of pve-docs 9.1.3: a tree of nodes with a `path` and, per HTTP
 //! method, the accepted `parameters.properties`, `returns`, `allowtoken` and `permissions`.
@@ -6,17 +7,20 @@
 //! parameters, `Authorization` header) is one that a real PVE 9.1 would accept, with a message
 //! naming the method, path, parameter and rule when it is not.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, OnceLock};
 
 use regex::Regex;
 use serde_json::{Map, Value};
 
-/// Where the schema lives, relative to the crate root.
+use super::syntax::{
+    check_format, compile_pattern, parse_bool, parse_integer, parse_number, parse_token_header,
+};
+
+/// Where the schema lives: vendored in the repository, next to this file.
 pub const SCHEMA_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/proxmox/pve-api-schema-9.1.3.json"
+    "/tests/pve/pve-api-schema-9.1.3.json"
 );
 
 /// One API path of the schema with its methods.
@@ -67,28 +71,11 @@ pub struct PathMatch<'a> {
     pub path_params: BTreeMap<String, String>,
 }
 
-/// The parts of a `PVEAPIToken=USER@REALM!TOKENID=SECRET` header.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenAuth {
-    /// `user@realm`
-    pub userid: String,
-    /// The token name after `!`.
-    pub tokenid: String,
-    pub secret: String,
-}
-
-impl TokenAuth {
-    /// `user@realm!tokenid`, as PVE names the token.
-    pub fn full_tokenid(&self) -> String {
-        format!("{}!{}", self.userid, self.tokenid)
-    }
-}
-
 /// The Proxmox VE API schema, loaded once per test binary.
 pub struct Schema {
     endpoints: Vec<Endpoint>,
-    /// Compiled schema patterns (`None`: the `regex` crate cannot compile it, so it is not checked).
-    patterns: Mutex<HashMap<String, Option<Regex>>>,
+    /// Schema patterns compiled by [`compile_pattern`], or why they could not be.
+    patterns: Mutex<HashMap<String, Result<Regex, String>>>,
 }
 
 static SCHEMA: OnceLock<Schema> = OnceLock::new();
@@ -101,7 +88,7 @@ impl Schema {
             let text = std::fs::read_to_string(SCHEMA_PATH).unwrap_or_else(|e| {
                 panic!(
                     "Proxmox VE API schema missing: cannot read {SCHEMA_PATH}: {e} \
-                     (it is shipped in shared/proxmox/ beside the crate checkout)"
+                     (it is committed in tests/pve/)"
                 )
             });
             Schema::parse(&text)
@@ -318,11 +305,14 @@ impl Schema {
         {
             return Err(format!("shorter than minLength {min} ({len} characters)"));
         }
-        if let Some(pattern) = prop.get("pattern").and_then(Value::as_str)
-            && let Some(re) = self.pattern(pattern)
-            && !re.is_match(value)
-        {
-            return Err(format!("does not match pattern {pattern}"));
+        if let Some(pattern) = prop.get("pattern").and_then(Value::as_str) {
+            // A pattern the checker cannot translate rejects the value: never a silent pass.
+            let re = self
+                .pattern(pattern)
+                .map_err(|e| format!("the schema pattern {pattern} cannot be checked: {e}"))?;
+            if !re.is_match(value) {
+                return Err(format!("does not match pattern {pattern}"));
+            }
         }
         match prop.get("format") {
             Some(Value::String(format)) => check_format(format, value),
@@ -385,81 +375,41 @@ impl Schema {
         Ok(())
     }
 
-    /// The schema's parameter patterns that the `regex` crate cannot compile (so
-    /// [`Schema::check`] skips them), for the record.
-    pub fn uncompilable_patterns(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for endpoint in &self.endpoints {
-            for info in endpoint.info.values() {
-                let props = info
-                    .pointer("/parameters/properties")
-                    .and_then(Value::as_object);
-                for prop in props.into_iter().flat_map(|p| p.values()) {
-                    if let Some(pattern) = prop.get("pattern").and_then(Value::as_str)
-                        && self.pattern(pattern).is_none()
-                        && !out.iter().any(|p| p == pattern)
-                    {
-                        out.push(pattern.to_string());
-                    }
-                }
-            }
-        }
-        out
+    /// Every distinct `pattern` of a method parameter in the schema.
+    pub fn parameter_patterns(&self) -> BTreeSet<String> {
+        self.endpoints
+            .iter()
+            .flat_map(|endpoint| endpoint.info.values())
+            .filter_map(|info| {
+                info.pointer("/parameters/properties")
+                    .and_then(Value::as_object)
+            })
+            .flat_map(|props| props.values())
+            .filter_map(|prop| prop.get("pattern").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect()
     }
 
-    /// The compiled, anchored form of a schema pattern; `None` when the `regex` crate cannot
-    /// compile it (Perl-only syntax; in 9.1.3 only the SDN vnet `alias` pattern, whose class
-    /// `[\(\)-_…]` has an escaped range start): that pattern is then skipped rather than failing
-    /// every request. Perl's `(?^:…)`/`(?^i:…)` groups are rewritten; `\0` (NUL) needs `octal`.
-    fn pattern(&self, pattern: &str) -> Option<Regex> {
+    /// The parameter patterns [`compile_pattern`] cannot translate, each with the reason.
+    /// [`Schema::check`] rejects every value of a parameter with such a pattern.
+    pub fn uncompilable_patterns(&self) -> Vec<(String, String)> {
+        self.parameter_patterns()
+            .into_iter()
+            .filter_map(|pattern| {
+                let error = self.pattern(&pattern).err()?;
+                Some((pattern, error))
+            })
+            .collect()
+    }
+
+    /// [`compile_pattern`], cached.
+    fn pattern(&self, pattern: &str) -> Result<Regex, String> {
         let mut cache = self.patterns.lock().unwrap();
         cache
             .entry(pattern.to_string())
-            .or_insert_with(|| {
-                let rust = pattern.replace("(?^:", "(?:").replace("(?^i:", "(?i:");
-                regex::RegexBuilder::new(&format!("^(?:{rust})$"))
-                    .octal(true)
-                    .build()
-                    .ok()
-            })
+            .or_insert_with(|| compile_pattern(pattern))
             .clone()
     }
-}
-
-/// Parses `PVEAPIToken=USER@REALM!TOKENID=SECRET`.
-pub fn parse_token_header(header: Option<&str>) -> Result<TokenAuth, String> {
-    let header = header.ok_or("missing (expected PVEAPIToken=USER@REALM!TOKENID=SECRET)")?;
-    let rest = header
-        .strip_prefix("PVEAPIToken=")
-        .ok_or_else(|| format!("{header:?} does not start with 'PVEAPIToken='"))?;
-    if rest.chars().any(char::is_whitespace) {
-        return Err("contains whitespace".into());
-    }
-    let (full_id, secret) = rest
-        .split_once('=')
-        .ok_or("no '=SECRET' after the token id")?;
-    let (userid, tokenid) = full_id
-        .split_once('!')
-        .ok_or_else(|| format!("token id {full_id:?} is not USER@REALM!TOKENID"))?;
-    if !is_userid(userid) {
-        return Err(format!("user {userid:?} is not a valid USER@REALM"));
-    }
-    if !regex_is_match(r"^[A-Za-z][A-Za-z0-9.\-_]+$", tokenid) {
-        return Err(format!("token name {tokenid:?} is not valid"));
-    }
-    if !regex_is_match(r"^[A-Za-z0-9][A-Za-z0-9._~+/=-]*$", secret) {
-        return Err("secret is empty or has invalid characters".into());
-    }
-    Ok(TokenAuth {
-        userid: userid.to_string(),
-        tokenid: tokenid.to_string(),
-        secret: secret.to_string(),
-    })
-}
-
-/// The header value a client sends for a token.
-pub fn token_header(full_tokenid: &str, secret: &str) -> String {
-    format!("PVEAPIToken={full_tokenid}={secret}")
 }
 
 fn collect(nodes: &[Value], out: &mut Vec<Endpoint>) -> Result<(), String> {
@@ -545,134 +495,6 @@ fn check_range(prop: &Value, n: f64) -> Result<(), String> {
         return Err(format!("above maximum {max}"));
     }
     Ok(())
-}
-
-/// Checks the named formats that matter for agentvm; unknown formats pass. `X-list` formats are
-/// split like PVE does (on `,`, `;`, whitespace and NUL) and each item checked as `X`.
-fn check_format(format: &str, value: &str) -> Result<(), String> {
-    if let Some(item_format) = format.strip_suffix("-list") {
-        for item in value
-            .split([',', ';', ' ', '\t', '\n', '\0'])
-            .filter(|s| !s.is_empty())
-        {
-            check_format(item_format, item).map_err(|e| format!("list item {item:?}: {e}"))?;
-        }
-        return Ok(());
-    }
-    let ok = match format {
-        "pve-vmid" => parse_integer(value).is_some_and(|n| (100..=999_999_999).contains(&n)),
-        "pve-node" => regex_is_match(r"^[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?$", value),
-        "pve-configid" | "pve-storage-id" => regex_is_match(r"^[a-zA-Z][a-zA-Z0-9\-_]+$", value),
-        "pve-poolid" => regex_is_match(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+){0,2}$", value),
-        "pve-userid" => value.len() <= 64 && is_userid(value),
-        "pve-tokenid" => value
-            .split_once('!')
-            .is_some_and(|(u, t)| is_userid(u) && regex_is_match(r"^[A-Za-z][A-Za-z0-9.\-_]+$", t)),
-        "pve-roleid" | "pve-groupid" => regex_is_match(r"^[A-Za-z0-9.\-_]+$", value),
-        "pve-priv" => regex_is_match(r"^[A-Za-z][A-Za-z.]*[A-Za-z]$", value),
-        "dns-name" => regex_is_match(
-            r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9\-]*[a-zA-Z0-9])?\.)*[a-zA-Z0-9](?:[a-zA-Z0-9\-]*[a-zA-Z0-9])?$",
-            value,
-        ),
-        // PVE::JSONSchema::pve_verify_urlencoded: /^[-%a-zA-Z0-9_.!~*'()]*$/ — so '+' and raw
-        // spaces are rejected (cloud-init sshkeys must encode a space as %20). Also require each
-        // '%' to start a valid escape, or PVE's uri_unescape would mangle the value.
-        "urlencoded" => {
-            regex_is_match(r"^[-%a-zA-Z0-9_.!~*'()]*$", value)
-                && regex_is_match(r"^(?:[^%]|%[0-9A-Fa-f]{2})*$", value)
-        }
-        "pve-qm-ipconfig" => return check_ipconfig(value),
-        "ip" => value.parse::<IpAddr>().is_ok(),
-        "ipv4" => value.parse::<Ipv4Addr>().is_ok(),
-        "ipv6" => value.parse::<Ipv6Addr>().is_ok(),
-        "CIDR" => is_cidr(value, true, true),
-        "CIDRv4" => is_cidr(value, true, false),
-        "CIDRv6" => is_cidr(value, false, true),
-        "mac-addr" => regex_is_match(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$", value),
-        _ => true,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("not a valid {format}"))
-    }
-}
-
-/// `pve-qm-ipconfig`: `[gw=<IPv4>] [,gw6=<IPv6>] [,ip=<IPv4/CIDR|dhcp>] [,ip6=<IPv6/CIDR|dhcp|auto>]`.
-fn check_ipconfig(value: &str) -> Result<(), String> {
-    let mut seen = Vec::new();
-    for part in value.split(',') {
-        let (key, val) = part
-            .split_once('=')
-            .ok_or_else(|| format!("ipconfig part {part:?} is not key=value"))?;
-        let ok = match key {
-            "ip" => val == "dhcp" || is_cidr(val, true, false),
-            "ip6" => val == "dhcp" || val == "auto" || is_cidr(val, false, true),
-            "gw" => val.parse::<Ipv4Addr>().is_ok(),
-            "gw6" => val.parse::<Ipv6Addr>().is_ok(),
-            _ => return Err(format!("ipconfig key {key:?} unknown (ip, gw, ip6, gw6)")),
-        };
-        if !ok {
-            return Err(format!("ipconfig {key}={val:?} is invalid"));
-        }
-        if seen.contains(&key) {
-            return Err(format!("ipconfig key {key:?} given twice"));
-        }
-        seen.push(key);
-    }
-    Ok(())
-}
-
-fn is_cidr(value: &str, v4: bool, v6: bool) -> bool {
-    let Some((ip, prefix)) = value.split_once('/') else {
-        return false;
-    };
-    let Ok(prefix) = prefix.parse::<u8>() else {
-        return false;
-    };
-    match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(_)) => v4 && prefix <= 32,
-        Ok(IpAddr::V6(_)) => v6 && prefix <= 128,
-        Err(_) => false,
-    }
-}
-
-fn is_userid(value: &str) -> bool {
-    regex_is_match(r"^[^\s:/@]+@[A-Za-z][A-Za-z0-9.\-_]+$", value)
-}
-
-fn regex_is_match(pattern: &str, value: &str) -> bool {
-    static CACHE: OnceLock<Mutex<HashMap<String, Regex>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
-    cache
-        .entry(pattern.to_string())
-        .or_insert_with(|| Regex::new(pattern).expect("built-in pattern"))
-        .is_match(value)
-}
-
-/// PVE's integer syntax: `^-?\d+$`.
-pub fn parse_integer(value: &str) -> Option<i64> {
-    let digits = value.strip_prefix('-').unwrap_or(value);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok()
-}
-
-/// PVE's number syntax: `^-?\d+(\.\d+)?([eE][-+]?\d+)?$` (no `inf`, `nan`, `.5`, `5.`).
-pub fn parse_number(value: &str) -> Option<f64> {
-    regex_is_match(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$", value)
-        .then(|| value.parse().ok())
-        .flatten()
-}
-
-/// PVE's boolean syntax: `1|true|yes|on` and `0|false|no|off`, any case.
-pub fn parse_bool(value: &str) -> Option<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Some(true),
-        "0" | "false" | "no" | "off" => Some(false),
-        _ => None,
-    }
 }
 
 /// Schema numbers are sometimes strings (`"minimum": "0"`).

@@ -1,6 +1,7 @@
 //! A small Proxmox VE API client: token auth, TLS as configured, retries for
 //! transient failures, and waiting for tasks (UPIDs) to finish.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -15,6 +16,8 @@ const ATTEMPTS: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const TASK_POLL: Duration = Duration::from_millis(250);
 const TASK_LOG_TAIL: usize = 10;
+/// How much of an unexpected reply body an error quotes.
+const EXCERPT_CHARS: usize = 200;
 
 /// Errors the backend acts on.
 #[derive(Debug, thiserror::Error)]
@@ -36,24 +39,118 @@ pub enum PveError {
         status: u16,
         message: String,
     },
-    #[error(transparent)]
-    Other(#[from] anyhow::Error),
+    /// A reply PVE does not send: a body that is not JSON (a proxy's error page, a cut-off
+    /// reply), or a success without `data`.
+    #[error("{method} {path}: HTTP {status}: {problem}; the body starts \"{excerpt}\"")]
+    BadReply {
+        method: String,
+        path: String,
+        status: u16,
+        problem: &'static str,
+        /// The body's first characters, control characters escaped.
+        excerpt: String,
+    },
+    /// No HTTP reply: connecting, sending or reading failed.
+    #[error("{method} {path}: {message}")]
+    Transport {
+        method: String,
+        path: String,
+        message: String,
+        /// The connection was made, so the request may have reached PVE.
+        connected: bool,
+    },
 }
 
 impl PveError {
-    pub fn message(&self) -> String {
+    /// Whether PVE may have carried out the request that failed: a 5xx other than PVE's lock
+    /// timeout and its definite refusals, a 2xx or 5xx reply that could not be read, or a
+    /// connection lost after it was made. After [`Client::post_once`] fails so, look (for a
+    /// clone: whether the new VMID exists) before sending it again.
+    pub fn outcome_unknown(&self) -> bool {
         match self {
-            Self::Api { message, .. } | Self::Forbidden { message, .. } => message.clone(),
-            other => other.to_string(),
+            Self::Api {
+                status, message, ..
+            } => (500..600).contains(status) && !is_lock_timeout(message) && !definite(message),
+            Self::BadReply { status, .. } => !(400..500).contains(status),
+            Self::Transport { connected, .. } => *connected,
+            Self::Unauthorized { .. } | Self::Forbidden { .. } => false,
         }
     }
+}
+
+/// A Proxmox task id, `UPID:$node:$pid:$pstart:$starttime:$dtype:$id:$user:`, as PVE's
+/// `PVE::Tools::upid_decode` accepts it: pid and starttime are 8 hex digits, pstart 8 or 9.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upid {
+    text: String,
+    /// The node the task runs on: its status is at `/nodes/{node}/tasks/{upid}/status`.
+    pub node: String,
+}
+
+impl Upid {
+    pub fn parse(text: &str) -> Option<Upid> {
+        let fields: Vec<&str> = text
+            .strip_prefix("UPID:")?
+            .strip_suffix(':')?
+            .split(':')
+            .collect();
+        let [node, pid, pstart, starttime, dtype, id, user] = fields[..] else {
+            return None;
+        };
+        let hex = |s: &str, lengths: std::ops::RangeInclusive<usize>| {
+            lengths.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        let no_space = |s: &str| !s.chars().any(char::is_whitespace);
+        let valid = is_node_name(node)
+            && hex(pid, 8..=8)
+            && hex(pstart, 8..=9)
+            && hex(starttime, 8..=8)
+            && !dtype.is_empty()
+            && no_space(dtype)
+            && no_space(id)
+            && !user.is_empty()
+            && no_space(user);
+        valid.then(|| Upid {
+            text: text.to_string(),
+            node: node.to_string(),
+        })
+    }
+
+    /// `/nodes/{node}/tasks/{upid}{rest}`, the UPID percent-encoded.
+    fn path(&self, rest: &str) -> String {
+        let encoded =
+            percent_encoding::utf8_percent_encode(&self.text, percent_encoding::NON_ALPHANUMERIC);
+        format!("/nodes/{}/tasks/{encoded}{rest}", self.node)
+    }
+}
+
+impl fmt::Display for Upid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// PVE's node names: `[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?`.
+fn is_node_name(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    alnum(s.chars().next())
+        && alnum(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Which failures of a request are worth sending it again for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Lock timeouts and transient 5xx: for requests that may be repeated.
+    Transient,
+    /// Only PVE's lock timeout, which says the request was not carried out.
+    LockTimeout,
 }
 
 pub struct Client {
     http: reqwest::blocking::Client,
     base: String,
     auth: String,
-    pub node: String,
 }
 
 impl Client {
@@ -79,41 +176,50 @@ impl Client {
             http: builder.build().context("building the HTTP client")?,
             base: format!("{}/api2/json", spec.endpoint),
             auth: format!("PVEAPIToken={token}"),
-            node: spec.node.clone(),
         })
     }
 
     pub fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::GET, path, params)
+        self.request(reqwest::Method::GET, path, params, Retry::Transient)
     }
 
+    /// A POST that may be repeated (start, stop, config, agent calls): lock timeouts and
+    /// transient 5xx are retried.
     pub fn post(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::POST, path, params)
+        self.request(reqwest::Method::POST, path, params, Retry::Transient)
+    }
+
+    /// A POST that must not be repeated blindly because it creates something, such as
+    /// `/nodes/{node}/qemu/{vmid}/clone`: it is sent again only after PVE's lock timeout
+    /// ("can't lock file … got timeout"), which says nothing was done. Any other failure is
+    /// returned at once; when [`PveError::outcome_unknown`], the caller looks whether the thing
+    /// exists before it tries again.
+    pub fn post_once(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
+        self.request(reqwest::Method::POST, path, params, Retry::LockTimeout)
     }
 
     pub fn put(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::PUT, path, params)
+        self.request(reqwest::Method::PUT, path, params, Retry::Transient)
     }
 
     pub fn delete(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
-        self.request(reqwest::Method::DELETE, path, params)
+        self.request(reqwest::Method::DELETE, path, params, Retry::Transient)
     }
 
-    /// One API call; lock timeouts and transient 5xx are retried with backoff.
+    /// One API call, sent again with backoff after the failures `retry` allows.
     fn request(
         &self,
         method: reqwest::Method,
         path: &str,
         params: &[(&str, String)],
+        retry: Retry,
     ) -> Result<Value, PveError> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
             match self.once(&method, path, params) {
-                Err(PveError::Api {
-                    status, message, ..
-                }) if attempt < ATTEMPTS && transient(status, &message) => {
-                    tracing::info!("{method} {path}: {message}; retrying in {backoff:?}");
+                Err(e) if attempt < ATTEMPTS && worth_retrying(retry, &e) => {
+                    tracing::info!("{e}; retrying in {backoff:?}");
                     std::thread::sleep(backoff);
                     backoff *= 2;
                     attempt += 1;
@@ -139,18 +245,42 @@ impl Client {
         } else {
             request.form(params)
         };
-        let response = request.send().map_err(|e| anyhow!("{method} {url}: {e}"))?;
+        let (method, path) = (method.to_string(), path.to_string());
+        let transport = |e: reqwest::Error, connected: bool| PveError::Transport {
+            message: format!("{:#}", anyhow::Error::from(e)),
+            method: method.clone(),
+            path: path.clone(),
+            connected,
+        };
+        let response = request.send().map_err(|e| {
+            let connected = !e.is_connect();
+            transport(e, connected)
+        })?;
         let status = response.status().as_u16();
         let reason = response
             .status()
             .canonical_reason()
             .unwrap_or("")
             .to_string();
-        let body: Value = response.json().unwrap_or(Value::Null);
-        let (method, path) = (method.to_string(), path.to_string());
+        let bytes = response.bytes().map_err(|e| transport(e, true))?;
+        if status == 401 {
+            return Err(PveError::Unauthorized { method, path });
+        }
+        let bad_reply = |problem| PveError::BadReply {
+            method: method.clone(),
+            path: path.clone(),
+            status,
+            problem,
+            excerpt: excerpt(&bytes),
+        };
+        let Ok(body) = serde_json::from_slice::<Value>(&bytes) else {
+            return Err(bad_reply("the reply is not JSON"));
+        };
         match status {
-            200..=299 => Ok(body.get("data").cloned().unwrap_or(Value::Null)),
-            401 => Err(PveError::Unauthorized { method, path }),
+            200..=299 => body
+                .get("data")
+                .cloned()
+                .ok_or_else(|| bad_reply("the JSON reply has no \"data\"")),
             403 => Err(PveError::Forbidden {
                 method,
                 path,
@@ -166,7 +296,8 @@ impl Client {
     }
 
     /// Polls a task until it stops. `OK` and `WARNINGS: n` are success; a failure
-    /// reports the end of the task's log.
+    /// reports the end of the task's log. `upid` is what the request that started the task
+    /// returned: anything but a UPID is an error.
     pub fn wait_task(
         &self,
         upid: &Value,
@@ -174,52 +305,77 @@ impl Client {
         progress: &dyn Reporter,
         vm: &str,
     ) -> Result<()> {
-        let Some(upid) = upid.as_str().filter(|u| u.starts_with("UPID:")) else {
-            return Ok(());
+        let Some(upid) = upid.as_str().and_then(Upid::parse) else {
+            bail!(
+                "{what}: Proxmox answered {} where a task id (UPID:node:pid:pstart:starttime:type:id:user:) was expected",
+                excerpt(upid.to_string().as_bytes())
+            );
         };
-        let node = upid.split(':').nth(1).unwrap_or(&self.node).to_string();
-        let encoded =
-            percent_encoding::utf8_percent_encode(upid, percent_encoding::NON_ALPHANUMERIC)
-                .to_string();
         let start = Instant::now();
         loop {
-            let status = self.get(&format!("/nodes/{node}/tasks/{encoded}/status"), &[])?;
-            if status["status"] == "stopped" {
-                let exit = status["exitstatus"].as_str().unwrap_or("").to_string();
-                if exit == "OK" || exit.starts_with("WARNINGS") {
-                    progress.step(
-                        vm,
-                        &format!("{what} done ({:.1} s)", start.elapsed().as_secs_f64()),
-                    );
-                    return Ok(());
+            let status = self.get(&upid.path("/status"), &[])?;
+            match status["status"].as_str() {
+                Some("running") => {}
+                Some("stopped") => {
+                    let exit = status["exitstatus"].as_str().unwrap_or("(no exit status)");
+                    if exit == "OK" || exit.starts_with("WARNINGS") {
+                        progress.step(
+                            vm,
+                            &format!("{what} done ({:.1} s)", start.elapsed().as_secs_f64()),
+                        );
+                        return Ok(());
+                    }
+                    bail!("{what} failed: {exit}\n  {}", self.task_log_tail(&upid));
                 }
-                let log = self
-                    .get(
-                        &format!("/nodes/{node}/tasks/{encoded}/log"),
-                        &[("start", "0".into()), ("limit", "500".into())],
-                    )
-                    .unwrap_or(Value::Null);
-                let lines: Vec<String> = log
-                    .as_array()
-                    .map(|l| {
-                        l.iter()
-                            .filter_map(|e| e["t"].as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let tail = lines[lines.len().saturating_sub(TASK_LOG_TAIL)..].join("\n  ");
-                bail!("{what} failed: {exit}\n  {tail}");
+                _ => bail!(
+                    "{what}: the status of task {upid} is neither running nor stopped: {}",
+                    excerpt(status.to_string().as_bytes())
+                ),
             }
             std::thread::sleep(TASK_POLL);
         }
     }
+
+    /// The last lines of a task's log, or why they could not be read.
+    fn task_log_tail(&self, upid: &Upid) -> String {
+        let log = match self.get(
+            &upid.path("/log"),
+            &[("start", "0".into()), ("limit", "500".into())],
+        ) {
+            Ok(log) => log,
+            Err(e) => return format!("(the task log could not be read: {e})"),
+        };
+        let lines: Vec<&str> = log
+            .as_array()
+            .map(|l| l.iter().filter_map(|e| e["t"].as_str()).collect())
+            .unwrap_or_default();
+        lines[lines.len().saturating_sub(TASK_LOG_TAIL)..].join("\n  ")
+    }
 }
 
-/// Lock timeouts anywhere, and 5xx that are not a definite answer, are worth another try.
-fn transient(status: u16, message: &str) -> bool {
-    if message.contains("can't lock file") || message.contains("got timeout") {
-        return true;
+/// Whether a failed request is sent again under `retry`.
+fn worth_retrying(retry: Retry, error: &PveError) -> bool {
+    match (retry, error) {
+        (_, PveError::Api { message, .. }) if is_lock_timeout(message) => true,
+        (
+            Retry::Transient,
+            PveError::Api {
+                status, message, ..
+            },
+        ) => transient(*status, message),
+        (Retry::Transient, PveError::BadReply { status, .. }) => (500..600).contains(status),
+        _ => false,
     }
+}
+
+/// PVE's "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout": the request
+/// gave up before doing anything.
+fn is_lock_timeout(message: &str) -> bool {
+    message.contains("can't lock file") && message.contains("got timeout")
+}
+
+/// 5xx messages that are PVE's final answer, not a passing failure.
+fn definite(message: &str) -> bool {
     const DEFINITE: &[&str] = &[
         "already exists",
         "guest agent is not running",
@@ -227,7 +383,33 @@ fn transient(status: u16, message: &str) -> bool {
         "does not exist",
         "not running",
     ];
-    (500..600).contains(&status) && !DEFINITE.iter().any(|d| message.contains(d))
+    DEFINITE.iter().any(|d| message.contains(d))
+}
+
+/// Lock timeouts anywhere, and 5xx that are not a definite answer, are worth another try.
+fn transient(status: u16, message: &str) -> bool {
+    if message.contains("can't lock file") || message.contains("got timeout") {
+        return true;
+    }
+    (500..600).contains(&status) && !definite(message)
+}
+
+/// The first [`EXCERPT_CHARS`] characters of a body, control characters escaped.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == EXCERPT_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn error_message(body: &Value, reason: &str) -> String {
@@ -316,6 +498,162 @@ mod tests {
             err.contains("USER@REALM!TOKENID=SECRET") && !err.contains("just-a-password"),
             "{err}"
         );
+    }
+
+    fn api(status: u16, message: &str) -> PveError {
+        PveError::Api {
+            method: "POST".into(),
+            path: "/nodes/pve/qemu/9000/clone".into(),
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_reply(status: u16) -> PveError {
+        PveError::BadReply {
+            method: "POST".into(),
+            path: "/nodes/pve/qemu/9000/clone".into(),
+            status,
+            problem: "the reply is not JSON",
+            excerpt: "<html>".into(),
+        }
+    }
+
+    const LOCK_TIMEOUT: &str =
+        "can't lock file '/var/lock/qemu-server/lock-9000.conf' - got timeout";
+
+    #[test]
+    fn excerpts_are_short_and_escape_control_characters() {
+        assert_eq!(
+            excerpt(b"<html>\r\n<b>502</b>\x1b[0m\t\0"),
+            "<html>\\r\\n<b>502</b>\\u{1b}[0m\\t\\u{0}"
+        );
+        let long = excerpt("é".repeat(300).as_bytes());
+        assert_eq!(long, format!("{}…", "é".repeat(200)));
+        assert_eq!(excerpt(b"ok \xff"), "ok \u{fffd}");
+        assert_eq!(excerpt(b""), "");
+    }
+
+    #[test]
+    fn bad_replies_name_the_request_status_and_body() {
+        let e = PveError::BadReply {
+            method: "GET".into(),
+            path: "/cluster/nextid".into(),
+            status: 502,
+            problem: "the reply is not JSON",
+            excerpt: excerpt(b"<html>\nBad Gateway"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "GET /cluster/nextid: HTTP 502: the reply is not JSON; the body starts \"<html>\\nBad Gateway\""
+        );
+    }
+
+    #[test]
+    fn upids_are_parsed_as_pve_does() {
+        let text = "UPID:pve-1:00001001:00100064:65A0B0C0:qmclone:101:root@pam!agentvm:";
+        let upid = Upid::parse(text).unwrap();
+        assert_eq!(upid.node, "pve-1");
+        assert_eq!(upid.to_string(), text);
+        assert_eq!(
+            upid.path("/status"),
+            "/nodes/pve-1/tasks/UPID%3Apve%2D1%3A00001001%3A00100064%3A65A0B0C0%3Aqmclone%3A101%3Aroot%40pam%21agentvm%3A/status"
+        );
+        // An empty id and a 9-digit pstart are valid.
+        assert!(Upid::parse("UPID:n:0000A1B2:1000A1B2C:65A0B0C0:vzdump::root@pam:").is_some());
+        for bad in [
+            "",
+            "OK",
+            "UPID:",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam::",
+            "UPID:-pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam:",
+            "UPID:pve:1001:00100064:65A0B0C0:qmclone:101:root@pam:",
+            "UPID:pve:0000100G:00100064:65A0B0C0:qmclone:101:root@pam:",
+            "UPID:pve:00001001:00100064:65A0B0C0::101:root@pam:",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:101::",
+            "UPID:pve:00001001:00100064:65A0B0C0:qmclone:1 01:root@pam:",
+            "upid:pve:00001001:00100064:65A0B0C0:qmclone:101:root@pam:",
+        ] {
+            assert_eq!(Upid::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_post_once_is_retried_only_after_a_lock_timeout() {
+        assert!(worth_retrying(Retry::LockTimeout, &api(500, LOCK_TIMEOUT)));
+        for e in [
+            api(500, "got timeout"),
+            api(500, "proxy timeout"),
+            api(503, "Service Unavailable"),
+            api(500, "unable to create VM 101: config file already exists"),
+            bad_reply(502),
+            bad_reply(200),
+        ] {
+            assert!(!worth_retrying(Retry::LockTimeout, &e), "{e}");
+        }
+    }
+
+    #[test]
+    fn repeatable_requests_keep_their_retries() {
+        for e in [
+            api(500, LOCK_TIMEOUT),
+            api(400, "can't lock file 'x' - oops"),
+            api(503, "Service Unavailable"),
+            bad_reply(502),
+        ] {
+            assert!(worth_retrying(Retry::Transient, &e), "{e}");
+        }
+        for e in [
+            api(500, "unable to create VM 101: config file already exists"),
+            api(400, "Parameter verification failed."),
+            bad_reply(200),
+            bad_reply(404),
+            PveError::Transport {
+                method: "GET".into(),
+                path: "/version".into(),
+                message: "connection reset".into(),
+                connected: true,
+            },
+        ] {
+            assert!(!worth_retrying(Retry::Transient, &e), "{e}");
+        }
+    }
+
+    #[test]
+    fn failures_that_may_have_taken_effect() {
+        for e in [
+            api(500, "proxy timeout"),
+            api(502, "Bad Gateway"),
+            bad_reply(200),
+            bad_reply(504),
+            PveError::Transport {
+                method: "POST".into(),
+                path: "/nodes/pve/qemu/9000/clone".into(),
+                message: "operation timed out".into(),
+                connected: true,
+            },
+        ] {
+            assert!(e.outcome_unknown(), "{e}");
+        }
+        for e in [
+            api(500, LOCK_TIMEOUT),
+            api(500, "unable to create VM 101: config file already exists"),
+            api(400, "Parameter verification failed."),
+            bad_reply(404),
+            PveError::Transport {
+                method: "POST".into(),
+                path: "/nodes/pve/qemu/9000/clone".into(),
+                message: "connection refused".into(),
+                connected: false,
+            },
+            PveError::Unauthorized {
+                method: "POST".into(),
+                path: "/nodes/pve/qemu/9000/clone".into(),
+            },
+        ] {
+            assert!(!e.outcome_unknown(), "{e}");
+        }
     }
 
     #[test]

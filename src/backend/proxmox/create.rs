@@ -1,6 +1,8 @@
 //! Making a Proxmox VM: clone the template (linked unless `full_clone`), set
 //! its config (name, cores, memory, marker, cloud-init, agent), grow its disk.
 
+use std::time::{Duration, Instant};
+
 use anyhow::{Context, anyhow};
 use serde_json::Value;
 
@@ -11,6 +13,18 @@ use crate::spec::VmSpec;
 
 /// Attempts at a fresh VMID when another client takes ours in between.
 const NEXTID_ATTEMPTS: u32 = 5;
+/// How long a clone of unknown outcome may stay locked before agentvm gives up on it.
+const CLONE_SETTLE: Duration = Duration::from_secs(600);
+
+/// What a clone request whose reply was lost left behind.
+enum CloneFate {
+    /// The new VMID holds our VM.
+    Ours,
+    /// Another VM took the VMID.
+    Taken,
+    /// Nothing was made.
+    Nothing,
+}
 
 impl ProxmoxBackend {
     /// Clones the template into a new VM: the pinned VMID, or `/cluster/nextid`
@@ -54,7 +68,11 @@ impl ProxmoxBackend {
                 params.push(("storage", storage.clone()));
             }
             progress.step(name, &format!("cloning template {template} to vmid {vmid}"));
-            match self.client.post(&self.vm_path(template, "/clone"), &params) {
+            // Not sent again blindly: a clone whose reply was lost may have been made.
+            match self
+                .client
+                .post_once(&self.vm_path(template, "/clone"), &params)
+            {
                 Ok(upid) => {
                     if let Err(e) = self.client.wait_task(&upid, "clone", progress, name) {
                         // The clone started: do not leave half a VM behind.
@@ -67,6 +85,24 @@ impl ProxmoxBackend {
                         });
                     }
                     return Ok(vmid);
+                }
+                Err(e) if e.outcome_unknown() => {
+                    progress.step(
+                        name,
+                        &format!("the clone request failed ({e}); looking whether vmid {vmid} was made anyway"),
+                    );
+                    match self.clone_fate(vmid, name)? {
+                        CloneFate::Ours => return Ok(vmid),
+                        CloneFate::Nothing if attempt < NEXTID_ATTEMPTS => {}
+                        CloneFate::Taken if spec.vmid.is_none() && attempt < NEXTID_ATTEMPTS => {}
+                        CloneFate::Nothing => return Err(pve(e)),
+                        CloneFate::Taken => {
+                            return Err(anyhow!(
+                                "vmid {vmid} was taken by another VM while cloning {name} failed: {e}"
+                            )
+                            .into());
+                        }
+                    }
                 }
                 Err(PveError::Api { message, .. })
                     if message.contains("already exists")
@@ -82,6 +118,38 @@ impl ProxmoxBackend {
             }
         }
         Err(anyhow!("no free vmid after {NEXTID_ATTEMPTS} attempts").into())
+    }
+
+    /// After a clone whose outcome is unknown: whether `vmid` now is our new VM
+    /// (waiting while PVE still holds it locked for the clone), another VM, or nothing.
+    fn clone_fate(&self, vmid: u32, name: &str) -> Result<CloneFate> {
+        let deadline = Instant::now() + CLONE_SETTLE;
+        loop {
+            let entry = self
+                .resources()?
+                .into_iter()
+                .find(|r| r["vmid"].as_u64() == Some(u64::from(vmid)));
+            let Some(entry) = entry else {
+                return Ok(CloneFate::Nothing);
+            };
+            if entry["lock"] == "clone" {
+                if Instant::now() >= deadline {
+                    return Err(anyhow!(
+                        "vmid {vmid} is still locked for a clone after {}s: look at the node's tasks, then `agentvm up {name}` again",
+                        CLONE_SETTLE.as_secs()
+                    )
+                    .into());
+                }
+                std::thread::sleep(super::POLL);
+                continue;
+            }
+            let ours = entry["name"] == name && entry["node"] == self.spec.node.as_str();
+            return Ok(if ours {
+                CloneFate::Ours
+            } else {
+                CloneFate::Taken
+            });
+        }
     }
 
     pub(super) fn purge(
