@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agentvm::failpoint::{DESTROY_STEPS, UP_STEPS};
-use common::{Env, GUEST_TIMEOUT, domain_exists, port_of};
+use common::{Env, EventFollower, GUEST_TIMEOUT, domain_exists, port_of};
 use serde_json::Value;
 
 fn defined_count(env: &Env, name: &str) -> usize {
@@ -329,45 +329,14 @@ fn events_follow_lifecycle_changes() {
     env.write_fleet("[vms.d-events]\n");
     env.owns(&["d-events"]);
     let _daemon = env.spawn_daemon(&[]);
-    let mut follower = env
-        .command(&["events", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follower.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    // Let the follower subscribe before anything happens.
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut seen = Vec::new();
-    let wait_for = |state: &str, seen: &mut Vec<String>| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !seen.iter().any(|s| s == state) {
-            assert!(Instant::now() < deadline, "no {state} event; saw {seen:?}");
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-                let event: Value = serde_json::from_str(&line).unwrap();
-                if event["vm"] == "d-events" {
-                    assert_eq!(event["event"], "lifecycle", "{event}");
-                    seen.push(event["state"].as_str().unwrap().to_string());
-                }
-            }
-        }
-    };
+    let mut events = EventFollower::start(&env, "d-events");
     env.ok(&["up", "d-events", "--no-wait"]);
-    wait_for("started", &mut seen);
+    events.wait_for("started");
     env.ok(&["down", "--force", "d-events"]);
-    wait_for("stopped", &mut seen);
+    events.wait_for("stopped");
     env.ok(&["destroy", "--yes", "d-events"]);
-    wait_for("undefined", &mut seen);
-    let _ = follower.kill();
-    let _ = follower.wait();
+    events.wait_for("undefined");
+    let seen = &events.seen;
     assert_eq!(
         seen.first().map(String::as_str),
         Some("defined"),

@@ -5,7 +5,7 @@ mod common;
 #[path = "pve/mod.rs"]
 mod pve;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use agentvm::backend::proxmox::{Client, PveError, read_token};
 use agentvm::progress::Silent;
 use agentvm::spec::{ProxmoxSpec, TemplateRef, TlsMode, TokenSource};
-use common::Env;
+use common::{Env, EventFollower};
 use pve::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeOptions, FakePve, FakeVm};
 use serde_json::Value;
 
@@ -393,6 +393,10 @@ fn up_backend_runs_a_local_spec_on_proxmox() {
     lab.no_violations();
 }
 
+fn vms_named(lab: &Lab, name: &str) -> usize {
+    lab.fake.vms().values().filter(|v| v.name == name).count()
+}
+
 fn clone_requests(lab: &Lab) -> usize {
     lab.fake
         .requests()
@@ -439,14 +443,7 @@ fn two_concurrent_ups_of_one_proxmox_vm_make_one_clone() {
         "exactly one cloned"
     );
     assert_eq!(clone_requests(&lab), 1);
-    assert_eq!(
-        lab.fake
-            .vms()
-            .values()
-            .filter(|v| v.name == "remote")
-            .count(),
-        1
-    );
+    assert_eq!(vms_named(&lab, "remote"), 1);
     // --no-block: a VM held by another operation fails at once, naming it.
     let mut slow = lab
         .env
@@ -615,46 +612,17 @@ fn a_backend_that_cannot_be_listed_is_named_and_its_vms_not_shown_absent() {
 fn events_follow_a_proxmox_vm() {
     let lab = Lab::new(FakeOptions::default(), REMOTE);
     create_pool(&lab);
-    let mut follower = lab
-        .env
-        .command(&["events", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follower.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    // Let the follower subscribe before anything happens.
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut seen = Vec::new();
-    let wait_for = |state: &str, seen: &mut Vec<String>| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !seen.iter().any(|s| s == state) {
-            assert!(Instant::now() < deadline, "no {state} event; saw {seen:?}");
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-                let event: Value = serde_json::from_str(&line).unwrap();
-                if event["vm"] == "remote" {
-                    assert_eq!(event["backend"], "lab", "{event}");
-                    seen.push(event["state"].as_str().unwrap().to_string());
-                }
-            }
-        }
-    };
+    let mut events = EventFollower::start(&lab.env, "remote");
     lab.env.ok(&["up", "remote", "--no-wait"]);
-    wait_for("started", &mut seen);
-    lab.env.ok(&["down", "--force", "remote"]);
-    wait_for("stopped", &mut seen);
-    lab.env.ok(&["destroy", "--yes", "remote"]);
-    wait_for("undefined", &mut seen);
-    let _ = follower.kill();
-    let _ = follower.wait();
+    for state in ["started", "stopped", "undefined"] {
+        if state == "stopped" {
+            lab.env.ok(&["down", "--force", "remote"]);
+        } else if state == "undefined" {
+            lab.env.ok(&["destroy", "--yes", "remote"]);
+        }
+        let event = events.wait_for(state);
+        assert_eq!(event["backend"], "lab", "{event}");
+    }
     lab.no_violations();
 }
 
@@ -860,13 +828,6 @@ fn a_clone_whose_reply_is_lost_is_looked_for_not_sent_again() {
     let up = lab.env.json(&["up", "remote", "--no-wait"]);
     assert_eq!(up[0]["action"], "created", "{up}");
     assert_eq!(clone_requests(&lab), 3, "one lost, one refused, one made");
-    assert_eq!(
-        lab.fake
-            .vms()
-            .values()
-            .filter(|v| v.name == "remote")
-            .count(),
-        1
-    );
+    assert_eq!(vms_named(&lab, "remote"), 1);
     lab.no_violations();
 }

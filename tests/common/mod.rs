@@ -255,3 +255,79 @@ pub fn assert_success(out: &Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `agentvm events --json` running in the background, its lines collected.
+pub struct EventFollower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Lifecycle states seen so far for the VM followed.
+    pub seen: Vec<String>,
+    vm: String,
+}
+
+impl EventFollower {
+    /// Starts following and gives the follower time to subscribe.
+    pub fn start(env: &Env, vm: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = env
+            .command(&["events", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            vm: vm.to_string(),
+        }
+    }
+
+    /// Waits (up to 30 s) until the VM has been seen in `state`; returns that event.
+    pub fn wait_for(&mut self, state: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {state} event for {}; saw {:?}",
+                self.vm,
+                self.seen
+            );
+            let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(200))
+            else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(&line).unwrap();
+            if event["vm"] == self.vm.as_str() {
+                assert_eq!(event["event"], "lifecycle", "{event}");
+                let got = event["state"].as_str().unwrap().to_string();
+                self.seen.push(got.clone());
+                if got == state {
+                    return event;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EventFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

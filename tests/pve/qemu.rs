@@ -495,18 +495,7 @@ impl State {
             &format!("/vms/{vmid}"),
             &["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"],
         )?;
-        let vm = self.vm(vmid)?;
-        if !vm.agent_enabled() {
-            return fail(500, "No QEMU guest agent configured");
-        }
-        if !vm.running {
-            return fail(500, format!("VM {vmid} is not running"));
-        }
-        let calls = self.agent_calls.entry(vmid).or_insert(0);
-        *calls += 1;
-        if *calls <= self.opts.agent_down_calls {
-            return fail(500, "QEMU guest agent is not running");
-        }
+        self.agent_answers(vmid)?;
         Ok(match command {
             "ping" => json!({ "result": {} }),
             _ => json!({ "result": [
@@ -521,12 +510,9 @@ impl State {
         })
     }
 
-    /// `agent/shutdown`: the guest powers off once its agent answers.
-    pub(super) fn agent_shutdown(&mut self, caller: &Caller, vmid: u32) -> Result<Value, Fail> {
-        caller.require_any(
-            &format!("/vms/{vmid}"),
-            &["VM.PowerMgmt", "VM.GuestAgent.Unrestricted"],
-        )?;
+    /// What PVE says before an agent call reaches a guest agent: configured,
+    /// running, and (for the first calls after a start) not yet up.
+    fn agent_answers(&mut self, vmid: u32) -> Result<(), Fail> {
         let vm = self.vm(vmid)?;
         if !vm.agent_enabled() {
             return fail(500, "No QEMU guest agent configured");
@@ -539,6 +525,16 @@ impl State {
         if *calls <= self.opts.agent_down_calls {
             return fail(500, "QEMU guest agent is not running");
         }
+        Ok(())
+    }
+
+    /// `agent/shutdown`: the guest powers off once its agent answers.
+    pub(super) fn agent_shutdown(&mut self, caller: &Caller, vmid: u32) -> Result<Value, Fail> {
+        caller.require_any(
+            &format!("/vms/{vmid}"),
+            &["VM.PowerMgmt", "VM.GuestAgent.Unrestricted"],
+        )?;
+        self.agent_answers(vmid)?;
         if let Some(vm) = self.vms.get_mut(&vmid) {
             vm.running = false;
         }
