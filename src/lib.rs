@@ -1,4 +1,4 @@
-//! agentvm: per-user agent VMs on libvirt (and, later, Proxmox VE) from one fleet file.
+//! agentvm: per-user agent VMs on libvirt and Proxmox VE from one fleet file. See ARCHITECTURE.md.
 
 pub mod backend;
 pub mod cli;

@@ -10,7 +10,7 @@ use crate::paths::{ENV_FILE, ENV_LIBVIRT_URI};
 #[command(
     name = "agentvm",
     version,
-    about = "Per-user agent VMs on libvirt from one agentvm.toml"
+    about = "Per-user agent VMs on libvirt and Proxmox VE from one agentvm.toml"
 )]
 pub struct Cli {
     /// The fleet file (default: agentvm.toml here or in a parent folder).
@@ -28,7 +28,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create (if absent) and start VMs, then wait for SSH.
+    /// Create (if absent) and start VMs, then wait for SSH and the guest agent.
     Up {
         #[arg(required = true)]
         names: Vec<String>,
@@ -45,7 +45,7 @@ pub enum Command {
         #[arg(long)]
         backend: Option<String>,
     },
-    /// Shut VMs down (ACPI), forcing them off after the timeout.
+    /// Shut VMs down (guest agent, then ACPI), forcing them off after the timeout.
     Down {
         #[arg(required = true)]
         names: Vec<String>,
