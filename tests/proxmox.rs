@@ -413,7 +413,10 @@ fn two_concurrent_ups_of_one_proxmox_vm_make_one_clone() {
             task_polls: 3,
             ..FakeOptions::default()
         },
-        REMOTE,
+        &format!(
+            "{REMOTE}\n{}",
+            REMOTE.replace("[vms.remote]", "[vms.remote2]")
+        ),
     );
     create_pool(&lab);
     let spawn = || {
@@ -445,26 +448,25 @@ fn two_concurrent_ups_of_one_proxmox_vm_make_one_clone() {
     assert_eq!(clone_requests(&lab), 1);
     assert_eq!(vms_named(&lab, "remote"), 1);
     // --no-block: a VM held by another operation fails at once, naming it.
+    // Cloning remote2 holds it for several task polls; probing it meanwhile with
+    // `down --no-block` finds it absent (before), busy (during) or stops it (after).
     let mut slow = lab
         .env
-        .command(&["down", "remote", "--timeout", "30"])
+        .command(&["up", "remote2", "--no-wait"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // The probe is harmless whichever wins: an up of a running VM changes nothing.
+    let deadline = Instant::now() + Duration::from_secs(20);
     let busy = loop {
-        let out = lab
-            .env
-            .agentvm(&["up", "--no-wait", "--no-block", "remote"]);
+        let out = lab.env.agentvm(&["down", "--no-block", "remote2"]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        if err.contains("busy: down since") || Instant::now() > deadline {
+        if err.contains("busy: up since") || Instant::now() > deadline {
             break err;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(busy.contains("busy: down since"), "{busy}");
+    assert!(busy.contains("busy: up since"), "{busy}");
     assert!(slow.wait().unwrap().success());
     lab.no_violations();
 }
