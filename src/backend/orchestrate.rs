@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 
-use super::{Backend, BackendError, DownPath, Result, Timings, UpAction, UpOutcome};
+use super::{Backend, BackendError, DownPath, Existing, Result, Timings, UpAction, UpOutcome};
 use crate::failpoint;
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, VmSpec};
@@ -17,11 +17,13 @@ const STOP_POLL: Duration = Duration::from_millis(200);
 /// The share of `down --timeout` given to the guest agent before ACPI is tried.
 const AGENT_SHARE: u32 = 2;
 
-/// Brings `spec` up on `backend` (named `backend_name`); with `wait`, until the
-/// guest answers on SSH and (when it has one) through its agent.
+/// Brings `spec` up on `backend` (named `backend_name`), where `existing` is
+/// what `find` said of it under the VM's lock; with `wait`, until the guest
+/// answers on SSH and (when it has one) through its agent.
 pub fn up(
     backend: &dyn Backend,
     backend_name: &str,
+    existing: Option<Existing>,
     spec: &VmSpec,
     image: Option<&ImageSpec>,
     wait: Option<Duration>,
@@ -33,7 +35,7 @@ pub fn up(
     failpoint::hit("up:image-imported");
     timings.mark("image");
 
-    let (action, restart_needed) = match backend.find(name)? {
+    let (action, restart_needed) = match existing {
         None => {
             backend.create(spec, &prepared, &mut timings, progress)?;
             start_new(backend, name, &mut timings, progress)?;

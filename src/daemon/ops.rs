@@ -144,9 +144,11 @@ fn perform(
     Ok(match op {
         Op::Up { wait_secs, .. } => {
             let spec = with_backend(needs_spec(vm)?, &backend_name);
+            // Found under the VM's lock: no other operation changed it since.
             Outcome::Up(orchestrate::up(
                 backend,
                 &backend_name,
+                existing.clone(),
                 &spec,
                 vm.image.as_ref(),
                 wait_secs.map(Duration::from_secs),
