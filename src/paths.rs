@@ -41,6 +41,9 @@ pub const VMS_DIR: &str = "vms";
 pub const VM_DISK_FILE: &str = "disk.qcow2";
 /// `$AGENTVM_HOME/vms/NAME/serial.log`: the serial console log.
 pub const VM_SERIAL_LOG_FILE: &str = "serial.log";
+/// `$AGENTVM_HOME/vms/NAME/agentvm.env`: the VM's env as `KEY=VALUE` lines
+/// (mode 0600), rewritten before each start and read by QEMU through fw_cfg.
+pub const VM_ENV_FILE: &str = "agentvm.env";
 /// `$AGENTVM_HOME/vms/NAME/known_hosts`: the VM's own SSH known_hosts.
 pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
 /// `$AGENTVM_HOME/vms/NAME/pinned_host_key`: the host key `agentvm hostkey` pinned;
@@ -127,6 +130,10 @@ impl Home {
 
     pub fn vm_serial_log(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join(VM_SERIAL_LOG_FILE)
+    }
+
+    pub fn vm_env_file(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VM_ENV_FILE)
     }
 
     pub fn vm_known_hosts(&self, name: &str) -> PathBuf {

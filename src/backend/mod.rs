@@ -132,6 +132,12 @@ pub trait Lifecycle: Send + Sync {
     /// Where and how `ssh` reaches the VM.
     fn ssh_endpoint(&self, name: &str) -> Result<Endpoint>;
 
+    /// Whether the running VM `spec` names got other env values at its start
+    /// than `spec` has now (so a restart is needed to deliver them).
+    fn env_stale(&self, _spec: &VmSpec) -> Result<bool> {
+        Ok(false)
+    }
+
     /// The typed error for a capability this backend lacks.
     fn unsupported(&self, capability: &'static str, instead: &'static str) -> BackendError {
         BackendError::Unsupported {

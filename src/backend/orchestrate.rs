@@ -46,7 +46,14 @@ pub fn up(
             if drift {
                 progress.step(name, "running, but its spec changed: restart needed");
             }
-            (UpAction::AlreadyRunning, drift)
+            let env_stale = backend.env_stale(spec)?;
+            if env_stale {
+                progress.step(
+                    name,
+                    "running, but its env values changed: they reach the guest at its next start",
+                );
+            }
+            (UpAction::AlreadyRunning, drift || env_stale)
         }
         Some(existing) => {
             // The spec says whether the VM is readonly now; what the backend

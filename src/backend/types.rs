@@ -57,6 +57,8 @@ pub struct VmStatus {
     /// The guest's addresses from its agent (loopback and link-local left out).
     pub ips: Vec<String>,
     pub agent: AgentState,
+    /// The names of the variables in the VM's env; never their values.
+    pub env: Vec<String>,
 }
 
 impl VmStatus {
@@ -75,8 +77,17 @@ impl VmStatus {
             purpose: spec.and_then(|s| s.purpose.clone()),
             ips: Vec::new(),
             agent: AgentState::Stopped,
+            env: spec.map(env_names).unwrap_or_default(),
         }
     }
+}
+
+/// The names a spec's env will have: its `env` keys and its `pass_env` names.
+pub fn env_names(spec: &crate::spec::VmSpec) -> Vec<String> {
+    let mut names: Vec<String> = spec.env.keys().chain(&spec.pass_env).cloned().collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// A VM a backend has, as the orchestration needs to know it.

@@ -231,9 +231,22 @@ impl App {
         {
             needed.push(b);
         }
+        let mut vms: Vec<VmRef> = names.iter().map(|n| self.vm_ref(n)).collect();
+        if matches!(op, Op::Up { .. }) {
+            // Only `up` starts guests, so only it reads the pass_env variables;
+            // their values go over the private socket, never onto a command line.
+            for vm in &mut vms {
+                if let Some(spec) = vm.spec.take() {
+                    vm.spec = Some(
+                        spec.with_passed_env(|var| std::env::var(var).ok())
+                            .map_err(anyhow::Error::msg)?,
+                    );
+                }
+            }
+        }
         let request = Request::Vms {
             backends: self.remote_configs(&needed)?,
-            vms: names.iter().map(|n| self.vm_ref(n)).collect(),
+            vms,
             action: op,
             no_block,
         };

@@ -23,6 +23,9 @@ pub const SLIRP_NIC_PCI_ADDR: &str = "0x10";
 pub const SSH_KEYS_CREDENTIAL: &str = "ssh.authorized_keys.root";
 /// The systemd credential that carries the VM's `env` table (`KEY=VALUE` lines).
 pub const ENV_CREDENTIAL: &str = "agentvm.env";
+/// Where systemd (≥ 252) looks for credentials in QEMU's fw_cfg; it imports
+/// `opt/io.systemd.credentials/NAME` as the system credential `NAME`.
+pub const FW_CFG_CREDENTIALS: &str = "opt/io.systemd.credentials";
 /// The guest agent's virtio-serial port name.
 pub const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 /// The SPICE agent's virtio-serial port name.
@@ -94,8 +97,10 @@ pub struct DomainPlan {
     /// path, so agentvm names a short one in the per-user runtime folder.
     pub guest_agent_socket: PathBuf,
     pub authorized_keys: Vec<String>,
-    /// The VM's `env` table, delivered as the `agentvm.env` credential.
-    pub env: std::collections::BTreeMap<String, String>,
+    /// The 0600 file holding the VM's `env` (see [`crate::spec::env_file`]),
+    /// handed to the guest through fw_cfg as the `agentvm.env` credential; `None`
+    /// when the VM has no env. The values are never in the domain XML.
+    pub env_file: Option<PathBuf>,
     pub state: VmState,
     /// The UUID of the domain being redefined; libvirt requires it to match.
     pub uuid: Option<String>,
@@ -128,7 +133,8 @@ impl DomainPlan {
             serial_log: home.vm_serial_log(name),
             guest_agent_socket: guest_agent_socket(runtime_dir, name),
             authorized_keys,
-            env: spec.env.clone(),
+            env_file: (!spec.env.is_empty() || !spec.pass_env.is_empty())
+                .then(|| home.vm_env_file(name)),
             state,
             uuid: None,
         }
@@ -160,12 +166,7 @@ impl DomainPlan {
                 value: self.memory_kib,
             },
             vcpu: self.cpus,
-            sysinfo: Sysinfo {
-                kind: "smbios".into(),
-                oem_strings: OemStrings {
-                    entry: self.credentials(),
-                },
-            },
+            sysinfo: self.sysinfo(),
             os: Os {
                 os_type: OsType {
                     arch: "x86_64".into(),
@@ -278,20 +279,30 @@ impl DomainPlan {
         }
     }
 
-    /// SMBIOS type 11 strings: systemd credentials for the guest.
-    fn credentials(&self) -> Vec<String> {
-        let mut entries = vec![format!(
-            "io.systemd.credential:{SSH_KEYS_CREDENTIAL}={}",
-            self.authorized_keys.join("\n")
-        )];
-        if !self.env.is_empty() {
-            let lines: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            entries.push(format!(
-                "io.systemd.credential:{ENV_CREDENTIAL}={}",
-                lines.join("\n")
-            ));
+    /// The SSH keys as an SMBIOS type 11 credential (public, so a command line
+    /// may carry them) and the env as an fw_cfg credential read from its file.
+    fn sysinfo(&self) -> Vec<Sysinfo> {
+        let mut sysinfo = vec![Sysinfo {
+            kind: "smbios".into(),
+            oem_strings: Some(OemStrings {
+                entry: vec![format!(
+                    "io.systemd.credential:{SSH_KEYS_CREDENTIAL}={}",
+                    self.authorized_keys.join("\n")
+                )],
+            }),
+            entry: Vec::new(),
+        }];
+        if let Some(file) = &self.env_file {
+            sysinfo.push(Sysinfo {
+                kind: "fwcfg".into(),
+                oem_strings: None,
+                entry: vec![FwCfgEntry {
+                    name: format!("{FW_CFG_CREDENTIALS}/{ENV_CREDENTIAL}"),
+                    file: path_str(file),
+                }],
+            });
         }
-        entries
+        sysinfo
     }
 
     fn passt_interface(&self) -> Interface {

@@ -31,7 +31,7 @@ fn sample_plan() -> DomainPlan {
         serial_log: "/home/u/.local/share/agentvm/vms/drago/serial.log".into(),
         guest_agent_socket: "/run/user/1000/agentvm/drago.qga".into(),
         authorized_keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
-        env: Default::default(),
+        env_file: None,
         state: sample_state("drago"),
         uuid: None,
     }
@@ -124,16 +124,49 @@ fn guest_agent_socket_is_short_and_bound() {
 }
 
 #[test]
-fn env_goes_into_its_own_credential_only_when_set() {
+fn env_goes_through_fw_cfg_from_its_file_only_when_set() {
     let mut plan = sample_plan();
-    assert!(!plan.to_xml().unwrap().contains("agentvm.env"));
-    plan.env.insert("EDITOR".into(), "vim".into());
-    plan.env.insert("LANG".into(), "C.UTF-8".into());
     let xml = plan.to_xml().unwrap();
+    assert!(!xml.contains("agentvm.env"), "{xml}");
+    assert!(!xml.contains("fwcfg"), "{xml}");
+    plan.env_file = Some("/home/user/.local/share/agentvm/vms/drago/agentvm.env".into());
+    let xml = plan.to_xml().unwrap();
+    let fwcfg = xml
+        .split("<sysinfo type=\"fwcfg\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</sysinfo>").next())
+        .unwrap_or_else(|| panic!("no fwcfg sysinfo in {xml}"));
+    assert_eq!(
+        fwcfg.trim(),
+        "<entry name=\"opt/io.systemd.credentials/agentvm.env\" \
+         file=\"/home/user/.local/share/agentvm/vms/drago/agentvm.env\"/>"
+    );
+    // The SSH keys stay an SMBIOS credential; the env is not one any more.
     assert!(
-        xml.contains("<entry>io.systemd.credential:agentvm.env=EDITOR=vim\nLANG=C.UTF-8</entry>"),
+        xml.contains("<entry>io.systemd.credential:ssh.authorized_keys.root="),
         "{xml}"
     );
+    assert!(!xml.contains("io.systemd.credential:agentvm.env"), "{xml}");
+}
+
+#[test]
+fn the_plan_names_the_env_file_and_never_holds_values() {
+    let spec = sample_spec();
+    let home = crate::paths::Home::at("/home/user/.local/share/agentvm");
+    let plan = DomainPlan::new(
+        &spec,
+        &home,
+        Path::new("/run/user/1000/agentvm"),
+        None,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGoldenAgentvmKey agentvm",
+        Accel::Tcg,
+        NetworkMode::Slirp,
+        sample_plan().state,
+    );
+    assert_eq!(plan.env_file, Some(home.vm_env_file("drago")));
+    let xml = plan.to_xml().unwrap();
+    assert!(!xml.contains("EDITOR"), "{xml}");
+    assert!(!xml.contains("vim"), "{xml}");
 }
 
 fn sample_spec() -> VmSpec {
@@ -175,7 +208,10 @@ fn hash(spec: &VmSpec) -> String {
 fn spec_hash_ignores_what_does_not_change_the_machine() {
     let spec = sample_spec();
     let base = hash(&spec);
-    let edits: [Edit; 7] = [
+    let edits: [Edit; 8] = [
+        ("env value", |s| {
+            s.env.insert("EDITOR".into(), "nano".into());
+        }),
         ("readonly", |s| s.readonly = true),
         ("purpose", |s| s.purpose = Some("something else".into())),
         ("no purpose", |s| s.purpose = None),
@@ -197,6 +233,7 @@ fn spec_hash_follows_what_changes_the_machine() {
     let spec = sample_spec();
     let base = hash(&spec);
     let edits: [Edit; 11] = [
+        ("pass_env", |s| s.pass_env.push("GITHUB_TOKEN".into())),
         ("cpus", |s| s.cpus = 3),
         ("memory", |s| {
             s.memory = crate::spec::Size::from_bytes(3 << 30)
@@ -207,9 +244,6 @@ fn spec_hash_follows_what_changes_the_machine() {
         }),
         ("ssh_port", |s| s.ssh_port = Some(2301)),
         ("spice_port", |s| s.spice_port = None),
-        ("env value", |s| {
-            s.env.insert("EDITOR".into(), "nano".into());
-        }),
         ("env key", |s| {
             s.env.insert("LANG".into(), "C.UTF-8".into());
         }),
@@ -245,7 +279,10 @@ fn the_machine_view_holds_the_spec_fields_it_names() {
         (machine.ssh_port, machine.spice_port),
         (Some(2300), Some(5990))
     );
-    assert_eq!(machine.env, &spec.env);
+    assert_eq!(
+        machine.env.iter().copied().collect::<Vec<_>>(),
+        spec.env.keys().map(String::as_str).collect::<Vec<_>>()
+    );
     assert_eq!(machine.ssh_keys, spec.ssh_keys.as_slice());
     assert_eq!(machine.user, "root");
     let json = serde_json::to_value(machine).unwrap();

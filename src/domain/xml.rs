@@ -18,7 +18,7 @@ pub struct Domain {
     pub metadata: Metadata,
     pub memory: Memory,
     pub vcpu: u32,
-    pub sysinfo: Sysinfo,
+    pub sysinfo: Vec<Sysinfo>,
     pub os: Os,
     pub features: Features,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,12 +46,24 @@ pub struct Memory {
     pub value: u64,
 }
 
+/// `<sysinfo type='smbios'>` with OEM strings, or `<sysinfo type='fwcfg'>`
+/// with entries whose content QEMU reads from a file (so it is on no command line).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sysinfo {
     #[serde(rename = "@type")]
     pub kind: String,
-    #[serde(rename = "oemStrings")]
-    pub oem_strings: OemStrings,
+    #[serde(rename = "oemStrings", skip_serializing_if = "Option::is_none")]
+    pub oem_strings: Option<OemStrings>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub entry: Vec<FwCfgEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FwCfgEntry {
+    #[serde(rename = "@name")]
+    pub name: String,
+    #[serde(rename = "@file")]
+    pub file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -130,6 +130,9 @@ pub struct VmSpec {
     pub readonly: bool,
     pub backend: String,
     pub env: BTreeMap<String, String>,
+    /// Names of variables `agentvm up` copies from its own environment into
+    /// `env` (see [`VmSpec::with_passed_env`]); never their values.
+    pub pass_env: Vec<String>,
     pub secrets: Vec<PathBuf>,
     pub nixos: Option<String>,
     pub purpose: Option<String>,
@@ -140,14 +143,27 @@ pub struct VmSpec {
     pub vmid: Option<u32>,
 }
 
+/// The most a VM's env may hold, as `KEY=VALUE` lines (64 KiB).
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+
+/// The env as the guest gets it: one `KEY=VALUE` line per variable.
+pub fn env_file(env: &BTreeMap<String, String>) -> String {
+    env.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
+}
+
+fn env_file_size(env: &BTreeMap<String, String>) -> usize {
+    env.iter().map(|(k, v)| k.len() + v.len() + 2).sum()
+}
+
 /// The part of a [`VmSpec`] that makes the machine: what a backend puts into the
 /// VM's definition, so a change to any of it means the VM must be redefined (or,
 /// while it runs, restarted) to match. A backend hashes this view, never the
 /// whole spec, to decide that.
 ///
-/// In: the image, cpus, memory, disk size, pinned SSH and SPICE ports, the `env`
-/// table and the SSH keys (both delivered to the guest as SMBIOS credentials on
-/// libvirt, as cloud-init keys on Proxmox), and the login user (libvirt keeps it
+/// In: the image, cpus, memory, disk size, pinned SSH and SPICE ports, the
+/// names of the `env` and `pass_env` variables (their values are delivered from
+/// a private file at every start and are never part of a definition or a hash),
+/// the SSH keys (SMBIOS credentials on libvirt, cloud-init keys on Proxmox), and the login user (libvirt keeps it
 /// in the domain metadata that `agentvm ssh` reads; Proxmox sets it as `ciuser`).
 ///
 /// Out: the name (it identifies the VM, it does not configure it), `readonly`
@@ -155,7 +171,7 @@ pub struct VmSpec {
 /// `nixos` (used by `secrets rekey` and `provision` against a running guest),
 /// the backend name and `vmid` (where the VM lives, not what it is), and the
 /// `accel` preference (a backend hashes the accelerator it resolved instead).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MachineSpec<'a> {
     pub image: Option<&'a Name>,
     pub cpus: u32,
@@ -164,11 +180,46 @@ pub struct MachineSpec<'a> {
     pub user: &'a str,
     pub ssh_port: Option<u16>,
     pub spice_port: Option<u16>,
-    pub env: &'a BTreeMap<String, String>,
+    /// The names in `env` and `pass_env`; never the values, which travel
+    /// outside the machine's definition and may change between starts.
+    pub env: std::collections::BTreeSet<&'a str>,
     pub ssh_keys: &'a [String],
 }
 
 impl VmSpec {
+    /// This spec with the `pass_env` variables' values (from `lookup`, the
+    /// environment of the command that runs `up`) added to `env`. A listed
+    /// variable that is unset, a value with a control character or an env over
+    /// [`MAX_ENV_BYTES`] is an error naming the variable.
+    pub fn with_passed_env(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        let name = self.name.clone();
+        for var in &self.pass_env {
+            let value = lookup(var).ok_or_else(|| {
+                format!(
+                    "vms.{name}.pass_env: {var} is not set in this command's environment \
+                     (export it, or remove it from pass_env)"
+                )
+            })?;
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(format!(
+                    "vms.{name}.pass_env: the value of {var} has a newline or control character; \
+                     env values are single lines"
+                ));
+            }
+            self.env.insert(var.clone(), value);
+        }
+        let size = env_file_size(&self.env);
+        if size > MAX_ENV_BYTES {
+            return Err(format!(
+                "vms.{name}: env with pass_env is {size} bytes; the limit is {MAX_ENV_BYTES} bytes (64 KiB)"
+            ));
+        }
+        Ok(self)
+    }
+
     /// The view of this spec that decides whether the machine must change.
     pub fn machine(&self) -> MachineSpec<'_> {
         MachineSpec {
@@ -179,7 +230,12 @@ impl VmSpec {
             user: &self.user,
             ssh_port: self.ssh_port,
             spice_port: self.spice_port,
-            env: &self.env,
+            env: self
+                .env
+                .keys()
+                .map(String::as_str)
+                .chain(self.pass_env.iter().map(String::as_str))
+                .collect(),
             ssh_keys: &self.ssh_keys,
         }
     }

@@ -1,4 +1,4 @@
-//! Names of VMs, images and backends: `[a-z][a-z0-9-]{0,30}`.
+//! Names of VMs, images and backends: `[a-z][a-z0-9-]{0,30}`, not ending in `-`.
 
 use std::fmt;
 
@@ -6,7 +6,7 @@ pub const MAX_NAME_LEN: usize = 31;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "invalid name {0:?}: names start with a lowercase letter and have at most 31 lowercase letters, digits and '-'"
+    "invalid name {0:?}: names start with a lowercase letter, have at most 31 lowercase letters, digits and '-', and do not end in '-' (VM names become host names)"
 )]
 pub struct NameError(pub String);
 
@@ -20,7 +20,7 @@ impl Name {
         let mut chars = text.chars();
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
         let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if first_ok && rest_ok && text.len() <= MAX_NAME_LEN {
+        if first_ok && rest_ok && !text.ends_with('-') && text.len() <= MAX_NAME_LEN {
             Ok(Self(text.to_string()))
         } else {
             Err(NameError(text.to_string()))

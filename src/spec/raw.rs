@@ -136,6 +136,8 @@ pub struct RawDefaults {
     pub backend: Option<Spanned<String>>,
     pub ssh_keys: Option<Spanned<Vec<String>>>,
     pub accel: Option<Accel>,
+    /// Host environment variables copied into each VM's env at `up`.
+    pub pass_env: Option<Spanned<Vec<String>>>,
 }
 
 /// `[images.NAME]`: one of `file`, `flake`, or `kernel` (+ `initrd`, `cmdline`, optional `file`).
@@ -171,6 +173,8 @@ pub struct RawVm {
     #[serde(default)]
     pub readonly: bool,
     pub env: Option<Spanned<BTreeMap<String, String>>>,
+    /// Host environment variables copied into the VM's env at `up`.
+    pub pass_env: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub secrets: Vec<String>,
     pub nixos: Option<String>,

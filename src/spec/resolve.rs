@@ -383,12 +383,55 @@ impl Resolver<'_> {
                     return Err(self.at.error(
                         Some(env.span()),
                         &field("env"),
-                        format!("invalid variable name {bad:?}: use letters, digits and '_'"),
+                        format!(
+                            "invalid variable name {bad:?}: use letters, digits and '_', not starting with a digit"
+                        ),
                     ));
                 }
                 env.get_ref().clone()
             }
         };
+
+        let (pass_value, pass_field) = match (&vm.pass_env, &defaults.pass_env) {
+            (Some(v), _) => (Some(v), field("pass_env")),
+            (None, Some(d)) => (Some(d), "defaults.pass_env".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let mut pass_env: Vec<String> = Vec::new();
+        if let Some(names) = pass_value {
+            for var in names.get_ref() {
+                let problem = if !is_env_key(var) {
+                    Some(format!(
+                        "invalid variable name {var:?}: use letters, digits and '_', not starting with a digit"
+                    ))
+                } else if env.contains_key(var) {
+                    Some(format!(
+                        "{var} is also set in env; a variable comes from env or from pass_env, not both"
+                    ))
+                } else if pass_env.contains(var) {
+                    Some(format!("{var} is listed twice"))
+                } else {
+                    None
+                };
+                if let Some(message) = problem {
+                    return Err(self.at.error(Some(names.span()), &pass_field, message));
+                }
+                pass_env.push(var.clone());
+            }
+        }
+        if let Some(table) = &vm.env {
+            let size = super::env_file(&env).len();
+            if size > super::MAX_ENV_BYTES {
+                return Err(self.at.error(
+                    Some(table.span()),
+                    &field("env"),
+                    format!(
+                        "env is {size} bytes as KEY=VALUE lines; the limit is {} bytes (64 KiB)",
+                        super::MAX_ENV_BYTES
+                    ),
+                ));
+            }
+        }
 
         let (keys_value, keys_field) = match (&vm.ssh_keys, &defaults.ssh_keys) {
             (Some(v), _) => (Some(v), field("ssh_keys")),
@@ -446,6 +489,7 @@ impl Resolver<'_> {
             readonly: vm.readonly,
             backend,
             env,
+            pass_env,
             secrets: vm.secrets.iter().map(|s| self.path(s)).collect(),
             nixos: vm.nixos,
             purpose: vm.purpose,

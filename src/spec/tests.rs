@@ -334,3 +334,105 @@ fn proxmox_backend_errors_name_the_field() {
     let (_, field, _) = invalid(&PROXMOX.replace("vmid = 4242", "vmid = 7"));
     assert_eq!(field, "vms.remote.vmid");
 }
+
+const PASS: &str = r#"
+[defaults]
+image = "tiny"
+pass_env = ["ANTHROPIC_API_KEY", "GITHUB_TOKEN"]
+
+[images.tiny]
+kernel = "/boot/vmlinuz"
+
+[vms.drago]
+env = { EDITOR = "vim" }
+
+[vms.luce]
+pass_env = ["ONLY_THIS"]
+"#;
+
+#[test]
+fn pass_env_comes_from_defaults_or_the_vm() {
+    let fleet = parse(PASS).unwrap();
+    assert_eq!(
+        fleet.vm("drago").unwrap().pass_env,
+        ["ANTHROPIC_API_KEY", "GITHUB_TOKEN"]
+    );
+    assert_eq!(fleet.vm("luce").unwrap().pass_env, ["ONLY_THIS"]);
+}
+
+#[test]
+fn pass_env_values_come_from_the_lookup_and_unset_ones_are_named() {
+    let fleet = parse(PASS).unwrap();
+    let drago = fleet.vm("drago").unwrap().clone();
+    let lookup = |var: &str| match var {
+        "ANTHROPIC_API_KEY" => Some("sk-ant-secret".to_string()),
+        "GITHUB_TOKEN" => Some("ghp_x".to_string()),
+        _ => None,
+    };
+    let passed = drago.clone().with_passed_env(lookup).unwrap();
+    assert_eq!(passed.env["ANTHROPIC_API_KEY"], "sk-ant-secret");
+    assert_eq!(passed.env["GITHUB_TOKEN"], "ghp_x");
+    assert_eq!(passed.env["EDITOR"], "vim");
+    // The values are not part of the machine: the hash stays the same.
+    assert_eq!(passed.machine(), drago.machine());
+
+    let err = drago
+        .with_passed_env(|var| (var == "GITHUB_TOKEN").then(|| "x".to_string()))
+        .unwrap_err();
+    assert!(err.contains("vms.drago.pass_env"), "{err}");
+    assert!(err.contains("ANTHROPIC_API_KEY is not set"), "{err}");
+
+    let luce = fleet.vm("luce").unwrap().clone();
+    let err = luce
+        .with_passed_env(|_| Some("two\nlines".to_string()))
+        .unwrap_err();
+    assert!(err.contains("ONLY_THIS") && err.contains("control"), "{err}");
+}
+
+#[test]
+fn env_over_64_kib_is_refused() {
+    let big = "x".repeat(40 * 1024);
+    let text = format!(
+        "[images.tiny]\nkernel = \"/k\"\n[vms.a]\nimage = \"tiny\"\nenv = {{ A = \"{big}\", B = \"{big}\" }}\n"
+    );
+    let (line, field, message) = invalid(&text);
+    assert_eq!((line, field.as_str()), (5, "vms.a.env"));
+    assert!(message.contains("65536 bytes (64 KiB)"), "{message}");
+
+    let fleet = parse(PASS).unwrap();
+    let luce = fleet.vm("luce").unwrap().clone();
+    let err = luce.with_passed_env(|_| Some("y".repeat(70 * 1024))).unwrap_err();
+    assert!(err.contains("limit is 65536 bytes"), "{err}");
+}
+
+#[test]
+fn bad_env_and_pass_env_names_are_refused() {
+    let base = "[images.tiny]\nkernel = \"/k\"\n[vms.a]\nimage = \"tiny\"\n";
+    for (extra, field, needle) in [
+        ("env = { MY-KEY = \"x\" }", "vms.a.env", "invalid variable name \"MY-KEY\""),
+        ("pass_env = [\"9LIVES\"]", "vms.a.pass_env", "invalid variable name \"9LIVES\""),
+        ("pass_env = [\"A-B\"]", "vms.a.pass_env", "invalid variable name \"A-B\""),
+        ("pass_env = [\"A\", \"A\"]", "vms.a.pass_env", "A is listed twice"),
+        (
+            "env = { A = \"1\" }\npass_env = [\"A\"]",
+            "vms.a.pass_env",
+            "A is also set in env",
+        ),
+    ] {
+        let (_, got_field, message) = invalid(&format!("{base}{extra}\n"));
+        assert_eq!(got_field, field, "{extra}");
+        assert!(message.contains(needle), "{extra}: {message}");
+    }
+    let (_, field, message) = invalid(&format!(
+        "[images.tiny]\nkernel = \"/k\"\n[defaults]\npass_env = [\"BAD-NAME\"]\n[vms.a]\nimage = \"tiny\"\n"
+    ));
+    assert_eq!(field, "defaults.pass_env");
+    assert!(message.contains("BAD-NAME"), "{message}");
+}
+
+#[test]
+fn vm_names_may_not_end_in_a_dash() {
+    let (_, _, message) = invalid("[images.tiny]\nkernel = \"/k\"\n[vms.web-]\nimage = \"tiny\"\n");
+    assert!(message.contains("do not end in '-'"), "{message}");
+    assert!(Name::new("web-1").is_ok());
+}

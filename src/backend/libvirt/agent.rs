@@ -19,6 +19,10 @@ use crate::guest::{Guest, GuestError};
 const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `exec` polls between `guest-exec-status` calls.
 const EXEC_POLL: Duration = Duration::from_millis(100);
+/// The `PATH` of commands `exec` runs: NixOS's profile first, then the usual
+/// FHS folders.
+pub const EXEC_PATH: &str = "PATH=/run/wrappers/bin:/run/current-system/sw/bin:\
+/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl LocalBackend {
     /// The agent's state and the guest's addresses (loopback and link-local left out).
@@ -53,6 +57,25 @@ impl LocalBackend {
         }
     }
 
+    /// The environment `exec` runs commands with: a `PATH` that finds programs
+    /// on NixOS and on other distributions, `HOME`, then the VM's env (the
+    /// values its last start got), which may override both. qemu-ga gives a
+    /// command exactly this environment, not its own.
+    fn exec_env(&self, name: &str) -> Result<Vec<String>> {
+        let mut env = vec![EXEC_PATH.to_string(), "HOME=/root".to_string()];
+        let path = self.home.vm_env_file(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => env.extend(text.lines().map(str::to_string)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow!(e)
+                    .context(format!("reading the VM's env {}", path.display()))
+                    .into());
+            }
+        }
+        Ok(env)
+    }
+
     pub(super) fn exec_in(
         &self,
         dom: &Domain,
@@ -71,7 +94,7 @@ impl LocalBackend {
                 qga::guest_exec {
                     path: path.clone(),
                     arg: Some(args.to_vec()),
-                    env: None,
+                    env: Some(self.exec_env(&state.name)?),
                     input_data: None,
                     capture_output: Some(qga::GuestExecCaptureOutput::flag(true)),
                 },

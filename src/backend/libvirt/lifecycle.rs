@@ -167,7 +167,10 @@ impl LocalBackend {
                 tracing::warn!("{name}: removing the half-made VM's folder: {e}");
             }
         };
-        if let Err(e) = self.create_disk(spec, image) {
+        if let Err(e) = self
+            .create_disk(spec, image)
+            .and_then(|()| self.write_env(spec))
+        {
             rollback();
             return Err(e.into());
         }
@@ -193,6 +196,21 @@ impl LocalBackend {
         timings.mark("define");
         progress.step(name, "defined");
         Ok(())
+    }
+
+    /// Writes the env QEMU hands the guest at its next start (0600, atomically),
+    /// or removes the file when the VM has no env.
+    fn write_env(&self, spec: &VmSpec) -> anyhow::Result<()> {
+        let path = self.home.vm_env_file(spec.name.as_str());
+        if spec.env.is_empty() && spec.pass_env.is_empty() {
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("removing {}", path.display()))
+                }
+                _ => Ok(()),
+            };
+        }
+        crate::fsutil::write_atomic(&path, crate::spec::env_file(&spec.env).as_bytes(), 0o600)
     }
 
     fn start_domain(&self, dom: &Domain, name: &str) -> Result<()> {
@@ -285,6 +303,8 @@ impl Lifecycle for LocalBackend {
                 ),
             );
         }
+        // The VM is stopped: its next start reads the env from this file.
+        self.write_env(spec)?;
         let spec_changed = existing.spec_hash != prepared.spec_hash;
         let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
         let (ssh_port, spice_port) = self.ports_for(spec, Some(&state))?;
@@ -462,6 +482,20 @@ impl Lifecycle for LocalBackend {
             }
         }
         Ok(plan)
+    }
+
+    fn env_stale(&self, spec: &VmSpec) -> Result<bool> {
+        let path = self.home.vm_env_file(spec.name.as_str());
+        let started_with = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(anyhow!(e)
+                    .context(format!("reading {}", path.display()))
+                    .into());
+            }
+        };
+        Ok(started_with != crate::spec::env_file(&spec.env))
     }
 
     fn ssh_endpoint(&self, name: &str) -> Result<Endpoint> {

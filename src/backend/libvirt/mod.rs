@@ -170,7 +170,26 @@ impl LocalBackend {
             purpose: spec.map_or(state.purpose.clone(), |s| s.purpose.clone()),
             ips,
             agent,
+            env: self.env_names(&state.name),
         })
+    }
+}
+
+impl LocalBackend {
+    /// The variable names in the env file the VM's last start read.
+    fn env_names(&self, name: &str) -> Vec<String> {
+        let path = self.home.vm_env_file(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .filter_map(|line| line.split_once('=').map(|(k, _)| k.to_string()))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                tracing::warn!("reading {}: {e}", path.display());
+                Vec::new()
+            }
+        }
     }
 }
 

@@ -194,6 +194,8 @@ impl ProxmoxBackend {
             } else {
                 AgentState::Stopped
             },
+            // This backend does not deliver env yet, so it has none to show.
+            env: Vec::new(),
         }
     }
 
