@@ -241,8 +241,9 @@ add_module() {
 	cp "$file" "$root/lib/modules/$kver/$name.ko"
 	modorder+=("$name")
 }
-# button + evdev: ACPI power button events for acpid.
-for m in virtio_pci virtio_net virtio_blk virtio_console virtio_rng button evdev; do
+# button + evdev: ACPI power button events for acpid. qemu_fw_cfg: systemd
+# credentials QEMU passes through fw_cfg (the env).
+for m in virtio_pci virtio_net virtio_blk virtio_console virtio_rng button evdev qemu_fw_cfg; do
 	add_module "$m"
 done
 printf '%s\n' "${modorder[@]}" >"$root/etc/modules.load"

@@ -386,7 +386,10 @@ fn pass_env_values_come_from_the_lookup_and_unset_ones_are_named() {
     let err = luce
         .with_passed_env(|_| Some("two\nlines".to_string()))
         .unwrap_err();
-    assert!(err.contains("ONLY_THIS") && err.contains("control"), "{err}");
+    assert!(
+        err.contains("ONLY_THIS") && err.contains("control"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -401,7 +404,9 @@ fn env_over_64_kib_is_refused() {
 
     let fleet = parse(PASS).unwrap();
     let luce = fleet.vm("luce").unwrap().clone();
-    let err = luce.with_passed_env(|_| Some("y".repeat(70 * 1024))).unwrap_err();
+    let err = luce
+        .with_passed_env(|_| Some("y".repeat(70 * 1024)))
+        .unwrap_err();
     assert!(err.contains("limit is 65536 bytes"), "{err}");
 }
 
@@ -409,10 +414,26 @@ fn env_over_64_kib_is_refused() {
 fn bad_env_and_pass_env_names_are_refused() {
     let base = "[images.tiny]\nkernel = \"/k\"\n[vms.a]\nimage = \"tiny\"\n";
     for (extra, field, needle) in [
-        ("env = { MY-KEY = \"x\" }", "vms.a.env", "invalid variable name \"MY-KEY\""),
-        ("pass_env = [\"9LIVES\"]", "vms.a.pass_env", "invalid variable name \"9LIVES\""),
-        ("pass_env = [\"A-B\"]", "vms.a.pass_env", "invalid variable name \"A-B\""),
-        ("pass_env = [\"A\", \"A\"]", "vms.a.pass_env", "A is listed twice"),
+        (
+            "env = { MY-KEY = \"x\" }",
+            "vms.a.env",
+            "invalid variable name \"MY-KEY\"",
+        ),
+        (
+            "pass_env = [\"9LIVES\"]",
+            "vms.a.pass_env",
+            "invalid variable name \"9LIVES\"",
+        ),
+        (
+            "pass_env = [\"A-B\"]",
+            "vms.a.pass_env",
+            "invalid variable name \"A-B\"",
+        ),
+        (
+            "pass_env = [\"A\", \"A\"]",
+            "vms.a.pass_env",
+            "A is listed twice",
+        ),
         (
             "env = { A = \"1\" }\npass_env = [\"A\"]",
             "vms.a.pass_env",
