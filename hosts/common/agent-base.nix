@@ -73,11 +73,19 @@ in
         "f+^ ${home}/.ssh/authorized_keys 0600 ${cfg.user} ${group} - ssh.authorized_keys.root"
       ];
 
-      # The VM's `env` table arrives as the credential agentvm.env (KEY=VALUE
-      # lines). Only plain settings belong there: secret values go through
-      # `secrets`, since /run/agentvm/env is world-readable.
+      # systemd (PID 1) imports credentials from QEMU's fw_cfg, where agentvm
+      # puts the env so that no command line carries it; the module has to be
+      # loaded before PID 1 starts, so it is loaded in the initrd.
+      boot.initrd.kernelModules = [ "qemu_fw_cfg" ];
+
+      # The VM's `env` table (with its pass_env values, often API keys) arrives
+      # as the credential agentvm.env: KEY=VALUE lines. It is published for
+      # the user only (0600): /run/agentvm/env as it is, for shells, and
+      # /run/agentvm/env.systemd quoted for EnvironmentFile=, for the user's
+      # systemd manager and so every service the user starts. Commands run by
+      # `agentvm exec` get the env from the host through the guest agent.
       systemd.services.agentvm-env = {
-        description = "Publish the agentvm.env credential for login shells";
+        description = "Publish the agentvm.env credential to the agent user";
         wantedBy = [ "multi-user.target" ];
         before = [ "systemd-user-sessions.service" ];
         serviceConfig = {
@@ -85,15 +93,32 @@ in
           RemainAfterExit = true;
           ImportCredential = "agentvm.env";
         };
+        path = [ pkgs.coreutils pkgs.gnused ];
         script = ''
+          rm -f /run/agentvm/env /run/agentvm/env.systemd
           if [ -f "$CREDENTIALS_DIRECTORY/agentvm.env" ]; then
-            install -D -m 0644 "$CREDENTIALS_DIRECTORY/agentvm.env" /run/agentvm/env
+            install -d -m 0755 /run/agentvm
+            install -m 0600 -o ${cfg.user} "$CREDENTIALS_DIRECTORY/agentvm.env" /run/agentvm/env
+            # EnvironmentFile= unquotes and unescapes: quote each value and
+            # escape \ " ` $ so that it arrives exactly as written.
+            sed -e 's/[\\"`$]/\\&/g' -e 's/^\([A-Za-z_][A-Za-z0-9_]*\)=\(.*\)$/\1="\2"/' \
+              /run/agentvm/env > /run/agentvm/env.systemd.tmp
+            chmod 0600 /run/agentvm/env.systemd.tmp
+            mv /run/agentvm/env.systemd.tmp /run/agentvm/env.systemd
           fi
         '';
       };
 
-      # Values are literal text, not shell syntax, so each line is exported as
-      # it is rather than sourced.
+      # The user's systemd manager passes its environment to the services it
+      # starts (lingering managers included).
+      systemd.services."user@" = {
+        after = [ "agentvm-env.service" ];
+        serviceConfig.EnvironmentFile = "-/run/agentvm/env.systemd";
+      };
+
+      # Every shell, login or not (NixOS's bash reads /etc/bashrc for commands
+      # run over SSH too). Values are literal text, not shell syntax, so each
+      # line is exported as it is rather than sourced.
       environment.extraInit = ''
         if [ -r /run/agentvm/env ]; then
           while IFS= read -r __agentvm_line || [ -n "$__agentvm_line" ]; do

@@ -444,9 +444,9 @@ fn bad_env_and_pass_env_names_are_refused() {
         assert_eq!(got_field, field, "{extra}");
         assert!(message.contains(needle), "{extra}: {message}");
     }
-    let (_, field, message) = invalid(&format!(
-        "[images.tiny]\nkernel = \"/k\"\n[defaults]\npass_env = [\"BAD-NAME\"]\n[vms.a]\nimage = \"tiny\"\n"
-    ));
+    let (_, field, message) = invalid(
+        "[images.tiny]\nkernel = \"/k\"\n[defaults]\npass_env = [\"BAD-NAME\"]\n[vms.a]\nimage = \"tiny\"\n",
+    );
     assert_eq!(field, "defaults.pass_env");
     assert!(message.contains("BAD-NAME"), "{message}");
 }
