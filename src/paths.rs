@@ -44,6 +44,10 @@ pub const VM_SERIAL_LOG_FILE: &str = "serial.log";
 /// `$AGENTVM_HOME/vms/NAME/agentvm.env`: the VM's env as `KEY=VALUE` lines
 /// (mode 0600), rewritten before each start and read by QEMU through fw_cfg.
 pub const VM_ENV_FILE: &str = "agentvm.env";
+/// `$AGENTVM_HOME/vms/NAME/cidata.img`: the NoCloud seed disk of a VM whose
+/// image has `cloud_init = true` (mode 0600: it holds the env), rewritten
+/// before each start.
+pub const VM_SEED_FILE: &str = "cidata.img";
 /// `$AGENTVM_HOME/vms/NAME/known_hosts`: the VM's own SSH known_hosts.
 pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
 /// `$AGENTVM_HOME/vms/NAME/pinned_host_key`: the host key `agentvm hostkey` pinned;
@@ -134,6 +138,10 @@ impl Home {
 
     pub fn vm_env_file(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join(VM_ENV_FILE)
+    }
+
+    pub fn vm_seed(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VM_SEED_FILE)
     }
 
     pub fn vm_known_hosts(&self, name: &str) -> PathBuf {

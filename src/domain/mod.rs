@@ -101,6 +101,9 @@ pub struct DomainPlan {
     /// handed to the guest through fw_cfg as the `agentvm.env` credential; `None`
     /// when the VM has no env. The values are never in the domain XML.
     pub env_file: Option<PathBuf>,
+    /// The NoCloud seed disk (`cidata`) of a `cloud_init` image, attached
+    /// read-only; `None` for other images.
+    pub seed: Option<PathBuf>,
     pub state: VmState,
     /// The UUID of the domain being redefined; libvirt requires it to match.
     pub uuid: Option<String>,
@@ -135,6 +138,7 @@ impl DomainPlan {
             authorized_keys,
             env_file: (!spec.env.is_empty() || !spec.pass_env.is_empty())
                 .then(|| home.vm_env_file(name)),
+            seed: None,
             state,
             uuid: None,
         }
@@ -201,22 +205,7 @@ impl DomainPlan {
             on_reboot: "restart".into(),
             on_crash: "destroy".into(),
             devices: Devices {
-                disk: vec![Disk {
-                    kind: "file".into(),
-                    device: "disk".into(),
-                    driver: DiskDriver {
-                        name: "qemu".into(),
-                        format: "qcow2".into(),
-                        discard: "unmap".into(),
-                    },
-                    source: FileSource {
-                        file: path_str(&self.disk),
-                    },
-                    target: DiskTarget {
-                        dev: "vda".into(),
-                        bus: "virtio".into(),
-                    },
-                }],
+                disk: self.disks(),
                 interface,
                 serial: Serial {
                     kind: "file".into(),
@@ -277,6 +266,47 @@ impl DomainPlan {
             },
             qemu_commandline,
         }
+    }
+
+    /// The root disk, and the NoCloud seed (read-only, raw) when there is one.
+    fn disks(&self) -> Vec<Disk> {
+        let mut disks = vec![Disk {
+            kind: "file".into(),
+            device: "disk".into(),
+            driver: DiskDriver {
+                name: "qemu".into(),
+                format: "qcow2".into(),
+                discard: Some("unmap".into()),
+            },
+            source: FileSource {
+                file: path_str(&self.disk),
+            },
+            target: DiskTarget {
+                dev: "vda".into(),
+                bus: "virtio".into(),
+            },
+            readonly: None,
+        }];
+        if let Some(seed) = &self.seed {
+            disks.push(Disk {
+                kind: "file".into(),
+                device: "disk".into(),
+                driver: DiskDriver {
+                    name: "qemu".into(),
+                    format: "raw".into(),
+                    discard: None,
+                },
+                source: FileSource {
+                    file: path_str(seed),
+                },
+                target: DiskTarget {
+                    dev: "vdb".into(),
+                    bus: "virtio".into(),
+                },
+                readonly: Some(Empty {}),
+            });
+        }
+        disks
     }
 
     /// The SSH keys as an SMBIOS type 11 credential (public, so a command line

@@ -32,6 +32,7 @@ fn sample_plan() -> DomainPlan {
         guest_agent_socket: "/run/user/1000/agentvm/drago.qga".into(),
         authorized_keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
         env_file: None,
+        seed: None,
         state: sample_state("drago"),
         uuid: None,
     }

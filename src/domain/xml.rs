@@ -151,6 +151,8 @@ pub struct Disk {
     pub driver: DiskDriver,
     pub source: FileSource,
     pub target: DiskTarget,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readonly: Option<Empty>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -159,8 +161,8 @@ pub struct DiskDriver {
     pub name: String,
     #[serde(rename = "@type")]
     pub format: String,
-    #[serde(rename = "@discard")]
-    pub discard: String,
+    #[serde(rename = "@discard", skip_serializing_if = "Option::is_none")]
+    pub discard: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -94,6 +94,9 @@ pub struct ImageSpec {
     pub agent: bool,
     /// Where the guest keeps its SSH host public key (read by `agentvm hostkey`).
     pub host_key: String,
+    /// A stock cloud image: each start gets a NoCloud seed disk (`cidata`) with
+    /// the SSH keys, host name and env, so cloud-init looks nowhere else.
+    pub cloud_init: bool,
 }
 
 /// Where an image comes from. Paths are absolute (resolved against the fleet file's folder).

@@ -153,6 +153,9 @@ pub struct RawImage {
     pub agent: Option<bool>,
     /// The guest path of the SSH host public key.
     pub host_key: Option<String>,
+    /// A stock cloud image: give it a NoCloud seed disk.
+    #[serde(default)]
+    pub cloud_init: bool,
 }
 
 /// `[vms.NAME]`: the `[defaults]` keys plus the VM's own.

@@ -65,6 +65,7 @@ impl Resolver<'_> {
                     ));
                 }
             };
+            let cloud_init = image.cloud_init;
             let source = self.image_source(&name, image)?;
             images.insert(
                 name.clone(),
@@ -73,6 +74,7 @@ impl Resolver<'_> {
                     source,
                     agent,
                     host_key,
+                    cloud_init,
                 },
             );
         }

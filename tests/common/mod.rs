@@ -331,3 +331,31 @@ impl Drop for EventFollower {
         let _ = self.child.wait();
     }
 }
+
+/// The Debian 12 test guest's qcow2 (`variant` is `plain` or `cloud`):
+/// `$AGENTVM_DEBIAN_IMAGE` / `$AGENTVM_DEBIAN_CLOUD_IMAGE` when set (CI builds
+/// them first), else what `images/debian/build.sh` prints (from its cache).
+pub fn debian_image(variant: &str) -> PathBuf {
+    let var = match variant {
+        "plain" => "AGENTVM_DEBIAN_IMAGE",
+        "cloud" => "AGENTVM_DEBIAN_CLOUD_IMAGE",
+        other => panic!("no Debian guest variant {other}"),
+    };
+    if let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        assert!(path.is_file(), "{var}={} is not a file", path.display());
+        return path;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/debian/build.sh");
+    let out = Command::new(&script)
+        .args(["--variant", variant])
+        .output()
+        .expect("running images/debian/build.sh");
+    assert!(
+        out.status.success(),
+        "the Debian {variant} test guest is not built (run .ci/setup, or {} --variant {variant}): {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}

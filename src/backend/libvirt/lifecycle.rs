@@ -76,7 +76,7 @@ impl LocalBackend {
         );
         state.agent = target.agent;
         state.host_key = target.host_key.clone();
-        DomainPlan::new(
+        let mut plan = DomainPlan::new(
             spec,
             &self.home,
             &self.runtime_dir,
@@ -85,7 +85,11 @@ impl LocalBackend {
             target.accel,
             target.network,
             state,
-        )
+        );
+        if target.cloud_init {
+            plan.seed = Some(self.home.vm_seed(spec.name.as_str()));
+        }
+        plan
     }
 
     fn define(&self, plan: &DomainPlan) -> Result<Domain> {
@@ -169,7 +173,7 @@ impl LocalBackend {
         };
         if let Err(e) = self
             .create_disk(spec, image)
-            .and_then(|()| self.write_env(spec))
+            .and_then(|()| self.write_guest_files(spec, target))
         {
             rollback();
             return Err(e.into());
@@ -198,19 +202,38 @@ impl LocalBackend {
         Ok(())
     }
 
-    /// Writes the env QEMU hands the guest at its next start (0600, atomically),
-    /// or removes the file when the VM has no env.
-    fn write_env(&self, spec: &VmSpec) -> anyhow::Result<()> {
-        let path = self.home.vm_env_file(spec.name.as_str());
+    /// Writes what the guest reads at its next start: the env QEMU hands over
+    /// through fw_cfg (0600, atomically; removed when the VM has none) and,
+    /// for a `cloud_init` image, the NoCloud seed disk.
+    fn write_guest_files(&self, spec: &VmSpec, target: &Target) -> anyhow::Result<()> {
+        let name = spec.name.as_str();
+        let path = self.home.vm_env_file(name);
         if spec.env.is_empty() && spec.pass_env.is_empty() {
-            return match std::fs::remove_file(&path) {
+            match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(e).with_context(|| format!("removing {}", path.display()))
+                    return Err(e).with_context(|| format!("removing {}", path.display()));
                 }
-                _ => Ok(()),
-            };
+                _ => {}
+            }
+        } else {
+            crate::fsutil::write_atomic(&path, crate::spec::env_file(&spec.env).as_bytes(), 0o600)?;
         }
-        crate::fsutil::write_atomic(&path, crate::spec::env_file(&spec.env).as_bytes(), 0o600)
+        if target.cloud_init {
+            let mut keys = vec![self.identity.public_line.clone()];
+            keys.extend(spec.ssh_keys.iter().cloned());
+            let seed = crate::nocloud::Seed {
+                hostname: name,
+                user: &spec.user,
+                authorized_keys: &keys,
+                env: &spec.env,
+                grow_root: true,
+                network_config: None,
+            };
+            let path = self.home.vm_seed(name);
+            crate::nocloud::write_seed(&seed, &path)
+                .with_context(|| format!("writing the cloud-init seed {}", path.display()))?;
+        }
+        Ok(())
     }
 
     fn start_domain(&self, dom: &Domain, name: &str) -> Result<()> {
@@ -303,8 +326,8 @@ impl Lifecycle for LocalBackend {
                 ),
             );
         }
-        // The VM is stopped: its next start reads the env from this file.
-        self.write_env(spec)?;
+        // The VM is stopped: its next start reads the env and seed from these files.
+        self.write_guest_files(spec, &local.target)?;
         let spec_changed = existing.spec_hash != prepared.spec_hash;
         let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
         let (ssh_port, spice_port) = self.ports_for(spec, Some(&state))?;

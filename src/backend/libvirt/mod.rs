@@ -140,6 +140,7 @@ impl LocalBackend {
             hash: spec_hash(spec, accel, network),
             agent: image.is_none_or(|i| i.agent),
             host_key: image.map_or_else(|| DEFAULT_HOST_KEY.to_string(), |i| i.host_key.clone()),
+            cloud_init: image.is_some_and(|i| i.cloud_init),
         })
     }
 
@@ -270,4 +271,6 @@ struct Target {
     hash: String,
     agent: bool,
     host_key: String,
+    /// The image wants a NoCloud seed disk.
+    cloud_init: bool,
 }
