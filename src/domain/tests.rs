@@ -293,3 +293,20 @@ fn the_machine_view_holds_the_spec_fields_it_names() {
         assert!(json.get(absent).is_none(), "{absent} in {json}");
     }
 }
+
+#[test]
+fn a_cloud_init_seed_is_a_second_read_only_raw_disk() {
+    let mut plan = sample_plan();
+    assert!(!plan.to_xml().unwrap().contains("vdb"));
+    plan.seed = Some("/home/user/.local/share/agentvm/vms/drago/cidata.img".into());
+    let domain = plan.to_domain();
+    let seed = &domain.devices.disk[1];
+    assert_eq!(seed.driver.format, "raw");
+    assert_eq!(seed.target.dev, "vdb");
+    assert!(seed.readonly.is_some());
+    assert_eq!(
+        seed.source.file,
+        "/home/user/.local/share/agentvm/vms/drago/cidata.img"
+    );
+    assert!(domain.devices.disk[0].readonly.is_none());
+}

@@ -186,6 +186,7 @@ fn a_non_root_user_gets_sudo_and_the_keys_and_no_default_user() {
             }],
             "disable_root": true,
             "ssh_pwauth": false,
+            "ssh_deletekeys": false,
             "growpart": {"mode": "auto", "devices": ["/"]},
             "resize_rootfs": true,
         })
@@ -211,6 +212,7 @@ fn root_gets_the_keys_with_root_login_enabled_and_no_other_user() {
             "disable_root": false,
             "ssh_authorized_keys": [KEY],
             "ssh_pwauth": false,
+            "ssh_deletekeys": false,
             "growpart": {"mode": "off"},
             "resize_rootfs": false,
         })
