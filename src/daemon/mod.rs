@@ -19,7 +19,7 @@ use nix::sys::stat::{Mode, umask};
 use tokio::net::UnixListener;
 use tokio::sync::broadcast;
 
-use crate::backend::libvirt::LocalBackend;
+use crate::backend::libvirt::{Healing, LocalBackend};
 use crate::backend::registry::Registry;
 use crate::fsutil::create_private_dir;
 use crate::paths::{self, Home};
@@ -50,7 +50,7 @@ pub fn run(uri: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", socket.display())),
     }
-    let backend = Arc::new(LocalBackend::connect(uri, home.clone())?);
+    let backend = Arc::new(Healing::new(LocalBackend::connect(uri, home.clone())?));
     let repaired = backend.reconcile()?;
     for line in &repaired {
         tracing::warn!("repaired: {line}");

@@ -2,7 +2,9 @@
 //! `<metadata>` as the only state store.
 
 mod agent;
+mod conn;
 mod display;
+mod heal;
 mod host;
 mod lifecycle;
 mod repair;
@@ -26,6 +28,7 @@ use crate::ports::Claims;
 use crate::spec::{DEFAULT_HOST_KEY, GIB, ImageSpec, LOCAL_BACKEND, MAX_NAME_LEN, Size, VmSpec};
 use crate::ssh::Identity;
 
+pub use heal::Healing;
 pub use host::{KVM_DEVICE, domcaps_offer_passt, libvirt_offers_kvm};
 
 /// The libvirt URI used unless `--connect` or `AGENTVM_LIBVIRT_URI` says otherwise.
@@ -38,7 +41,7 @@ const POLL: Duration = Duration::from_millis(200);
 const LOG_TAIL_LINES: usize = 15;
 
 pub struct LocalBackend {
-    conn: Connect,
+    libvirt: conn::Conn,
     home: Home,
     runtime_dir: PathBuf,
     store: ImageStore,
@@ -50,10 +53,7 @@ impl LocalBackend {
         home.ensure()?;
         // libvirt prints every error to stderr by default; agentvm reports its own.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(lv)
-            .with_context(|| {
-            format!("connecting to libvirt at {uri} (is libvirt installed, and for qemu:///system are you in the libvirt group?)")
-        })?;
+        let libvirt = conn::Conn::open(uri)?;
         let identity = Identity::ensure(&home)?;
         let runtime_dir = paths::runtime_dir()?;
         let longest = domain::guest_agent_socket(&runtime_dir, &"x".repeat(MAX_NAME_LEN));
@@ -64,7 +64,7 @@ impl LocalBackend {
             );
         }
         Ok(Self {
-            conn,
+            libvirt,
             runtime_dir,
             store: ImageStore::new(&home),
             home,
@@ -76,19 +76,33 @@ impl LocalBackend {
         &self.store
     }
 
+    /// The libvirt connection to use now (a new one when libvirtd restarted).
+    fn conn(&self) -> anyhow::Result<Connect> {
+        self.libvirt.get()
+    }
+
+    /// Defines (or redefines) a domain from its XML.
+    fn define_xml(&self, xml: &str) -> anyhow::Result<Domain> {
+        self.conn()?.define_domain_xml(xml).map_err(lv)
+    }
+
     /// The agentvm domain of `name` with its state, if one is defined.
     fn lookup(&self, name: &str) -> Result<Option<(Domain, VmState)>> {
         let dom_name = domain_name(name);
-        let dom = match self.conn.lookup_domain_by_name(&dom_name) {
+        let (conn, generation) = self.libvirt.get_at()?;
+        let dom = match conn.lookup_domain_by_name(&dom_name) {
             Ok(dom) => dom,
             Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => return Ok(None),
             Err(e) => {
                 return Err(lv(e).context(format!("looking up {dom_name}")).into());
             }
         };
-        let state = read_state(&dom).ok_or_else(|| {
-            anyhow!("libvirt domain {dom_name} exists but was not made by agentvm (no agentvm metadata); refusing to touch it")
-        })?;
+        let Some(state) = read_state(&dom) else {
+            if !self.libvirt.died_since(generation) {
+                return Err(anyhow!("libvirt domain {dom_name} exists but was not made by agentvm (no agentvm metadata); refusing to touch it").into());
+            }
+            return Err(anyhow!("{}", conn::LOST).into());
+        };
         Ok(Some((dom, state)))
     }
 
@@ -118,22 +132,29 @@ impl LocalBackend {
     }
 
     fn managed_domains(&self) -> Result<Vec<(Domain, VmState)>> {
-        let domains = self
-            .conn
+        let (conn, generation) = self.libvirt.get_at()?;
+        let domains = conn
             .list_all_domains(0)
             .map_err(lv)
             .context("listing libvirt domains")?;
-        Ok(domains
+        let managed = domains
             .into_iter()
             .filter(|d| d.name().is_ok_and(|n| n.starts_with(domain::DOMAIN_PREFIX)))
             .filter_map(|d| read_state(&d).map(|s| (d, s)))
-            .collect())
+            .collect();
+        // A domain whose metadata could not be read is left out above; when
+        // that was the connection dying, the list is not the whole truth.
+        if self.libvirt.died_since(generation) {
+            return Err(anyhow!("{}", conn::LOST).into());
+        }
+        Ok(managed)
     }
 
     /// How `spec` (on `image`, when known) is applied on this host now.
     fn target(&self, spec: &VmSpec, image: Option<&ImageSpec>) -> Result<Target> {
-        let accel = host::accel(&self.conn, spec.accel)?;
-        let network = host::network(&self.conn, accel)?;
+        let conn = self.conn()?;
+        let accel = host::accel(&conn, spec.accel)?;
+        let network = host::network(&conn, accel)?;
         Ok(Target {
             accel,
             network,
@@ -212,8 +233,13 @@ fn live_state(dom: &Domain) -> Result<State> {
     })
 }
 
-/// A libvirt error as agentvm shows it: libvirt's message, without its numeric codes.
+/// A libvirt error as agentvm shows it: libvirt's message, without its numeric
+/// codes; the transport failing (libvirtd went away) is said in agentvm's words.
 pub(crate) fn lv(e: virt::error::Error) -> anyhow::Error {
+    if conn::is_transport_error(&e) {
+        tracing::debug!("libvirt transport error: {}", e.message());
+        return anyhow!("{}", conn::LOST);
+    }
     anyhow!("{}", e.message())
 }
 
