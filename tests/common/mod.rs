@@ -36,6 +36,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     /// VMs to destroy when the test ends, whatever happened.
     cleanup: std::cell::RefCell<Vec<String>>,
+    /// Environment variables every command of this environment gets.
+    extra_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -47,7 +49,13 @@ impl Env {
         Self {
             dir,
             cleanup: Default::default(),
+            extra_env: Vec::new(),
         }
+    }
+
+    /// Gives every command of this environment `key=value`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.extra_env.push((key.to_string(), value.to_string()));
     }
 
     pub fn home(&self) -> PathBuf {
@@ -103,6 +111,7 @@ impl Env {
             .env_remove("AGENTVM_ACCEL")
             .env_remove("AGENTVM_FAILPOINT")
             .current_dir(self.dir.path());
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -238,6 +247,10 @@ impl DaemonProcess {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
     }
 }
 
