@@ -28,8 +28,9 @@ pub fn daemon(uri: &str, install_unit: bool, stop: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// Stops the daemon of this home (or of `AGENTVM_SOCKET`).
 fn stop_daemon() -> Result<i32> {
-    let socket = crate::paths::socket_path()?;
+    let socket = crate::paths::socket_path(&crate::paths::Home::from_env()?)?;
     let Some(pid) = crate::daemon::running_pid(&socket) else {
         println!("no agentvm daemon is running");
         return Ok(0);

@@ -1,6 +1,7 @@
-//! The agentvm daemon: the one writer of agentvm's state. It serves the CLI on
-//! a per-user unix socket, runs one operation at a time per VM and many VMs in
-//! parallel, and on start repairs what a killed predecessor left behind.
+//! The agentvm daemon: the one writer of one agentvm home's state. It serves
+//! the CLI on a unix socket of its own per home, runs one operation at a time
+//! per VM and many VMs in parallel, and on start repairs what a killed
+//! predecessor left behind.
 
 mod connection;
 mod lifecycle;
@@ -39,7 +40,7 @@ struct Shared {
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(uri: &str) -> Result<()> {
     let home = Home::from_env()?;
-    let socket = paths::socket_path()?;
+    let socket = paths::socket_path(&home)?;
     if let Some(dir) = socket.parent() {
         create_private_dir(dir)?;
     }
