@@ -76,6 +76,7 @@ impl LocalBackend {
         );
         state.agent = target.agent;
         state.host_key = target.host_key.clone();
+        state.home = Some(self.home_key.clone());
         DomainPlan::new(
             spec,
             &self.home,

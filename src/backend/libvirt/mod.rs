@@ -7,6 +7,7 @@ mod display;
 mod heal;
 mod host;
 mod lifecycle;
+mod owner;
 mod repair;
 mod snapshots;
 
@@ -43,6 +44,8 @@ const LOG_TAIL_LINES: usize = 15;
 pub struct LocalBackend {
     libvirt: conn::Conn,
     home: Home,
+    /// The canonical path of `home`, recorded in the metadata of the VMs it makes.
+    home_key: String,
     runtime_dir: PathBuf,
     store: ImageStore,
     identity: Identity,
@@ -54,6 +57,7 @@ impl LocalBackend {
         // libvirt prints every error to stderr by default; agentvm reports its own.
         virt::error::clear_error_callback();
         let libvirt = conn::Conn::open(uri)?;
+        let home_key = paths::canonical_home(&home)?.display().to_string();
         let identity = Identity::ensure(&home)?;
         let runtime_dir = paths::runtime_dir()?;
         let longest = domain::guest_agent_socket(&runtime_dir, &"x".repeat(MAX_NAME_LEN));
@@ -65,6 +69,7 @@ impl LocalBackend {
         }
         Ok(Self {
             libvirt,
+            home_key,
             runtime_dir,
             store: ImageStore::new(&home),
             home,
@@ -86,7 +91,8 @@ impl LocalBackend {
         self.conn()?.define_domain_xml(xml).map_err(lv)
     }
 
-    /// The agentvm domain of `name` with its state, if one is defined.
+    /// The agentvm domain of `name` with its state, if this home has one. A
+    /// domain of that name made by another agentvm home is an error naming it.
     fn lookup(&self, name: &str) -> Result<Option<(Domain, VmState)>> {
         let dom_name = domain_name(name);
         let (conn, generation) = self.libvirt.get_at()?;
@@ -103,6 +109,12 @@ impl LocalBackend {
             }
             return Err(anyhow!("{}", conn::LOST).into());
         };
+        if let owner::Owner::Other(home) = self.owner(&dom, &state) {
+            return Err(anyhow!(
+                "VM {name} already exists in agentvm home {home}; libvirt's session has one namespace of VM names per user — pick another name"
+            )
+            .into());
+        }
         Ok(Some((dom, state)))
     }
 
@@ -119,10 +131,11 @@ impl LocalBackend {
             .ok_or_else(|| BackendError::NotFound(name.to_string()))
     }
 
-    /// Ports held by every agentvm VM except `except`.
+    /// Ports held by every agentvm VM except `except`, whichever home made it
+    /// (ports, like libvirt's session, are per user).
     fn claims(&self, except: &str) -> Result<Claims> {
         let mut claims = Claims::default();
-        for (_, state) in self.managed_domains()? {
+        for (_, state) in self.all_domains()? {
             if state.name != except {
                 claims.add(state.ssh_port, &state.name);
                 claims.add(state.spice_port, &state.name);
@@ -131,7 +144,17 @@ impl LocalBackend {
         Ok(claims)
     }
 
+    /// This home's agentvm domains.
     fn managed_domains(&self) -> Result<Vec<(Domain, VmState)>> {
+        Ok(self
+            .all_domains()?
+            .into_iter()
+            .filter(|(dom, state)| self.owner(dom, state) == owner::Owner::Us)
+            .collect())
+    }
+
+    /// Every agentvm domain of this user's libvirt, whichever home made it.
+    fn all_domains(&self) -> Result<Vec<(Domain, VmState)>> {
         let (conn, generation) = self.libvirt.get_at()?;
         let domains = conn
             .list_all_domains(0)
