@@ -23,6 +23,9 @@ pub const ENV_NIX: &str = "AGENTVM_NIX";
 pub const ENV_NIXOS_REBUILD: &str = "AGENTVM_NIXOS_REBUILD";
 /// Environment variable that overrides the daemon socket path.
 pub const ENV_SOCKET: &str = "AGENTVM_SOCKET";
+/// Environment variable: how long an idle daemon waits before it exits
+/// (`15m`, `30s`, `1h`; `0` or `off`: never). `agentvm daemon --idle-exit` is the same.
+pub const ENV_DAEMON_IDLE_EXIT: &str = "AGENTVM_DAEMON_IDLE_EXIT";
 
 /// The fleet file searched for in the current folder and its parents.
 pub const FLEET_FILE: &str = "agentvm.toml";
