@@ -86,13 +86,15 @@ pub(super) async fn handle(stream: UnixStream, held: Held) {
                 continue;
             }
         };
+        // An events stream has no end of its own: the client hanging up ends it.
+        let endless = matches!(request, Request::Events { .. });
         let (tx, mut rx) = mpsc::unbounded_channel();
         // The operation runs on its own task: a client that goes away
         // mid-operation neither cancels nor corrupts it.
         tokio::spawn(dispatch(Held::new(shared.clone()), request, tx));
-        // Forward its replies; a client that hangs up (one following events
-        // waits for nothing else) ends the connection, and with it the stream.
-        let mut watching = true;
+        // Forward its replies, watching an events client for hanging up
+        // (another client may only have shut down its sending side).
+        let mut watching = endless;
         loop {
             tokio::select! {
                 reply = rx.recv() => match reply {
@@ -107,7 +109,7 @@ pub(super) async fn handle(stream: UnixStream, held: Held) {
                     if gone {
                         return;
                     }
-                    // It sent its next request early: read it after this one.
+                    // It sent more: that is read after this stream.
                     watching = false;
                 }
             }
