@@ -77,7 +77,7 @@
               # qemu-img, ssh-keyscan and ssh-keygen, and passt when present.
               path = [ config.virtualisation.libvirtd.qemu.package pkgs.openssh pkgs.passt ];
               serviceConfig = {
-                ExecStart = "${cfg.package}/bin/agentvm daemon";
+                ExecStart = "${cfg.package}/bin/agentvm daemon --idle-exit off";
                 Restart = "on-failure";
               };
             };
@@ -102,7 +102,7 @@
             systemd.user.services.agentvm-daemon = {
               Unit.Description = "agentvm daemon";
               Service = {
-                ExecStart = "${cfg.package}/bin/agentvm daemon";
+                ExecStart = "${cfg.package}/bin/agentvm daemon --idle-exit off";
                 Restart = "on-failure";
                 # See the NixOS module; the system's own directories come after.
                 Environment = [ "PATH=${tools}:/run/current-system/sw/bin:/usr/bin:/bin" ];

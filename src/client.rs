@@ -1,5 +1,5 @@
-//! The CLI's side of the daemon protocol: connect (starting the daemon on
-//! demand), check it serves the same data folder, send a request, stream events.
+//! The CLI's side of the daemon protocol: connect to the home's daemon
+//! (starting it on demand), check its build, send a request, stream events.
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
@@ -35,10 +35,10 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to this user's daemon, starting one (detached, logging to
+    /// Connects to the daemon of `home`, starting one (detached, logging to
     /// `$AGENTVM_HOME/daemon.log`) if none is running.
     pub fn connect_or_start(home: &Home, uri: &str) -> Result<Self> {
-        let socket = paths::socket_path()?;
+        let socket = paths::socket_path(home)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -91,11 +91,21 @@ impl Client {
                          restart the daemon (agentvm daemon --stop; the next command starts the new one)"
                     );
                 }
+                // The socket is the home's own unless AGENTVM_SOCKET forces
+                // one: then it may be another home's daemon.
                 let ours = home.root().display().to_string();
-                if daemon_home != ours || daemon_uri != uri {
+                let same_home = !paths::socket_forced()
+                    || paths::canonical_home(&Home::at(&daemon_home))?
+                        == paths::canonical_home(home)?;
+                if !same_home || daemon_uri != uri {
                     bail!(
                         "the running agentvm daemon (pid {pid}) serves {daemon_home} on {daemon_uri}, not {ours} on {uri}: \
-                         stop it with `agentvm daemon --stop`, or give this one its own AGENTVM_SOCKET"
+                         stop it with `agentvm daemon --stop`{}",
+                        if paths::socket_forced() {
+                            format!(", or give this one its own {}", paths::ENV_SOCKET)
+                        } else {
+                            String::new()
+                        }
                     );
                 }
                 Ok(())

@@ -23,6 +23,9 @@ pub const ENV_NIX: &str = "AGENTVM_NIX";
 pub const ENV_NIXOS_REBUILD: &str = "AGENTVM_NIXOS_REBUILD";
 /// Environment variable that overrides the daemon socket path.
 pub const ENV_SOCKET: &str = "AGENTVM_SOCKET";
+/// Environment variable: how long an idle daemon waits before it exits
+/// (`15m`, `30s`, `1h`; `0` or `off`: never). `agentvm daemon --idle-exit` is the same.
+pub const ENV_DAEMON_IDLE_EXIT: &str = "AGENTVM_DAEMON_IDLE_EXIT";
 
 /// The fleet file searched for in the current folder and its parents.
 pub const FLEET_FILE: &str = "agentvm.toml";
@@ -62,19 +65,27 @@ pub const SSH_DIR: &str = "ssh";
 /// `$AGENTVM_HOME/ssh/id_ed25519` (and `.pub`).
 pub const SSH_KEY_FILE: &str = "id_ed25519";
 /// `<runtime dir>/lock`: held while a command changes VMs, ports or the store.
-/// It is per user, not per data folder: ports and libvirt's session are per user.
+/// It is per user, not per data folder: ports and libvirt's session are per user
+/// (as are the guest agent sockets); the daemon's socket and pid file are per home.
 pub const LOCK_FILE: &str = "lock";
-/// `<runtime dir>/agentvm.sock`: the daemon's socket (`AGENTVM_SOCKET` overrides).
+/// `<runtime dir>/<home key>/`: the folder of one home's daemon, named by the
+/// first this many hex digits of the SHA-256 of the home's canonical path.
+pub const HOME_KEY_HEX_DIGITS: usize = 16;
+/// `<runtime dir>/<home key>/agentvm.sock`: the daemon's socket, one per home
+/// (`AGENTVM_SOCKET` overrides).
 pub const SOCKET_FILE: &str = "agentvm.sock";
 /// Beside the socket, with this extension: the daemon's flocked pid file.
 pub const PID_EXTENSION: &str = "pid";
+/// The longest path a UNIX socket may have (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 /// The systemd user unit written by `agentvm daemon --install-unit`.
 pub const UNIT_FILE: &str = "agentvm.service";
 /// `$AGENTVM_HOME/daemon.log`: where a daemon started on demand logs.
 pub const DAEMON_LOG_FILE: &str = "daemon.log";
 /// `<runtime dir>/NAME.qga`: a VM's guest agent socket.
 pub const GUEST_AGENT_SOCKET_SUFFIX: &str = ".qga";
-/// The per-user runtime folder's name under `$XDG_RUNTIME_DIR`.
+/// The per-user runtime folder's name under `$XDG_RUNTIME_DIR` (or, with
+/// `-<uid>` appended, under the temp folder).
 pub const RUNTIME_DIR: &str = "agentvm";
 
 /// The agentvm data folder and the paths inside it.
@@ -200,15 +211,88 @@ pub fn lock_file() -> Result<PathBuf> {
     Ok(runtime_dir()?.join(LOCK_FILE))
 }
 
-/// The daemon's socket: `$AGENTVM_SOCKET`, else `<runtime dir>/agentvm.sock`.
-pub fn socket_path() -> Result<PathBuf> {
-    match non_empty_env(ENV_SOCKET) {
-        Some(path) => Ok(PathBuf::from(path)),
-        None => Ok(runtime_dir()?.join(SOCKET_FILE)),
+/// The canonical path of `home` (symlinks resolved), also while (part of)
+/// it does not exist yet: the longest existing ancestor is resolved.
+pub fn canonical_home(home: &Home) -> Result<PathBuf> {
+    let root = std::path::absolute(home.root())
+        .with_context(|| format!("making {} an absolute path", home.root().display()))?;
+    let mut rest = Vec::new();
+    let mut base = root.as_path();
+    loop {
+        match std::fs::canonicalize(base) {
+            Ok(found) => {
+                return Ok(rest.iter().rev().fold(found, |path, part| path.join(part)));
+            }
+            Err(_) => match (base.parent(), base.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    base = parent;
+                }
+                _ => return Ok(root),
+            },
+        }
     }
+}
+
+/// The short name of a home's daemon folder: see [`HOME_KEY_HEX_DIGITS`].
+pub fn home_key(canonical: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    hex::encode(digest)[..HOME_KEY_HEX_DIGITS].to_string()
+}
+
+/// Whether the daemon socket is forced by `AGENTVM_SOCKET`.
+pub fn socket_forced() -> bool {
+    non_empty_env(ENV_SOCKET).is_some()
+}
+
+/// The daemon's socket for `home`: `$AGENTVM_SOCKET`, else
+/// `<runtime dir>/<home key>/agentvm.sock` (one daemon per home). Its folder
+/// is not created here.
+pub fn socket_path(home: &Home) -> Result<PathBuf> {
+    let path = match non_empty_env(ENV_SOCKET) {
+        Some(path) => PathBuf::from(path),
+        None => runtime_dir()?
+            .join(home_key(&canonical_home(home)?))
+            .join(SOCKET_FILE),
+    };
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        bail!(
+            "the daemon socket path {} is longer than UNIX sockets allow ({MAX_SOCKET_PATH} bytes); \
+             set XDG_RUNTIME_DIR to a shorter folder, or {ENV_SOCKET} to a shorter path",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// The daemon's pid file, beside its socket.
 pub fn pid_file(socket: &Path) -> PathBuf {
     socket.with_extension(PID_EXTENSION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_home_has_one_key_however_it_is_spelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // Homes that do not exist yet resolve too.
+        let direct = canonical_home(&Home::at(real.join("home/agentvm"))).unwrap();
+        let linked = canonical_home(&Home::at(link.join("home/agentvm"))).unwrap();
+        assert_eq!(direct, linked);
+        assert!(
+            direct.ends_with("real/home/agentvm"),
+            "{}",
+            direct.display()
+        );
+        assert_eq!(home_key(&direct), home_key(&linked));
+        assert_eq!(home_key(&direct).len(), HOME_KEY_HEX_DIGITS);
+        assert_ne!(home_key(&direct), home_key(&direct.join("other")));
+    }
 }

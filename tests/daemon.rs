@@ -363,4 +363,8 @@ fn install_unit_writes_a_systemd_user_unit() {
         "{unit}"
     );
     assert!(unit.contains("[Install]"), "{unit}");
+    assert!(
+        unit.contains("--idle-exit off"),
+        "a service stays up: {unit}"
+    );
 }

@@ -97,7 +97,7 @@ fn generate(case: &Case) -> String {
         cmdline: Some("console=ttyS0 quiet".into()),
     });
     let hash = spec_hash(spec, Accel::Tcg, case.network);
-    let state = VmState::new(
+    let mut state = VmState::new(
         spec,
         "sha256:0000000000000000000000000000000000000000000000000000000000000000",
         hash,
@@ -105,6 +105,7 @@ fn generate(case: &Case) -> String {
         Accel::Tcg,
         case.network,
     );
+    state.home = Some(home.root().display().to_string());
     DomainPlan::new(
         spec,
         &home,

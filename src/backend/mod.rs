@@ -34,6 +34,10 @@ pub enum BackendError {
     NotFound(String),
     #[error("{name} is readonly: refusing to {action} it (set readonly = false in its spec first)")]
     ReadOnly { name: String, action: &'static str },
+    /// A step that changes a VM lost its connection to the backend midway; the
+    /// message says what was being done and the state the VM was left in.
+    #[error("{0}")]
+    Interrupted(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -44,7 +48,7 @@ impl BackendError {
             Self::Unsupported { .. } => ErrorKind::Unsupported,
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::ReadOnly { .. } => ErrorKind::Readonly,
-            Self::Other(_) => ErrorKind::Failed,
+            Self::Interrupted(_) | Self::Other(_) => ErrorKind::Failed,
         }
     }
 }

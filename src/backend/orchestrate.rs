@@ -110,7 +110,8 @@ pub fn up(
 }
 
 /// Starts a VM `create` just made; if it cannot start, it is removed again so
-/// that a failed `up` leaves nothing behind.
+/// that a failed `up` leaves nothing behind. A start interrupted by a lost
+/// connection may have happened: that VM is kept, and the error says its state.
 fn start_new(
     backend: &dyn Backend,
     name: &str,
@@ -118,6 +119,9 @@ fn start_new(
     progress: &dyn Reporter,
 ) -> Result<()> {
     if let Err(e) = backend.start(name, progress) {
+        if matches!(e, BackendError::Interrupted(_)) {
+            return Err(e);
+        }
         return Err(match backend.remove(name) {
             Ok(()) => e,
             Err(cleanup) => anyhow!(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::anyhow;
 use serde::{Deserialize, Serialize};
 
-use super::libvirt::LocalBackend;
+use super::libvirt::Healing;
 use super::proxmox::ProxmoxBackend;
 use super::{Backend, BackendError, Existing, Result};
 use crate::paths::Home;
@@ -49,13 +49,13 @@ type Built = (RemoteConfig, Arc<dyn Backend>);
 
 /// Every backend the daemon has built.
 pub struct Registry {
-    local: Arc<LocalBackend>,
+    local: Arc<Healing>,
     home: Home,
     remote: Mutex<BTreeMap<String, Built>>,
 }
 
 impl Registry {
-    pub fn new(local: Arc<LocalBackend>, home: Home) -> Self {
+    pub fn new(local: Arc<Healing>, home: Home) -> Self {
         Self {
             local,
             home,
@@ -63,7 +63,7 @@ impl Registry {
         }
     }
 
-    pub fn local(&self) -> &Arc<LocalBackend> {
+    pub fn local(&self) -> &Arc<Healing> {
         &self.local
     }
 

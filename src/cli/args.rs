@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::paths::{ENV_FILE, ENV_LIBVIRT_URI};
+use crate::paths::{ENV_DAEMON_IDLE_EXIT, ENV_FILE, ENV_LIBVIRT_URI};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -159,6 +159,10 @@ pub enum Command {
         /// Stop the running daemon.
         #[arg(long)]
         stop: bool,
+        /// Exit after this long with no client and nothing in flight (30s, 15m,
+        /// 1h); 0 or off: never. The next command starts a new daemon.
+        #[arg(long, env = ENV_DAEMON_IDLE_EXIT, default_value = crate::daemon::idle::DEFAULT_IDLE_EXIT)]
+        idle_exit: String,
     },
     /// Print the VM's SPICE URI.
     Spice {

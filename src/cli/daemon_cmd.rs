@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{App, output};
 
-pub fn daemon(uri: &str, install_unit: bool, stop: bool) -> Result<i32> {
+pub fn daemon(uri: &str, install_unit: bool, stop: bool, idle_exit: &str) -> Result<i32> {
     if install_unit {
         let path = crate::daemon::unit_path()?;
         let exe = std::env::current_exe().context("finding the agentvm executable")?;
@@ -24,12 +24,13 @@ pub fn daemon(uri: &str, install_unit: bool, stop: bool) -> Result<i32> {
     if stop {
         return stop_daemon();
     }
-    crate::daemon::run(uri)?;
+    crate::daemon::run(uri, crate::daemon::idle::parse_idle_exit(idle_exit)?)?;
     Ok(0)
 }
 
+/// Stops the daemon of this home (or of `AGENTVM_SOCKET`).
 fn stop_daemon() -> Result<i32> {
-    let socket = crate::paths::socket_path()?;
+    let socket = crate::paths::socket_path(&crate::paths::Home::from_env()?)?;
     let Some(pid) = crate::daemon::running_pid(&socket) else {
         println!("no agentvm daemon is running");
         return Ok(0);

@@ -56,8 +56,13 @@ struct App {
 }
 
 fn run(cli: Cli) -> Result<i32> {
-    if let Command::Daemon { install_unit, stop } = cli.command {
-        return daemon_cmd::daemon(&cli.connect, install_unit, stop);
+    if let Command::Daemon {
+        install_unit,
+        stop,
+        idle_exit,
+    } = cli.command
+    {
+        return daemon_cmd::daemon(&cli.connect, install_unit, stop, &idle_exit);
     }
     let needs_fleet = matches!(
         cli.command,

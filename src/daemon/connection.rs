@@ -1,6 +1,7 @@
 //! One client connection: the peer check, request lines (bounded), and each
 //! request dispatched to its operation while replies stream back.
 
+use std::ops::Deref;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
@@ -20,7 +21,33 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
         .map(|cred| cred.uid())
 }
 
-pub(super) async fn handle(stream: UnixStream, shared: Arc<Shared>) {
+/// The shared state, keeping the daemon from idle exit while held (by an open
+/// connection, or an operation in flight).
+pub(super) struct Held(Arc<Shared>);
+
+impl Held {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        shared.activity.enter();
+        Self(shared)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.activity.leave();
+    }
+}
+
+impl Deref for Held {
+    type Target = Arc<Shared>;
+
+    fn deref(&self) -> &Arc<Shared> {
+        &self.0
+    }
+}
+
+pub(super) async fn handle(stream: UnixStream, held: Held) {
+    let shared: Arc<Shared> = Arc::clone(&held);
     let peer = peer_uid(&stream);
     let (read, mut write) = stream.into_split();
     if peer != Some(shared.uid) {
@@ -59,15 +86,42 @@ pub(super) async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // An events stream has no end of its own: the client hanging up ends it.
+        let endless = matches!(request, Request::Events { .. });
         let (tx, mut rx) = mpsc::unbounded_channel();
         // The operation runs on its own task: a client that goes away
         // mid-operation neither cancels nor corrupts it.
-        tokio::spawn(dispatch(shared.clone(), request, tx));
-        while let Some(reply) = rx.recv().await {
-            if write.write_all(&encode(&reply)).await.is_err() {
-                return;
+        tokio::spawn(dispatch(Held::new(shared.clone()), request, tx));
+        // Forward its replies, watching an events client for hanging up
+        // (another client may only have shut down its sending side).
+        let mut watching = endless;
+        loop {
+            tokio::select! {
+                reply = rx.recv() => match reply {
+                    Some(reply) => {
+                        if write.write_all(&encode(&reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => break,
+                },
+                gone = client_gone(&mut reader), if watching => {
+                    if gone {
+                        return;
+                    }
+                    // It sent more: that is read after this stream.
+                    watching = false;
+                }
             }
         }
+    }
+}
+
+/// Waits until the client hangs up (true) or sends more (false).
+async fn client_gone(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> bool {
+    match reader.fill_buf().await {
+        Ok(buf) => buf.is_empty(),
+        Err(_) => true,
     }
 }
 
@@ -101,7 +155,8 @@ async fn read_line_limited(
     }
 }
 
-async fn dispatch(shared: Arc<Shared>, request: Request, tx: mpsc::UnboundedSender<Reply>) {
+async fn dispatch(held: Held, request: Request, tx: mpsc::UnboundedSender<Reply>) {
+    let shared: Arc<Shared> = Arc::clone(&held);
     let reply = match request {
         Request::Hello { build } => {
             if build != BUILD {
@@ -138,7 +193,12 @@ async fn dispatch(shared: Arc<Shared>, request: Request, tx: mpsc::UnboundedSend
             }
             let mut events = shared.lifecycle.subscribe();
             loop {
-                match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    // The connection ended: stop following.
+                    () = tx.closed() => return,
+                };
+                match received {
                     Ok(event) => {
                         if tx.send(Reply::Event(event)).is_err() {
                             return;

@@ -1,8 +1,10 @@
-//! The agentvm daemon: the one writer of agentvm's state. It serves the CLI on
-//! a per-user unix socket, runs one operation at a time per VM and many VMs in
-//! parallel, and on start repairs what a killed predecessor left behind.
+//! The agentvm daemon: the one writer of one agentvm home's state. It serves
+//! the CLI on a unix socket of its own per home, runs one operation at a time
+//! per VM and many VMs in parallel, on start repairs what a killed predecessor
+//! left behind, and (when started on demand) exits after a while idle.
 
 mod connection;
+pub mod idle;
 mod lifecycle;
 pub mod locks;
 mod ops;
@@ -12,6 +14,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
@@ -19,7 +22,7 @@ use nix::sys::stat::{Mode, umask};
 use tokio::net::UnixListener;
 use tokio::sync::broadcast;
 
-use crate::backend::libvirt::LocalBackend;
+use crate::backend::libvirt::{Healing, LocalBackend};
 use crate::backend::registry::Registry;
 use crate::fsutil::create_private_dir;
 use crate::paths::{self, Home};
@@ -31,15 +34,23 @@ struct Shared {
     registry: Registry,
     locks: VmLocks,
     lifecycle: broadcast::Sender<Event>,
+    /// Open connections and operations in flight, for idle exit.
+    activity: idle::Activity,
     home: String,
     uri: String,
     uid: u32,
 }
 
-/// Runs the daemon in the foreground until SIGTERM or SIGINT.
-pub fn run(uri: &str) -> Result<()> {
+/// How often an idle daemon checks whether its time is up.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// How long a starting daemon waits for an exiting one to let go of the pid file.
+const PID_FILE_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT, or until it has
+/// been idle for `idle_exit`.
+pub fn run(uri: &str, idle_exit: Option<Duration>) -> Result<()> {
     let home = Home::from_env()?;
-    let socket = paths::socket_path()?;
+    let socket = paths::socket_path(&home)?;
     if let Some(dir) = socket.parent() {
         create_private_dir(dir)?;
     }
@@ -50,17 +61,21 @@ pub fn run(uri: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", socket.display())),
     }
-    let backend = Arc::new(LocalBackend::connect(uri, home.clone())?);
+    let backend = Arc::new(Healing::new(LocalBackend::connect(uri, home.clone())?));
     let repaired = backend.reconcile()?;
     for line in &repaired {
         tracing::warn!("repaired: {line}");
     }
     tracing::info!(
-        "agentvm daemon {} (protocol {PROTOCOL_VERSION}) serving {} on {}; {} repair(s) at start",
+        "agentvm daemon {} (protocol {PROTOCOL_VERSION}) serving {} on {}; {} repair(s) at start; {}",
         std::process::id(),
         home.root().display(),
         socket.display(),
-        repaired.len()
+        repaired.len(),
+        match idle_exit {
+            Some(after) => format!("exits after {} idle", idle::describe(after)),
+            None => "never exits when idle".to_string(),
+        }
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -70,18 +85,23 @@ pub fn run(uri: &str) -> Result<()> {
         registry: Registry::new(backend, home.clone()),
         locks: VmLocks::default(),
         lifecycle: broadcast::channel(256).0,
+        activity: idle::Activity::default(),
         home: home.root().display().to_string(),
         uri: uri.to_string(),
         uid: nix::unistd::getuid().as_raw(),
     });
-    let result = runtime.block_on(serve(&socket, shared));
+    let result = runtime.block_on(serve(&socket, shared, idle_exit));
+    // Removed while the pid file is still held: a new daemon never finds the
+    // socket of one that is going away.
     let _ = fs::remove_file(&socket);
     result
 }
 
-/// Takes the flock on the pid file and writes our pid into it; one daemon per socket.
+/// Takes the flock on the pid file and writes our pid into it; one daemon per
+/// socket. A daemon that is exiting (idle) holds it a moment longer than its
+/// socket: that is waited for, briefly.
 fn claim_pid_file(path: &Path) -> Result<Flock<File>> {
-    let file = OpenOptions::new()
+    let mut file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
@@ -89,16 +109,23 @@ fn claim_pid_file(path: &Path) -> Result<Flock<File>> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => lock,
-        Err((mut file, _)) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            bail!(
-                "an agentvm daemon is already running (pid {}, pid file {})",
-                pid.trim(),
-                path.display()
-            );
+    let deadline = Instant::now() + PID_FILE_PATIENCE;
+    let mut lock = loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => break lock,
+            Err((back, _)) if Instant::now() < deadline => {
+                file = back;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err((mut back, _)) => {
+                let mut pid = String::new();
+                let _ = back.read_to_string(&mut pid);
+                bail!(
+                    "an agentvm daemon is already running (pid {}, pid file {})",
+                    pid.trim(),
+                    path.display()
+                );
+            }
         }
     };
     lock.set_len(0)?;
@@ -117,19 +144,33 @@ pub fn running_pid(socket: &Path) -> Option<u32> {
     }
 }
 
-async fn serve(socket: &Path, shared: Arc<Shared>) -> Result<()> {
+async fn serve(socket: &Path, shared: Arc<Shared>, idle_exit: Option<Duration>) -> Result<()> {
     let listener = bind_private(socket)?;
     tokio::spawn(lifecycle::watch(shared.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut idle_check = tokio::time::interval(IDLE_CHECK);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(connection::handle(stream, shared.clone()));
+                    // Busy from the accept on, so an idle exit cannot race it.
+                    let busy = connection::Held::new(shared.clone());
+                    tokio::spawn(connection::handle(stream, busy));
                 }
                 Err(e) => tracing::warn!("accept failed: {e}"),
             },
+            _ = idle_check.tick(), if idle_exit.is_some() => {
+                if let (Some(limit), Some(idle)) = (idle_exit, shared.activity.idle_for())
+                    && idle >= limit
+                {
+                    tracing::info!(
+                        "idle for {} (no client, nothing in flight): exiting; the next command starts a new daemon",
+                        idle::describe(limit)
+                    );
+                    break;
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -149,13 +190,15 @@ fn bind_private(socket: &Path) -> Result<UnixListener> {
     Ok(UnixListener::from_std(listener)?)
 }
 
-/// The systemd user unit `agentvm daemon --install-unit` writes.
+/// The systemd user unit `agentvm daemon --install-unit` writes: a service
+/// stays up, so idle exit is off.
 pub fn unit_text(exe: &Path, uri: &str) -> String {
     format!(
         "[Unit]\nDescription=agentvm daemon (agent VMs on libvirt)\n\n\
-         [Service]\nExecStart={} daemon --connect {uri}\nRestart=on-failure\n\n\
+         [Service]\nExecStart={} daemon --connect {uri} --idle-exit {}\nRestart=on-failure\n\n\
          [Install]\nWantedBy=default.target\n",
-        exe.display()
+        exe.display(),
+        idle::IDLE_EXIT_OFF
     )
 }
 

@@ -23,6 +23,15 @@ pub struct VmState {
     pub name: String,
     #[serde(rename = "agentvm:backend", alias = "backend")]
     pub backend: String,
+    /// The canonical path of the agentvm home (`$AGENTVM_HOME`) that made the
+    /// VM: homes share the user's libvirt session, each sees only its own VMs.
+    #[serde(
+        rename = "agentvm:home",
+        alias = "home",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub home: Option<String>,
     #[serde(rename = "agentvm:spec-hash", alias = "spec-hash")]
     pub spec_hash: String,
     #[serde(rename = "agentvm:image", alias = "image")]
@@ -75,6 +84,7 @@ impl VmState {
             xmlns: AGENTVM_NS.to_string(),
             name: spec.name.to_string(),
             backend: spec.backend.clone(),
+            home: None,
             spec_hash,
             image: spec
                 .image

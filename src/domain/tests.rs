@@ -5,6 +5,7 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         xmlns: AGENTVM_NS.to_string(),
         name: name.to_string(),
         backend: "local".into(),
+        home: Some("/home/u/.local/share/agentvm".into()),
         spec_hash: "sha256:00".into(),
         image: "tiny".into(),
         image_digest: "sha256:11".into(),

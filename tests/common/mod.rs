@@ -36,6 +36,10 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     /// VMs to destroy when the test ends, whatever happened.
     cleanup: std::cell::RefCell<Vec<String>>,
+    /// The home's own daemon socket, as users get it (no AGENTVM_SOCKET).
+    home_socket: bool,
+    /// Environment variables every command of this environment gets.
+    extra_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -47,7 +51,22 @@ impl Env {
         Self {
             dir,
             cleanup: Default::default(),
+            home_socket: false,
+            extra_env: Vec::new(),
         }
+    }
+
+    /// An environment whose daemon socket is chosen by agentvm from the home
+    /// (`<runtime dir>/<home key>/agentvm.sock`), not forced by AGENTVM_SOCKET.
+    pub fn with_home_socket() -> Self {
+        let mut env = Self::new();
+        env.home_socket = true;
+        env
+    }
+
+    /// Gives every command of this environment `key=value`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.extra_env.push((key.to_string(), value.to_string()));
     }
 
     pub fn home(&self) -> PathBuf {
@@ -56,7 +75,15 @@ impl Env {
 
     /// Each test has its own daemon, so tests run side by side like separate users' would.
     pub fn socket(&self) -> PathBuf {
+        if self.home_socket {
+            return agentvm::paths::socket_path(&agentvm::paths::Home::at(self.home())).unwrap();
+        }
         self.dir.path().join("agentvm.sock")
+    }
+
+    /// The pid of the daemon holding this environment's pid file, if one does.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        agentvm::daemon::running_pid(&self.socket())
     }
 
     pub fn fleet_path(&self) -> PathBuf {
@@ -98,11 +125,17 @@ impl Env {
         cmd.args(args)
             .env("AGENTVM_HOME", self.home())
             .env("AGENTVM_FILE", self.fleet_path())
-            .env("AGENTVM_SOCKET", self.socket())
             .env_remove("AGENTVM_LIBVIRT_URI")
             .env_remove("AGENTVM_ACCEL")
             .env_remove("AGENTVM_FAILPOINT")
+            .env_remove("AGENTVM_DAEMON_IDLE_EXIT")
             .current_dir(self.dir.path());
+        if self.home_socket {
+            cmd.env_remove("AGENTVM_SOCKET");
+        } else {
+            cmd.env("AGENTVM_SOCKET", self.socket());
+        }
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -238,6 +271,10 @@ impl DaemonProcess {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
     }
 }
 

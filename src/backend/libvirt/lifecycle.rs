@@ -76,6 +76,7 @@ impl LocalBackend {
         );
         state.agent = target.agent;
         state.host_key = target.host_key.clone();
+        state.home = Some(self.home_key.clone());
         let mut plan = DomainPlan::new(
             spec,
             &self.home,
@@ -95,9 +96,7 @@ impl LocalBackend {
     fn define(&self, plan: &DomainPlan) -> Result<Domain> {
         let xml = plan.to_xml().context("writing domain XML")?;
         Ok(self
-            .conn
-            .define_domain_xml(&xml)
-            .map_err(lv)
+            .define_xml(&xml)
             .with_context(|| format!("defining {} in libvirt", plan.domain_name()))?)
     }
 
@@ -189,11 +188,12 @@ impl LocalBackend {
             }
         };
         timings.mark("xml");
-        if let Err(e) = self.conn.define_domain_xml(&xml) {
-            rollback();
-            return Err(lv(e)
-                .context(format!("defining {}", plan.domain_name()))
-                .into());
+        if let Err(e) = self.define_xml(&xml) {
+            // A define whose answer was lost with the connection may have happened.
+            if !matches!(self.lookup(name), Ok(Some(_))) {
+                rollback();
+            }
+            return Err(e.context(format!("defining {}", plan.domain_name())).into());
         }
         drop(ports_guard);
         failpoint::hit("up:defined");
@@ -240,7 +240,7 @@ impl LocalBackend {
         dom.create().map_err(|e| {
             anyhow!(
                 "starting {name}: {}{}",
-                e.message(),
+                lv(e),
                 log_tail(&self.home.vm_serial_log(name))
             )
         })?;

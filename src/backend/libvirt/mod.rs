@@ -2,9 +2,12 @@
 //! `<metadata>` as the only state store.
 
 mod agent;
+mod conn;
 mod display;
+mod heal;
 mod host;
 mod lifecycle;
+mod owner;
 mod repair;
 mod snapshots;
 
@@ -26,6 +29,7 @@ use crate::ports::Claims;
 use crate::spec::{DEFAULT_HOST_KEY, GIB, ImageSpec, LOCAL_BACKEND, MAX_NAME_LEN, Size, VmSpec};
 use crate::ssh::Identity;
 
+pub use heal::Healing;
 pub use host::{KVM_DEVICE, domcaps_offer_passt, libvirt_offers_kvm};
 
 /// The libvirt URI used unless `--connect` or `AGENTVM_LIBVIRT_URI` says otherwise.
@@ -38,8 +42,10 @@ const POLL: Duration = Duration::from_millis(200);
 const LOG_TAIL_LINES: usize = 15;
 
 pub struct LocalBackend {
-    conn: Connect,
+    libvirt: conn::Conn,
     home: Home,
+    /// The canonical path of `home`, recorded in the metadata of the VMs it makes.
+    home_key: String,
     runtime_dir: PathBuf,
     store: ImageStore,
     identity: Identity,
@@ -50,10 +56,8 @@ impl LocalBackend {
         home.ensure()?;
         // libvirt prints every error to stderr by default; agentvm reports its own.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(lv)
-            .with_context(|| {
-            format!("connecting to libvirt at {uri} (is libvirt installed, and for qemu:///system are you in the libvirt group?)")
-        })?;
+        let libvirt = conn::Conn::open(uri)?;
+        let home_key = paths::canonical_home(&home)?.display().to_string();
         let identity = Identity::ensure(&home)?;
         let runtime_dir = paths::runtime_dir()?;
         let longest = domain::guest_agent_socket(&runtime_dir, &"x".repeat(MAX_NAME_LEN));
@@ -64,7 +68,8 @@ impl LocalBackend {
             );
         }
         Ok(Self {
-            conn,
+            libvirt,
+            home_key,
             runtime_dir,
             store: ImageStore::new(&home),
             home,
@@ -76,19 +81,40 @@ impl LocalBackend {
         &self.store
     }
 
-    /// The agentvm domain of `name` with its state, if one is defined.
+    /// The libvirt connection to use now (a new one when libvirtd restarted).
+    fn conn(&self) -> anyhow::Result<Connect> {
+        self.libvirt.get()
+    }
+
+    /// Defines (or redefines) a domain from its XML.
+    fn define_xml(&self, xml: &str) -> anyhow::Result<Domain> {
+        self.conn()?.define_domain_xml(xml).map_err(lv)
+    }
+
+    /// The agentvm domain of `name` with its state, if this home has one. A
+    /// domain of that name made by another agentvm home is an error naming it.
     fn lookup(&self, name: &str) -> Result<Option<(Domain, VmState)>> {
         let dom_name = domain_name(name);
-        let dom = match self.conn.lookup_domain_by_name(&dom_name) {
+        let (conn, generation) = self.libvirt.get_at()?;
+        let dom = match conn.lookup_domain_by_name(&dom_name) {
             Ok(dom) => dom,
             Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => return Ok(None),
             Err(e) => {
                 return Err(lv(e).context(format!("looking up {dom_name}")).into());
             }
         };
-        let state = read_state(&dom).ok_or_else(|| {
-            anyhow!("libvirt domain {dom_name} exists but was not made by agentvm (no agentvm metadata); refusing to touch it")
-        })?;
+        let Some(state) = read_state(&dom) else {
+            if !self.libvirt.died_since(generation) {
+                return Err(anyhow!("libvirt domain {dom_name} exists but was not made by agentvm (no agentvm metadata); refusing to touch it").into());
+            }
+            return Err(anyhow!("{}", conn::LOST).into());
+        };
+        if let owner::Owner::Other(home) = self.owner(&dom, &state) {
+            return Err(anyhow!(
+                "VM {name} already exists in agentvm home {home}; libvirt's session has one namespace of VM names per user — pick another name"
+            )
+            .into());
+        }
         Ok(Some((dom, state)))
     }
 
@@ -105,10 +131,11 @@ impl LocalBackend {
             .ok_or_else(|| BackendError::NotFound(name.to_string()))
     }
 
-    /// Ports held by every agentvm VM except `except`.
+    /// Ports held by every agentvm VM except `except`, whichever home made it
+    /// (ports, like libvirt's session, are per user).
     fn claims(&self, except: &str) -> Result<Claims> {
         let mut claims = Claims::default();
-        for (_, state) in self.managed_domains()? {
+        for (_, state) in self.all_domains()? {
             if state.name != except {
                 claims.add(state.ssh_port, &state.name);
                 claims.add(state.spice_port, &state.name);
@@ -117,23 +144,40 @@ impl LocalBackend {
         Ok(claims)
     }
 
+    /// This home's agentvm domains.
     fn managed_domains(&self) -> Result<Vec<(Domain, VmState)>> {
-        let domains = self
-            .conn
+        Ok(self
+            .all_domains()?
+            .into_iter()
+            .filter(|(dom, state)| self.owner(dom, state) == owner::Owner::Us)
+            .collect())
+    }
+
+    /// Every agentvm domain of this user's libvirt, whichever home made it.
+    fn all_domains(&self) -> Result<Vec<(Domain, VmState)>> {
+        let (conn, generation) = self.libvirt.get_at()?;
+        let domains = conn
             .list_all_domains(0)
             .map_err(lv)
             .context("listing libvirt domains")?;
-        Ok(domains
+        let managed = domains
             .into_iter()
             .filter(|d| d.name().is_ok_and(|n| n.starts_with(domain::DOMAIN_PREFIX)))
             .filter_map(|d| read_state(&d).map(|s| (d, s)))
-            .collect())
+            .collect();
+        // A domain whose metadata could not be read is left out above; when
+        // that was the connection dying, the list is not the whole truth.
+        if self.libvirt.died_since(generation) {
+            return Err(anyhow!("{}", conn::LOST).into());
+        }
+        Ok(managed)
     }
 
     /// How `spec` (on `image`, when known) is applied on this host now.
     fn target(&self, spec: &VmSpec, image: Option<&ImageSpec>) -> Result<Target> {
-        let accel = host::accel(&self.conn, spec.accel)?;
-        let network = host::network(&self.conn, accel)?;
+        let conn = self.conn()?;
+        let accel = host::accel(&conn, spec.accel)?;
+        let network = host::network(&conn, accel)?;
         Ok(Target {
             accel,
             network,
@@ -232,8 +276,13 @@ fn live_state(dom: &Domain) -> Result<State> {
     })
 }
 
-/// A libvirt error as agentvm shows it: libvirt's message, without its numeric codes.
+/// A libvirt error as agentvm shows it: libvirt's message, without its numeric
+/// codes; the transport failing (libvirtd went away) is said in agentvm's words.
 pub(crate) fn lv(e: virt::error::Error) -> anyhow::Error {
+    if conn::is_transport_error(&e) {
+        tracing::debug!("libvirt transport error: {}", e.message());
+        return anyhow!("{}", conn::LOST);
+    }
     anyhow!("{}", e.message())
 }
 
