@@ -36,8 +36,10 @@ pub struct Client {
 
 impl Client {
     /// Connects to the daemon of `home`, starting one (detached, logging to
-    /// `$AGENTVM_HOME/daemon.log`) if none is running.
-    pub fn connect_or_start(home: &Home, uri: &str) -> Result<Self> {
+    /// `$AGENTVM_HOME/daemon.log`) if none is running. A daemon started here
+    /// does not inherit the variables named in `withhold` (the `pass_env`
+    /// values, which reach it through requests, for `up` only).
+    pub fn connect_or_start(home: &Home, uri: &str, withhold: &[String]) -> Result<Self> {
         let socket = paths::socket_path(home)?;
         let mut attempt = 0;
         loop {
@@ -50,7 +52,7 @@ impl Client {
                         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
                     ) =>
                 {
-                    start_daemon(home, uri, &socket)?
+                    start_daemon(home, uri, &socket, withhold)?
                 }
                 Err(e) => {
                     return Err(e).with_context(|| format!("connecting to {}", socket.display()));
@@ -182,7 +184,7 @@ impl Client {
     }
 }
 
-fn start_daemon(home: &Home, uri: &str, socket: &Path) -> Result<UnixStream> {
+fn start_daemon(home: &Home, uri: &str, socket: &Path, withhold: &[String]) -> Result<UnixStream> {
     home.ensure()?;
     let log_path = home.daemon_log();
     let log = OpenOptions::new()
@@ -191,7 +193,11 @@ fn start_daemon(home: &Home, uri: &str, socket: &Path) -> Result<UnixStream> {
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the agentvm executable")?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    for var in withhold {
+        command.env_remove(var);
+    }
+    let mut child = command
         .args(["daemon", "--connect", uri])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

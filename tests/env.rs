@@ -86,6 +86,16 @@ fn env_reaches_the_guest_and_no_command_line_xml_or_log() {
             "pid {pid} has an env value on its command line: {line}"
         );
     }
+    // The daemon that `up` started did not inherit the pass_env value either.
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(raw) = std::fs::read(entry.path().join("environ")) {
+            assert!(
+                !String::from_utf8_lossy(&raw).contains(&passed),
+                "process {:?} has the pass_env value in its environment",
+                entry.file_name()
+            );
+        }
+    }
     let qemu = all_command_lines()
         .into_iter()
         .find(|(_, l)| l.contains("qemu-system") && l.contains("agentvm-env-fwcfg"))

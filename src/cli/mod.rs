@@ -168,7 +168,13 @@ impl App {
     }
 
     fn daemon(&self) -> Result<Client> {
-        Client::connect_or_start(&self.home, &self.uri)
+        let pass_env: Vec<String> = self
+            .fleet
+            .iter()
+            .flat_map(|f| f.vms.values())
+            .flat_map(|spec| spec.pass_env.iter().cloned())
+            .collect();
+        Client::connect_or_start(&self.home, &self.uri, &pass_env)
     }
 
     /// The fleet file's `[backends.NAME]` with their tokens read. A backend

@@ -184,6 +184,10 @@ impl Lifecycle for Healing {
     fn ssh_endpoint(&self, name: &str) -> Result<Endpoint> {
         self.read(|| self.inner.ssh_endpoint(name))
     }
+
+    fn env_stale(&self, spec: &VmSpec) -> Result<bool> {
+        self.read(|| self.inner.env_stale(spec))
+    }
 }
 
 impl GuestAgent for Healing {
