@@ -59,7 +59,7 @@ mirrors=(
 packages=(
 	systemd systemd-sysv udev dbus systemd-resolved
 	openssh-server qemu-guest-agent
-	linux-image-cloud-amd64 initramfs-tools zstd
+	linux-image-cloud-amd64 tiny-initramfs
 	e2fsprogs fdisk netbase iproute2 procps
 )
 case $variant in
@@ -173,7 +173,7 @@ fs_bytes=$((disk_bytes - part_start * 512))
 log "mke2fs -d ($(du -sh "$work/root" 2>/dev/null | cut -f1) of files)"
 asroot mke2fs -q -t ext4 -O ^metadata_csum_seed,^orphan_file -U "$uuid" -L root \
 	-E root_owner=0:0,hash_seed="$uuid" -d "$work/root" \
-	"$work/fs/root.ext4" "$((fs_bytes / 1024))k"
+	"$work/fs/root.ext4" "$((fs_bytes / 1024))k" >&2
 asroot rm -rf "$work/root"
 
 raw=$work/disk.raw

@@ -49,9 +49,11 @@ cat >"$root/etc/hosts" <<'HOSTS'
 ff02::1		ip6-allnodes
 ff02::2		ip6-allrouters
 HOSTS
+# No fsck at boot (pass 0): it would wait for udev to announce the disk,
+# which is slow under emulation; the ext4 journal covers unclean shutdowns.
 cat >"$root/etc/fstab" <<FSTAB
 # <file system>	<mount point>	<type>	<options>	<dump>	<pass>
-UUID=$uuid	/	ext4	errors=remount-ro	0	1
+UUID=$uuid	/	ext4	errors=remount-ro	0	0
 FSTAB
 
 # The kernel's postinst keeps /vmlinuz and /initrd.img pointing at the newest
@@ -84,7 +86,8 @@ in_root systemctl enable "${units[@]}"
 # must not bring them back).
 masked=()
 for u in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
-	e2scrub_all.timer e2scrub_reap.service fstrim.timer man-db.timer; do
+	e2scrub_all.timer e2scrub_reap.service fstrim.timer man-db.timer \
+	systemd-repart.service; do
 	[[ -e $root/lib/systemd/system/$u ]] && masked+=("$u")
 done
 ((${#masked[@]} == 0)) || in_root systemctl mask "${masked[@]}"
