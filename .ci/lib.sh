@@ -7,12 +7,15 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TEST_USER="${AGENTVM_TEST_USER:-agentvm-test}"
 # Where the test guest is built; outside the checkout so it can be shared and kept warm.
 export AGENTVM_TESTGUEST_DIR="${AGENTVM_TESTGUEST_DIR:-/var/tmp/agentvm-testguest}"
+# Where the Debian guest disk images (images/debian) are built and cached.
+export AGENTVM_DEBIAN_GUEST_DIR="${AGENTVM_DEBIAN_GUEST_DIR:-/var/tmp/agentvm-debian}"
 
 PACKAGES=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   libxml2-utils pkg-config dbus openssh-client cpio binutils
   nix-bin age
+  mmdebstrap e2fsprogs fdisk grub-pc-bin
 )
 
 say() { printf '\n==> %s\n' "$*" >&2; }
@@ -70,6 +73,21 @@ build_testguest() {
   say "building the test guest in $AGENTVM_TESTGUEST_DIR"
   "$REPO/images/testguest/build.sh" "$AGENTVM_TESTGUEST_DIR" >&2
   chmod -R a+rX "$AGENTVM_TESTGUEST_DIR"
+}
+
+# Builds both variants of the Debian guest disk image (cached by content: a
+# rebuild happens only when images/debian or the Debian packages change). As
+# root, because mmdebstrap's unprivileged mode needs subuid ranges.
+build_debian_guest() {
+  if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    as_root apt-get update -q
+  fi
+  local variant
+  for variant in plain cloud; do
+    say "building the Debian guest ($variant) in $AGENTVM_DEBIAN_GUEST_DIR"
+    as_root "$REPO/images/debian/build.sh" --variant "$variant" "$AGENTVM_DEBIAN_GUEST_DIR" >&2
+  done
+  as_root chmod -R a+rX "$AGENTVM_DEBIAN_GUEST_DIR"
 }
 
 # Under root, the test user must be able to read the checkout (test binaries read
