@@ -16,6 +16,7 @@ PACKAGES=(
   libxml2-utils pkg-config dbus openssh-client cpio binutils
   nix-bin age
   mmdebstrap e2fsprogs fdisk grub-pc-bin
+  dosfstools python3-yaml
 )
 
 say() { printf '\n==> %s\n' "$*" >&2; }
@@ -85,7 +86,13 @@ build_debian_guest() {
   local variant
   for variant in plain cloud; do
     say "building the Debian guest ($variant) in $AGENTVM_DEBIAN_GUEST_DIR"
-    as_root "$REPO/images/debian/build.sh" --variant "$variant" "$AGENTVM_DEBIAN_GUEST_DIR" >&2
+    local image
+    image=$(as_root "$REPO/images/debian/build.sh" --variant "$variant" "$AGENTVM_DEBIAN_GUEST_DIR")
+    # The tests (tests/common::debian_image) take the images from here.
+    case $variant in
+    plain) export AGENTVM_DEBIAN_IMAGE="$image" ;;
+    cloud) export AGENTVM_DEBIAN_CLOUD_IMAGE="$image" ;;
+    esac
   done
   as_root chmod -R a+rX "$AGENTVM_DEBIAN_GUEST_DIR"
 }

@@ -166,7 +166,6 @@ impl Seed<'_> {
             );
             config.insert("disable_root".into(), json!(true));
         }
-        config.insert("ssh_pwauth".into(), json!(false));
         // A changed seed is a new instance to cloud-init, which by default then
         // makes new SSH host keys; agentvm pinned the first ones, so keep them.
         config.insert("ssh_deletekeys".into(), json!(false));

@@ -84,6 +84,15 @@ fn debian_lifecycle_with_agent_host_key_env_and_persistence() {
         "it's \"quoted\" $HOME"
     );
 
+    // So do services the user's systemd manager starts (user@.service reads it).
+    assert_eq!(
+        env.ssh(
+            "deb-life",
+            r#"systemctl start user@0.service && XDG_RUNTIME_DIR=/run/user/0 systemd-run --user --wait --pipe --quiet sh -c 'printf %s "$MODE|$API_KEY"'"#
+        ),
+        format!("it's \"quoted\" $HOME|{secret}")
+    );
+
     // The root file system grew from the image's 2 GiB to the VM's 4 GiB disk.
     let size: u64 = env
         .ssh("deb-life", "df -B1 --output=size / | tail -n1")

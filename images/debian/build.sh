@@ -57,7 +57,7 @@ mirrors=(
 	"deb http://security.debian.org/debian-security $suite-security main"
 )
 packages=(
-	systemd systemd-sysv udev dbus systemd-resolved
+	systemd systemd-sysv udev dbus systemd-resolved libpam-systemd
 	openssh-server qemu-guest-agent
 	linux-image-cloud-amd64 tiny-initramfs
 	e2fsprogs fdisk netbase iproute2 procps
