@@ -88,7 +88,9 @@ fn debian_lifecycle_with_agent_host_key_env_and_persistence() {
     assert_eq!(
         env.ssh(
             "deb-life",
-            r#"systemctl start user@0.service && XDG_RUNTIME_DIR=/run/user/0 systemd-run --user --wait --pipe --quiet sh -c 'printf %s "$MODE|$API_KEY"'"#
+            // The manager's environment (what its services get), printed
+            // shell-quoted by show-environment, read back by bash.
+            r#"systemctl start user@0.service && XDG_RUNTIME_DIR=/run/user/0 systemctl --user show-environment > /tmp/user-env && bash -c '. /tmp/user-env && printf %s "$MODE|$API_KEY"'"#
         ),
         format!("it's \"quoted\" $HOME|{secret}")
     );
