@@ -98,7 +98,7 @@ impl Seed<'_> {
             bail!("seed: an SSH key must be one non-empty line: {key:?}");
         }
         for (key, value) in self.env {
-            if !is_env_name(key) {
+            if !crate::spec::is_env_key(key) {
                 bail!("seed: invalid environment variable name {key:?}");
             }
             if value.contains(['\n', '\r', '\0']) {
@@ -297,14 +297,6 @@ fn build_image(
     }
     fs.unmount().context("closing the FAT volume")?;
     Ok(())
-}
-
-fn is_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn to_json(value: &Value) -> String {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use error::SpecError;
 pub use name::{MAX_NAME_LEN, Name, NameError};
 pub use raw::Accel;
+pub use resolve::is_env_key;
 pub use size::{GIB, KIB, MIB, Size, SizeError};
 
 use crate::paths::{ENV_FILE, FLEET_FILE, non_empty_env};

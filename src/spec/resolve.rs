@@ -585,7 +585,8 @@ fn is_unix_user(name: &str) -> bool {
         && name.len() <= 32
 }
 
-fn is_env_key(key: &str) -> bool {
+/// `[A-Za-z_][A-Za-z0-9_]*`: a name an env variable may have.
+pub fn is_env_key(key: &str) -> bool {
     let mut chars = key.chars();
     chars
         .next()
