@@ -2,7 +2,7 @@
 //! test guest. Prints figures; asserts nothing about speed.
 //!
 //! - `up` without the guest's boot (`--no-wait`), split into image, overlay, xml,
-//!   define and start;
+//!   define and start, beside its floor (a `virsh start` of the same VM);
 //! - overlay creation on a 1 GiB and a 50 GiB sparse base (the ratio should be ~1);
 //! - `list --json` latency with 20 defined VMs;
 //! - 1, 4 and 8 VMs brought up one by one and in one parallel `up`, with
@@ -77,6 +77,33 @@ fn up_phases() {
         "wall",
         median(totals)
     );
+    println!(
+        "  floor    {:>8.1} ms (`virsh start` of the same defined VM, process start included)",
+        virsh_start_floor(&env)
+    );
+}
+
+/// The floor for `up --no-wait`: libvirt itself starting the VM agentvm
+/// defined, timed around a whole `virsh start`, median of `UP_RUNS`.
+fn virsh_start_floor(env: &Env) -> f64 {
+    env.json(&["up", "bench-up", "--no-wait"]);
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh")
+            .args(["-q", "-c", "qemu:///session"])
+            .args(args)
+            .output()
+            .expect("virsh (libvirt-clients)");
+        assert!(out.status.success(), "virsh {args:?}: {out:?}");
+    };
+    let mut times = Vec::new();
+    for _ in 0..UP_RUNS {
+        virsh(&["destroy", "agentvm-bench-up"]);
+        let start = Instant::now();
+        virsh(&["start", "agentvm-bench-up"]);
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    env.ok(&["destroy", "--yes", "bench-up"]);
+    median(times)
 }
 
 fn overlay_vs_base_size() {
