@@ -24,6 +24,17 @@ fn all_command_lines() -> Vec<(String, String)> {
     lines
 }
 
+/// `agentvm ARGS…` with AGENTVM_TEST_TOKEN set to `token`; must succeed.
+fn with_token(env: &Env, token: &str, args: &[&str]) -> std::process::Output {
+    let out = env
+        .command(args)
+        .env("AGENTVM_TEST_TOKEN", token)
+        .output()
+        .unwrap();
+    common::assert_success(&out);
+    out
+}
+
 fn dumpxml(vm: &str) -> String {
     let out = Command::new("virsh")
         .args(["-c", "qemu:///session", "dumpxml", &format!("agentvm-{vm}")])
@@ -54,12 +65,11 @@ fn env_reaches_the_guest_and_no_command_line_xml_or_log() {
     assert!(stderr.contains("AGENTVM_TEST_TOKEN is not set"), "{stderr}");
     assert!(!common::domain_exists("env-fwcfg"));
 
-    let out = env
-        .command(&["up", "env-fwcfg", "--timeout", GUEST_TIMEOUT])
-        .env("AGENTVM_TEST_TOKEN", &passed)
-        .output()
-        .unwrap();
-    common::assert_success(&out);
+    with_token(
+        &env,
+        &passed,
+        &["up", "env-fwcfg", "--timeout", GUEST_TIMEOUT],
+    );
 
     // In the guest, as the credential (the test guest copies it to /run).
     assert_eq!(
@@ -138,21 +148,15 @@ fn env_reaches_the_guest_and_no_command_line_xml_or_log() {
     // A new value for a running VM is not delivered behind its back: up says
     // a restart is needed, and the next start delivers it.
     let rotated = format!("{passed}-rotated");
-    let out = env
-        .command(&["up", "env-fwcfg", "--no-wait", "--json"])
-        .env("AGENTVM_TEST_TOKEN", &rotated)
-        .output()
-        .unwrap();
-    common::assert_success(&out);
+    let out = with_token(&env, &rotated, &["up", "env-fwcfg", "--no-wait", "--json"]);
     let up: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(up[0]["restart_needed"], true, "{up}");
     env.ok(&["down", "env-fwcfg"]);
-    let out = env
-        .command(&["up", "env-fwcfg", "--timeout", GUEST_TIMEOUT])
-        .env("AGENTVM_TEST_TOKEN", &rotated)
-        .output()
-        .unwrap();
-    common::assert_success(&out);
+    with_token(
+        &env,
+        &rotated,
+        &["up", "env-fwcfg", "--timeout", GUEST_TIMEOUT],
+    );
     assert_eq!(
         env.ok(&[
             "exec",

@@ -83,6 +83,16 @@ impl std::io::Seek for ReadOnly {
     }
 }
 
+/// The sample seed written to a fresh temp folder (kept while the first is held).
+fn sample_image() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seed.img");
+    let keys = vec![KEY.to_string()];
+    let env = env();
+    write_seed(&seed(&keys, &env), &path).unwrap();
+    (dir, path)
+}
+
 fn tool(name: &str) -> Option<String> {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
@@ -384,11 +394,7 @@ fn fsck_fat_finds_nothing_wrong() {
         println!("note: fsck.fat (dosfstools) not installed; image not checked with it");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("seed.img");
-    let keys = vec![KEY.to_string()];
-    let env = env();
-    write_seed(&seed(&keys, &env), &path).unwrap();
+    let (_dir, path) = sample_image();
     let out = Command::new(fsck)
         .args(["-n", "-l"])
         .arg(&path)
@@ -428,11 +434,7 @@ fn blkid_sees_a_vfat_file_system_labelled_cidata() {
         println!("note: blkid not installed; label not checked with it");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("seed.img");
-    let keys = vec![KEY.to_string()];
-    let env = env();
-    write_seed(&seed(&keys, &env), &path).unwrap();
+    let (_dir, path) = sample_image();
     let probe = |tag: &str| {
         let out = Command::new(&blkid)
             .args(["-p", "-o", "value", "-s", tag])
