@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::registry::RemoteConfig;
 use crate::backend::{
     BackendError, DownPath, ErrorKind, ExecOutcome, HostKey, Plan, SnapshotAction, SnapshotInfo,
-    Stream, UpOutcome, VmStatus,
+    SpiceAccess, Stream, UpOutcome, VmStatus,
 };
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
@@ -87,6 +87,9 @@ pub enum Op {
     SshEndpoint,
     Exec {
         argv: Vec<String>,
+        /// The command's standard input, if any.
+        #[serde(default)]
+        stdin: Option<Vec<u8>>,
         timeout_secs: u64,
     },
     HostKey,
@@ -249,7 +252,7 @@ pub enum Outcome {
     Screenshot { width: u32, height: u32 },
     Snapshots { snapshots: Vec<SnapshotInfo> },
     SerialLog { path: PathBuf },
-    Spice { uri: String },
+    Spice(SpiceAccess),
     Built(Built),
 }
 

@@ -28,7 +28,7 @@ pub enum BackendError {
         backend: &'static str,
         capability: &'static str,
         /// What to do instead.
-        instead: &'static str,
+        instead: String,
     },
     #[error("no VM named {0:?} exists on this backend")]
     NotFound(String),
@@ -143,11 +143,11 @@ pub trait Lifecycle: Send + Sync {
     }
 
     /// The typed error for a capability this backend lacks.
-    fn unsupported(&self, capability: &'static str, instead: &'static str) -> BackendError {
+    fn unsupported(&self, capability: &'static str, instead: &str) -> BackendError {
         BackendError::Unsupported {
             backend: self.kind(),
             capability,
-            instead,
+            instead: instead.to_string(),
         }
     }
 }
@@ -169,11 +169,25 @@ pub trait GuestAgent: Lifecycle {
         Err(self.unsupported("shutdown through the guest agent", "agentvm down uses ACPI"))
     }
 
-    /// Runs a command in the guest; output goes to `output` as the agent delivers it.
+    /// Hands the running guest the env of `spec` where the backend cannot do it
+    /// at start (Proxmox: through the agent, in the background, as soon as the
+    /// agent answers). Does not wait; local guests got it at start.
+    fn deliver_env(&self, _spec: &VmSpec, _progress: &dyn Reporter) -> Result<()> {
+        Ok(())
+    }
+
+    /// Waits until a delivery `deliver_env` started has ended (written or failed).
+    fn wait_env(&self, _name: &str, _deadline: Instant) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs a command in the guest with `stdin` as its input; output goes to
+    /// `output` as the agent delivers it.
     fn exec(
         &self,
         _name: &str,
         _argv: &[String],
+        _stdin: Option<&[u8]>,
         _timeout: Duration,
         _output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome> {
@@ -207,8 +221,9 @@ pub trait Display: Lifecycle {
         ))
     }
 
-    /// The `spice://` URI of the VM's display.
-    fn spice_uri(&self, _name: &str) -> Result<String> {
+    /// How to open the VM's SPICE display: a `spice://` URI, or a
+    /// `remote-viewer` connection file (0600) for displays behind a proxy.
+    fn spice(&self, _name: &str) -> Result<SpiceAccess> {
         Err(self.unsupported(
             "SPICE",
             "use the backend's own console (the Proxmox web UI)",

@@ -1,6 +1,9 @@
 //! The sequences every backend runs, written once: `up` (prepare → create if
 //! absent → apply a changed spec → start → wait for SSH and the agent together
 //! → pin the host key) and `down` (agent → ACPI → force after the timeout).
+//! Backends that cannot hand the guest its env at start deliver it through the
+//! agent after every start (`deliver_env`), in the background, so `--no-wait`
+//! gets it too.
 //! Backends supply the steps (see the role traits in `backend`).
 
 use std::time::{Duration, Instant};
@@ -39,6 +42,7 @@ pub fn up(
         None => {
             backend.create(spec, &prepared, &mut timings, progress)?;
             start_new(backend, name, &mut timings, progress)?;
+            backend.deliver_env(spec, progress)?;
             (UpAction::Created, false)
         }
         Some(existing) if existing.running => {
@@ -46,6 +50,9 @@ pub fn up(
             if drift {
                 progress.step(name, "running, but its spec changed: restart needed");
             }
+            // A backend that delivers env through the guest agent brings the
+            // running guest the current values now.
+            backend.deliver_env(spec, progress)?;
             let env_stale = backend.env_stale(spec)?;
             if env_stale {
                 progress.step(
@@ -70,6 +77,7 @@ pub fn up(
                 progress.step(name, "redefined from its changed spec");
             }
             backend.start(name, progress)?;
+            backend.deliver_env(spec, progress)?;
             timings.mark("start");
             let action = if changed {
                 UpAction::Redefined

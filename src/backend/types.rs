@@ -15,6 +15,8 @@ pub enum State {
     Stopped,
     Crashed,
     Absent,
+    /// The backend cannot tell: the VM's Proxmox node is offline.
+    Unknown,
 }
 
 impl State {
@@ -24,6 +26,7 @@ impl State {
             Self::Stopped => "stopped",
             Self::Crashed => "crashed",
             Self::Absent => "absent",
+            Self::Unknown => "unknown",
         }
     }
 }
@@ -59,6 +62,24 @@ pub struct VmStatus {
     pub agent: AgentState,
     /// The names of the variables in the VM's env; never their values.
     pub env: Vec<String>,
+    /// Whether the env has reached the guest (`None`: no env, or the VM is stopped).
+    #[serde(default)]
+    pub env_delivery: Option<EnvDelivery>,
+    /// The cluster node the VM is on (Proxmox).
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+/// Where a running VM's env is: local VMs get it at start (fw_cfg); Proxmox
+/// VMs through the guest agent once it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EnvDelivery {
+    /// Not written yet: the guest agent has not answered since the start.
+    Pending,
+    Delivered,
+    /// Writing it failed; `up` said why, and the next `up` tries again.
+    Failed,
 }
 
 impl VmStatus {
@@ -78,6 +99,8 @@ impl VmStatus {
             ips: Vec::new(),
             agent: AgentState::Stopped,
             env: spec.map(env_names).unwrap_or_default(),
+            env_delivery: None,
+            node: None,
         }
     }
 }
@@ -159,6 +182,11 @@ impl Change {
     }
 }
 
+/// The `PATH` of commands `exec` runs: NixOS's profile first, then the usual
+/// FHS folders.
+pub const EXEC_PATH: &str = "PATH=/run/wrappers/bin:/run/current-system/sw/bin:\
+/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Which output stream of a guest command bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -182,6 +210,15 @@ pub struct HostKey {
     /// `agent` (read from the guest's file) or `ssh-keyscan` (the agent was missing).
     pub source: String,
     pub known_hosts: PathBuf,
+}
+
+/// How to open a VM's SPICE display.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpiceAccess {
+    /// `spice://HOST:PORT` for a display reached directly.
+    pub uri: Option<String>,
+    /// A `remote-viewer` connection file (0600) holding a one-time ticket.
+    pub viewer_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

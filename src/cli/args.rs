@@ -95,6 +95,10 @@ pub enum Command {
         /// Seconds the command may run.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Pass this command's standard input to the guest command (read to
+        /// its end first; at most 64 KiB).
+        #[arg(short = 'i', long)]
+        stdin: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -164,7 +168,8 @@ pub enum Command {
         #[arg(long, env = ENV_DAEMON_IDLE_EXIT, default_value = crate::daemon::idle::DEFAULT_IDLE_EXIT)]
         idle_exit: String,
     },
-    /// Print the VM's SPICE URI.
+    /// Print how to reach the VM's SPICE display: a URI (local) or a
+    /// remote-viewer file with a one-time ticket (Proxmox).
     Spice {
         name: String,
         /// Start remote-viewer on it.

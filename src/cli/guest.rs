@@ -81,29 +81,62 @@ pub fn console(app: &App, name: &str, follow: bool) -> Result<i32> {
 }
 
 pub fn spice(app: &App, name: &str, open: bool) -> Result<i32> {
-    let uri = match app.call_one(name, Op::Spice)? {
-        Outcome::Spice { uri } => uri,
+    let access = match app.call_one(name, Op::Spice)? {
+        Outcome::Spice(access) => access,
         other => bail!("{name}: unexpected answer {other:?}"),
     };
+    let target = match (&access.uri, &access.viewer_file) {
+        (Some(uri), _) => uri.clone(),
+        (None, Some(file)) => file.display().to_string(),
+        (None, None) => bail!("{name}: the backend gave no SPICE address"),
+    };
     if app.json {
-        output::print_json(&serde_json::json!({ "name": name, "uri": uri }))?;
+        output::print_json(&serde_json::json!({
+            "name": name,
+            "uri": access.uri,
+            "viewer_file": access.viewer_file,
+        }))?;
+    } else if access.uri.is_some() {
+        println!("{target}");
     } else {
-        println!("{uri}");
+        println!("{target}");
+        eprintln!(
+            "{name}: remote-viewer connection file (0600, one-time ticket): remote-viewer {target}"
+        );
     }
     if open {
         std::process::Command::new("remote-viewer")
-            .arg(&uri)
+            .arg(&target)
             .spawn()
             .context("starting remote-viewer (install virt-viewer)")?;
     }
     Ok(0)
 }
 
-pub fn exec(app: &App, name: &str, argv: Vec<String>, timeout: u64) -> Result<i32> {
+/// The most `exec -i` passes to the guest command.
+pub const MAX_EXEC_STDIN: usize = 64 * 1024;
+
+pub fn exec(app: &App, name: &str, argv: Vec<String>, stdin: bool, timeout: u64) -> Result<i32> {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let json = app.json;
+    let stdin = if stdin {
+        let mut input = Vec::new();
+        std::io::stdin()
+            .take(MAX_EXEC_STDIN as u64 + 1)
+            .read_to_end(&mut input)
+            .context("reading standard input")?;
+        if input.len() > MAX_EXEC_STDIN {
+            bail!(
+                "exec -i: standard input is over {MAX_EXEC_STDIN} bytes (64 KiB); copy large files with scp over `agentvm ssh-config`"
+            );
+        }
+        Some(input)
+    } else {
+        None
+    };
     let op = Op::Exec {
         argv,
+        stdin,
         timeout_secs: timeout,
     };
     let results = app.call_with(&[name.to_string()], op, false, &mut |event| {

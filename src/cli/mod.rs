@@ -117,8 +117,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Exec {
             name,
             timeout,
+            stdin,
             command,
-        } => guest::exec(&app, &name, command, timeout),
+        } => guest::exec(&app, &name, command, stdin, timeout),
         Command::Hostkey { name } => guest::hostkey(&app, &name),
         Command::Screenshot { name, png } => guest::screenshot(&app, &name, &png),
         Command::Snapshot {

@@ -109,6 +109,7 @@ fn transition(state: State) -> &'static str {
         State::Stopped => "stopped",
         State::Crashed => "crashed",
         State::Absent => "undefined",
+        State::Unknown => "unreachable",
     }
 }
 

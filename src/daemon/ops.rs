@@ -186,10 +186,15 @@ fn perform(
             Outcome::Plan(backend.plan(&spec, vm.image.as_ref())?)
         }
         Op::SshEndpoint => Outcome::SshEndpoint(backend.ssh_endpoint(name)?),
-        Op::Exec { argv, timeout_secs } => {
+        Op::Exec {
+            argv,
+            stdin,
+            timeout_secs,
+        } => {
             let outcome = backend.exec(
                 name,
                 argv,
+                stdin.as_deref(),
                 Duration::from_secs(*timeout_secs),
                 &mut |stream, data| {
                     let _ = events.tx.send(Reply::Event(Event::Output {
@@ -220,9 +225,7 @@ fn perform(
         Op::SerialLog => Outcome::SerialLog {
             path: backend.serial_log(name)?,
         },
-        Op::Spice => Outcome::Spice {
-            uri: backend.spice_uri(name)?,
-        },
+        Op::Spice => Outcome::Spice(backend.spice(name)?),
     })
 }
 

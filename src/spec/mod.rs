@@ -145,6 +145,9 @@ pub struct VmSpec {
     pub accel: Accel,
     /// A pinned VMID (Proxmox).
     pub vmid: Option<u32>,
+    /// The host `ssh` connects to instead of the address the guest agent
+    /// reports (Proxmox VMs behind NAT or with a DNS name).
+    pub ssh_host: Option<String>,
 }
 
 /// The most a VM's env may hold, as `KEY=VALUE` lines (64 KiB).

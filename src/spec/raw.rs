@@ -184,6 +184,9 @@ pub struct RawVm {
     pub purpose: Option<String>,
     /// A pinned VMID on a Proxmox backend.
     pub vmid: Option<u32>,
+    /// The address `ssh` uses instead of the one the guest agent reports
+    /// (Proxmox: a DNS name, or an address behind NAT).
+    pub ssh_host: Option<String>,
 }
 
 /// Where each table key stands in the file, for errors about names.

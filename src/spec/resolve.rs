@@ -469,6 +469,18 @@ impl Resolver<'_> {
             ));
         }
 
+        if let Some(host) = &vm.ssh_host
+            && (host.is_empty()
+                || host.starts_with('-')
+                || host.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(self.at.error(
+                self.key_span("vms", name.as_str()),
+                &field("ssh_host"),
+                format!("invalid host {host:?}: expected a host name or an address"),
+            ));
+        }
+
         if let (Some(ssh), Some(spice)) = (vm.ssh_port, vm.spice_port)
             && ssh == spice
         {
@@ -496,6 +508,7 @@ impl Resolver<'_> {
             nixos: vm.nixos,
             purpose: vm.purpose,
             ssh_keys,
+            ssh_host: vm.ssh_host,
             accel: vm.accel.or(defaults.accel).unwrap_or_default(),
             vmid: match vm.vmid {
                 Some(id) if !(100..=999_999_999).contains(&id) => {

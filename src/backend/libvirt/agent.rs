@@ -10,7 +10,9 @@ use qapi::qga;
 use virt::domain::Domain;
 
 use super::{LocalBackend, POLL};
-use crate::backend::{AgentState, BackendError, ExecOutcome, GuestAgent, HostKey, Result, Stream};
+use crate::backend::{
+    AgentState, BackendError, EXEC_PATH, ExecOutcome, GuestAgent, HostKey, Result, Stream,
+};
 use crate::domain::{LISTEN_ADDRESS, VmState};
 use crate::fsutil::write_atomic;
 use crate::guest::{Guest, GuestError};
@@ -19,10 +21,6 @@ use crate::guest::{Guest, GuestError};
 const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `exec` polls between `guest-exec-status` calls.
 const EXEC_POLL: Duration = Duration::from_millis(100);
-/// The `PATH` of commands `exec` runs: NixOS's profile first, then the usual
-/// FHS folders.
-pub const EXEC_PATH: &str = "PATH=/run/wrappers/bin:/run/current-system/sw/bin:\
-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl LocalBackend {
     /// The agent's state and the guest's addresses (loopback and link-local left out).
@@ -81,6 +79,7 @@ impl LocalBackend {
         dom: &Domain,
         state: &VmState,
         argv: &[String],
+        stdin: Option<&[u8]>,
         timeout: Duration,
         output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome> {
@@ -95,7 +94,7 @@ impl LocalBackend {
                     path: path.clone(),
                     arg: Some(args.to_vec()),
                     env: Some(self.exec_env(&state.name)?),
-                    input_data: None,
+                    input_data: stdin.map(<[u8]>::to_vec),
                     capture_output: Some(qga::GuestExecCaptureOutput::flag(true)),
                 },
                 AGENT_TIMEOUT,
@@ -216,11 +215,12 @@ impl GuestAgent for LocalBackend {
         &self,
         name: &str,
         argv: &[String],
+        stdin: Option<&[u8]>,
         timeout: Duration,
         output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome> {
         let (dom, state) = self.require_running(name)?;
-        self.exec_in(&dom, &state, argv, timeout, output)
+        self.exec_in(&dom, &state, argv, stdin, timeout, output)
     }
 
     fn host_key(&self, name: &str) -> Result<HostKey> {

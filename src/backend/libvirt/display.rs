@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow};
 use qapi::qmp;
 
 use super::LocalBackend;
-use crate::backend::{Display, Result};
+use crate::backend::{Display, Result, SpiceAccess};
 use crate::domain;
 use crate::guest::Guest;
 
@@ -17,13 +17,16 @@ impl Display for LocalBackend {
         Ok(self.home.vm_serial_log(name))
     }
 
-    fn spice_uri(&self, name: &str) -> Result<String> {
+    fn spice(&self, name: &str) -> Result<SpiceAccess> {
         let (_, state) = self.require(name)?;
-        Ok(format!(
-            "spice://{}:{}",
-            domain::LISTEN_ADDRESS,
-            state.spice_port
-        ))
+        Ok(SpiceAccess {
+            uri: Some(format!(
+                "spice://{}:{}",
+                domain::LISTEN_ADDRESS,
+                state.spice_port
+            )),
+            viewer_file: None,
+        })
     }
 
     fn screenshot(&self, name: &str, png: &Path) -> Result<(u32, u32)> {

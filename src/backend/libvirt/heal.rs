@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{LocalBackend, conn};
 use crate::backend::{
     BackendError, Display, ExecOutcome, Existing, GuestAgent, HostKey, Lifecycle, Plan, Prepared,
-    Result, SnapshotAction, SnapshotInfo, Snapshots, State, Stream, Timings, VmStatus,
+    Result, SnapshotAction, SnapshotInfo, Snapshots, SpiceAccess, State, Stream, Timings, VmStatus,
 };
 use crate::image::ImageStore;
 use crate::progress::Reporter;
@@ -214,11 +214,12 @@ impl GuestAgent for Healing {
         &self,
         name: &str,
         argv: &[String],
+        stdin: Option<&[u8]>,
         timeout: Duration,
         output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome> {
         self.change(name, "running a command in", || {
-            self.inner.exec(name, argv, timeout, output)
+            self.inner.exec(name, argv, stdin, timeout, output)
         })
     }
 
@@ -244,8 +245,8 @@ impl Display for Healing {
         self.read(|| self.inner.serial_log(name))
     }
 
-    fn spice_uri(&self, name: &str) -> Result<String> {
-        self.read(|| self.inner.spice_uri(name))
+    fn spice(&self, name: &str) -> Result<SpiceAccess> {
+        self.read(|| self.inner.spice(name))
     }
 
     fn screenshot(&self, name: &str, png: &Path) -> Result<(u32, u32)> {

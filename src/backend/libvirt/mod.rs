@@ -196,6 +196,8 @@ impl LocalBackend {
     ) -> Result<VmStatus> {
         let live = live_state(dom)?;
         let (agent, ips) = self.agent_info(dom, state);
+        // Local guests get their env through fw_cfg at start.
+        let env = self.env_names(&state.name);
         let restart_needed = match spec {
             Some(spec) if live == State::Running => {
                 self.target(spec, None)?.hash != state.spec_hash
@@ -215,7 +217,10 @@ impl LocalBackend {
             purpose: spec.map_or(state.purpose.clone(), |s| s.purpose.clone()),
             ips,
             agent,
-            env: self.env_names(&state.name),
+            env_delivery: (live == State::Running && !env.is_empty())
+                .then_some(crate::backend::EnvDelivery::Delivered),
+            env,
+            node: None,
         })
     }
 }

@@ -147,6 +147,7 @@ enum Retry {
     LockTimeout,
 }
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::blocking::Client,
     base: String,
@@ -198,6 +199,17 @@ impl Client {
         self.request(reqwest::Method::POST, path, params, Retry::LockTimeout)
     }
 
+    /// One GET with its own time limit and no retry: for questions whose answer
+    /// may be "not now" (a guest agent that hangs must not hold up a list).
+    pub fn get_quick(
+        &self,
+        path: &str,
+        params: &[(&str, String)],
+        limit: Duration,
+    ) -> Result<Value, PveError> {
+        self.send(&reqwest::Method::GET, path, params, Some(limit))
+    }
+
     pub fn put(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
         self.request(reqwest::Method::PUT, path, params, Retry::Transient)
     }
@@ -235,11 +247,24 @@ impl Client {
         path: &str,
         params: &[(&str, String)],
     ) -> Result<Value, PveError> {
+        self.send(method, path, params, None)
+    }
+
+    fn send(
+        &self,
+        method: &reqwest::Method,
+        path: &str,
+        params: &[(&str, String)],
+        limit: Option<Duration>,
+    ) -> Result<Value, PveError> {
         let url = format!("{}{path}", self.base);
-        let request = self
+        let mut request = self
             .http
             .request(method.clone(), &url)
             .header("Authorization", &self.auth);
+        if let Some(limit) = limit {
+            request = request.timeout(limit);
+        }
         let request = if matches!(*method, reqwest::Method::GET | reqwest::Method::DELETE) {
             request.query(params)
         } else {

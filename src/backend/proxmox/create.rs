@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use serde_json::Value;
 
-use super::{Marker, ProxmoxBackend, PveError, boot_disk, encode_ssh_keys, pve};
+use super::{Found, Marker, ProxmoxBackend, PveError, boot_disk, encode_ssh_keys, pve};
 use crate::backend::Result;
 use crate::progress::Reporter;
 use crate::spec::VmSpec;
@@ -27,11 +27,19 @@ enum CloneFate {
 }
 
 impl ProxmoxBackend {
-    /// Clones the template into a new VM: the pinned VMID, or `/cluster/nextid`
+    /// Clones the template into a new VM on the placement node (`target` when
+    /// the template is on another node): the pinned VMID, or `/cluster/nextid`
     /// again whenever another client took the id between asking and cloning.
-    pub(super) fn clone_vm(&self, spec: &VmSpec, progress: &dyn Reporter) -> Result<u32> {
+    /// Returns the new VMID and its node.
+    pub(super) fn clone_vm(
+        &self,
+        spec: &VmSpec,
+        template: (u32, &str),
+        progress: &dyn Reporter,
+    ) -> Result<(u32, String)> {
         let name = spec.name.as_str();
-        let template = self.template_vmid()?;
+        let (template, template_node) = template;
+        let node = self.placement_node()?;
         let taken = |id: u32| -> Result<bool> {
             Ok(self
                 .resources()?
@@ -64,19 +72,25 @@ impl ProxmoxBackend {
             if let Some(pool) = &self.spec.pool {
                 params.push(("pool", pool.clone()));
             }
+            if node != template_node {
+                params.push(("target", node.clone()));
+            }
             if let (Some(storage), true) = (&self.spec.storage, self.spec.full_clone) {
                 params.push(("storage", storage.clone()));
             }
-            progress.step(name, &format!("cloning template {template} to vmid {vmid}"));
+            progress.step(
+                name,
+                &format!("cloning template {template} to vmid {vmid} on node {node}"),
+            );
             // Not sent again blindly: a clone whose reply was lost may have been made.
             match self
                 .client
-                .post_once(&self.vm_path(template, "/clone"), &params)
+                .post_once(&Self::vm_path(template_node, template, "/clone"), &params)
             {
                 Ok(upid) => {
                     if let Err(e) = self.client.wait_task(&upid, "clone", progress, name) {
                         // The clone started: do not leave half a VM behind.
-                        return Err(match self.purge(vmid, progress, name) {
+                        return Err(match self.purge(&node, vmid, progress, name) {
                             Ok(()) => e.into(),
                             Err(cleanup) => anyhow!(
                                 "{e:#}; removing the half-made clone (vmid {vmid}) failed too: {cleanup:#}"
@@ -84,15 +98,15 @@ impl ProxmoxBackend {
                             .into(),
                         });
                     }
-                    return Ok(vmid);
+                    return Ok((vmid, node));
                 }
                 Err(e) if e.outcome_unknown() => {
                     progress.step(
                         name,
                         &format!("the clone request failed ({e}); looking whether vmid {vmid} was made anyway"),
                     );
-                    match self.clone_fate(vmid, name)? {
-                        CloneFate::Ours => return Ok(vmid),
+                    match self.clone_fate(vmid, &node, name)? {
+                        CloneFate::Ours => return Ok((vmid, node)),
                         CloneFate::Nothing if attempt < NEXTID_ATTEMPTS => {}
                         CloneFate::Taken if spec.vmid.is_none() && attempt < NEXTID_ATTEMPTS => {}
                         CloneFate::Nothing => return Err(pve(e)),
@@ -122,7 +136,7 @@ impl ProxmoxBackend {
 
     /// After a clone whose outcome is unknown: whether `vmid` now is our new VM
     /// (waiting while PVE still holds it locked for the clone), another VM, or nothing.
-    fn clone_fate(&self, vmid: u32, name: &str) -> Result<CloneFate> {
+    fn clone_fate(&self, vmid: u32, node: &str, name: &str) -> Result<CloneFate> {
         let deadline = Instant::now() + CLONE_SETTLE;
         loop {
             let entry = self
@@ -143,7 +157,7 @@ impl ProxmoxBackend {
                 std::thread::sleep(super::POLL);
                 continue;
             }
-            let ours = entry["name"] == name && entry["node"] == self.spec.node.as_str();
+            let ours = entry["name"] == name && entry["node"] == node;
             return Ok(if ours {
                 CloneFate::Ours
             } else {
@@ -154,6 +168,7 @@ impl ProxmoxBackend {
 
     pub(super) fn purge(
         &self,
+        node: &str,
         vmid: u32,
         progress: &dyn Reporter,
         name: &str,
@@ -161,7 +176,7 @@ impl ProxmoxBackend {
         let upid = self
             .client
             .delete(
-                &self.vm_path(vmid, ""),
+                &Self::vm_path(node, vmid, ""),
                 &[
                     ("purge", "1".into()),
                     ("destroy-unreferenced-disks", "1".into()),
@@ -172,12 +187,19 @@ impl ProxmoxBackend {
     }
 
     /// The config keys `up` sets: name, cores, memory, the marker, cloud-init
-    /// (user, keys, DHCP) and the guest agent.
-    pub(super) fn desired_config(&self, spec: &VmSpec, hash: &str) -> Vec<(&'static str, String)> {
+    /// (user, keys, DHCP) and the guest agent. Never the env's values.
+    pub(super) fn desired_config(
+        &self,
+        spec: &VmSpec,
+        hash: &str,
+        host_key: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
         let marker = Marker {
             spec_hash: hash.to_string(),
             readonly: spec.readonly,
             user: spec.user.clone(),
+            host_key: host_key.map(str::to_string),
+            ssh_host: spec.ssh_host.clone(),
         };
         let mut keys = vec![self.identity.public_line.clone()];
         keys.extend(spec.ssh_keys.iter().cloned());
@@ -195,15 +217,16 @@ impl ProxmoxBackend {
 
     pub(super) fn configure(
         &self,
-        vmid: u32,
+        (node, vmid): (&str, u32),
         spec: &VmSpec,
         hash: &str,
+        host_key: Option<&str>,
         progress: &dyn Reporter,
     ) -> Result<()> {
-        let params = self.desired_config(spec, hash);
+        let params = self.desired_config(spec, hash, host_key);
         let upid = self
             .client
-            .post(&self.vm_path(vmid, "/config"), &params)
+            .post(&Self::vm_path(node, vmid, "/config"), &params)
             .map_err(pve)?;
         self.client
             .wait_task(&upid, "configure", progress, spec.name.as_str())
@@ -213,7 +236,7 @@ impl ProxmoxBackend {
     /// Grows the boot disk to the spec's size; never shrinks it.
     pub(super) fn grow_disk(
         &self,
-        vmid: u32,
+        (node, vmid): (&str, u32),
         spec: &VmSpec,
         config: &Value,
         progress: &dyn Reporter,
@@ -236,7 +259,7 @@ impl ProxmoxBackend {
         let upid = self
             .client
             .put(
-                &self.vm_path(vmid, "/resize"),
+                &Self::vm_path(node, vmid, "/resize"),
                 &[("disk", disk.clone()), ("size", size)],
             )
             .map_err(pve)?;
@@ -245,10 +268,15 @@ impl ProxmoxBackend {
             .map_err(Into::into)
     }
 
-    pub(super) fn start_vm(&self, vmid: u32, name: &str, progress: &dyn Reporter) -> Result<()> {
+    pub(super) fn start_vm(
+        &self,
+        found: &Found,
+        name: &str,
+        progress: &dyn Reporter,
+    ) -> Result<()> {
         let upid = self
             .client
-            .post(&self.vm_path(vmid, "/status/start"), &[])
+            .post(&Self::path_of(found, "/status/start"), &[])
             .map_err(pve)?;
         self.client
             .wait_task(&upid, "start", progress, name)

@@ -1,18 +1,152 @@
 //! The Proxmox backend's steps for the orchestration in `backend::orchestrate`,
-//! and what `status`, `list`, `plan` and `ssh` need.
+//! and what `status`, `list`, `plan` and `ssh` need. VMs are found cluster-wide
+//! and every call goes to the node a VM is on now.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use anyhow::anyhow;
+use serde_json::Value;
 
-use super::{POLL, ProxmoxBackend, boot_disk, pve};
+use super::{AUTO_NODE, Found, POLL, ProxmoxBackend, boot_disk, pve};
 use crate::backend::{
     AgentState, Change, Existing, Lifecycle, Plan, Prepared, Result, State, Timings, VmStatus,
 };
 use crate::progress::{Reporter, Silent};
-use crate::spec::{ImageSpec, TemplateRef, VmSpec};
+use crate::spec::{DEFAULT_HOST_KEY, ImageSpec, TemplateRef, VmSpec};
 use crate::ssh::Endpoint;
+
+/// What `prepare` found for `create`/`reconfigure`.
+struct Ready {
+    /// The guest's host key file, when the image names another than the default.
+    host_key: Option<String>,
+}
+
+/// A VM's env needs the guest agent on Proxmox: refuse one with env whose image has none.
+fn check_env_needs_agent(spec: &VmSpec, image: Option<&ImageSpec>) -> Result<()> {
+    if let Some(image) = image
+        && !image.agent
+        && !crate::backend::env_names(spec).is_empty()
+    {
+        return Err(anyhow!(
+            "vms.{}: has env, and image {} has agent = false: on Proxmox the env reaches the guest \
+             only through its agent (install qemu-guest-agent in the image and set agent = true, \
+             or remove env/pass_env from this VM)",
+            spec.name,
+            image.name
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn host_key_of(image: Option<&ImageSpec>) -> Option<String> {
+    image
+        .map(|i| i.host_key.clone())
+        .filter(|path| path != DEFAULT_HOST_KEY)
+}
+
+impl ProxmoxBackend {
+    /// The hash of `spec` on this backend: the machine, the backend's settings,
+    /// and what the marker records (host key file, SSH host).
+    pub(super) fn hash_with(&self, spec: &VmSpec, host_key: Option<&str>) -> String {
+        let canonical = serde_json::to_vec(&(
+            spec.machine(),
+            &self.spec,
+            host_key,
+            spec.ssh_host.as_deref(),
+        ))
+        .expect("specs serialize to JSON");
+        format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&canonical))
+        )
+    }
+
+    /// Every VM of the cluster agentvm manages (its marker, or the backend's
+    /// pool), with `specs` for the ones they name; with `agents`, each running
+    /// VM's agent is asked for its addresses, all VMs at once.
+    fn scan(&self, specs: &[VmSpec], agents: bool) -> Result<Vec<VmStatus>> {
+        let resources = self.resources()?;
+        let candidates: Vec<&Value> = resources
+            .iter()
+            .filter(|r| r["template"] != 1 && r["name"].is_string())
+            .collect();
+        let rows: Vec<Result<Option<VmStatus>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = candidates
+                .iter()
+                .map(|r| scope.spawn(move || self.row(r, specs, agents)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("listing a VM panicked").into()))
+                })
+                .collect()
+        });
+        let mut out = Vec::new();
+        for row in rows {
+            out.extend(row?);
+        }
+        Ok(out)
+    }
+
+    /// One `/cluster/resources` VM as a status row, if agentvm manages it.
+    fn row(&self, r: &Value, specs: &[VmSpec], agents: bool) -> Result<Option<VmStatus>> {
+        let name = r["name"].as_str().unwrap_or_default();
+        let spec = specs.iter().find(|s| s.name.as_str() == name);
+        let in_pool = self.spec.pool.as_deref().is_some_and(|p| r["pool"] == p);
+        if r["status"] == "unknown" {
+            // Its node is offline: its config cannot be read, so only VMs the
+            // fleet file or the pool names are shown.
+            if spec.is_none() && !in_pool {
+                return Ok(None);
+            }
+            let mut status = VmStatus::absent(name, &self.name, spec);
+            status.state = State::Unknown;
+            status.node = r["node"].as_str().map(str::to_string);
+            return Ok(Some(status));
+        }
+        let found = self.found(r)?;
+        if found.marker.is_none() && !in_pool {
+            return Ok(None);
+        }
+        let mut status = self.status_of(name, &found, spec);
+        if agents {
+            self.ask_agent(name, &found, &mut status);
+        }
+        Ok(Some(status))
+    }
+
+    /// Fills in the agent state, addresses and env delivery of a running VM
+    /// (each agent call limited to a short time).
+    fn ask_agent(&self, name: &str, found: &Found, status: &mut VmStatus) {
+        if status.agent != AgentState::NotResponding {
+            return;
+        }
+        if let Ok(ips) = self.guest_ips(found, true) {
+            status.agent = AgentState::Ready;
+            status.ips = ips.iter().map(ToString::to_string).collect();
+        }
+        status.env_delivery = self.env_delivery(name, found, &status.env);
+    }
+
+    /// The address `ssh` reaches the guest on: the pinned `ssh_host`, else the
+    /// first routable address its agent reports (IPv4 before IPv6).
+    fn ssh_address(&self, found: &Found, name: &str) -> Result<String> {
+        if let Some(host) = found.marker.as_ref().and_then(|m| m.ssh_host.clone()) {
+            return Ok(host);
+        }
+        let ips = self
+            .guest_ips(found, false)
+            .map_err(|e| anyhow!("{name}: no address from the guest agent: {e}"))?;
+        ips.first().map(ToString::to_string).ok_or_else(|| {
+            anyhow!("{name}: the guest reports no routable address (only loopback or link-local)")
+                .into()
+        })
+    }
+}
 
 impl Lifecycle for ProxmoxBackend {
     fn kind(&self) -> &'static str {
@@ -42,11 +176,15 @@ impl Lifecycle for ProxmoxBackend {
     fn prepare(
         &self,
         spec: &VmSpec,
-        _image: Option<&ImageSpec>,
+        image: Option<&ImageSpec>,
         _progress: &dyn Reporter,
     ) -> Result<Prepared> {
-        // Proxmox VMs come from the backend's template, not from an image.
-        Ok(Prepared::new(self.spec_hash(spec), ()))
+        check_env_needs_agent(spec, image)?;
+        let host_key = host_key_of(image);
+        Ok(Prepared::new(
+            self.hash_with(spec, host_key.as_deref()),
+            Ready { host_key },
+        ))
     }
 
     fn create(
@@ -57,19 +195,28 @@ impl Lifecycle for ProxmoxBackend {
         progress: &dyn Reporter,
     ) -> Result<()> {
         let name = spec.name.as_str();
-        let vmid = self.clone_vm(spec, progress)?;
+        let ready: &Ready = prepared.data();
+        let (template, template_node) = self.template()?;
+        let (vmid, node) = self.clone_vm(spec, (template, &template_node), progress)?;
         timings.mark("clone");
+        let at = (node.as_str(), vmid);
         let configured = self
             .client
-            .get(&self.vm_path(vmid, "/config"), &[])
+            .get(&Self::vm_path(&node, vmid, "/config"), &[])
             .map_err(pve)
             .and_then(|config| {
-                self.configure(vmid, spec, &prepared.spec_hash, progress)?;
-                self.grow_disk(vmid, spec, &config, progress)
+                self.configure(
+                    at,
+                    spec,
+                    &prepared.spec_hash,
+                    ready.host_key.as_deref(),
+                    progress,
+                )?;
+                self.grow_disk(at, spec, &config, progress)
             });
         if let Err(e) = configured {
             // Do not leave a half-configured clone behind.
-            return Err(match self.purge(vmid, progress, name) {
+            return Err(match self.purge(&node, vmid, progress, name) {
                 Ok(()) => e,
                 Err(cleanup) => {
                     anyhow!("{e}; removing the new VM (vmid {vmid}) failed too: {cleanup:#}").into()
@@ -91,43 +238,60 @@ impl Lifecycle for ProxmoxBackend {
         if existing.spec_hash == prepared.spec_hash {
             return Ok(false);
         }
+        let ready: &Ready = prepared.data();
         let (found, _) = self.managed(spec.name.as_str())?;
-        self.configure(found.vmid, spec, &prepared.spec_hash, progress)?;
-        self.grow_disk(found.vmid, spec, &found.config, progress)?;
+        let at = (found.node.as_str(), found.vmid);
+        self.configure(
+            at,
+            spec,
+            &prepared.spec_hash,
+            ready.host_key.as_deref(),
+            progress,
+        )?;
+        self.grow_disk(at, spec, &found.config, progress)?;
         timings.mark("configure");
         Ok(true)
     }
 
     fn start(&self, name: &str, progress: &dyn Reporter) -> Result<()> {
         let (found, _) = self.managed(name)?;
-        self.start_vm(found.vmid, name, progress)
+        self.start_vm(&found, name, progress)
     }
 
     fn is_running(&self, name: &str) -> Result<bool> {
         let (found, _) = self.managed(name)?;
         let current = self
             .client
-            .get(&self.vm_path(found.vmid, "/status/current"), &[])
+            .get(&Self::path_of(&found, "/status/current"), &[])
             .map_err(pve)?;
         Ok(current["status"] == "running")
     }
 
+    /// The env first (delivered as soon as the agent answers), then an address
+    /// from the agent, then the SSH banner on it.
     fn wait_ssh(&self, name: &str, deadline: Instant) -> Result<()> {
+        use crate::backend::GuestAgent;
+        self.wait_env(name, deadline)?;
         let (found, _) = self.managed(name)?;
-        // The guest's address comes from its agent, which answers 500 until it runs.
-        let ip = loop {
-            match self.guest_ip(found.vmid) {
-                Ok(Some(ip)) => break ip,
-                Ok(None) | Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),
-                Ok(None) => {
-                    return Err(anyhow!("{name}: the guest reports no routable address").into());
-                }
-                Err(e) => {
-                    return Err(anyhow!("{name}: no address from the guest agent: {e}").into());
-                }
+        // The agent answers 500 "not running" until the guest has booted it.
+        let host = loop {
+            match self.ssh_address(&found, name) {
+                Ok(host) => break host,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),
+                Err(e) => return Err(e),
             }
         };
-        let addr = SocketAddr::new(ip, self.spec.ssh_port);
+        let addr = loop {
+            match std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), self.spec.ssh_port))
+                .ok()
+                .and_then(|mut a| a.next())
+            {
+                Some(addr) => break addr,
+                None if Instant::now() < deadline => std::thread::sleep(POLL),
+                None => return Err(anyhow!("{name}: ssh_host {host} does not resolve").into()),
+            }
+        };
+        let addr: SocketAddr = addr;
         while crate::ssh::read_banner(&addr).is_none() {
             if Instant::now() >= deadline {
                 return Err(anyhow!("{name}: no SSH banner on {addr} in time").into());
@@ -141,7 +305,7 @@ impl Lifecycle for ProxmoxBackend {
         let (found, _) = self.managed(name)?;
         // A task that ends when the guest is off; the orchestration watches the state.
         self.client
-            .post(&self.vm_path(found.vmid, "/status/shutdown"), &[])
+            .post(&Self::path_of(&found, "/status/shutdown"), &[])
             .map_err(pve)?;
         Ok(())
     }
@@ -150,7 +314,7 @@ impl Lifecycle for ProxmoxBackend {
         let (found, _) = self.managed(name)?;
         let upid = self
             .client
-            .post(&self.vm_path(found.vmid, "/status/stop"), &[])
+            .post(&Self::path_of(&found, "/status/stop"), &[])
             .map_err(pve)?;
         self.client.wait_task(&upid, "stop", &Silent, name)?;
         Ok(())
@@ -161,7 +325,8 @@ impl Lifecycle for ProxmoxBackend {
         if found.running {
             self.force_off(name)?;
         }
-        self.purge(found.vmid, &Silent, name)?;
+        self.purge(&found.node, found.vmid, &Silent, name)?;
+        self.deliveries.forget(name);
         let dir = self.known_hosts_dir(name);
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -180,15 +345,7 @@ impl Lifecycle for ProxmoxBackend {
         match self.lookup(name)? {
             Some(found) => {
                 let mut status = self.status_of(name, &found, spec);
-                if found.running {
-                    match self.guest_ip(found.vmid) {
-                        Ok(ip) => {
-                            status.agent = AgentState::Ready;
-                            status.ips = ip.map(|i| i.to_string()).into_iter().collect();
-                        }
-                        Err(_) => status.agent = AgentState::NotResponding,
-                    }
-                }
+                self.ask_agent(name, &found, &mut status);
                 Ok(status)
             }
             None => Ok(VmStatus::absent(name, &self.name, spec)),
@@ -196,42 +353,28 @@ impl Lifecycle for ProxmoxBackend {
     }
 
     fn list(&self, specs: &[VmSpec]) -> Result<Vec<VmStatus>> {
-        let mut out = Vec::new();
-        for r in self.resources()? {
-            let in_pool = self.spec.pool.as_deref().is_some_and(|p| r["pool"] == p);
-            if r["template"] == 1 || r["node"] != self.spec.node.as_str() {
-                continue;
-            }
-            let Some(name) = r["name"].as_str() else {
-                continue;
-            };
-            // The resource list is already in hand: only the config is fetched.
-            let found = self.found(&r)?;
-            if found.marker.is_some() || in_pool {
-                let spec = specs.iter().find(|s| s.name.as_str() == name);
-                out.push(self.status_of(name, &found, spec));
-            }
-        }
-        Ok(out)
+        self.scan(specs, true)
     }
 
     fn states(&self) -> Result<Vec<(String, State)>> {
         Ok(self
-            .list(&[])?
+            .scan(&[], false)?
             .into_iter()
             .map(|s| (s.name, s.state))
             .collect())
     }
 
-    fn plan(&self, spec: &VmSpec, _image: Option<&ImageSpec>) -> Result<Plan> {
+    fn plan(&self, spec: &VmSpec, image: Option<&ImageSpec>) -> Result<Plan> {
+        check_env_needs_agent(spec, image)?;
         let name = spec.name.as_str();
-        let hash = self.spec_hash(spec);
+        let host_key = host_key_of(image);
+        let hash = self.hash_with(spec, host_key.as_deref());
         let mut plan = Plan {
             name: name.to_string(),
             backend: self.name.clone(),
             ..Plan::default()
         };
-        let desired = self.desired_config(spec, &hash);
+        let desired = self.desired_config(spec, &hash, host_key.as_deref());
         let shown = |key: &str, value: &str| -> String {
             // Keys are long and the marker is multi-line: show what matters.
             match key {
@@ -242,20 +385,27 @@ impl Lifecycle for ProxmoxBackend {
         };
         match self.lookup(name)? {
             None => {
+                let (template, template_node) = self.template()?;
+                let node = self.placement_node()?;
                 plan.create = true;
                 plan.changes.push(Change {
                     key: "clone".into(),
                     old: None,
                     new: format!(
-                        "template {} ({} clone)",
+                        "template {} on {template_node} ({} clone) to node {node}{}",
                         match &self.spec.template {
                             TemplateRef::Id(id) => id.to_string(),
-                            TemplateRef::Name(n) => n.clone(),
+                            TemplateRef::Name(n) => format!("{n} ({template})"),
                         },
                         if self.spec.full_clone {
                             "full"
                         } else {
                             "linked"
+                        },
+                        if self.spec.node == AUTO_NODE {
+                            " (most free memory)"
+                        } else {
+                            ""
                         }
                     ),
                 });
@@ -307,20 +457,20 @@ impl Lifecycle for ProxmoxBackend {
 
     fn ssh_endpoint(&self, name: &str) -> Result<Endpoint> {
         let (found, marker) = self.managed(name)?;
-        let ip = self
-            .guest_ip(found.vmid)
-            .map_err(pve)?
-            .ok_or_else(|| anyhow!("{name}: the guest reports no address (is it running?)"))?;
+        if !found.running {
+            return Err(anyhow!("{name} is not running (agentvm up {name})").into());
+        }
+        let host = self.ssh_address(&found, name)?;
         let dir = self.known_hosts_dir(name);
         crate::fsutil::create_private_dir(&dir)?;
         Ok(Endpoint {
             vm: name.to_string(),
-            host: ip.to_string(),
+            host,
             port: self.spec.ssh_port,
             user: marker.user,
             identity: self.identity.private_key.clone(),
             known_hosts: dir.join(crate::paths::VM_KNOWN_HOSTS_FILE),
-            strict: false,
+            strict: dir.join(crate::paths::VM_PINNED_HOST_KEY_FILE).is_file(),
         })
     }
 }

@@ -12,6 +12,11 @@ pub struct Marker {
     pub spec_hash: String,
     pub readonly: bool,
     pub user: String,
+    /// The guest file of the SSH host key, when the image names another than
+    /// the default.
+    pub host_key: Option<String>,
+    /// The host `ssh` connects to, when the spec pins one.
+    pub ssh_host: Option<String>,
 }
 
 impl Marker {
@@ -20,6 +25,12 @@ impl Marker {
             "{MARKER}\nspec-hash: {}\nreadonly: {}\nuser: {}\n",
             self.spec_hash, self.readonly, self.user
         );
+        if let Some(path) = &self.host_key {
+            text.push_str(&format!("host-key: {path}\n"));
+        }
+        if let Some(host) = &self.ssh_host {
+            text.push_str(&format!("ssh-host: {host}\n"));
+        }
         if let Some(purpose) = purpose {
             text.push_str(&format!("purpose: {purpose}\n"));
         }
@@ -37,6 +48,8 @@ impl Marker {
                 Some(("spec-hash", v)) => marker.spec_hash = v.trim().to_string(),
                 Some(("readonly", v)) => marker.readonly = v.trim() == "true",
                 Some(("user", v)) => marker.user = v.trim().to_string(),
+                Some(("host-key", v)) => marker.host_key = Some(v.trim().to_string()),
+                Some(("ssh-host", v)) => marker.ssh_host = Some(v.trim().to_string()),
                 _ => {}
             }
         }
@@ -54,6 +67,8 @@ mod tests {
             spec_hash: "sha256:ab".into(),
             readonly: true,
             user: "agent".into(),
+            host_key: Some("/etc/ssh/ssh_host_rsa_key.pub".into()),
+            ssh_host: Some("agent.lan".into()),
         };
         let text = m.render(Some("builds"));
         assert!(text.starts_with("agentvm: managed\n"));

@@ -8,6 +8,8 @@ mod agent;
 mod bootstrap;
 mod client;
 mod create;
+mod display;
+mod exec;
 mod lifecycle;
 mod marker;
 mod tls;
@@ -28,14 +30,29 @@ pub use marker::{MARKER, Marker};
 
 /// How often waits on the node poll.
 const POLL: std::time::Duration = std::time::Duration::from_millis(500);
+/// The most one guest agent may cost `list` or `status` (a hanging agent never
+/// holds up the whole list).
+const AGENT_QUICK: std::time::Duration = std::time::Duration::from_secs(2);
+/// `node = "auto"`: place new VMs on the online node with the most free memory.
+pub const AUTO_NODE: &str = "auto";
 
-/// A VM on the node, as agentvm sees it.
+/// A VM on the cluster, as agentvm sees it.
 #[derive(Debug, Clone)]
 struct Found {
     vmid: u32,
+    /// The node it is on now (it may have been migrated).
+    node: String,
     running: bool,
     marker: Option<Marker>,
     config: Value,
+}
+
+/// A cluster node from `/cluster/resources`.
+#[derive(Debug, Clone)]
+struct NodeInfo {
+    name: String,
+    online: bool,
+    free_memory: u64,
 }
 
 pub struct ProxmoxBackend {
@@ -44,6 +61,8 @@ pub struct ProxmoxBackend {
     client: Client,
     home: Home,
     identity: Identity,
+    /// Env deliveries through the guest agent, by VM name.
+    deliveries: agent::Deliveries,
 }
 
 impl ProxmoxBackend {
@@ -60,22 +79,28 @@ impl ProxmoxBackend {
             spec: spec.clone(),
             identity: Identity::ensure(&home)?,
             home,
+            deliveries: agent::Deliveries::default(),
         })
     }
 
-    fn node_path(&self, rest: &str) -> String {
-        format!("/nodes/{}{rest}", self.spec.node)
+    fn vm_path(node: &str, vmid: u32, rest: &str) -> String {
+        format!("/nodes/{node}/qemu/{vmid}{rest}")
     }
 
-    fn vm_path(&self, vmid: u32, rest: &str) -> String {
-        self.node_path(&format!("/qemu/{vmid}{rest}"))
+    /// `/nodes/{node}/qemu/{vmid}{rest}` for a VM where it is now.
+    fn path_of(found: &Found, rest: &str) -> String {
+        Self::vm_path(&found.node, found.vmid, rest)
     }
 
-    /// Every VM on the cluster: (vmid, name, node, template, pool, running).
+    /// Every VM on the cluster: (vmid, name, node, template, pool, status).
     fn resources(&self) -> Result<Vec<Value>> {
+        self.cluster_resources("vm")
+    }
+
+    fn cluster_resources(&self, kind: &str) -> Result<Vec<Value>> {
         let list = self
             .client
-            .get("/cluster/resources", &[("type", "vm".into())])
+            .get("/cluster/resources", &[("type", kind.into())])
             .map_err(pve)?;
         match list {
             Value::Array(items) => Ok(items),
@@ -83,10 +108,82 @@ impl ProxmoxBackend {
         }
     }
 
+    /// The cluster's nodes.
+    fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        Ok(self
+            .cluster_resources("node")?
+            .iter()
+            .filter(|r| r["type"] == "node")
+            .filter_map(|r| {
+                let name = r["node"].as_str()?.to_string();
+                let max = r["maxmem"].as_u64().unwrap_or(0);
+                let used = r["mem"].as_u64().unwrap_or(0);
+                Some(NodeInfo {
+                    name,
+                    online: r["status"] == "online",
+                    free_memory: max.saturating_sub(used),
+                })
+            })
+            .collect())
+    }
+
+    /// The node new VMs go to: the configured one (which must exist and be
+    /// online), or with `node = "auto"` the online node with the most free memory.
+    fn placement_node(&self) -> Result<String> {
+        let nodes = self.nodes()?;
+        let names = || {
+            nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{} ({})",
+                        n.name,
+                        if n.online { "online" } else { "offline" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if self.spec.node == AUTO_NODE {
+            return nodes
+                .iter()
+                .filter(|n| n.online)
+                .max_by_key(|n| n.free_memory)
+                .map(|n| n.name.clone())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "backends.{}.node = \"auto\": no node of the cluster is online (nodes: {})",
+                        self.name,
+                        names()
+                    )
+                    .into()
+                });
+        }
+        match nodes.iter().find(|n| n.name == self.spec.node) {
+            Some(n) if n.online => Ok(n.name.clone()),
+            Some(n) => Err(anyhow!(
+                "backends.{}.node: node {} is offline; bring it back or set node = \"auto\"",
+                self.name,
+                n.name
+            )
+            .into()),
+            None => Err(anyhow!(
+                "backends.{}.node: the cluster has no node {:?} (nodes: {})",
+                self.name,
+                self.spec.node,
+                names()
+            )
+            .into()),
+        }
+    }
+
+    /// The VM `name` wherever it is in the cluster (templates left out).
     fn lookup(&self, name: &str) -> Result<Option<Found>> {
-        match self.resources()?.into_iter().find(|r| {
-            r["name"] == name && r["node"] == self.spec.node.as_str() && r["template"] != 1
-        }) {
+        match self
+            .resources()?
+            .into_iter()
+            .find(|r| r["name"] == name && r["template"] != 1)
+        {
             Some(resource) => Ok(Some(self.found(&resource)?)),
             None => Ok(None),
         }
@@ -95,13 +192,25 @@ impl ProxmoxBackend {
     /// A VM from its `/cluster/resources` entry, with its config and marker.
     fn found(&self, resource: &Value) -> Result<Found> {
         let vmid = resource["vmid"].as_u64().context("resource without vmid")? as u32;
+        let node = resource["node"]
+            .as_str()
+            .context("resource without node")?
+            .to_string();
+        if resource["status"] == "unknown" {
+            return Err(anyhow!(
+                "{} (vmid {vmid}) is on node {node}, which is offline: bring the node back, or migrate the VM",
+                resource["name"].as_str().unwrap_or("the VM")
+            )
+            .into());
+        }
         let config = self
             .client
-            .get(&self.vm_path(vmid, "/config"), &[])
+            .get(&Self::vm_path(&node, vmid, "/config"), &[])
             .map_err(pve)?;
         let marker = config["description"].as_str().and_then(Marker::parse);
         Ok(Found {
             vmid,
+            node,
             running: resource["status"] == "running",
             marker,
             config,
@@ -123,46 +232,66 @@ impl ProxmoxBackend {
         Ok((found, marker))
     }
 
-    fn template_vmid(&self) -> Result<u32> {
-        match &self.spec.template {
-            TemplateRef::Id(id) => Ok(*id),
-            TemplateRef::Name(name) => self
-                .resources()?
+    /// The template VMs are cloned from: its VMID and the node it is on.
+    fn template(&self) -> Result<(u32, String)> {
+        let resources = self.resources()?;
+        let templates = || {
+            resources
                 .iter()
-                .find(|r| r["name"] == name.as_str() && r["template"] == 1)
-                .and_then(|r| r["vmid"].as_u64())
-                .map(|id| id as u32)
-                .ok_or_else(|| anyhow!("backend {}: no template named {name}", self.name).into()),
+                .filter(|r| r["template"] == 1)
+                .map(|r| format!("{} ({})", r["vmid"], r["name"].as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let entry = match &self.spec.template {
+            TemplateRef::Id(id) => resources
+                .iter()
+                .find(|r| r["vmid"].as_u64() == Some(u64::from(*id))),
+            TemplateRef::Name(name) => resources
+                .iter()
+                .find(|r| r["name"] == name.as_str() && r["template"] == 1),
+        };
+        let Some(entry) = entry else {
+            let wanted = match &self.spec.template {
+                TemplateRef::Id(id) => format!("vmid {id}"),
+                TemplateRef::Name(n) => format!("{n:?}"),
+            };
+            return Err(anyhow!(
+                "backends.{}.template: no template {wanted} in the cluster (templates: {})",
+                self.name,
+                match templates() {
+                    t if t.is_empty() => "none".to_string(),
+                    t => t,
+                }
+            )
+            .into());
+        };
+        if entry["template"] != 1 {
+            return Err(anyhow!(
+                "backends.{}.template: vmid {} ({}) is a VM, not a template (convert it in the web UI: More → Convert to template)",
+                self.name,
+                entry["vmid"],
+                entry["name"].as_str().unwrap_or("?")
+            )
+            .into());
         }
+        let vmid = entry["vmid"].as_u64().context("template without vmid")? as u32;
+        let node = entry["node"]
+            .as_str()
+            .context("template without node")?
+            .to_string();
+        Ok((vmid, node))
     }
 
-    fn spec_hash(&self, spec: &VmSpec) -> String {
-        let canonical =
-            serde_json::to_vec(&(spec.machine(), &self.spec)).expect("specs serialize to JSON");
-        format!(
-            "sha256:{}",
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&canonical))
-        )
-    }
-
-    /// The guest's first routable address, from its agent.
-    fn guest_ip(&self, vmid: u32) -> std::result::Result<Option<IpAddr>, PveError> {
-        let reply = self
-            .client
-            .get(&self.vm_path(vmid, "/agent/network-get-interfaces"), &[])?;
-        let interfaces = reply["result"].as_array().cloned().unwrap_or_default();
-        Ok(interfaces
-            .iter()
-            .flat_map(|i| i["ip-addresses"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| {
-                a["ip-address"]
-                    .as_str()
-                    .and_then(|s| s.parse::<IpAddr>().ok())
-            })
-            .find(|ip| match ip {
-                IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
-                IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
-            }))
+    /// The guest's routable addresses from its agent, IPv4 first.
+    fn guest_ips(&self, found: &Found, quick: bool) -> std::result::Result<Vec<IpAddr>, PveError> {
+        let path = Self::path_of(found, "/agent/network-get-interfaces");
+        let reply = if quick {
+            self.client.get_quick(&path, &[], AGENT_QUICK)?
+        } else {
+            self.client.get(&path, &[])?
+        };
+        Ok(routable(&reply))
     }
 
     fn status_of(&self, name: &str, found: &Found, spec: Option<&VmSpec>) -> VmStatus {
@@ -170,7 +299,9 @@ impl ProxmoxBackend {
             s.readonly
         });
         let restart_needed = match (spec, &found.marker) {
-            (Some(spec), Some(marker)) if found.running => self.spec_hash(spec) != marker.spec_hash,
+            (Some(spec), Some(marker)) if found.running => {
+                self.hash_with(spec, marker.host_key.as_deref()) != marker.spec_hash
+            }
             _ => false,
         };
         VmStatus {
@@ -183,19 +314,22 @@ impl ProxmoxBackend {
             backend: self.name.clone(),
             ssh_port: Some(self.spec.ssh_port),
             spice_port: None,
-            image: None,
+            image: spec.and_then(|s| s.image.as_ref()).map(ToString::to_string),
             readonly,
             restart_needed,
             in_spec: spec.is_some(),
             purpose: spec.and_then(|s| s.purpose.clone()),
             ips: Vec::new(),
-            agent: if found.running {
+            agent: if !found.running {
+                AgentState::Stopped
+            } else if agent_enabled(&found.config) {
                 AgentState::NotResponding
             } else {
-                AgentState::Stopped
+                AgentState::Disabled
             },
-            // This backend does not deliver env yet, so it has none to show.
-            env: Vec::new(),
+            env: spec.map(super::env_names).unwrap_or_default(),
+            env_delivery: None,
+            node: Some(found.node.clone()),
         }
     }
 
@@ -206,6 +340,43 @@ impl ProxmoxBackend {
             .join(&self.name)
             .join(name)
     }
+}
+
+/// Whether a VM config has the guest agent on (`agent: 1` or `enabled=1,…`).
+fn agent_enabled(config: &Value) -> bool {
+    let text = match &config["agent"] {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        _ => return false,
+    };
+    let first = text.split(',').next().unwrap_or_default();
+    matches!(
+        first.trim_start_matches("enabled="),
+        "1" | "yes" | "on" | "true"
+    )
+}
+
+/// The routable addresses of an `agent/network-get-interfaces` reply, IPv4 first.
+fn routable(reply: &Value) -> Vec<IpAddr> {
+    let interfaces = reply["result"].as_array().cloned().unwrap_or_default();
+    let mut ips: Vec<IpAddr> = interfaces
+        .iter()
+        .flat_map(|i| i["ip-addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| {
+            a["ip-address"]
+                .as_str()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+        })
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+            IpAddr::V6(v6) => {
+                !v6.is_loopback() && !v6.is_unicast_link_local() && !v6.is_unspecified()
+            }
+        })
+        .collect();
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    ips.dedup();
+    ips
 }
 
 fn pve(e: PveError) -> BackendError {

@@ -1,0 +1,155 @@
+//! `exec` on Proxmox: `agent/exec` + `agent/exec-status`. PVE's `agent/exec`
+//! takes no environment, so the command runs under a small `sh` wrapper that
+//! sets `PATH`, `HOME` and the VM's env (read literally from the delivered env
+//! file, never evaluated) and then `exec`s it: its output, exit code and
+//! signal are the command's own.
+
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use serde_json::Value;
+
+use super::{Found, ProxmoxBackend, pve};
+use crate::backend::{EXEC_PATH, ExecOutcome, Result, Stream};
+use crate::nocloud::GUEST_ENV_PATH;
+
+/// The first wait between `exec-status` calls; it doubles up to [`STATUS_POLL_MAX`].
+const STATUS_POLL_FIRST: Duration = Duration::from_millis(20);
+const STATUS_POLL_MAX: Duration = Duration::from_millis(500);
+/// The most `agent/exec`'s `input-data` takes.
+pub const MAX_EXEC_INPUT: usize = 65536;
+
+/// PVE booleans arrive as `1`/`0`, `true`/`false` or strings of them.
+pub(super) fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_i64() == Some(1),
+        Value::String(s) => matches!(s.as_str(), "1" | "true"),
+        _ => false,
+    }
+}
+
+/// `sh -c WRAPPER agentvm-exec ARGV…`: the env file's lines exported as they
+/// are, then the command in place of the shell.
+fn wrapped(argv: &[String]) -> Vec<String> {
+    let script = format!(
+        "export {EXEC_PATH} HOME=/root; \
+         if [ -r {GUEST_ENV_PATH} ]; then \
+         while IFS= read -r line || [ -n \"$line\" ]; do \
+         case $line in [A-Za-z_]*=*) export \"$line\";; esac; \
+         done < {GUEST_ENV_PATH}; fi; \
+         exec \"$@\""
+    );
+    let mut out = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        script,
+        "agentvm-exec".into(),
+    ];
+    out.extend(argv.iter().cloned());
+    out
+}
+
+impl ProxmoxBackend {
+    pub(super) fn exec_in(
+        &self,
+        found: &Found,
+        name: &str,
+        argv: &[String],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+        output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome> {
+        if argv.is_empty() {
+            return Err(anyhow!("exec needs a command: agentvm exec NAME -- CMD [ARG…]").into());
+        }
+        let mut params: Vec<(&str, String)> =
+            wrapped(argv).into_iter().map(|a| ("command", a)).collect();
+        if let Some(input) = stdin {
+            let text = std::str::from_utf8(input).map_err(|_| {
+                anyhow!(
+                    "{name}: Proxmox's agent/exec takes text on stdin, and this input is not UTF-8"
+                )
+            })?;
+            if text.len() > MAX_EXEC_INPUT {
+                return Err(anyhow!(
+                    "{name}: stdin is {} bytes; Proxmox's agent/exec takes at most {MAX_EXEC_INPUT}",
+                    text.len()
+                )
+                .into());
+            }
+            params.push(("input-data", text.to_string()));
+        }
+        // Never sent twice: the command could run twice.
+        let started = self
+            .client
+            .post_once(&Self::path_of(found, "/agent/exec"), &params)
+            .map_err(|e| anyhow!("{name}: starting the command through the guest agent: {e}"))?;
+        let pid = started["pid"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("{name}: agent/exec answered {started} without a pid"))?;
+        let deadline = Instant::now() + timeout;
+        let mut wait = STATUS_POLL_FIRST;
+        loop {
+            let status = self
+                .client
+                .get(
+                    &Self::path_of(found, "/agent/exec-status"),
+                    &[("pid", pid.to_string())],
+                )
+                .map_err(pve)?;
+            if truthy(&status["exited"]) {
+                // PVE hands the output over, decoded, once the command has exited.
+                for (key, stream) in [("out-data", Stream::Stdout), ("err-data", Stream::Stderr)] {
+                    if let Some(text) = status[key].as_str()
+                        && !text.is_empty()
+                    {
+                        output(stream, text.as_bytes());
+                    }
+                }
+                for (key, what) in [("out-truncated", "stdout"), ("err-truncated", "stderr")] {
+                    if truthy(&status[key]) {
+                        output(
+                            Stream::Stderr,
+                            format!(
+                                "agentvm: {name}: the guest agent cut the command's {what} short\n"
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                }
+                return Ok(ExecOutcome {
+                    exit_code: status["exitcode"].as_i64(),
+                    signal: status["signal"].as_i64(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!(
+                    "{name}: the command did not finish within {}s (it keeps running in the guest as pid {pid})",
+                    timeout.as_secs()
+                )
+                .into());
+            }
+            std::thread::sleep(wait.min(deadline.saturating_duration_since(Instant::now())));
+            wait = (wait * 2).min(STATUS_POLL_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wrapper_execs_the_command_with_the_env_taken_literally() {
+        let argv = wrapped(&["printf".into(), "%s".into(), "a b".into()]);
+        assert_eq!(&argv[..2], ["/bin/sh", "-c"]);
+        assert_eq!(&argv[3..], ["agentvm-exec", "printf", "%s", "a b"]);
+        let out = std::process::Command::new("sh")
+            .args(&argv[1..])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b");
+        assert!(argv[2].contains("export \"$line\""), "{}", argv[2]);
+    }
+}
