@@ -300,13 +300,14 @@ fn bad_tokens_and_missing_privileges_are_named() {
     );
     let err = lab.env.fails(&["up", "remote", "--no-wait"]);
     assert!(
-        err.contains("permission denied (403)") && err.contains("VM."),
+        err.contains("the token lacks privilege VM.")
+            && err.contains("(403: Permission check failed"),
         "{err}"
     );
     let token = lab.env.dir.path().join("pve-token");
     std::fs::write(&token, format!("{DEFAULT_TOKEN_ID}=wrong-secret\n")).unwrap();
     let err = lab.env.fails(&["up", "remote", "--no-wait"]);
-    assert!(err.contains("authentication failed (401)"), "{err}");
+    assert!(err.contains("token rejected (401)"), "{err}");
     assert!(
         !err.contains("wrong-secret"),
         "the token is never shown: {err}"

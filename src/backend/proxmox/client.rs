@@ -23,14 +23,18 @@ const EXCERPT_CHARS: usize = 200;
 #[derive(Debug, thiserror::Error)]
 pub enum PveError {
     #[error(
-        "{method} {path}: authentication failed (401): check the API token (USER@REALM!TOKENID=SECRET)"
+        "{method} {path}: token rejected (401): check the API token (USER@REALM!TOKENID=SECRET) — it may be mistyped, expired or deleted"
     )]
     Unauthorized { method: String, path: String },
-    #[error("{method} {path}: permission denied (403): {message}")]
+    #[error(
+        "{method} {path}: the token lacks privilege {needs} (403: {message}); grant it to the token and its user (the PVEVMAdmin role on the pool has every VM.* privilege)"
+    )]
     Forbidden {
         method: String,
         path: String,
         message: String,
+        /// What the call needs, from the API schema's permissions.
+        needs: String,
     },
     #[error("{method} {path}: HTTP {status}: {message}")]
     Api {
@@ -307,6 +311,9 @@ impl Client {
                 .cloned()
                 .ok_or_else(|| bad_reply("the JSON reply has no \"data\"")),
             403 => Err(PveError::Forbidden {
+                needs: super::privileges::required(&method, &path)
+                    .unwrap_or("(see the message)")
+                    .to_string(),
                 method,
                 path,
                 message: error_message(&body, &reason),

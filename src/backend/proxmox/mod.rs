@@ -12,6 +12,7 @@ mod display;
 mod exec;
 mod lifecycle;
 mod marker;
+pub mod privileges;
 mod tls;
 
 use std::net::IpAddr;
