@@ -2,6 +2,9 @@
 //! transient failures, and waiting for tasks (UPIDs) to finish.
 
 use std::fmt;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,6 +21,12 @@ const TASK_POLL: Duration = Duration::from_millis(250);
 const TASK_LOG_TAIL: usize = 10;
 /// How much of an unexpected reply body an error quotes.
 const EXCERPT_CHARS: usize = 200;
+/// An upload may take this long, plus its size at [`UPLOAD_MIN_RATE`].
+const UPLOAD_BASE: Duration = Duration::from_secs(600);
+/// The slowest upload (bytes per second) that still finishes in time.
+const UPLOAD_MIN_RATE: u64 = 256 * 1024;
+/// How often an upload's progress is reported.
+const UPLOAD_PROGRESS: Duration = Duration::from_millis(250);
 
 /// Errors the backend acts on.
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +283,66 @@ impl Client {
         } else {
             request.form(params)
         };
+        self.reply(method, path, request)
+    }
+
+    /// Uploads `file` (`size` bytes) to `path` as PVE's upload handler
+    /// (pveproxy) reads it: multipart/form-data with a Content-Length, the text
+    /// `fields` first — pveproxy takes `content`, `checksum-algorithm` and
+    /// `checksum` in that order, before the file — then the file as the part
+    /// `filename`, streamed from disk. Sent once; its time limit grows with
+    /// the size. The bytes read so far go to `progress` as `label`.
+    pub fn upload(
+        &self,
+        path: &str,
+        fields: &[(&'static str, String)],
+        (file, size, file_name): (std::fs::File, u64, &str),
+        progress: &dyn Reporter,
+        label: &str,
+    ) -> Result<Value, PveError> {
+        let read = Arc::new(AtomicU64::new(0));
+        let reader = Counted {
+            inner: file,
+            read: read.clone(),
+        };
+        let part = reqwest::blocking::multipart::Part::reader_with_length(reader, size)
+            .file_name(file_name.to_string());
+        let form = fields
+            .iter()
+            .fold(reqwest::blocking::multipart::Form::new(), |form, (k, v)| {
+                form.text(*k, v.clone())
+            })
+            .part("filename", part);
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .timeout(upload_limit(size))
+            .multipart(form);
+        let finished = AtomicBool::new(false);
+        let reply = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !finished.load(Ordering::Relaxed) {
+                    progress.bytes(label, read.load(Ordering::Relaxed), size);
+                    std::thread::sleep(UPLOAD_PROGRESS);
+                }
+            });
+            let reply = self.reply(&reqwest::Method::POST, path, request);
+            finished.store(true, Ordering::Relaxed);
+            reply
+        });
+        progress.bytes(label, read.load(Ordering::Relaxed), size);
+        progress.bytes_done(label);
+        reply
+    }
+
+    /// Sends a request and reads PVE's reply: its `data`, or the error it means.
+    fn reply(
+        &self,
+        method: &reqwest::Method,
+        path: &str,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> Result<Value, PveError> {
         let (method, path) = (method.to_string(), path.to_string());
         let transport = |e: reqwest::Error, connected: bool| PveError::Transport {
             message: format!("{:#}", anyhow::Error::from(e)),
@@ -382,6 +451,26 @@ impl Client {
             .map(|l| l.iter().filter_map(|e| e["t"].as_str()).collect())
             .unwrap_or_default();
         lines[lines.len().saturating_sub(TASK_LOG_TAIL)..].join("\n  ")
+    }
+}
+
+/// The time limit of an upload of `size` bytes (the client's usual 60 s would
+/// end any image upload midway).
+fn upload_limit(size: u64) -> Duration {
+    UPLOAD_BASE + Duration::from_secs(size / UPLOAD_MIN_RATE)
+}
+
+/// A reader that counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
