@@ -644,12 +644,14 @@ fn client(fake: &FakePve) -> (tempfile::TempDir, Client) {
         endpoint: fake.url(),
         node: "pve".into(),
         token: TokenSource::File(token),
-        template: TemplateRef::Id(9000),
+        template: Some(TemplateRef::Id(9000)),
         storage: None,
         pool: None,
         full_clone: false,
         tls: TlsMode::Verified,
         ssh_port: 22,
+        import_storage: None,
+        bridge: None,
     };
     let token = read_token("lab", &spec.token).unwrap();
     let client = Client::new("lab", &spec, &token).unwrap();

@@ -53,14 +53,28 @@ pub struct ProxmoxSpec {
     pub endpoint: String,
     pub node: String,
     pub token: TokenSource,
-    pub template: TemplateRef,
+    /// The template VMs are cloned from when their image has no template
+    /// pushed by `agentvm image push`.
+    pub template: Option<TemplateRef>,
     pub storage: Option<String>,
     pub pool: Option<String>,
     pub full_clone: bool,
     pub tls: TlsMode,
     /// The port the guests' SSH listens on.
     pub ssh_port: u16,
+    /// The storage `image push` uploads to (one with `import` content); by
+    /// default the placement node's first such storage. Left out of the
+    /// serialized form when unset, like `bridge`, so the VMs' spec hashes of
+    /// fleet files without them stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_storage: Option<String>,
+    /// The bridge of pushed templates' network card; `vmbr0` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
+
+/// The bridge pushed templates use unless `bridge` names another.
+pub const DEFAULT_BRIDGE: &str = "vmbr0";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -122,7 +136,8 @@ pub enum ImageSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub name: Name,
-    /// The image; VMs on a Proxmox backend are cloned from its template instead.
+    /// The image; VMs on a Proxmox backend are cloned from the template
+    /// `agentvm image push` made of it, else from the backend's `template`.
     pub image: Option<Name>,
     pub cpus: u32,
     pub memory: Size,

@@ -87,8 +87,14 @@ pub struct RawBackend {
     pub endpoint: Spanned<String>,
     pub node: String,
     pub token: RawToken,
-    pub template: RawTemplate,
+    /// The template VMs are cloned from when their image was not pushed
+    /// (`agentvm image push`).
+    pub template: Option<RawTemplate>,
     pub storage: Option<String>,
+    /// The storage (with `import` content) `image push` uploads images to.
+    pub import_storage: Option<String>,
+    /// The bridge of the network card of pushed templates (default `vmbr0`).
+    pub bridge: Option<String>,
     pub pool: Option<String>,
     #[serde(default)]
     pub full_clone: bool,

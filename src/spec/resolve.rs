@@ -208,15 +208,50 @@ impl Resolver<'_> {
             (None, true) => TlsMode::Insecure,
             (None, false) => TlsMode::Verified,
         };
+        // As PVE's `pve-storage-id` and `pve-bridge-id` formats say.
+        let storage_id = |s: &str| {
+            s.len() >= 2
+                && s.starts_with(|c: char| c.is_ascii_lowercase())
+                && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && s.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')
+                })
+        };
+        let bridge_id = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        for (key, value, valid, what) in [
+            (
+                "import_storage",
+                &raw.import_storage,
+                &storage_id as &dyn Fn(&str) -> bool,
+                "a storage ID like \"local\"",
+            ),
+            ("bridge", &raw.bridge, &bridge_id, "a bridge like \"vmbr0\""),
+        ] {
+            if let Some(value) = value
+                && !valid(value)
+            {
+                return Err(self.at.error(
+                    self.key_span("backends", name.as_str()),
+                    &field(key),
+                    format!("invalid value {value:?}: expected {what}"),
+                ));
+            }
+        }
         Ok(ProxmoxSpec {
             endpoint,
             node: raw.node,
             token,
-            template: match raw.template {
+            template: raw.template.map(|t| match t {
                 raw::RawTemplate::Id(id) => TemplateRef::Id(id),
                 raw::RawTemplate::Name(n) => TemplateRef::Name(n),
-            },
+            }),
             storage: raw.storage,
+            import_storage: raw.import_storage,
+            bridge: raw.bridge,
             pool: raw.pool,
             full_clone: raw.full_clone,
             tls,

@@ -301,7 +301,9 @@ fn proxmox_backends_parse_and_vms_need_no_image_there() {
     let fleet = parse(PROXMOX).unwrap();
     let backend = &fleet.backends[&Name::new("homelab").unwrap()].proxmox;
     assert_eq!(backend.endpoint, "https://pve.lan:8006");
-    assert_eq!(backend.template, TemplateRef::Id(9000));
+    assert_eq!(backend.template, Some(TemplateRef::Id(9000)));
+    assert_eq!(backend.import_storage, None);
+    assert_eq!(backend.bridge, None);
     assert_eq!(backend.token, TokenSource::Env("PVE_TOKEN".into()));
     assert!(
         matches!(&backend.tls, TlsMode::Fingerprint(fp) if fp.starts_with("AABBCC") && fp.len() == 64)
@@ -333,6 +335,54 @@ fn proxmox_backend_errors_name_the_field() {
     assert!(message.contains("local, homelab"), "{message}");
     let (_, field, _) = invalid(&PROXMOX.replace("vmid = 4242", "vmid = 7"));
     assert_eq!(field, "vms.remote.vmid");
+}
+
+#[test]
+fn proxmox_template_is_optional_and_push_settings_parse() {
+    let pushing = PROXMOX.replace(
+        "template = 9000\n",
+        "import_storage = \"local\"\nbridge = \"vmbr1\"\n",
+    );
+    let fleet = parse(&pushing).unwrap();
+    let backend = &fleet.backends[&Name::new("homelab").unwrap()].proxmox;
+    assert_eq!(backend.template, None);
+    assert_eq!(backend.import_storage.as_deref(), Some("local"));
+    assert_eq!(backend.bridge.as_deref(), Some("vmbr1"));
+    let (_, field, message) = invalid(&pushing.replace("\"local\"", "\"Local Disk\""));
+    assert_eq!(field, "backends.homelab.import_storage");
+    assert!(message.contains("storage ID"), "{message}");
+    let (_, field, _) = invalid(&pushing.replace("\"vmbr1\"", "\"vmbr 1\""));
+    assert_eq!(field, "backends.homelab.bridge");
+}
+
+#[test]
+fn unset_push_settings_leave_the_serialized_backend_as_it_was() {
+    // VMs' spec hashes on Proxmox cover these settings: a fleet file without
+    // the new keys must serialize (and so hash) as before they existed.
+    let fleet = parse(PROXMOX).unwrap();
+    let backend = &fleet.backends[&Name::new("homelab").unwrap()].proxmox;
+    let json = serde_json::to_value(backend).unwrap();
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "endpoint",
+            "full_clone",
+            "node",
+            "pool",
+            "ssh_port",
+            "storage",
+            "template",
+            "tls",
+            "token"
+        ]
+    );
+    assert_eq!(json["template"], serde_json::json!({"id": 9000}));
 }
 
 const PASS: &str = r#"

@@ -13,7 +13,7 @@ use crate::backend::{
     AgentState, Change, Existing, Lifecycle, Plan, Prepared, Result, State, Timings, VmStatus,
 };
 use crate::progress::{Reporter, Silent};
-use crate::spec::{DEFAULT_HOST_KEY, ImageSpec, TemplateRef, VmSpec};
+use crate::spec::{DEFAULT_HOST_KEY, ImageSpec, ProxmoxSpec, VmSpec};
 use crate::ssh::Endpoint;
 
 /// What `prepare` found for `create`/`reconfigure`.
@@ -50,9 +50,15 @@ impl ProxmoxBackend {
     /// The hash of `spec` on this backend: the machine, the backend's settings,
     /// and what the marker records (host key file, SSH host).
     pub(super) fn hash_with(&self, spec: &VmSpec, host_key: Option<&str>) -> String {
+        // What only `image push` uses makes no VM.
+        let settings = ProxmoxSpec {
+            import_storage: None,
+            bridge: None,
+            ..self.spec.clone()
+        };
         let canonical = serde_json::to_vec(&(
             spec.machine(),
-            &self.spec,
+            &settings,
             host_key,
             spec.ssh_host.as_deref(),
         ))
@@ -196,8 +202,8 @@ impl Lifecycle for ProxmoxBackend {
     ) -> Result<()> {
         let name = spec.name.as_str();
         let ready: &Ready = prepared.data();
-        let (template, template_node) = self.template()?;
-        let (vmid, node) = self.clone_vm(spec, (template, &template_node), progress)?;
+        let source = self.template(spec)?;
+        let (vmid, node) = self.clone_vm(spec, (source.vmid, &source.node), progress)?;
         timings.mark("clone");
         let at = (node.as_str(), vmid);
         let configured = self
@@ -385,18 +391,16 @@ impl Lifecycle for ProxmoxBackend {
         };
         match self.lookup(name)? {
             None => {
-                let (template, template_node) = self.template()?;
+                let source = self.template(spec)?;
                 let node = self.placement_node()?;
                 plan.create = true;
                 plan.changes.push(Change {
                     key: "clone".into(),
                     old: None,
                     new: format!(
-                        "template {} on {template_node} ({} clone) to node {node}{}",
-                        match &self.spec.template {
-                            TemplateRef::Id(id) => id.to_string(),
-                            TemplateRef::Name(n) => format!("{n} ({template})"),
-                        },
+                        "template {} on {} ({} clone) to node {node}{}; from {}",
+                        source.vmid,
+                        source.node,
                         if self.spec.full_clone {
                             "full"
                         } else {
@@ -406,7 +410,8 @@ impl Lifecycle for ProxmoxBackend {
                             " (most free memory)"
                         } else {
                             ""
-                        }
+                        },
+                        source.why
                     ),
                 });
                 for (key, value) in &desired {

@@ -2,7 +2,8 @@
 //! a Proxmox node through its API with a token. Split by role: `client` (HTTP,
 //! tasks), `marker` (the state kept in the VM's description), `create` (clone
 //! and configure), `lifecycle` (the orchestration's steps), `agent` (guest agent
-//! and the capabilities it lacks), `bootstrap` (setting a node up for agentvm).
+//! and the capabilities it lacks), `bootstrap` (setting a node up for agentvm),
+//! `template` (templates from agentvm images, and which template a VM is cloned from).
 
 mod agent;
 mod bootstrap;
@@ -13,6 +14,7 @@ mod exec;
 mod lifecycle;
 mod marker;
 pub mod privileges;
+mod template;
 mod tls;
 
 use std::net::IpAddr;
@@ -27,7 +29,7 @@ use crate::spec::{GIB, ProxmoxSpec, TemplateRef, VmSpec};
 use crate::ssh::Identity;
 pub use bootstrap::{Bootstrapped, bootstrap_user};
 pub use client::{Client, PveError, encode_ssh_keys, read_token};
-pub use marker::{MARKER, Marker};
+pub use marker::{MARKER, Marker, TEMPLATE_MARKER, TemplateMarker};
 
 /// How often waits on the node poll.
 const POLL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -233,8 +235,8 @@ impl ProxmoxBackend {
         Ok((found, marker))
     }
 
-    /// The template VMs are cloned from: its VMID and the node it is on.
-    fn template(&self) -> Result<(u32, String)> {
+    /// The template the backend's `template` setting names: its VMID and the node it is on.
+    fn configured_template(&self, wanted: &TemplateRef) -> Result<(u32, String)> {
         let resources = self.resources()?;
         let templates = || {
             resources
@@ -244,7 +246,7 @@ impl ProxmoxBackend {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let entry = match &self.spec.template {
+        let entry = match wanted {
             TemplateRef::Id(id) => resources
                 .iter()
                 .find(|r| r["vmid"].as_u64() == Some(u64::from(*id))),
@@ -253,7 +255,7 @@ impl ProxmoxBackend {
                 .find(|r| r["name"] == name.as_str() && r["template"] == 1),
         };
         let Some(entry) = entry else {
-            let wanted = match &self.spec.template {
+            let wanted = match wanted {
                 TemplateRef::Id(id) => format!("vmid {id}"),
                 TemplateRef::Name(n) => format!("{n:?}"),
             };
