@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::image::BaseDisk;
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
@@ -239,7 +240,28 @@ pub trait Display: Lifecycle {
     }
 }
 
-/// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
-pub trait Backend: GuestAgent + Snapshots + Display {}
+/// The image's disk from this machine's image store, imported or built on
+/// first call (as `up` would): a backend that cannot take images never pays for it.
+pub type DiskSource<'a> = &'a dyn Fn() -> anyhow::Result<BaseDisk>;
 
-impl<T: GuestAgent + Snapshots + Display> Backend for T {}
+/// Making the backend's own templates from agentvm images.
+pub trait Templates: Lifecycle {
+    /// Makes a template of `image` from its disk unless one with the same
+    /// digest is already there. On error nothing of it is left.
+    fn push_image(
+        &self,
+        _image: &ImageSpec,
+        _disk: DiskSource<'_>,
+        _progress: &dyn Reporter,
+    ) -> Result<Pushed> {
+        Err(self.unsupported(
+            "image push",
+            "make a template with the backend's own tools and name it in the backend's settings",
+        ))
+    }
+}
+
+/// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
+pub trait Backend: GuestAgent + Snapshots + Display + Templates {}
+
+impl<T: GuestAgent + Snapshots + Display + Templates> Backend for T {}

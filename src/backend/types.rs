@@ -321,3 +321,23 @@ pub enum DownPath {
     /// Forced off, at once (`--force`) or after the timeout.
     Forced,
 }
+
+/// What `image push` did on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PushAction {
+    /// A new template was made.
+    Pushed,
+    /// A template of the image with the same digest was already there.
+    Unchanged,
+}
+
+/// The template an image is on a backend after `image push`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    pub vmid: u32,
+    pub node: String,
+    /// `sha256:<hex>` of the disk the template was made from.
+    pub digest: String,
+    pub action: PushAction,
+}

@@ -1,5 +1,6 @@
 //! The local backend's console and display: the serial log file, SPICE on
-//! 127.0.0.1, and screenshots through QMP `screendump`.
+//! 127.0.0.1, and screenshots through QMP `screendump`; and why it takes no
+//! pushed images.
 
 use std::path::{Path, PathBuf};
 
@@ -7,9 +8,24 @@ use anyhow::{Context, anyhow};
 use qapi::qmp;
 
 use super::LocalBackend;
-use crate::backend::{Display, Result, SpiceAccess};
+use crate::backend::{DiskSource, Display, Pushed, Result, SpiceAccess, Templates};
 use crate::domain;
 use crate::guest::Guest;
+use crate::progress::Reporter;
+use crate::spec::ImageSpec;
+
+/// The text of the local backend's refusal to take a pushed image.
+const NO_PUSH: &str = "local VMs use the image store directly; no push needed";
+
+impl Templates for LocalBackend {
+    fn push_image(&self, _: &ImageSpec, _: DiskSource<'_>, _: &dyn Reporter) -> Result<Pushed> {
+        Err(crate::backend::Lifecycle::unsupported(
+            self,
+            "image push",
+            NO_PUSH,
+        ))
+    }
+}
 
 impl Display for LocalBackend {
     fn serial_log(&self, name: &str) -> Result<PathBuf> {

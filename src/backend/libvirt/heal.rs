@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use super::{LocalBackend, conn};
 use crate::backend::{
-    BackendError, Display, ExecOutcome, Existing, GuestAgent, HostKey, Lifecycle, Plan, Prepared,
-    Result, SnapshotAction, SnapshotInfo, Snapshots, SpiceAccess, State, Stream, Timings, VmStatus,
+    BackendError, DiskSource, Display, ExecOutcome, Existing, GuestAgent, HostKey, Lifecycle, Plan,
+    Prepared, Pushed, Result, SnapshotAction, SnapshotInfo, Snapshots, SpiceAccess, State, Stream,
+    Templates, Timings, VmStatus,
 };
 use crate::image::ImageStore;
 use crate::progress::Reporter;
@@ -251,5 +252,17 @@ impl Display for Healing {
 
     fn screenshot(&self, name: &str, png: &Path) -> Result<(u32, u32)> {
         self.read(|| self.inner.screenshot(name, png))
+    }
+}
+
+impl Templates for Healing {
+    /// Refused without touching libvirt, so nothing to heal.
+    fn push_image(
+        &self,
+        image: &ImageSpec,
+        disk: DiskSource<'_>,
+        progress: &dyn Reporter,
+    ) -> Result<Pushed> {
+        self.inner.push_image(image, disk, progress)
     }
 }

@@ -3,7 +3,8 @@
 //! tasks), `marker` (the state kept in the VM's description), `create` (clone
 //! and configure), `lifecycle` (the orchestration's steps), `agent` (guest agent
 //! and the capabilities it lacks), `bootstrap` (setting a node up for agentvm),
-//! `template` (templates from agentvm images, and which template a VM is cloned from).
+//! `template` (templates from agentvm images, and which template a VM is cloned from),
+//! `storage` (a node's storages and which holds what).
 
 mod agent;
 mod bootstrap;
@@ -14,6 +15,7 @@ mod exec;
 mod lifecycle;
 mod marker;
 pub mod privileges;
+mod storage;
 mod template;
 mod tls;
 
