@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::registry::RemoteConfig;
 use crate::backend::{
-    BackendError, DownPath, ErrorKind, ExecOutcome, HostKey, Plan, SnapshotAction, SnapshotInfo,
-    SpiceAccess, Stream, UpOutcome, VmStatus,
+    BackendError, DownPath, ErrorKind, ExecOutcome, HostKey, Plan, PushAction, SnapshotAction,
+    SnapshotInfo, SpiceAccess, Stream, UpOutcome, VmStatus,
 };
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
@@ -52,6 +52,15 @@ pub enum Request {
     },
     /// Builds a flake image (and imports it) unless it is up to date.
     ImageBuild { image: ImageSpec, rebuild: bool },
+    /// Makes a template of an image on a backend, unless one of the image's
+    /// digest is already there.
+    ImagePush {
+        image: ImageSpec,
+        /// The backend to push to.
+        backend: String,
+        /// The fleet file's `[backends.NAME]`, tokens read.
+        backends: Vec<RemoteConfig>,
+    },
     /// Streams lifecycle events of every backend until the client goes away.
     Events { backends: Vec<RemoteConfig> },
 }
@@ -254,6 +263,7 @@ pub enum Outcome {
     SerialLog { path: PathBuf },
     Spice(SpiceAccess),
     Built(Built),
+    Pushed(PushedImage),
 }
 
 /// What `image build` did.
@@ -263,6 +273,19 @@ pub struct Built {
     pub path: PathBuf,
     /// False when the flake and what it reads were unchanged since the last build.
     pub built: bool,
+}
+
+/// What `image push` did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushedImage {
+    pub image: String,
+    pub backend: String,
+    /// The template's VMID and node.
+    pub vmid: u32,
+    pub node: String,
+    /// `sha256:<hex>` of the image's disk.
+    pub digest: String,
+    pub action: PushAction,
 }
 
 /// Why a request line was refused.

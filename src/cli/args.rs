@@ -204,6 +204,15 @@ pub enum ImageCommand {
         #[arg(long)]
         rebuild: bool,
     },
+    /// Make a template of a `file` or `flake` image on a Proxmox backend (imported or built
+    /// here first, as `up` would); VMs of the image there are then cloned from it. Nothing
+    /// is done when a template of the image's digest is already there.
+    Push {
+        name: String,
+        /// The [backends.NAME] to push to.
+        #[arg(long)]
+        backend: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

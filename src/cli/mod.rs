@@ -5,6 +5,7 @@
 mod args;
 mod daemon_cmd;
 mod guest;
+mod image;
 mod lifecycle;
 mod nixos;
 mod output;
@@ -141,6 +142,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Image {
             command: ImageCommand::Build { name, rebuild },
         } => nixos::image_build(&app, &name, rebuild),
+        Command::Image {
+            command: ImageCommand::Push { name, backend },
+        } => image::push(&app, &name, &backend),
         Command::Proxmox {
             command: ProxmoxCommand::BootstrapUser { user, backend },
         } => daemon_cmd::bootstrap_user(&app, &user, &backend),

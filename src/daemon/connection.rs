@@ -229,6 +229,13 @@ async fn dispatch(held: Held, request: Request, tx: mpsc::UnboundedSender<Reply>
         Request::ImageBuild { image, rebuild } => Reply::Done {
             results: ops::build_image(shared, image, rebuild, tx.clone()).await,
         },
+        Request::ImagePush {
+            image,
+            backend,
+            backends,
+        } => Reply::Done {
+            results: ops::push_image(shared, image, backend, backends, tx.clone()).await,
+        },
     };
     let _ = tx.send(reply);
 }

@@ -11,7 +11,9 @@ use super::Shared;
 use crate::backend::registry::{Backends, Located, RemoteConfig};
 use crate::backend::{BackendError, ErrorKind, SnapshotAction, VmStatus, orchestrate};
 use crate::progress::Reporter;
-use crate::protocol::{BackendFailure, Built, Event, Op, Outcome, Reply, VmRef, VmResult};
+use crate::protocol::{
+    BackendFailure, Built, Event, Op, Outcome, PushedImage, Reply, VmRef, VmResult,
+};
 use crate::spec::{ImageSource, ImageSpec, VmSpec};
 
 /// Sends progress to the client as events.
@@ -316,5 +318,66 @@ pub async fn build_image(
     })
     .await
     .unwrap_or_else(|e| Err(anyhow!("the build failed: {e}").into()));
+    vec![VmResult::new(&label, result)]
+}
+
+/// Makes a template of an image on a backend from this machine's image store
+/// (the image imported or built as `up` would, only once the backend asks for it).
+pub async fn push_image(
+    shared: Arc<Shared>,
+    image: ImageSpec,
+    backend_name: String,
+    configs: Vec<RemoteConfig>,
+    tx: UnboundedSender<Reply>,
+) -> Vec<VmResult> {
+    let label = format!("image:{}", image.name);
+    if let ImageSource::Kernel { .. } = image.source {
+        return vec![VmResult::failed(
+            &label,
+            ErrorKind::Unsupported,
+            format!(
+                "image {} boots a kernel directly: only disk images (`file` or `flake`) can be pushed",
+                image.name
+            ),
+        )];
+    }
+    let backends = match backends(&shared, configs).await {
+        Ok(backends) => backends,
+        Err(e) => {
+            return vec![VmResult::failed(
+                &label,
+                ErrorKind::Failed,
+                format!("{e:#}"),
+            )];
+        }
+    };
+    // One push or build of an image at a time: both read its place in the store.
+    let guard = match shared.locks.acquire(&label, "image push", false).await {
+        Ok(guard) => guard,
+        Err(busy) => return vec![VmResult::failed(&label, ErrorKind::Busy, busy.to_string())],
+    };
+    let local = shared.registry.local().clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let events = Events { tx };
+        let backend = backends.get(&backend_name)?;
+        let disk = || {
+            let prepared = local.store().prepare(&image, &events)?;
+            prepared
+                .base
+                .ok_or_else(|| anyhow!("image {} has no disk to push", image.name))
+        };
+        let pushed = backend.push_image(&image, &disk, &events)?;
+        Ok(Outcome::Pushed(PushedImage {
+            image: image.name.to_string(),
+            backend: backend_name,
+            vmid: pushed.vmid,
+            node: pushed.node,
+            digest: pushed.digest,
+            action: pushed.action,
+        }))
+    })
+    .await
+    .unwrap_or_else(|e| Err(anyhow!("the push failed: {e}").into()));
     vec![VmResult::new(&label, result)]
 }
