@@ -199,3 +199,202 @@ fn transient_errors() {
     assert!(!transient(500, "QEMU guest agent is not running"));
     assert!(!transient(400, "parameter verification failed"));
 }
+
+/// Serves one request on 127.0.0.1, answering `reply`; returns the URL and a
+/// handle to the raw request (headers and body, as sent).
+fn one_request(reply: &'static str) -> (String, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 65536];
+        let header_end = loop {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the client hung up mid-request");
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&raw[..header_end]).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .expect("pveproxy refuses uploads without a Content-Length")
+            .trim()
+            .parse()
+            .unwrap();
+        while raw.len() < header_end + length {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the body is shorter than its Content-Length");
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let body = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+            reply.len()
+        );
+        stream.write_all(body.as_bytes()).unwrap();
+        raw
+    });
+    (url, handle)
+}
+
+/// What PVE's upload handler (pve-http-server's `file_upload_multipart`)
+/// makes of a body: the fields it reads in its order, the file part's name
+/// and data. Its steps, with the regular expressions it uses.
+fn as_pveproxy_reads(body: &[u8], boundary: &str) -> (Vec<(String, String)>, String, Vec<u8>) {
+    use regex::bytes::Regex;
+    let b = regex::escape(boundary);
+    let delim = format!(r"--{b}\r?\n");
+    let mut rest = Regex::new(&format!(r"(?s-u)^.*?({delim})"))
+        .unwrap()
+        .replace(body, "$1".as_bytes())
+        .into_owned();
+    let until_data = Regex::new(r"(?s-u)^.*?(\r?\n){2}").unwrap();
+    let mut fields = Vec::new();
+    for name in ["content", "checksum-algorithm", "checksum"] {
+        let part = Regex::new(&format!(
+            r#"(?s-u)^{delim}.*?Content-Disposition: (.*?); name="{name}"(.*?{delim})"#
+        ))
+        .unwrap();
+        // `s/…/$2/`: the match becomes its second group, the rest stays.
+        let found = part.captures(&rest).map(|c| {
+            assert_eq!(&c[1], b"form-data");
+            [&c[2], &rest[c[0].len()..]].concat()
+        });
+        if let Some(found) = found {
+            rest = found;
+            rest = until_data.replace(&rest, &b""[..]).into_owned();
+            let value = Regex::new(&format!(r"(?s-u)^(.*?)({delim})")).unwrap();
+            let len = {
+                let c = value.captures(&rest).unwrap();
+                fields.push((
+                    name.to_string(),
+                    String::from_utf8_lossy(&c[1]).trim().to_string(),
+                ));
+                c[1].len()
+            };
+            rest.drain(..len);
+        }
+    }
+    let file = Regex::new(&format!(
+        r#"(?s-u)^{delim}Content-Disposition: (.*?); name="(.*?)"; filename="([^"]+)""#
+    ))
+    .unwrap();
+    let c = file
+        .captures(&rest)
+        .expect("the file part follows the fields, its Content-Disposition first");
+    assert_eq!(&c[1], b"form-data");
+    assert_eq!(
+        &c[2], b"filename",
+        "pveproxy wants the file as the part `filename`"
+    );
+    let file_name = String::from_utf8_lossy(&c[3]).to_string();
+    let rest = until_data
+        .replace(&rest[c[0].len()..], &b""[..])
+        .into_owned();
+    let end = Regex::new(&format!(r"(?s-u)^(.*?)(\r?\n)?--{b}--")).unwrap();
+    let data = end.captures(&rest).expect("the closing delimiter")[1].to_vec();
+    (fields, file_name, data)
+}
+
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<(String, u64, u64)>>);
+
+impl Reporter for Recorded {
+    fn step(&self, _: &str, _: &str) {}
+    fn bytes(&self, label: &str, done: u64, total: u64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((label.to_string(), done, total));
+    }
+    fn bytes_done(&self, label: &str) {
+        self.0.lock().unwrap().push((format!("{label} done"), 0, 0));
+    }
+}
+
+#[test]
+fn uploads_are_multipart_as_pveproxy_reads_them() {
+    let (url, server) =
+        one_request(r#"{"data":"UPID:pve:00001000:00100000:00000000:imgcopy::root@pam:"}"#);
+    let spec = ProxmoxSpec {
+        endpoint: url,
+        node: "pve".into(),
+        token: TokenSource::Env("UNUSED".into()),
+        template: None,
+        storage: None,
+        pool: None,
+        full_clone: false,
+        tls: TlsMode::Verified,
+        ssh_port: 22,
+        import_storage: None,
+        bridge: None,
+    };
+    let client = Client::new("lab", &spec, "root@pam!t=s3cret").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.qcow2");
+    // Large enough to be read in several pieces, with a line that looks like a delimiter.
+    let mut data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    data.extend_from_slice(b"\r\n--not-the-boundary--\r\n");
+    std::fs::write(&path, &data).unwrap();
+    let progress = Recorded::default();
+    let reply = client
+        .upload(
+            "/nodes/pve/storage/local/upload",
+            &[
+                ("content", "import".into()),
+                ("checksum-algorithm", "sha256".into()),
+                ("checksum", "ab12".into()),
+            ],
+            (
+                std::fs::File::open(&path).unwrap(),
+                data.len() as u64,
+                "agentvm-x-ab12.qcow2",
+            ),
+            &progress,
+            "uploading",
+        )
+        .unwrap();
+    assert!(reply.as_str().unwrap().starts_with("UPID:pve:"));
+    let raw = server.join().unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    assert!(
+        head.starts_with("POST /api2/json/nodes/pve/storage/local/upload HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("authorization: PVEAPIToken=root@pam!t=s3cret\r\n"),
+        "{head}"
+    );
+    assert!(!head.to_lowercase().contains("transfer-encoding"), "{head}");
+    let boundary = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: multipart/form-data; boundary="))
+        .expect("a multipart/form-data body")
+        .to_string();
+    let (fields, file_name, sent) = as_pveproxy_reads(&raw[split..], &boundary);
+    assert_eq!(
+        fields,
+        [
+            ("content".to_string(), "import".to_string()),
+            ("checksum-algorithm".into(), "sha256".into()),
+            ("checksum".into(), "ab12".into()),
+        ]
+    );
+    assert_eq!(file_name, "agentvm-x-ab12.qcow2");
+    assert!(sent == data, "the file arrives as it is on disk");
+    let seen = progress.0.lock().unwrap().clone();
+    let total = data.len() as u64;
+    assert_eq!(
+        seen[seen.len() - 2..],
+        [
+            ("uploading".to_string(), total, total),
+            ("uploading done".to_string(), 0, 0)
+        ]
+    );
+    assert!(seen.iter().all(|(_, done, of)| done <= of));
+}
