@@ -32,12 +32,16 @@ pub(super) fn truthy(value: &Value) -> bool {
 /// `sh -c WRAPPER agentvm-exec ARGV…`: the env file's lines exported as they
 /// are, then the command in place of the shell.
 fn wrapped(argv: &[String]) -> Vec<String> {
+    wrapped_with(argv, GUEST_ENV_PATH)
+}
+
+fn wrapped_with(argv: &[String], env_file: &str) -> Vec<String> {
     let script = format!(
         "export {EXEC_PATH} HOME=/root; \
-         if [ -r {GUEST_ENV_PATH} ]; then \
+         if [ -r {env_file} ]; then \
          while IFS= read -r line || [ -n \"$line\" ]; do \
          case $line in [A-Za-z_]*=*) export \"$line\";; esac; \
-         done < {GUEST_ENV_PATH}; fi; \
+         done < {env_file}; fi; \
          exec \"$@\""
     );
     let mut out = vec![
@@ -150,6 +154,27 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "a b");
-        assert!(argv[2].contains("export \"$line\""), "{}", argv[2]);
+
+        // The env file's values are taken as they are: quotes, `$` and spaces.
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("env");
+        std::fs::write(&env, "TOKEN=a 'b' \"c\" $HOME `x`\nnot a line\nLAST=1").unwrap();
+        let argv = wrapped_with(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "printf '%s|%s|%s' \"$TOKEN\" \"$LAST\" \"$HOME\"".into(),
+            ],
+            &env.display().to_string(),
+        );
+        let out = std::process::Command::new("sh")
+            .args(&argv[1..])
+            .env_remove("TOKEN")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "a 'b' \"c\" $HOME `x`|1|/root"
+        );
     }
 }
