@@ -14,19 +14,26 @@
 #![allow(dead_code, unused_imports)]
 
 mod access;
+mod agent;
+mod cluster;
+mod create;
+pub mod guest;
 pub mod http;
 pub mod model;
 mod qemu;
 pub mod schema;
 pub mod server;
+mod snapshots;
 mod state;
+mod storage;
 pub mod syntax;
 mod tasks;
 
-pub use http::raw_call;
+pub use guest::{base64_decode, base64_encode, host_key_line};
+pub use http::{raw_call, raw_call_multipart};
 pub use model::{
-    DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeAcl, FakeOptions, FakePool, FakeTask, FakeToken,
-    FakeUser, FakeVm, Recorded, all_privileges,
+    DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeAcl, FakeNode, FakeOptions, FakePool, FakeSnapshot,
+    FakeStorage, FakeTask, FakeToken, FakeUser, FakeVm, Recorded, all_privileges,
 };
 pub use schema::Schema;
 pub use server::FakePve;
