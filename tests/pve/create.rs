@@ -57,7 +57,7 @@ fn split_drive(value: &str) -> (String, Vec<(String, String)>) {
 /// PVE's format_size for `size=`: the largest unit that divides the size.
 pub(super) fn format_size(bytes: u64) -> String {
     for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

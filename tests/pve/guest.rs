@@ -211,7 +211,7 @@ pub fn base64_decode(text: &str) -> Result<Vec<u8>, String> {
     let invalid = || "Base64 data contains invalid characters".to_string();
     let bytes = text.as_bytes();
     let unpadded = text.trim_end_matches('=');
-    if bytes.len() % 4 != 0 || bytes.len() - unpadded.len() > 2 {
+    if !bytes.len().is_multiple_of(4) || bytes.len() - unpadded.len() > 2 {
         return Err(invalid());
     }
     let mut out = Vec::with_capacity(bytes.len() / 4 * 3);

@@ -32,7 +32,7 @@ use super::model::{
     FakeAcl, FakeNode, FakeOptions, FakePool, FakeTask, FakeUser, FakeVm, Recorded,
 };
 use super::schema::Schema;
-use super::state::{Fault, PARAM_ERROR, Params, State};
+use super::state::{Fail, Fault, PARAM_ERROR, Params, State};
 use super::storage::parse_multipart;
 use super::syntax::{parse_token_header, token_header};
 
@@ -509,7 +509,7 @@ fn request_params(
     content_type: &str,
     body: &[u8],
     upload: bool,
-) -> Result<(Params, Option<Vec<u8>>), (u16, String)> {
+) -> Result<(Params, Option<Vec<u8>>), Fail> {
     let mut pairs = form_decode(query);
     let mime = content_type.split(';').next().unwrap_or("").trim();
     let mut file = None;

@@ -14,10 +14,14 @@ use super::tasks::unix_now;
 
 /// Config keys a snapshot does not copy (__snapshot_copy_config).
 fn copied(key: &str) -> bool {
-    !matches!(
+    let unused = key
+        .strip_prefix("unused")
+        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+    let meta = matches!(
         key,
         "snapshots" | "snapstate" | "snaptime" | "vmstate" | "lock" | "digest" | "description"
-    ) && !(key.starts_with("unused") && key[6..].bytes().all(|b| b.is_ascii_digit()))
+    );
+    !meta && !unused
 }
 
 impl State {
