@@ -7,9 +7,14 @@
 //! - `server.rs`: the fake's HTTP side and its API for tests ([`FakePve`]).
 //! - `model.rs`: options and the data tests inspect ([`FakeOptions`], [`FakeVm`], …).
 //! - `state.rs`: the fake's state, callers and privileges, and the router.
-//! - `qemu.rs`, `tasks.rs`, `access.rs`: the handlers (cluster and VMs; tasks; pools, users,
-//!   tokens, roles and ACLs).
-//! - `http.rs`: URL encoding and a tiny HTTP client ([`raw_call`]).
+//! - the handlers: `cluster.rs` (next VMID, resources, nodes), `qemu.rs` (VMs: list, clone,
+//!   config, resize, power, status, destroy), `create.rs` (VM creation, SPICE proxy),
+//!   `snapshots.rs` (snapshots, templates), `agent.rs` (guest agent), `storage.rs` (storages,
+//!   content, uploads and their multipart parser), `tasks.rs` (tasks), `access.rs` (pools,
+//!   users, tokens, roles and ACLs).
+//! - `guest.rs`: what a guest holds (files, agent-reported addresses, processes run on this
+//!   host) and base64.
+//! - `http.rs`: URL encoding and a tiny HTTP client ([`raw_call`], [`raw_call_multipart`]).
 
 #![allow(dead_code, unused_imports)]
 
