@@ -268,6 +268,7 @@ fn foreign_and_readonly_vms_are_protected() {
             template: false,
             pool: None,
             disk_size_gib: 8,
+            ..FakeVm::default()
         },
     );
     let err = lab.env.fails(&["destroy", "--yes", "foreign"]);
