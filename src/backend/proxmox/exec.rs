@@ -19,6 +19,24 @@ const STATUS_POLL_MAX: Duration = Duration::from_millis(500);
 /// The most `agent/exec`'s `input-data` takes.
 pub const MAX_EXEC_INPUT: usize = 65536;
 
+/// PVE passes strings to and from the agent one character per byte (it
+/// base64-encodes and decodes them as Perl byte strings): stdin goes as one
+/// character per byte, so any bytes arrive as they are.
+fn bytes_as_chars(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| char::from(*b)).collect()
+}
+
+/// The output bytes of an `exec-status` string: one byte per character, as
+/// PVE sends them. A character above U+00FF cannot be such a byte: then the
+/// text is taken as decoded text and written as UTF-8.
+fn chars_as_bytes(text: &str) -> Vec<u8> {
+    if text.chars().all(|c| u32::from(c) <= 0xFF) {
+        text.chars().map(|c| u32::from(c) as u8).collect()
+    } else {
+        text.as_bytes().to_vec()
+    }
+}
+
 /// PVE booleans arrive as `1`/`0`, `true`/`false` or strings of them.
 pub(super) fn truthy(value: &Value) -> bool {
     match value {
@@ -70,19 +88,14 @@ impl ProxmoxBackend {
         let mut params: Vec<(&str, String)> =
             wrapped(argv).into_iter().map(|a| ("command", a)).collect();
         if let Some(input) = stdin {
-            let text = std::str::from_utf8(input).map_err(|_| {
-                anyhow!(
-                    "{name}: Proxmox's agent/exec takes text on stdin, and this input is not UTF-8"
-                )
-            })?;
-            if text.len() > MAX_EXEC_INPUT {
+            if input.len() > MAX_EXEC_INPUT {
                 return Err(anyhow!(
                     "{name}: stdin is {} bytes; Proxmox's agent/exec takes at most {MAX_EXEC_INPUT}",
-                    text.len()
+                    input.len()
                 )
                 .into());
             }
-            params.push(("input-data", text.to_string()));
+            params.push(("input-data", bytes_as_chars(input)));
         }
         // Never sent twice: the command could run twice.
         let started = self
@@ -108,7 +121,7 @@ impl ProxmoxBackend {
                     if let Some(text) = status[key].as_str()
                         && !text.is_empty()
                     {
-                        output(stream, text.as_bytes());
+                        output(stream, &chars_as_bytes(text));
                     }
                 }
                 for (key, what) in [("out-truncated", "stdout"), ("err-truncated", "stderr")] {
@@ -143,6 +156,13 @@ impl ProxmoxBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_strings_carry_bytes() {
+        let bytes = "héllo ✓\n".as_bytes();
+        assert_eq!(chars_as_bytes(&bytes_as_chars(bytes)), bytes);
+        assert_eq!(chars_as_bytes("plain ✓"), "plain ✓".as_bytes());
+    }
 
     #[test]
     fn the_wrapper_execs_the_command_with_the_env_taken_literally() {
