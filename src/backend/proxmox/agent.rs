@@ -160,7 +160,8 @@ impl GuestAgent for ProxmoxBackend {
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("{name}: agent/ping: {e}");
                 }
-                Err(last) => {
+                Err(e) => {
+                    let last = super::agent_answer(&e);
                     return Err(anyhow!(
                     "{name}: the guest agent did not answer in time (is qemu-guest-agent installed and running in the guest?); last answer: {last}"
                 )
@@ -321,6 +322,7 @@ impl EnvJob {
     /// Writes the env file once the agent answers; makes its folder (root
     /// only) through the agent when the guest has none.
     fn run(&self, deadline: Instant) -> std::result::Result<(), String> {
+        self.wait_agent(deadline)?;
         let mut made_dir = false;
         loop {
             let written = self.client.post(
@@ -350,6 +352,31 @@ impl EnvJob {
                 return Err(format!("the guest agent did not take it: {text}"));
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// Pings the agent until it answers.
+    fn wait_agent(&self, deadline: Instant) -> std::result::Result<(), String> {
+        loop {
+            let answer = self.client.post_quick(
+                &format!("{}/agent/ping", self.path),
+                &[],
+                super::call_limit(deadline),
+            );
+            match answer {
+                Ok(_) => return Ok(()),
+                Err(e @ (PveError::Unauthorized { .. } | PveError::Forbidden { .. })) => {
+                    return Err(e.to_string());
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "the guest agent did not answer within {} s; its last answer: {}",
+                        DELIVERY_WINDOW.as_secs(),
+                        super::agent_answer(&e)
+                    ));
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
         }
     }
 

@@ -141,7 +141,10 @@ impl ProxmoxBackend {
         let ips = self
             .guest_ips(found, super::call_limit(deadline))
             .map_err(|e| {
-                anyhow!("{name}: no address from the guest agent; its last answer: {e}")
+                anyhow!(
+                    "{name}: no address from the guest agent; its last answer: {}",
+                    super::agent_answer(&e)
+                )
             })?;
         ips.first().map(ToString::to_string).ok_or_else(|| {
             anyhow!("{name}: the guest reports no routable address (only loopback or link-local)")

@@ -354,6 +354,17 @@ impl ProxmoxBackend {
     }
 }
 
+/// What a failed agent call says to the user: PVE's answer, or, when agentvm
+/// stopped waiting, that the agent did not answer in time.
+fn agent_answer(e: &PveError) -> String {
+    match e {
+        PveError::Transport { message, .. } if message.contains("timed out") => {
+            "no answer in time: the guest agent hangs, or the guest is too busy to answer".into()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Whether a VM config has the guest agent on (`agent: 1` or `enabled=1,…`).
 fn agent_enabled(config: &Value) -> bool {
     let text = match &config["agent"] {
