@@ -2,10 +2,11 @@
 //! every request against the real API schema (tests/pve/pve-api-schema-9.1.3.json).
 
 mod common;
+#[path = "lab/mod.rs"]
+mod lab;
 #[path = "pve/mod.rs"]
 mod pve;
 
-use std::io::Write;
 use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -14,73 +15,12 @@ use agentvm::backend::proxmox::{Client, PveError, read_token};
 use agentvm::progress::Silent;
 use agentvm::spec::{ProxmoxSpec, TemplateRef, TlsMode, TokenSource};
 use common::{Env, EventFollower};
+use lab::{Lab, REMOTE};
 use pve::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET, FakeOptions, FakePve, FakeVm};
 use serde_json::Value;
 
-/// A port with an SSH banner on 127.0.0.1, for the backend's ssh_port setting.
-fn ssh_banner() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.6 fake-guest\r\n");
-        }
-    });
-    port
-}
-
-struct Lab {
-    env: Env,
-    fake: FakePve,
-}
-
-impl Lab {
-    fn new(opts: FakeOptions, vms: &str) -> Self {
-        let env = Env::new();
-        let fake = FakePve::start(opts);
-        let token = env.dir.path().join("pve-token");
-        std::fs::write(
-            &token,
-            format!("{DEFAULT_TOKEN_ID}={DEFAULT_TOKEN_SECRET}\n"),
-        )
-        .unwrap();
-        env.write_raw_fleet(&format!(
-            "[backends.lab]\nkind = \"proxmox\"\nendpoint = \"{}\"\nnode = \"pve\"\ntoken = {{ file = {:?} }}\ntemplate = \"nixos-template\"\nstorage = \"local-lvm\"\npool = \"agents\"\nssh_port = {}\n\n{vms}",
-            fake.url(),
-            token.display().to_string(),
-            ssh_banner()
-        ));
-        Lab { env, fake }
-    }
-
-    fn no_violations(&self) {
-        assert_eq!(
-            self.fake.violations(),
-            Vec::<String>::new(),
-            "requests the schema rejects"
-        );
-    }
-
-    fn vm(&self, name: &str) -> (u32, FakeVm) {
-        self.fake
-            .vms()
-            .into_iter()
-            .find(|(_, vm)| vm.name == name)
-            .unwrap_or_else(|| panic!("no VM {name} on the fake"))
-    }
-}
-
-const REMOTE: &str = "[vms.remote]\nbackend = \"lab\"\ncpus = 2\nmemory = \"2GiB\"\ndisk = \"16GiB\"\nuser = \"agent\"\nssh_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBc+/user= me@laptop\"]\npurpose = \"remote agent\"\n";
-
 fn create_pool(lab: &Lab) {
-    let (status, _) = pve::raw_call(
-        &lab.fake.url(),
-        "POST",
-        "/pools",
-        &[("poolid", "agents")],
-        Some(&lab.fake.auth_header()),
-    );
-    assert_eq!(status, 200);
+    lab.create_pool();
 }
 
 #[test]
@@ -268,6 +208,7 @@ fn foreign_and_readonly_vms_are_protected() {
             template: false,
             pool: None,
             disk_size_gib: 8,
+            ..FakeVm::default()
         },
     );
     let err = lab.env.fails(&["destroy", "--yes", "foreign"]);

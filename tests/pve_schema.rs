@@ -1013,3 +1013,26 @@ fn fake_pve_task_list() {
     assert_eq!(done["id"], "9000");
     assert!(pve.violations().is_empty(), "{:?}", pve.violations());
 }
+
+#[test]
+fn repeated_parameters_are_arrays_where_the_schema_says_so() {
+    // PVE makes a repeated form parameter an array (the fake joins the items with NUL).
+    let exec = "/nodes/pve/qemu/101/agent/exec";
+    accepted("POST", exec, &[("command", "sh\0-c\0printf hi")]);
+    accepted("POST", exec, &[("command", "true")]);
+    rejected(
+        "POST",
+        "/nodes/pve/qemu/101/agent/file-write",
+        &[("file", "/a\0/b"), ("content", "x")],
+        &["parameter 'file'", "given more than once"],
+    );
+    // A `-list` format takes the items joined with commas, as PVE's RESTHandler does.
+    accepted("PUT", CONFIG, &[("delete", "ciuser\0cipassword")]);
+    let joined = Schema::load().normalize(
+        "PUT",
+        CONFIG,
+        params(&[("delete", "ciuser\0cipassword"), ("name", "x")]),
+    );
+    assert_eq!(joined["delete"], "ciuser,cipassword");
+    assert_eq!(joined["name"], "x");
+}

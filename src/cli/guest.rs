@@ -38,7 +38,10 @@ pub fn ssh_config(app: &App, name: Option<&str>) -> Result<i32> {
             Answer::Ok(other) => bail!("{}: unexpected answer {other:?}", result.name),
             Answer::Error { message, .. } => {
                 failed = true;
-                eprintln!("agentvm: error: {}: {message}", result.name);
+                eprintln!(
+                    "agentvm: error: {}",
+                    output::vm_error(&result.name, &message)
+                );
             }
         }
     }

@@ -100,7 +100,10 @@ pub fn plan(app: &App, names: &[String], backend: Option<String>) -> Result<i32>
             Answer::Ok(other) => bail!("{}: unexpected answer {other:?}", result.name),
             Answer::Error { message, .. } => {
                 failed = true;
-                eprintln!("agentvm: error: {}: {message}", result.name);
+                eprintln!(
+                    "agentvm: error: {}",
+                    output::vm_error(&result.name, &message)
+                );
             }
         }
     }

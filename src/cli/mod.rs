@@ -294,7 +294,10 @@ impl App {
                 }
                 Answer::Error { message, .. } => {
                     failures += 1;
-                    eprintln!("agentvm: error: {}: {message}", result.name);
+                    eprintln!(
+                        "agentvm: error: {}",
+                        output::vm_error(&result.name, message)
+                    );
                 }
             }
         }
@@ -349,6 +352,6 @@ fn one(mut results: Vec<VmResult>, name: &str) -> Result<Outcome> {
     let result = results.pop().context("the daemon returned no result")?;
     match result.answer {
         Answer::Ok(outcome) => Ok(outcome),
-        Answer::Error { message, .. } => bail!("{name}: {message}"),
+        Answer::Error { message, .. } => bail!("{}", output::vm_error(name, &message)),
     }
 }

@@ -150,6 +150,15 @@ pub fn inventory_markdown(rows: &[InventoryRow]) -> String {
     out
 }
 
+/// `NAME: message`, without saying the name twice when the message starts with it.
+pub fn vm_error(name: &str, message: &str) -> String {
+    if message.starts_with(&format!("{name}: ")) {
+        message.to_string()
+    } else {
+        format!("{name}: {message}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

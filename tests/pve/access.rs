@@ -26,7 +26,7 @@ impl State {
                     let vm = &self.vms[vmid];
                     json!({
                         "id": format!("qemu/{vmid}"), "type": "qemu", "vmid": vmid,
-                        "node": self.opts.node, "name": vm.name,
+                        "node": vm.node, "name": vm.name,
                         "status": if vm.running { "running" } else { "stopped" },
                         "template": u8::from(vm.template),
                     })

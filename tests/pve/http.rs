@@ -85,23 +85,73 @@ pub fn raw_call(
         "GET" | "DELETE" => (format!("/api2/json{path}"), String::new()),
         _ => (format!("/api2/json{path}"), encoded),
     };
+    let content_type = (!body.is_empty()).then_some("application/x-www-form-urlencoded");
+    send(addr, method, &target, content_type, auth, body.as_bytes())
+}
+
+/// An upload as PVE's web UI sends it: `multipart/form-data` with the `fields` first (e.g.
+/// `content`, `checksum-algorithm`, `checksum`), then the file part named `filename`.
+pub fn raw_call_multipart(
+    base_url: &str,
+    path: &str,
+    fields: &[(&str, &str)],
+    filename: &str,
+    data: &[u8],
+    auth: Option<&str>,
+) -> (u16, Value) {
+    let addr = base_url
+        .strip_prefix("http://")
+        .expect("raw_call_multipart: http:// URL");
+    let boundary = "----fakepveFormBoundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"filename\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let target = format!("/api2/json{path}");
+    send(addr, "POST", &target, Some(&content_type), auth, &body)
+}
+
+/// Sends one HTTP/1.1 request (`Connection: close`); the status and the JSON body (`null` when
+/// the body is empty or not JSON).
+pub fn send(
+    addr: &str,
+    method: &str,
+    target: &str,
+    content_type: Option<&str>,
+    auth: Option<&str>,
+    body: &[u8],
+) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).expect("raw_call: connect");
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut head = format!(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
-    if !body.is_empty() {
-        head.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+    if let Some(content_type) = content_type {
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     if let Some(auth) = auth {
         head.push_str(&format!("Authorization: {auth}\r\n"));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("raw_call: read");
     let text = String::from_utf8_lossy(&response);

@@ -28,8 +28,14 @@ pub fn all_privileges() -> Vec<String> {
 
 #[derive(Clone, Debug)]
 pub struct FakeOptions {
-    /// The node name (default `pve`).
+    /// The node the API is served from, and the first node of the cluster (default `pve`).
     pub node: String,
+    /// The cluster's nodes. A node named [`FakeOptions::node`] is added in front when missing
+    /// (so the default is that one node alone, online, with [`FakeNode::new`]'s memory).
+    pub nodes: Vec<FakeNode>,
+    /// The storages, defined on every node (see [`FakeStorage`]). Empty means
+    /// [`FakeStorage::defaults`]; a storage named [`FakeOptions::storage`] is added when missing.
+    pub storages: Vec<FakeStorage>,
     /// Valid API tokens: (`user@realm!name`, secret, privileges). Default: [`DEFAULT_TOKEN_ID`]
     /// with [`DEFAULT_TOKEN_SECRET`] and [`all_privileges`].
     pub tokens: Vec<(String, String, Vec<String>)>,
@@ -58,6 +64,8 @@ impl Default for FakeOptions {
     fn default() -> Self {
         FakeOptions {
             node: "pve".into(),
+            nodes: Vec::new(),
+            storages: Vec::new(),
             tokens: vec![(
                 DEFAULT_TOKEN_ID.into(),
                 DEFAULT_TOKEN_SECRET.into(),
@@ -76,9 +84,110 @@ impl Default for FakeOptions {
     }
 }
 
+/// A cluster node. The API is served from [`FakeOptions::node`]; requests for another node are
+/// answered as if pveproxy had proxied them there.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeNode {
+    pub name: String,
+    /// An offline node's requests fail like PVE's proxy does (HTTP 595, "No route to host").
+    pub online: bool,
+    /// Memory in bytes, and the part in use.
+    pub maxmem: u64,
+    pub mem: u64,
+}
+
+impl FakeNode {
+    /// An online node with 24 GiB, 2 GiB of it used.
+    pub fn new(name: &str) -> FakeNode {
+        FakeNode {
+            name: name.to_string(),
+            online: true,
+            maxmem: 24 << 30,
+            mem: 2 << 30,
+        }
+    }
+}
+
+/// A storage as `storage.cfg` defines it; it exists on every node, with separate volumes per
+/// node unless `shared`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeStorage {
+    pub name: String,
+    /// The plugin type: `dir`, `lvmthin`, `nfs`, …
+    pub kind: String,
+    /// Allowed content types: `images`, `rootdir`, `iso`, `vztmpl`, `backup`, `import`, …
+    pub content: Vec<String>,
+    pub shared: bool,
+    /// Free bytes (what PVE reports as `avail`).
+    pub avail: u64,
+}
+
+impl FakeStorage {
+    pub fn new(name: &str, kind: &str, content: &[&str], shared: bool) -> FakeStorage {
+        FakeStorage {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            content: content.iter().map(|c| c.to_string()).collect(),
+            shared,
+            avail: 100 << 30,
+        }
+    }
+
+    /// `local` (dir: `iso,vztmpl,backup,import`) and `storage` (lvmthin: `images,rootdir`).
+    pub fn defaults(storage: &str) -> Vec<FakeStorage> {
+        vec![
+            FakeStorage::new(
+                "local",
+                "dir",
+                &["iso", "vztmpl", "backup", "import"],
+                false,
+            ),
+            FakeStorage::new(storage, "lvmthin", &["images", "rootdir"], false),
+        ]
+    }
+
+    pub fn allows(&self, content: &str) -> bool {
+        self.content.iter().any(|c| c == content)
+    }
+
+    /// Whether the storage keeps files in a directory (uploads need one).
+    pub fn has_path(&self) -> bool {
+        matches!(
+            self.kind.as_str(),
+            "dir" | "nfs" | "cifs" | "cephfs" | "glusterfs" | "btrfs"
+        )
+    }
+
+    /// Where PVE keeps the storage's files (`dir` `local` is `/var/lib/vz`).
+    pub fn path(&self) -> String {
+        if self.name == "local" {
+            "/var/lib/vz".to_string()
+        } else {
+            format!("/mnt/pve/{}", self.name)
+        }
+    }
+}
+
+/// A VM snapshot as qemu-server keeps it in the config's `[snapname]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct FakeSnapshot {
+    /// The VM config when it was taken (without `lock`, `digest`, `description`, …).
+    pub config: BTreeMap<String, String>,
+    pub snaptime: u64,
+    /// RAM saved (taken with `vmstate=1` while running).
+    pub vmstate: bool,
+    pub description: Option<String>,
+    pub parent: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct FakeVm {
     pub name: String,
+    /// The node the VM is on; empty in [`FakePve::put_vm`](super::server::FakePve::put_vm)
+    /// means the first node.
+    pub node: String,
+    /// Snapshots by name (the current config's `parent` key names the newest one).
+    pub snapshots: BTreeMap<String, FakeSnapshot>,
     /// The VM config as PVE stores it (`sshkeys` decoded, `template` = `1` on templates).
     pub config: BTreeMap<String, String>,
     pub running: bool,

@@ -1,10 +1,10 @@
-//! The cluster and QEMU VM handlers of the fake PVE: next free VMID, resources, clone, config,
-//! resize, power, status, destroy and the guest agent.
+//! The QEMU VM handlers of the fake PVE: list, clone, config, resize, power, status, destroy.
 
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
+use super::guest::Guest;
 use super::http::percent_decode;
 use super::http::percent_encode;
 use super::model::FakeVm;
@@ -24,83 +24,6 @@ const CONFIG_META: &[&str] = &[
 ];
 
 impl State {
-    pub(super) fn nextid(&mut self, p: &Params) -> Result<Value, Fail> {
-        if let Some(vmid) = p.get("vmid") {
-            let vmid = vmid_of(vmid);
-            if self.vms.contains_key(&vmid) {
-                return fail(400, format!("VM {vmid} already exists"));
-            }
-            return Ok(json!(vmid.to_string()));
-        }
-        let id = (100..).find(|id| !self.vms.contains_key(id)).unwrap();
-        if self.nextid_race_pending {
-            self.nextid_race_pending = false;
-            let mut config = BTreeMap::new();
-            config.insert("name".to_string(), "someone-else".to_string());
-            self.vms.insert(
-                id,
-                FakeVm {
-                    name: "someone-else".into(),
-                    config,
-                    running: false,
-                    template: false,
-                    pool: None,
-                    disk_size_gib: 0,
-                },
-            );
-        }
-        // PVE declares an integer but sends the id as a JSON string.
-        Ok(json!(id.to_string()))
-    }
-
-    pub(super) fn resources(&self, caller: &Caller, p: &Params) -> Result<Value, Fail> {
-        let kind = p.get("type").map(String::as_str);
-        let node = &self.opts.node;
-        let mut out = Vec::new();
-        if kind.is_none() || kind == Some("vm") {
-            for (vmid, vm) in &self.vms {
-                if !caller.has("VM.Audit") {
-                    break;
-                }
-                let mut r = json!({
-                    "id": format!("qemu/{vmid}"),
-                    "type": "qemu",
-                    "vmid": vmid,
-                    "name": vm.name,
-                    "node": node,
-                    "status": if vm.running { "running" } else { "stopped" },
-                    "template": u8::from(vm.template),
-                    "maxcpu": vm.cores(),
-                    "maxmem": vm.memory_mib() * 1024 * 1024,
-                    "maxdisk": vm.disk_size_gib * 1024 * 1024 * 1024,
-                    "uptime": if vm.running { 42 } else { 0 },
-                });
-                if let Some(pool) = &vm.pool {
-                    r["pool"] = json!(pool);
-                }
-                if let Some(lock) = vm.config.get("lock") {
-                    r["lock"] = json!(lock);
-                }
-                out.push(r);
-            }
-        }
-        if kind.is_none() || kind == Some("node") {
-            out.push(json!({
-                "id": format!("node/{node}"), "type": "node", "node": node, "status": "online",
-                "maxcpu": 2, "maxmem": 24u64 << 30, "uptime": 1000,
-            }));
-        }
-        if kind.is_none() || kind == Some("storage") {
-            let storage = &self.opts.storage;
-            out.push(json!({
-                "id": format!("storage/{node}/{storage}"), "type": "storage", "node": node,
-                "storage": storage, "status": "available", "plugintype": "lvmthin",
-                "content": "images,rootdir", "shared": 0,
-            }));
-        }
-        Ok(Value::Array(out))
-    }
-
     // ----- VMs -----
 
     pub(super) fn list_vms(&self, caller: &Caller) -> Result<Value, Fail> {
@@ -110,6 +33,7 @@ impl State {
         let list = self
             .vms
             .iter()
+            .filter(|(_, vm)| vm.node == self.here)
             .map(|(vmid, vm)| {
                 let mut r = json!({
                     "vmid": vmid,
@@ -145,8 +69,12 @@ impl State {
             None => caller.require(&format!("/vms/{newid}"), "VM.Allocate")?,
         }
         let source = self.vm(vmid)?.clone();
-        if let Some(target) = p.get("target") {
-            self.check_node(target)?;
+        // qemu-server: a target that is this node is no target; others must exist.
+        let target = p.get("target").filter(|t| **t != self.here).cloned();
+        if let Some(target) = &target
+            && !self.nodes.iter().any(|n| n.name == *target)
+        {
+            return fail(500, format!("no such cluster node '{target}'"));
         }
         let full = p
             .get("full")
@@ -174,6 +102,34 @@ impl State {
             .unwrap_or_else(|| self.opts.storage.clone());
         if full {
             caller.require(&format!("/storage/{storage}"), "Datastore.AllocateSpace")?;
+            if !self.storage(&storage)?.allows("images") {
+                return super::state::fail_param(
+                    "storage",
+                    format!("storage '{storage}' does not support vm images"),
+                );
+            }
+        }
+        if let Some(target) = &target {
+            // Another node sees only shared storages.
+            if full && p.contains_key("storage") && !self.storage(&storage)?.shared {
+                return fail(
+                    500,
+                    format!("can't clone to non-shared storage '{storage}'"),
+                );
+            }
+            let local = source.config.iter().any(|(key, value)| {
+                is_disk_key(key)
+                    && value
+                        .split_once(':')
+                        .and_then(|(s, _)| self.storage(s).ok())
+                        .is_some_and(|s| !s.shared)
+            });
+            if local {
+                return fail(
+                    500,
+                    format!("can't clone VM to node '{target}' (VM uses local storage)"),
+                );
+            }
         }
         if let Some(pool) = p.get("pool")
             && !self.pools.contains_key(pool)
@@ -212,14 +168,16 @@ impl State {
                 config.insert("description".into(), d);
             }
             let vm = FakeVm {
-                name,
+                node: target.unwrap_or_else(|| st.here.clone()),
                 config,
                 running: false,
                 template: false,
                 pool,
                 disk_size_gib: source.disk_size_gib,
+                ..FakeVm::default()
             };
-            st.vms.insert(newid, vm);
+            st.guests.insert(newid, Guest::new(newid, &name));
+            st.vms.insert(newid, FakeVm { name, ..vm });
             Ok(vec![format!(
                 "create {} clone of drive scsi0",
                 if full { "full" } else { "linked" }
@@ -238,10 +196,7 @@ impl State {
         let vm = self.vm(vmid)?;
         let schema = Schema::load();
         let types = schema
-            .returns(
-                "GET",
-                &format!("/nodes/{}/qemu/{vmid}/config", self.opts.node),
-            )
+            .returns("GET", &format!("/nodes/{}/qemu/{vmid}/config", self.here))
             .and_then(|r| r.get("properties"))
             .and_then(Value::as_object);
         let mut out = serde_json::Map::new();
@@ -439,6 +394,8 @@ impl State {
             if vm.running {
                 st.agent_calls.insert(vmid, 0);
             }
+            // A guest that stops forgets its agent's processes.
+            st.guest(vmid).execs.clear();
             Ok(vec![])
         });
         Ok(json!(upid))
@@ -480,65 +437,10 @@ impl State {
         let upid = self.start_task("qmdestroy", &vmid.to_string(), &caller.token, |st| {
             st.vms.remove(&vmid);
             st.agent_calls.remove(&vmid);
+            st.guests.remove(&vmid);
             Ok(vec![format!("destroyed VM {vmid}")])
         });
         Ok(json!(upid))
-    }
-
-    pub(super) fn agent(
-        &mut self,
-        caller: &Caller,
-        vmid: u32,
-        command: &str,
-    ) -> Result<Value, Fail> {
-        caller.require_any(
-            &format!("/vms/{vmid}"),
-            &["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"],
-        )?;
-        self.agent_answers(vmid)?;
-        Ok(match command {
-            "ping" => json!({ "result": {} }),
-            _ => json!({ "result": [
-                { "name": "lo", "ip-addresses": [
-                    { "ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8 },
-                ]},
-                { "name": "eth0", "hardware-address": mac_for(vmid).to_ascii_lowercase(), "ip-addresses": [
-                    { "ip-address": self.opts.guest_ip, "ip-address-type": "ipv4", "prefix": 24 },
-                    { "ip-address": "fe80::1", "ip-address-type": "ipv6", "prefix": 64 },
-                ]},
-            ]}),
-        })
-    }
-
-    /// What PVE says before an agent call reaches a guest agent: configured,
-    /// running, and (for the first calls after a start) not yet up.
-    fn agent_answers(&mut self, vmid: u32) -> Result<(), Fail> {
-        let vm = self.vm(vmid)?;
-        if !vm.agent_enabled() {
-            return fail(500, "No QEMU guest agent configured");
-        }
-        if !vm.running {
-            return fail(500, format!("VM {vmid} is not running"));
-        }
-        let calls = self.agent_calls.entry(vmid).or_insert(0);
-        *calls += 1;
-        if *calls <= self.opts.agent_down_calls {
-            return fail(500, "QEMU guest agent is not running");
-        }
-        Ok(())
-    }
-
-    /// `agent/shutdown`: the guest powers off once its agent answers.
-    pub(super) fn agent_shutdown(&mut self, caller: &Caller, vmid: u32) -> Result<Value, Fail> {
-        caller.require_any(
-            &format!("/vms/{vmid}"),
-            &["VM.PowerMgmt", "VM.GuestAgent.Unrestricted"],
-        )?;
-        self.agent_answers(vmid)?;
-        if let Some(vm) = self.vms.get_mut(&vmid) {
-            vm.running = false;
-        }
-        Ok(json!({ "result": {} }))
     }
 }
 

@@ -214,8 +214,30 @@ impl Schema {
                     "{at}: parameter '{name}': unknown parameter (not in the schema)"
                 ));
             };
-            self.check_value(prop, value)
-                .map_err(|rule| format!("{at}: parameter '{name}': value {value:?}: {rule}"))?;
+            let bad = |rule: String| format!("{at}: parameter '{name}': value {value:?}: {rule}");
+            match (
+                prop.get("type").and_then(Value::as_str),
+                value.contains('\0'),
+            ) {
+                // Repeated form parameters (or a JSON array): one item each.
+                (Some("array"), _) => {
+                    let items = prop.get("items").unwrap_or(&Value::Null);
+                    for item in value.split('\0') {
+                        self.check_value(items, item).map_err(bad)?;
+                    }
+                }
+                (_, true) if is_list_format(prop) => {
+                    self.check_value(prop, &value.replace('\0', ","))
+                        .map_err(bad)?;
+                }
+                (kind, true) => {
+                    return Err(bad(format!(
+                        "given more than once: PVE makes that an array, and the type is {}",
+                        kind.unwrap_or("string")
+                    )));
+                }
+                _ => self.check_value(prop, value).map_err(bad)?,
+            }
             if let Some(required) = prop.get("requires").and_then(Value::as_str)
                 && !all.contains_key(required)
             {
@@ -225,6 +247,29 @@ impl Schema {
             }
         }
         Ok(())
+    }
+
+    /// The parameters as PVE's RESTHandler hands them on (normalize_legacy_param_formats):
+    /// repeated values of a `…-list` format joined by commas. Arrays stay NUL-joined.
+    pub fn normalize(
+        &self,
+        method: &str,
+        path: &str,
+        mut params: BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let props = self
+            .method_info(method, path)
+            .and_then(|info| info.pointer("/parameters/properties"))
+            .and_then(Value::as_object);
+        if let Some(props) = props {
+            for (name, value) in params.iter_mut() {
+                if value.contains('\0') && lookup_property(props, name).is_some_and(is_list_format)
+                {
+                    *value = value.replace('\0', ",");
+                }
+            }
+        }
+        params
     }
 
     /// The method object and the request's parameters merged with the path parameters.
@@ -281,7 +326,7 @@ impl Schema {
                 parse_bool(value).ok_or("not a boolean (use 0/1, true/false, yes/no, on/off)")?;
             }
             "string" => self.check_string(prop, value)?,
-            // Arrays and objects are not sent as form values by us; nothing to check loosely.
+            // Arrays are checked item by item by the caller; objects are not form values.
             _ => {}
         }
         Ok(())
@@ -481,6 +526,15 @@ fn max_index(prop: &Value) -> u64 {
         .filter_map(|c| c.iter().skip(1).flatten().next()?.as_str().parse().ok())
         .max()
         .unwrap_or(255)
+}
+
+/// A string property whose format is a list (`pve-configid-list`, `pve-storage-content-list`).
+fn is_list_format(prop: &Value) -> bool {
+    prop.get("type").and_then(Value::as_str).unwrap_or("string") == "string"
+        && prop
+            .get("format")
+            .and_then(Value::as_str)
+            .is_some_and(|f| f.ends_with("-list"))
 }
 
 fn check_range(prop: &Value, n: f64) -> Result<(), String> {

@@ -1,5 +1,7 @@
-//! A fake Proxmox VE API server for tests: plain HTTP on 127.0.0.1, one node, QEMU VMs cloned
-//! from a template, tasks, guest agent, pools, users, API tokens and ACLs.
+//! A fake Proxmox VE API server for tests: plain HTTP on 127.0.0.1, a cluster of nodes, QEMU VMs
+//! cloned from a template or created from uploaded images, snapshots, tasks, the guest agent
+//! (files, commands run on this host), storages and uploads, pools, users, API tokens and ACLs.
+//! Each request is served on its own thread.
 //!
 //! Every request is first checked against the real PVE 9.1 API schema ([`Schema::check`]); a
 //! request PVE would refuse gets HTTP 400 and is recorded in [`FakePve::violations`], so a test
@@ -16,17 +18,26 @@
 //! any status and body, before or after carrying it out.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::guest::{Guest, GuestFs};
 use super::http::{form_decode, percent_decode};
-use super::model::{FakeAcl, FakeOptions, FakePool, FakeTask, FakeUser, FakeVm, Recorded};
+use super::model::{
+    FakeAcl, FakeNode, FakeOptions, FakePool, FakeTask, FakeUser, FakeVm, Recorded,
+};
 use super::schema::Schema;
-use super::state::{Fault, Params, State};
+use super::state::{Fail, Fault, PARAM_ERROR, Params, State};
+use super::storage::parse_multipart;
 use super::syntax::{parse_token_header, token_header};
+
+/// pve-http-server's limit for a request body other than an upload.
+const MAX_POST: usize = 512 * 1024;
 
 /// A running fake PVE; stops when dropped.
 pub struct FakePve {
@@ -63,7 +74,12 @@ impl FakePve {
                 .spawn(move || {
                     while !shutdown.load(Ordering::SeqCst) {
                         if let Ok(request) = server.recv() {
-                            inner.serve(request);
+                            // One thread per request: a slow one (a hung agent, an upload)
+                            // holds up no other.
+                            let inner = inner.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("fake-pve-request".into())
+                                .spawn(move || inner.serve(request));
                         }
                     }
                 })
@@ -98,9 +114,86 @@ impl FakePve {
         self.state().vms.clone()
     }
 
-    /// Adds or replaces a VM (test setup).
-    pub fn put_vm(&self, vmid: u32, vm: FakeVm) {
-        self.state().vms.insert(vmid, vm);
+    /// Adds or replaces a VM (test setup); an empty [`FakeVm::node`] means the first node. A
+    /// new VM gets a fresh guest (see [`FakePve::guest_file`]).
+    pub fn put_vm(&self, vmid: u32, mut vm: FakeVm) {
+        let mut st = self.state();
+        if vm.node.is_empty() {
+            vm.node = st.nodes[0].name.clone();
+        }
+        st.guests
+            .entry(vmid)
+            .or_insert_with(|| Guest::new(vmid, &vm.name));
+        st.vms.insert(vmid, vm);
+    }
+
+    /// The cluster's nodes.
+    pub fn nodes(&self) -> Vec<FakeNode> {
+        self.state().nodes.clone()
+    }
+
+    /// Moves a VM to another node, as a finished migration would.
+    pub fn migrate(&self, vmid: u32, node: &str) {
+        let mut st = self.state();
+        assert!(
+            st.nodes.iter().any(|n| n.name == node),
+            "FakePve::migrate: no node {node}"
+        );
+        st.vms
+            .get_mut(&vmid)
+            .unwrap_or_else(|| panic!("FakePve::migrate: no VM {vmid}"))
+            .node = node.to_string();
+    }
+
+    /// Takes a node off the cluster network (requests to it fail like pveproxy's proxying, its
+    /// VMs show `status: unknown`) or brings it back.
+    pub fn set_node_online(&self, node: &str, online: bool) {
+        let mut st = self.state();
+        st.nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .unwrap_or_else(|| panic!("FakePve::set_node_online: no node {node}"))
+            .online = online;
+    }
+
+    /// From now on every guest-agent command of the VM (once PVE's checks pass) waits `hang`
+    /// and then fails as PVE reports a QGA timeout: `VM {vmid} qga command 'guest-exec' failed
+    /// - got timeout`. Other requests are served meanwhile. `Duration::ZERO` ends the hang.
+    pub fn hang_agent(&self, vmid: u32, hang: Duration) {
+        self.state().guest(vmid).hang = (!hang.is_zero()).then_some(hang);
+    }
+
+    /// A file of the VM's guest.
+    pub fn guest_file(&self, vmid: u32, path: &str) -> Option<Vec<u8>> {
+        self.state().guests.get(&vmid)?.fs.files.get(path).cloned()
+    }
+
+    /// Puts a file into the VM's guest, creating the folders above it.
+    pub fn put_guest_file(&self, vmid: u32, path: &str, bytes: &[u8]) {
+        let mut st = self.state();
+        let fs = &mut st.guest(vmid).fs;
+        fs.mkdir_p(&GuestFs::parent(path));
+        fs.files.insert(path.to_string(), bytes.to_vec());
+    }
+
+    /// Removes a folder of the VM's guest with all below it (e.g. `/etc/agentvm`).
+    pub fn remove_guest_dir(&self, vmid: u32, dir: &str) {
+        self.state().guest(vmid).fs.remove_dir(dir);
+    }
+
+    /// The addresses the VM's agent reports on eth0 (beside loopback and `fe80::1`); the
+    /// default is [`FakeOptions::guest_ip`].
+    pub fn set_guest_ips(&self, vmid: u32, ips: Vec<String>) {
+        self.state().guest(vmid).ips = Some(ips);
+    }
+
+    /// The bytes of a stored volume (an upload: `local:import/disk.qcow2`), on any node.
+    pub fn volume(&self, volid: &str) -> Option<Vec<u8>> {
+        let st = self.state();
+        st.volumes
+            .iter()
+            .find(|((_, v), _)| v == volid)
+            .map(|(_, v)| v.data.clone())
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -212,16 +305,42 @@ impl Inner {
         };
         let auth = header("Authorization");
         let content_type = header("Content-Type").unwrap_or_default();
+        let chunked =
+            header("Transfer-Encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
         let mut body = Vec::new();
         let _ = request.as_reader().read_to_end(&mut body);
 
-        let (status, reply) = self.handle(&method, &url, auth.as_deref(), &content_type, &body);
+        let (status, reply) = if chunked {
+            // pve-http-server refuses it before anything else.
+            let msg = format!("{method} {url}: chunked transfer encoding not supported (by PVE)");
+            self.state().violations.push(msg);
+            error_reply(501, "chunked transfer encoding not supported", None)
+        } else {
+            let request = HttpRequest {
+                method: &method,
+                url: &url,
+                auth: auth.as_deref(),
+                content_type: &content_type,
+                body: &body,
+            };
+            self.handle(&request)
+        };
         let (text, content_type) = match reply {
             Body::Json(value) => (value.to_string(), "application/json;charset=UTF-8"),
             Body::Raw(text) if serde_json::from_str::<Value>(&text).is_ok() => {
                 (text, "application/json;charset=UTF-8")
             }
             Body::Raw(text) => (text, "text/html;charset=UTF-8"),
+            Body::Proxy(reason) => {
+                // A status tiny_http has no reason phrase for: written as pveproxy sends it.
+                let mut w = request.into_writer();
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = w.flush();
+                return;
+            }
         };
         let response = tiny_http::Response::from_string(text)
             .with_status_code(status)
@@ -230,15 +349,9 @@ impl Inner {
     }
 
     /// One request → (HTTP status, body).
-    fn handle(
-        &self,
-        method: &str,
-        url: &str,
-        auth: Option<&str>,
-        content_type: &str,
-        body: &[u8],
-    ) -> (u16, Body) {
-        let (raw_path, query) = url.split_once('?').unwrap_or((url, ""));
+    fn handle(&self, req: &HttpRequest) -> (u16, Body) {
+        let method = req.method;
+        let (raw_path, query) = req.url.split_once('?').unwrap_or((req.url, ""));
         let Some(api_path) = raw_path.strip_prefix("/api2/json") else {
             let msg = format!("{method} {raw_path}: not below /api2/json");
             self.state().violations.push(msg.clone());
@@ -250,15 +363,21 @@ impl Inner {
             .map(|s| String::from_utf8_lossy(&percent_decode(s, false)).into_owned())
             .collect();
         let path = format!("/{}", segments.join("/"));
-        let params = match request_params(query, content_type, body) {
-            Ok(p) => p,
-            Err(e) => {
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let upload = method == "POST" && matches!(segs[..], ["nodes", _, "storage", _, "upload"]);
+        let upload_data;
+        let params = match request_params(query, req.content_type, req.body, upload) {
+            Ok((p, data)) => {
+                upload_data = data;
+                p
+            }
+            Err((code, e)) => {
                 let msg = format!("{method} {path}: {e}");
-                self.state().violations.push(msg.clone());
-                return error_reply(400, &msg, None);
+                self.state().violations.push(msg);
+                return error_reply(code, &e, None);
             }
         };
-        let token = parse_token_header(auth);
+        let token = parse_token_header(req.auth);
         self.state().requests.push(Recorded {
             method: method.to_string(),
             path: path.clone(),
@@ -272,7 +391,7 @@ impl Inner {
                 self.state()
                     .violations
                     .push(format!("{method} {path}: Authorization header: {e}"));
-                let msg = if auth.is_none() {
+                let msg = if req.auth.is_none() {
                     "No ticket"
                 } else {
                     "authentication failure"
@@ -280,7 +399,7 @@ impl Inner {
                 return error_reply(401, msg, None);
             }
         };
-        if let Err(e) = self.schema.check(method, &path, &params, auth) {
+        if let Err(e) = self.schema.check(method, &path, &params, req.auth) {
             let param = regex::Regex::new(r"parameter '([^']+)'")
                 .unwrap()
                 .captures(&e)
@@ -294,6 +413,7 @@ impl Inner {
             };
             return error_reply(400, message, errors);
         }
+        let params = self.schema.normalize(method, &path, params);
 
         let mut st = self.state();
         if let Some(text) = self.schema.deprecation(method, &path) {
@@ -308,18 +428,29 @@ impl Inner {
         {
             return (fault.status, Body::Raw(fault.body.clone()));
         }
-        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
         let tasks_before: BTreeSet<String> = st.tasks.keys().cloned().collect();
+        st.upload_data = upload_data;
+        st.sleep = None;
         let reply = match st.route(&caller, method, &segs, &params) {
             Ok(data) => (200, Body::Json(json!({ "data": data }))),
+            Err((595, reason)) => (595, Body::Proxy(reason)),
             Err((code, message)) => {
                 if code == 501 {
                     st.violations.push(format!("FakePve: {message}"));
                 }
-                error_reply(code, &message, None)
+                match message.strip_prefix(PARAM_ERROR) {
+                    Some(rest) => {
+                        let (param, why) = rest.split_once('\0').unwrap_or((rest, ""));
+                        let errors = json!({ param: why });
+                        error_reply(400, "Parameter verification failed.", Some(errors))
+                    }
+                    None => error_reply(code, &message, None),
+                }
             }
         };
-        match fault {
+        st.upload_data = None;
+        let sleep = st.sleep.take();
+        let reply = match fault {
             Some(fault) => {
                 // By the time the reply is lost, the work is done.
                 let started: Vec<String> = st
@@ -334,14 +465,31 @@ impl Inner {
                 (fault.status, Body::Raw(fault.body))
             }
             None => reply,
+        };
+        drop(st);
+        if let Some(sleep) = sleep {
+            std::thread::sleep(sleep);
         }
+        reply
     }
+}
+
+/// What [`Inner::handle`] needs of an HTTP request.
+struct HttpRequest<'a> {
+    method: &'a str,
+    url: &'a str,
+    auth: Option<&'a str>,
+    content_type: &'a str,
+    body: &'a [u8],
 }
 
 /// A reply body: PVE's JSON, or an injected fault's text as it is.
 enum Body {
     Json(Value),
     Raw(String),
+    /// pveproxy's answer when the node it proxies to does not answer: the reason phrase of an
+    /// empty HTTP 595 reply.
+    Proxy(String),
 }
 
 fn error_reply(code: u16, message: &str, errors: Option<Value>) -> (u16, Body) {
@@ -352,29 +500,85 @@ fn error_reply(code: u16, message: &str, errors: Option<Value>) -> (u16, Body) {
     (code, Body::Json(body))
 }
 
-/// Query parameters, plus the body's (form-encoded or JSON) for any method.
-fn request_params(query: &str, content_type: &str, body: &[u8]) -> Result<Params, String> {
+/// Query parameters, plus the body's (form-encoded, JSON, or an upload's multipart fields, whose
+/// file part is returned beside them). A parameter given more than once (or a JSON array) is
+/// kept as its values joined by NUL, as PVE turns it into an array; the schema check decides
+/// whether that is allowed. Errors carry the HTTP status pve-http-server answers with.
+fn request_params(
+    query: &str,
+    content_type: &str,
+    body: &[u8],
+    upload: bool,
+) -> Result<(Params, Option<Vec<u8>>), Fail> {
     let mut pairs = form_decode(query);
-    if content_type.starts_with("application/json") {
-        let value: Value = serde_json::from_slice(body).map_err(|e| format!("JSON body: {e}"))?;
-        let object = value.as_object().ok_or("JSON body is not an object")?;
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    let mut file = None;
+    if upload {
+        let boundary = regex::Regex::new(r"(?i);\s*boundary\s*=\s*(\S+?)\s*(?:;|$)")
+            .unwrap()
+            .captures(content_type)
+            .map(|c| c[1].trim_matches('"').to_string());
+        let (Some(boundary), "multipart/form-data") = (boundary, mime) else {
+            return Err((
+                500,
+                format!("upload 'Content-Type '{content_type}' not implemented"),
+            ));
+        };
+        if pairs.iter().any(|(k, _)| k == "tmpfilename") {
+            return Err((
+                500,
+                "'tmpfilename' query parameter is not allowed for file uploads".into(),
+            ));
+        }
+        let (fields, data) = parse_multipart(body, &boundary).map_err(|e| (500, e))?;
+        let mut params = Params::new();
+        for (k, v) in pairs.into_iter().chain(fields) {
+            params.insert(k, v);
+        }
+        file = Some(data);
+        return Ok((params, file));
+    }
+    if body.len() > MAX_POST {
+        return Err((501, "for data too large".into()));
+    }
+    if mime == "application/json" {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| (400, format!("JSON body: {e}")))?;
+        let object = value
+            .as_object()
+            .ok_or((400, "JSON body is not an object".into()))?;
+        let text = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => if *b { "1" } else { "0" }.to_string(),
+            other => other.to_string(),
+        };
         for (k, v) in object {
             let v = match v {
-                Value::String(s) => s.clone(),
-                Value::Bool(b) => if *b { "1" } else { "0" }.to_string(),
-                other => other.to_string(),
+                Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join("\0"),
+                other => text(other),
             };
             pairs.push((k.clone(), v));
         }
-    } else if !body.is_empty() {
-        let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8")?;
+    } else if mime.is_empty() || mime == "application/x-www-form-urlencoded" {
+        let text = std::str::from_utf8(body).map_err(|_| (400, "body is not UTF-8".to_string()))?;
         pairs.extend(form_decode(text));
+    } else if !body.is_empty() {
+        return Err((
+            506,
+            format!("upload 'Content-Type '{content_type}' not implemented"),
+        ));
     }
     let mut params = Params::new();
     for (k, v) in pairs {
-        if params.insert(k.clone(), v).is_some() {
-            return Err(format!("parameter '{k}' given more than once"));
+        match params.get_mut(&k) {
+            Some(old) => {
+                old.push('\0');
+                old.push_str(&v);
+            }
+            None => {
+                params.insert(k, v);
+            }
         }
     }
-    Ok(params)
+    Ok((params, file))
 }

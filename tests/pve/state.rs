@@ -2,10 +2,15 @@
 //! `qemu.rs`, `tasks.rs` and `access.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use super::model::{FakeAcl, FakeOptions, FakeTask, FakeUser, FakeVm, Recorded, all_privileges};
+use super::guest::Guest;
+use super::model::{
+    FakeAcl, FakeNode, FakeOptions, FakeStorage, FakeTask, FakeUser, FakeVm, Recorded,
+    all_privileges,
+};
 use super::qemu::{mac_for, vmid_of};
 use super::syntax::parse_bool;
 
@@ -15,6 +20,22 @@ pub(super) type Fail = (u16, String);
 
 pub(super) fn fail<T>(code: u16, message: impl Into<String>) -> Result<T, Fail> {
     Err((code, message.into()))
+}
+
+/// Marks a [`Fail`] message as a parameter exception (`PARAM_ERROR` `param` `\0` `why`): the
+/// server answers 400 "Parameter verification failed." with `errors: {param: why}`, as PVE's
+/// raise_param_exc does.
+pub(super) const PARAM_ERROR: &str = "\u{1}param:";
+
+pub(super) fn fail_param<T>(param: &str, why: impl Into<String>) -> Result<T, Fail> {
+    Err((400, format!("{PARAM_ERROR}{param}\0{}", why.into())))
+}
+
+/// A stored volume (an upload, an imported disk's source).
+#[derive(Clone, Debug)]
+pub(super) struct Volume {
+    pub(super) data: Vec<u8>,
+    pub(super) ctime: u64,
 }
 
 /// The caller of a request: its token and privileges.
@@ -73,6 +94,19 @@ pub(super) struct State {
     pub(super) counter: u64,
     /// Replies to inject, first match first ([`super::server::FakePve::fail_next`]).
     pub(super) faults: Vec<Fault>,
+    /// The cluster's nodes, the first one serving the API.
+    pub(super) nodes: Vec<FakeNode>,
+    pub(super) storages: Vec<FakeStorage>,
+    /// (node, volid) → volume; the node is empty for volumes of shared storages.
+    pub(super) volumes: BTreeMap<(String, String), Volume>,
+    /// VMID → the guest's files, processes and agent state.
+    pub(super) guests: BTreeMap<u32, Guest>,
+    /// The node of the request being served (`/nodes/{node}/…`).
+    pub(super) here: String,
+    /// Set by a handler: the reply waits this long, without the state lock (a hanging agent).
+    pub(super) sleep: Option<Duration>,
+    /// The file part of the upload being served.
+    pub(super) upload_data: Option<Vec<u8>>,
 }
 
 /// A reply the fake gives instead of its own to the next matching request.
@@ -88,6 +122,23 @@ pub(super) struct Fault {
 
 impl State {
     pub(super) fn new(opts: FakeOptions) -> State {
+        let mut nodes = opts.nodes.clone();
+        if !nodes.iter().any(|n| n.name == opts.node) {
+            nodes.insert(0, FakeNode::new(&opts.node));
+        }
+        let mut storages = if opts.storages.is_empty() {
+            FakeStorage::defaults(&opts.storage)
+        } else {
+            opts.storages.clone()
+        };
+        if !storages.iter().any(|s| s.name == opts.storage) {
+            storages.push(FakeStorage::new(
+                &opts.storage,
+                "lvmthin",
+                &["images", "rootdir"],
+                false,
+            ));
+        }
         let t = opts.template_vmid;
         let storage = &opts.storage;
         let config: BTreeMap<String, String> = [
@@ -110,13 +161,22 @@ impl State {
         .collect();
         let template = FakeVm {
             name: opts.template_name.clone(),
+            node: opts.node.clone(),
             config,
             running: false,
             template: true,
             pool: None,
             disk_size_gib: 8,
+            ..FakeVm::default()
         };
         State {
+            guests: BTreeMap::from([(t, Guest::new(t, &opts.template_name))]),
+            here: opts.node.clone(),
+            nodes,
+            storages,
+            volumes: BTreeMap::new(),
+            sleep: None,
+            upload_data: None,
             vms: BTreeMap::from([(t, template)]),
             pools: BTreeMap::new(),
             users: BTreeMap::new(),
@@ -246,71 +306,21 @@ impl State {
         match (method, segs) {
             ("GET", ["cluster", "nextid"]) => self.nextid(p),
             ("GET", ["cluster", "resources"]) => self.resources(caller, p),
-            ("GET", ["nodes", node, "qemu"]) => {
-                self.check_node(node)?;
-                self.list_vms(caller)
+            ("GET", ["nodes"]) => self.list_nodes(caller),
+            ("POST", ["nodes", node, "storage", storage, "upload"]) => {
+                // Not proxied: pveproxy takes the file, then copies it to the node.
+                self.here = node.to_string();
+                self.upload(caller, storage, p)
             }
-            ("POST", ["nodes", node, "qemu", vmid, "clone"]) => {
-                self.check_node(node)?;
-                self.clone_vm(caller, vmid_of(vmid), p)
+            ("GET", ["nodes", node, "qemu", vmid, "snapshot", snapname]) => {
+                // Not proxied either: a static index.
+                self.here = node.to_string();
+                self.snapshot_index(vmid_of(vmid), snapname)
             }
-            ("GET", ["nodes", node, "qemu", vmid, "config"]) => {
+            (_, ["nodes", node, rest @ ..]) => {
+                self.here = node.to_string();
                 self.check_node(node)?;
-                self.get_config(caller, vmid_of(vmid))
-            }
-            ("POST" | "PUT", ["nodes", node, "qemu", vmid, "config"]) => {
-                self.check_node(node)?;
-                self.update_config(caller, vmid_of(vmid), p, method == "POST")
-            }
-            ("PUT", ["nodes", node, "qemu", vmid, "resize"]) => {
-                self.check_node(node)?;
-                self.resize(caller, vmid_of(vmid), p)
-            }
-            ("POST", ["nodes", node, "qemu", vmid, "status", action]) => {
-                self.check_node(node)?;
-                self.power(caller, vmid_of(vmid), action)
-            }
-            ("GET", ["nodes", node, "qemu", vmid, "status", "current"]) => {
-                self.check_node(node)?;
-                self.status_current(caller, vmid_of(vmid))
-            }
-            ("DELETE", ["nodes", node, "qemu", vmid]) => {
-                self.check_node(node)?;
-                self.destroy(caller, vmid_of(vmid))
-            }
-            ("POST", ["nodes", node, "qemu", vmid, "agent", "ping"]) => {
-                self.check_node(node)?;
-                self.agent(caller, vmid_of(vmid), "ping")
-            }
-            ("POST", ["nodes", node, "qemu", vmid, "agent", "shutdown"]) => {
-                self.check_node(node)?;
-                self.agent_shutdown(caller, vmid_of(vmid))
-            }
-            (
-                "GET",
-                [
-                    "nodes",
-                    node,
-                    "qemu",
-                    vmid,
-                    "agent",
-                    "network-get-interfaces",
-                ],
-            ) => {
-                self.check_node(node)?;
-                self.agent(caller, vmid_of(vmid), "network-get-interfaces")
-            }
-            ("GET", ["nodes", node, "tasks"]) => {
-                self.check_node(node)?;
-                self.list_tasks(caller, p)
-            }
-            ("GET", ["nodes", node, "tasks", upid, "status"]) => {
-                self.check_node(node)?;
-                self.task_status(caller, upid)
-            }
-            ("GET", ["nodes", node, "tasks", upid, "log"]) => {
-                self.check_node(node)?;
-                self.task_log(caller, upid, p)
+                self.route_node(caller, method, rest, p)
             }
             ("GET", ["pools"]) => self.list_pools(caller, p),
             ("POST", ["pools"]) => self.create_pool(caller, p),
@@ -335,38 +345,126 @@ impl State {
             ("GET", ["access", "roles"]) => self.list_roles(),
             ("POST", ["access", "roles"]) => self.create_role(caller, p),
             ("PUT", ["access", "roles", roleid]) => self.update_role(caller, roleid, p),
-            _ => fail(
-                501,
-                format!("Method '{method} /{}' not implemented", segs.join("/")),
+            _ => not_implemented(method, &segs.join("/")),
+        }
+    }
+
+    /// `/nodes/{node}/…` on a node that answers ([`State::here`]).
+    fn route_node(
+        &mut self,
+        caller: &Caller,
+        method: &str,
+        segs: &[&str],
+        p: &Params,
+    ) -> Result<Value, Fail> {
+        match (method, segs) {
+            ("GET", ["qemu"]) => self.list_vms(caller),
+            ("POST", ["qemu"]) => self.create_vm(caller, p),
+            ("GET", ["storage"]) => self.list_storages(caller, p),
+            ("GET", ["storage", storage, "content"]) => self.storage_content(caller, storage, p),
+            ("GET", ["tasks"]) => self.list_tasks(caller, p),
+            ("GET", ["tasks", upid, "status"]) => self.task_status(caller, upid),
+            ("GET", ["tasks", upid, "log"]) => self.task_log(caller, upid, p),
+            (_, ["qemu", vmid, rest @ ..]) => self.route_vm(caller, method, vmid_of(vmid), rest, p),
+            _ => not_implemented(method, &format!("nodes/{}/{}", self.here, segs.join("/"))),
+        }
+    }
+
+    /// `/nodes/{node}/qemu/{vmid}/…`.
+    fn route_vm(
+        &mut self,
+        caller: &Caller,
+        method: &str,
+        vmid: u32,
+        segs: &[&str],
+        p: &Params,
+    ) -> Result<Value, Fail> {
+        match (method, segs) {
+            ("DELETE", []) => self.destroy(caller, vmid),
+            ("POST", ["clone"]) => self.clone_vm(caller, vmid, p),
+            ("GET", ["config"]) => self.get_config(caller, vmid),
+            ("POST" | "PUT", ["config"]) => self.update_config(caller, vmid, p, method == "POST"),
+            ("PUT", ["resize"]) => self.resize(caller, vmid, p),
+            ("POST", ["status", action]) => self.power(caller, vmid, action),
+            ("GET", ["status", "current"]) => self.status_current(caller, vmid),
+            ("POST", ["template"]) => self.make_template(caller, vmid, p),
+            ("POST", ["spiceproxy"]) => self.spiceproxy(caller, vmid, p),
+            ("GET", ["snapshot"]) => self.list_snapshots(caller, vmid),
+            ("POST", ["snapshot"]) => self.create_snapshot(caller, vmid, p),
+            ("DELETE", ["snapshot", snap]) => self.delete_snapshot(caller, vmid, snap, p),
+            ("GET", ["snapshot", snap, "config"]) => self.snapshot_config(caller, vmid, snap),
+            ("POST", ["snapshot", snap, "rollback"]) => self.rollback(caller, vmid, snap, p),
+            ("POST", ["agent", "ping"]) => self.agent(caller, vmid, "ping"),
+            ("POST", ["agent", "shutdown"]) => self.agent_shutdown(caller, vmid),
+            ("GET", ["agent", "network-get-interfaces"]) => {
+                self.agent(caller, vmid, "network-get-interfaces")
+            }
+            ("POST", ["agent", "exec"]) => self.agent_exec(caller, vmid, p),
+            ("GET", ["agent", "exec-status"]) => self.agent_exec_status(caller, vmid, p),
+            ("GET", ["agent", "file-read"]) => self.agent_file_read(caller, vmid, p),
+            ("POST", ["agent", "file-write"]) => self.agent_file_write(caller, vmid, p),
+            _ => not_implemented(
+                method,
+                &format!("nodes/{}/qemu/{vmid}/{}", self.here, segs.join("/")),
             ),
         }
     }
 
     // ----- helpers -----
 
+    /// Whether `/nodes/{node}/…` reaches a node: an unknown one fails PVE's hostname lookup, an
+    /// offline one fails like pveproxy's proxy request (HTTP 595, see [`PROXY_FAILURE`]).
     pub(super) fn check_node(&self, node: &str) -> Result<(), Fail> {
-        if node == self.opts.node {
-            Ok(())
-        } else {
-            fail(
+        match self.nodes.iter().find(|n| n.name == node) {
+            Some(n) if n.online => Ok(()),
+            Some(_) => fail(595, PROXY_FAILURE),
+            None => fail(
                 500,
                 format!(
                     "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
                 ),
-            )
+            ),
         }
     }
 
+    /// A VM on the node of the request ([`State::here`]), as qemu-server's load_config finds it.
     pub(super) fn vm(&self, vmid: u32) -> Result<&FakeVm, Fail> {
-        self.vms.get(&vmid).ok_or_else(|| {
-            (
-                500,
-                format!(
-                    "Configuration file 'nodes/{}/qemu-server/{vmid}.conf' does not exist",
-                    self.opts.node
-                ),
-            )
-        })
+        self.vms
+            .get(&vmid)
+            .filter(|vm| vm.node == self.here)
+            .ok_or_else(|| {
+                (
+                    500,
+                    format!(
+                        "Configuration file 'nodes/{}/qemu-server/{vmid}.conf' does not exist",
+                        self.here
+                    ),
+                )
+            })
+    }
+
+    pub(super) fn vm_mut(&mut self, vmid: u32) -> Result<&mut FakeVm, Fail> {
+        self.vm(vmid)?;
+        Ok(self.vms.get_mut(&vmid).expect("just found"))
+    }
+
+    pub(super) fn storage(&self, name: &str) -> Result<&FakeStorage, Fail> {
+        self.storages
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| (500, format!("storage '{name}' does not exist")))
+    }
+
+    /// The guest of a VM, created (seeded) when the VM got none yet.
+    pub(super) fn guest(&mut self, vmid: u32) -> &mut Guest {
+        let name = self
+            .vms
+            .get(&vmid)
+            .map_or("", |vm| vm.name.as_str())
+            .to_string();
+        self.guests
+            .entry(vmid)
+            .or_insert_with(|| Guest::new(vmid, &name))
     }
 
     /// PVE's check_lock: a locked VM refuses changes unless `skiplock` is set.
@@ -385,4 +483,12 @@ impl State {
             .map(|(id, _)| *id)
             .collect()
     }
+}
+
+/// What pveproxy answers (HTTP 595, the reason phrase, an empty body) when the node it proxies a
+/// request to does not answer: AnyEvent::HTTP's status for a failed connection, with `$!`.
+pub(super) const PROXY_FAILURE: &str = "No route to host";
+
+fn not_implemented(method: &str, path: &str) -> Result<Value, Fail> {
+    fail(501, format!("Method '{method} /{path}' not implemented"))
 }

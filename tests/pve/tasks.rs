@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use super::model::FakeTask;
-use super::state::{Caller, Fail, Params, State, fail};
+use super::state::{Caller, Fail, Params, State, fail, fail_param};
 use super::syntax::parse_bool;
 
 impl State {
@@ -22,7 +22,7 @@ impl State {
         let now = unix_now();
         let upid = format!(
             "UPID:{}:{:08X}:{:08X}:{:08X}:{kind}:{id}:{user}:",
-            self.opts.node,
+            self.here,
             0x1000 + n,
             0x0010_0000 + n * 100,
             now
@@ -59,19 +59,21 @@ impl State {
         upid
     }
 
+    /// A task of the node of the request (pve-manager reads it from that node's task folder).
     pub(super) fn task(&self, upid: &str) -> Result<&FakeTask, Fail> {
         if !upid.starts_with("UPID:") {
-            return fail(400, format!("unable to parse worker upid '{upid}'"));
+            return fail_param("upid", "unable to parse worker upid");
         }
-        self.tasks
-            .get(upid)
-            .ok_or_else(|| (500, format!("no such task '{upid}'")))
+        match self.tasks.get(upid) {
+            Some(task) if upid.split(':').nth(1) == Some(self.here.as_str()) => Ok(task),
+            _ => fail_param("upid", "no such task"),
+        }
     }
 
     pub(super) fn task_status(&mut self, caller: &Caller, upid: &str) -> Result<Value, Fail> {
         let task = self.task(upid)?;
         if task.user != caller.token {
-            caller.require(&format!("/nodes/{}", self.opts.node), "Sys.Audit")?;
+            caller.require(&format!("/nodes/{}", self.here), "Sys.Audit")?;
         }
         let task = self.tasks.get_mut(upid).unwrap();
         task.polls += 1;
@@ -116,6 +118,7 @@ impl State {
             .filter(|t| {
                 let running = t.running(self.opts.task_polls);
                 (audit || t.user == caller.token)
+                    && t.upid.split(':').nth(1) == Some(self.here.as_str())
                     && match source {
                         "active" => running,
                         "all" => true,
@@ -148,7 +151,7 @@ impl State {
     pub(super) fn task_log(&self, caller: &Caller, upid: &str, p: &Params) -> Result<Value, Fail> {
         let task = self.task(upid)?;
         if task.user != caller.token {
-            caller.require(&format!("/nodes/{}", self.opts.node), "Sys.Audit")?;
+            caller.require(&format!("/nodes/{}", self.here), "Sys.Audit")?;
         }
         let mut lines = task.log.clone();
         if !task.running(self.opts.task_polls) {

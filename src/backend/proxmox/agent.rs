@@ -17,8 +17,9 @@ use crate::spec::{DEFAULT_HOST_KEY, VmSpec, env_file};
 
 /// How long the daemon keeps trying to deliver an env after a start.
 const DELIVERY_WINDOW: Duration = Duration::from_secs(600);
-/// The most `agent/file-write` takes (its `content` parameter's maxLength).
-pub const MAX_FILE_WRITE: usize = 61440;
+/// The most `agent/file-write` takes: its `content` parameter's maxLength
+/// (61440), which the base64 agentvm sends fills at 4 characters per 3 bytes.
+pub const MAX_FILE_WRITE: usize = 61440 / 4 * 3;
 /// The folder of [`GUEST_ENV_PATH`], made root-only when a guest lacks it.
 const GUEST_ENV_DIR: &str = "/etc/agentvm";
 
@@ -101,11 +102,14 @@ impl ProxmoxBackend {
             .client
             .get_quick(
                 &Self::path_of(found, "/agent/file-read"),
-                &[("file", GUEST_ENV_PATH.to_string())],
+                &[
+                    ("file", GUEST_ENV_PATH.to_string()),
+                    ("decode", "0".to_string()),
+                ],
                 AGENT_QUICK,
             )
             .ok()
-            .and_then(|reply| reply["content"].as_str().map(str::to_string))
+            .and_then(|reply| file_content(&reply))
             .is_some_and(|text| {
                 let keys: Vec<&str> = text
                     .lines()
@@ -120,13 +124,15 @@ impl ProxmoxBackend {
         })
     }
 
-    /// Reads a guest file through `agent/file-read`.
-    fn read_guest_file(&self, found: &Found, file: &str) -> std::result::Result<String, PveError> {
+    /// Reads a guest file through `agent/file-read`, as exact bytes (`decode=0`:
+    /// PVE hands over the agent's base64).
+    fn read_guest_file(&self, found: &Found, file: &str) -> anyhow::Result<String> {
         let reply = self.client.get(
             &Self::path_of(found, "/agent/file-read"),
-            &[("file", file.to_string())],
+            &[("file", file.to_string()), ("decode", "0".to_string())],
         )?;
-        Ok(reply["content"].as_str().unwrap_or_default().to_string())
+        file_content(&reply)
+            .ok_or_else(|| anyhow!("agent/file-read answered {reply} without base64 content"))
     }
 }
 
@@ -142,7 +148,11 @@ impl GuestAgent for ProxmoxBackend {
         let (found, _) = self.managed(name)?;
         // The agent answers 500 "not running" until the guest has booted it.
         loop {
-            match self.client.post(&Self::path_of(&found, "/agent/ping"), &[]) {
+            match self.client.post_quick(
+                &Self::path_of(&found, "/agent/ping"),
+                &[],
+                super::call_limit(deadline),
+            ) {
                 Ok(_) => return Ok(()),
                 Err(e @ (PveError::Unauthorized { .. } | PveError::Forbidden { .. })) => {
                     return Err(pve(e));
@@ -150,7 +160,8 @@ impl GuestAgent for ProxmoxBackend {
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("{name}: agent/ping: {e}");
                 }
-                Err(last) => {
+                Err(e) => {
+                    let last = super::agent_answer(&e);
                     return Err(anyhow!(
                     "{name}: the guest agent did not answer in time (is qemu-guest-agent installed and running in the guest?); last answer: {last}"
                 )
@@ -178,7 +189,7 @@ impl GuestAgent for ProxmoxBackend {
         let content = env_file(&spec.env);
         if content.len() > MAX_FILE_WRITE {
             return Err(anyhow!(
-                "vms.{name}.env: {} bytes; Proxmox's agent/file-write takes at most {MAX_FILE_WRITE}",
+                "vms.{name}.env: {} bytes; Proxmox's agent/file-write takes at most {MAX_FILE_WRITE} (61440 in base64)",
                 content.len()
             )
             .into());
@@ -196,7 +207,10 @@ impl GuestAgent for ProxmoxBackend {
             client: self.client.clone(),
             vm: name.to_string(),
             path: Self::path_of(&found, ""),
-            content,
+            content: {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(content.as_bytes())
+            },
         };
         let deliveries = self.deliveries.clone();
         std::thread::Builder::new()
@@ -284,12 +298,23 @@ impl GuestAgent for ProxmoxBackend {
     }
 }
 
+/// The text of an `agent/file-read` reply made with `decode=0`.
+fn file_content(reply: &serde_json::Value) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = reply["content"].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// One env delivery, run on its own thread.
 struct EnvJob {
     client: Client,
     vm: String,
     /// `/nodes/{node}/qemu/{vmid}`.
     path: String,
+    /// The env file, base64.
     content: String,
 }
 
@@ -297,13 +322,17 @@ impl EnvJob {
     /// Writes the env file once the agent answers; makes its folder (root
     /// only) through the agent when the guest has none.
     fn run(&self, deadline: Instant) -> std::result::Result<(), String> {
+        self.wait_agent(deadline)?;
         let mut made_dir = false;
         loop {
             let written = self.client.post(
                 &format!("{}/agent/file-write", self.path),
+                // Base64 made here (`encode=0`): PVE's own encoding takes
+                // each character as one byte, which breaks UTF-8 values.
                 &[
                     ("file", GUEST_ENV_PATH.to_string()),
                     ("content", self.content.clone()),
+                    ("encode", "0".to_string()),
                 ],
             );
             let e = match written {
@@ -323,6 +352,31 @@ impl EnvJob {
                 return Err(format!("the guest agent did not take it: {text}"));
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// Pings the agent until it answers.
+    fn wait_agent(&self, deadline: Instant) -> std::result::Result<(), String> {
+        loop {
+            let answer = self.client.post_quick(
+                &format!("{}/agent/ping", self.path),
+                &[],
+                super::call_limit(deadline),
+            );
+            match answer {
+                Ok(_) => return Ok(()),
+                Err(e @ (PveError::Unauthorized { .. } | PveError::Forbidden { .. })) => {
+                    return Err(e.to_string());
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "the guest agent did not answer within {} s; its last answer: {}",
+                        DELIVERY_WINDOW.as_secs(),
+                        super::agent_answer(&e)
+                    ));
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
         }
     }
 

@@ -223,6 +223,16 @@ impl Client {
         self.send(&reqwest::Method::GET, path, params, Some(limit))
     }
 
+    /// One POST with its own time limit and no retry (agent pings while waiting).
+    pub fn post_quick(
+        &self,
+        path: &str,
+        params: &[(&str, String)],
+        limit: Duration,
+    ) -> Result<Value, PveError> {
+        self.send(&reqwest::Method::POST, path, params, Some(limit))
+    }
+
     pub fn put(&self, path: &str, params: &[(&str, String)]) -> Result<Value, PveError> {
         self.request(reqwest::Method::PUT, path, params, Retry::Transient)
     }

@@ -153,7 +153,7 @@ impl Display for ProxmoxBackend {
             return Err(anyhow!("{name} is not running (agentvm up {name})").into());
         }
         let vga = found.config["vga"].as_str().unwrap_or("default");
-        if !vga.starts_with("qxl") {
+        if !(vga.starts_with("qxl") || vga.starts_with("virtio")) {
             return Err(anyhow!(
                 "{name} has no SPICE display (vga: {vga}): set Hardware → Display to SPICE in the web UI \
                  (or `qm set {} --vga qxl` on node {}), then restart it with agentvm down/up",

@@ -19,6 +19,24 @@ const STATUS_POLL_MAX: Duration = Duration::from_millis(500);
 /// The most `agent/exec`'s `input-data` takes.
 pub const MAX_EXEC_INPUT: usize = 65536;
 
+/// PVE passes strings to and from the agent one character per byte (it
+/// base64-encodes and decodes them as Perl byte strings): stdin goes as one
+/// character per byte, so any bytes arrive as they are.
+fn bytes_as_chars(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| char::from(*b)).collect()
+}
+
+/// The output bytes of an `exec-status` string: one byte per character, as
+/// PVE sends them. A character above U+00FF cannot be such a byte: then the
+/// text is taken as decoded text and written as UTF-8.
+fn chars_as_bytes(text: &str) -> Vec<u8> {
+    if text.chars().all(|c| u32::from(c) <= 0xFF) {
+        text.chars().map(|c| u32::from(c) as u8).collect()
+    } else {
+        text.as_bytes().to_vec()
+    }
+}
+
 /// PVE booleans arrive as `1`/`0`, `true`/`false` or strings of them.
 pub(super) fn truthy(value: &Value) -> bool {
     match value {
@@ -32,12 +50,16 @@ pub(super) fn truthy(value: &Value) -> bool {
 /// `sh -c WRAPPER agentvm-exec ARGV…`: the env file's lines exported as they
 /// are, then the command in place of the shell.
 fn wrapped(argv: &[String]) -> Vec<String> {
+    wrapped_with(argv, GUEST_ENV_PATH)
+}
+
+fn wrapped_with(argv: &[String], env_file: &str) -> Vec<String> {
     let script = format!(
         "export {EXEC_PATH} HOME=/root; \
-         if [ -r {GUEST_ENV_PATH} ]; then \
+         if [ -r {env_file} ]; then \
          while IFS= read -r line || [ -n \"$line\" ]; do \
          case $line in [A-Za-z_]*=*) export \"$line\";; esac; \
-         done < {GUEST_ENV_PATH}; fi; \
+         done < {env_file}; fi; \
          exec \"$@\""
     );
     let mut out = vec![
@@ -66,19 +88,14 @@ impl ProxmoxBackend {
         let mut params: Vec<(&str, String)> =
             wrapped(argv).into_iter().map(|a| ("command", a)).collect();
         if let Some(input) = stdin {
-            let text = std::str::from_utf8(input).map_err(|_| {
-                anyhow!(
-                    "{name}: Proxmox's agent/exec takes text on stdin, and this input is not UTF-8"
-                )
-            })?;
-            if text.len() > MAX_EXEC_INPUT {
+            if input.len() > MAX_EXEC_INPUT {
                 return Err(anyhow!(
                     "{name}: stdin is {} bytes; Proxmox's agent/exec takes at most {MAX_EXEC_INPUT}",
-                    text.len()
+                    input.len()
                 )
                 .into());
             }
-            params.push(("input-data", text.to_string()));
+            params.push(("input-data", bytes_as_chars(input)));
         }
         // Never sent twice: the command could run twice.
         let started = self
@@ -104,7 +121,7 @@ impl ProxmoxBackend {
                     if let Some(text) = status[key].as_str()
                         && !text.is_empty()
                     {
-                        output(stream, text.as_bytes());
+                        output(stream, &chars_as_bytes(text));
                     }
                 }
                 for (key, what) in [("out-truncated", "stdout"), ("err-truncated", "stderr")] {
@@ -141,6 +158,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn agent_strings_carry_bytes() {
+        let bytes = "héllo ✓\n".as_bytes();
+        assert_eq!(chars_as_bytes(&bytes_as_chars(bytes)), bytes);
+        assert_eq!(chars_as_bytes("plain ✓"), "plain ✓".as_bytes());
+    }
+
+    #[test]
     fn the_wrapper_execs_the_command_with_the_env_taken_literally() {
         let argv = wrapped(&["printf".into(), "%s".into(), "a b".into()]);
         assert_eq!(&argv[..2], ["/bin/sh", "-c"]);
@@ -150,6 +174,27 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "a b");
-        assert!(argv[2].contains("export \"$line\""), "{}", argv[2]);
+
+        // The env file's values are taken as they are: quotes, `$` and spaces.
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("env");
+        std::fs::write(&env, "TOKEN=a 'b' \"c\" $HOME `x`\nnot a line\nLAST=1").unwrap();
+        let argv = wrapped_with(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "printf '%s|%s|%s' \"$TOKEN\" \"$LAST\" \"$HOME\"".into(),
+            ],
+            &env.display().to_string(),
+        );
+        let out = std::process::Command::new("sh")
+            .args(&argv[1..])
+            .env_remove("TOKEN")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "a 'b' \"c\" $HOME `x`|1|/root"
+        );
     }
 }

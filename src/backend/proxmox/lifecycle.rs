@@ -131,7 +131,7 @@ impl ProxmoxBackend {
         if status.agent != AgentState::NotResponding {
             return;
         }
-        if let Ok(ips) = self.guest_ips(found, true) {
+        if let Ok(ips) = self.guest_ips(found, super::AGENT_QUICK) {
             status.agent = AgentState::Ready;
             status.ips = ips.iter().map(ToString::to_string).collect();
         }
@@ -140,13 +140,18 @@ impl ProxmoxBackend {
 
     /// The address `ssh` reaches the guest on: the pinned `ssh_host`, else the
     /// first routable address its agent reports (IPv4 before IPv6).
-    fn ssh_address(&self, found: &Found, name: &str) -> Result<String> {
+    fn ssh_address(&self, found: &Found, name: &str, deadline: Instant) -> Result<String> {
         if let Some(host) = found.marker.as_ref().and_then(|m| m.ssh_host.clone()) {
             return Ok(host);
         }
         let ips = self
-            .guest_ips(found, false)
-            .map_err(|e| anyhow!("{name}: no address from the guest agent: {e}"))?;
+            .guest_ips(found, super::call_limit(deadline))
+            .map_err(|e| {
+                anyhow!(
+                    "{name}: no address from the guest agent; its last answer: {}",
+                    super::agent_answer(&e)
+                )
+            })?;
         ips.first().map(ToString::to_string).ok_or_else(|| {
             anyhow!("{name}: the guest reports no routable address (only loopback or link-local)")
                 .into()
@@ -281,7 +286,7 @@ impl Lifecycle for ProxmoxBackend {
         let (found, _) = self.managed(name)?;
         // The agent answers 500 "not running" until the guest has booted it.
         let host = loop {
-            match self.ssh_address(&found, name) {
+            match self.ssh_address(&found, name, deadline) {
                 Ok(host) => break host,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),
                 Err(e) => return Err(e),
@@ -465,7 +470,7 @@ impl Lifecycle for ProxmoxBackend {
         if !found.running {
             return Err(anyhow!("{name} is not running (agentvm up {name})").into());
         }
-        let host = self.ssh_address(&found, name)?;
+        let host = self.ssh_address(&found, name, Instant::now() + super::AGENT_CALL)?;
         let dir = self.known_hosts_dir(name);
         crate::fsutil::create_private_dir(&dir)?;
         Ok(Endpoint {

@@ -38,6 +38,16 @@ const POLL: std::time::Duration = std::time::Duration::from_millis(500);
 /// The most one guest agent may cost `list` or `status` (a hanging agent never
 /// holds up the whole list).
 const AGENT_QUICK: std::time::Duration = std::time::Duration::from_secs(2);
+/// The most one agent call may take while `up` waits (a hung agent must not
+/// outlast `--timeout`).
+const AGENT_CALL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long the next call may take before `deadline`: at most [`AGENT_CALL`], at least 1 s.
+fn call_limit(deadline: std::time::Instant) -> std::time::Duration {
+    deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .clamp(std::time::Duration::from_secs(1), AGENT_CALL)
+}
 /// `node = "auto"`: place new VMs on the online node with the most free memory.
 pub const AUTO_NODE: &str = "auto";
 
@@ -289,13 +299,14 @@ impl ProxmoxBackend {
     }
 
     /// The guest's routable addresses from its agent, IPv4 first.
-    fn guest_ips(&self, found: &Found, quick: bool) -> std::result::Result<Vec<IpAddr>, PveError> {
+    /// Each call takes at most `limit` and is not repeated.
+    fn guest_ips(
+        &self,
+        found: &Found,
+        limit: std::time::Duration,
+    ) -> std::result::Result<Vec<IpAddr>, PveError> {
         let path = Self::path_of(found, "/agent/network-get-interfaces");
-        let reply = if quick {
-            self.client.get_quick(&path, &[], AGENT_QUICK)?
-        } else {
-            self.client.get(&path, &[])?
-        };
+        let reply = self.client.get_quick(&path, &[], limit)?;
         Ok(routable(&reply))
     }
 
@@ -344,6 +355,17 @@ impl ProxmoxBackend {
             .join(crate::paths::REMOTE_DIR)
             .join(&self.name)
             .join(name)
+    }
+}
+
+/// What a failed agent call says to the user: PVE's answer, or, when agentvm
+/// stopped waiting, that the agent did not answer in time.
+fn agent_answer(e: &PveError) -> String {
+    match e {
+        PveError::Transport { message, .. } if message.contains("timed out") => {
+            "no answer in time: the guest agent hangs, or the guest is too busy to answer".into()
+        }
+        other => other.to_string(),
     }
 }
 
