@@ -536,6 +536,56 @@ fn upload_checks_the_checksum_and_create_imports_it() {
 }
 
 #[test]
+fn uploaded_volumes_are_deleted_by_their_volume_id() {
+    let pve = FakePve::start(FakeOptions::default());
+    for name in ["a.raw", "b.raw"] {
+        let (_, body) = upload(&pve, "local", &[("content", "import")], name, b"disk");
+        assert_eq!(wait_task(&pve, &body["data"]), "OK");
+    }
+    // The volume ID percent-encoded in the path, or as it is: PVE joins the rest of the
+    // path below `content` into the volume.
+    let upid = data(
+        &pve,
+        "DELETE",
+        "/nodes/pve/storage/local/content/local%3Aimport%2Fa.raw",
+        &[],
+    );
+    assert!(upid.as_str().unwrap().contains(":imgdel:local:"), "{upid}");
+    assert_eq!(wait_task(&pve, &upid), "OK");
+    assert_eq!(pve.volume("local:import/a.raw"), None);
+    let upid = data(
+        &pve,
+        "DELETE",
+        "/nodes/pve/storage/local/content/import/b.raw",
+        &[],
+    );
+    assert_eq!(wait_task(&pve, &upid), "OK");
+    assert_eq!(pve.volume("local:import/b.raw"), None);
+    let upid = data(
+        &pve,
+        "DELETE",
+        "/nodes/pve/storage/local/content/local:import/b.raw",
+        &[],
+    );
+    assert_eq!(
+        wait_task(&pve, &upid),
+        "unlink '/var/lib/vz/import/b.raw' failed - No such file or directory"
+    );
+    let (status, body) = call(
+        &pve,
+        "DELETE",
+        "/nodes/pve/storage/local/content/local-lvm:import/b.raw",
+        &[],
+    );
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["errors"]["volume"],
+        "storage ID mismatch (local-lvm != local)"
+    );
+    assert!(pve.violations().is_empty(), "{:?}", pve.violations());
+}
+
+#[test]
 fn a_chunked_upload_is_refused_as_pve_does() {
     let pve = FakePve::start(FakeOptions::default());
     let addr = pve.url().trim_start_matches("http://").to_string();

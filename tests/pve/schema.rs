@@ -119,7 +119,8 @@ impl Schema {
     /// The template matching `path` (below `/api2/json`, no query string); among several, the
     /// one with the most literal segments.
     pub fn match_path(&self, path: &str) -> Option<PathMatch<'_>> {
-        let segments = split_path(path);
+        let joined = join_fragments(&split_path(path));
+        let segments: Vec<&str> = joined.iter().map(String::as_str).collect();
         self.endpoints
             .iter()
             .filter_map(|e| e.matches(&segments).map(|p| (e, p)))
@@ -487,6 +488,19 @@ fn collect(nodes: &[Value], out: &mut Vec<Endpoint>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// PVE mounts a storage's content below `/nodes/{node}/storage/{storage}/content` with an
+/// empty fragment delimiter (pve-storage's API2/Storage/Status.pm), so the rest of the path is
+/// one segment: volume IDs such as `local:import/x.qcow2` hold a `/`.
+pub fn join_fragments(segments: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
+    if matches!(segments, ["nodes", _, "storage", _, "content", _, _, ..]) {
+        let rest = segments[5..].join("/");
+        out.truncate(5);
+        out.push(rest);
+    }
+    out
 }
 
 fn split_path(path: &str) -> Vec<&str> {

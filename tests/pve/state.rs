@@ -362,6 +362,10 @@ impl State {
             ("POST", ["qemu"]) => self.create_vm(caller, p),
             ("GET", ["storage"]) => self.list_storages(caller, p),
             ("GET", ["storage", storage, "content"]) => self.storage_content(caller, storage, p),
+            ("DELETE", ["storage", storage, "content", volume @ ..]) if !volume.is_empty() => {
+                // The rest of the path is the volume (see `schema::join_fragments`).
+                self.delete_volume(caller, storage, &volume.join("/"))
+            }
             ("GET", ["tasks"]) => self.list_tasks(caller, p),
             ("GET", ["tasks", upid, "status"]) => self.task_status(caller, upid),
             ("GET", ["tasks", upid, "log"]) => self.task_log(caller, upid, p),

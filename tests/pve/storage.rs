@@ -139,6 +139,45 @@ impl State {
         Ok(Value::Array(list))
     }
 
+    /// `DELETE /nodes/{node}/storage/{storage}/content/{volume}` (pve-storage's Content.pm
+    /// delete): the volume as a volume ID or a name on `storage`, `Datastore.Allocate` on the
+    /// storage, then a task (`imgdel`) that removes it, failing as vdisk_free does for a file
+    /// that is not there. Returns the task's UPID (`delay` is not waited for).
+    pub(super) fn delete_volume(
+        &mut self,
+        caller: &Caller,
+        storage: &str,
+        volume: &str,
+    ) -> Result<Value, Fail> {
+        let volid = match volume.split_once(':') {
+            Some((sid, _)) if sid != storage => {
+                return fail_param(
+                    "volume",
+                    format!("storage ID mismatch ({sid} != {storage})"),
+                );
+            }
+            Some(_) => volume.to_string(),
+            None => format!("{storage}:{volume}"),
+        };
+        let s = self.storage(storage)?.clone();
+        caller.require(&format!("/storage/{storage}"), "Datastore.Allocate")?;
+        let path = format!(
+            "{}/{}",
+            s.path(),
+            volid.split_once(':').map_or("", |(_, name)| name)
+        );
+        let key = (self.volume_node(&s), volid.clone());
+        let upid = self.start_task("imgdel", storage, &caller.token, move |st| {
+            if st.volumes.remove(&key).is_none() {
+                return Err(format!(
+                    "unlink '{path}' failed - No such file or directory"
+                ));
+            }
+            Ok(vec![format!("Removed volume '{volid}'")])
+        });
+        Ok(json!(upid))
+    }
+
     /// `POST /nodes/{node}/storage/{storage}/upload` (multipart, parsed by the server into
     /// `p` and [`State::upload_data`]): checks synchronously, then a task (`imgcopy`) verifies
     /// the checksum and the image format and stores `{storage}:{content}/{filename}`.
