@@ -343,7 +343,7 @@ impl ProxmoxBackend {
             .map_err(anyhow::Error::from)
             .and_then(|upid| {
                 self.client
-                    .wait_task(&upid, "making it a template", progress, label)
+                    .wait_task(&upid, "making the template", progress, label)
             });
         if let Err(e) = converted {
             let e = at_step(&format!("making VM {vmid} a template"), e);
