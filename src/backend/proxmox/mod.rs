@@ -12,6 +12,7 @@ mod display;
 mod exec;
 mod lifecycle;
 mod marker;
+mod offline;
 pub mod privileges;
 mod tls;
 
@@ -74,6 +75,8 @@ pub struct ProxmoxBackend {
     identity: Identity,
     /// Env deliveries through the guest agent, by VM name.
     deliveries: agent::Deliveries,
+    /// One writer of the remembered VMIDs at a time.
+    vmids_lock: std::sync::Mutex<()>,
 }
 
 impl ProxmoxBackend {
@@ -91,6 +94,7 @@ impl ProxmoxBackend {
             identity: Identity::ensure(&home)?,
             home,
             deliveries: agent::Deliveries::default(),
+            vmids_lock: std::sync::Mutex::default(),
         })
     }
 
@@ -190,13 +194,16 @@ impl ProxmoxBackend {
 
     /// The VM `name` wherever it is in the cluster (templates left out).
     fn lookup(&self, name: &str) -> Result<Option<Found>> {
-        match self
-            .resources()?
-            .into_iter()
+        let resources = self.resources()?;
+        match resources
+            .iter()
             .find(|r| r["name"] == name && r["template"] != 1)
         {
-            Some(resource) => Ok(Some(self.found(&resource)?)),
-            None => Ok(None),
+            Some(resource) => Ok(Some(self.found(resource)?)),
+            None => {
+                self.check_unreachable(name, &resources)?;
+                Ok(None)
+            }
         }
     }
 
@@ -219,6 +226,11 @@ impl ProxmoxBackend {
             .get(&Self::vm_path(&node, vmid, "/config"), &[])
             .map_err(pve)?;
         let marker = config["description"].as_str().and_then(Marker::parse);
+        if marker.is_some()
+            && let Some(name) = resource["name"].as_str()
+        {
+            self.remember(vmid, name);
+        }
         Ok(Found {
             vmid,
             node,
