@@ -1,8 +1,12 @@
-//! The Proxmox VE backend: the same `[vms.NAME]` spec, cloned from a template on
-//! a Proxmox node through its API with a token. Split by role: `client` (HTTP,
-//! tasks), `marker` (the state kept in the VM's description), `create` (clone
-//! and configure), `lifecycle` (the orchestration's steps), `agent` (guest agent
-//! and the capabilities it lacks), `bootstrap` (setting a node up for agentvm).
+//! The Proxmox VE backend: the same `[vms.NAME]` spec, cloned from a template
+//! onto a node of a Proxmox cluster through its API with a token. VMs are found
+//! cluster-wide and every call goes to the node a VM is on now. Split by role:
+//! `client` (HTTP, tasks), `privileges` (what each call needs, for 403s),
+//! `marker` (the state kept in the VM's description), `create` (clone and
+//! configure), `lifecycle` (the orchestration's steps, status and list),
+//! `offline` (VMs of offline nodes), `agent` (readiness, host key, env delivery
+//! through the guest agent), `exec` (commands through the agent), `display`
+//! (snapshots, SPICE, the web console), `bootstrap` (setting a node up for agentvm).
 
 mod agent;
 mod bootstrap;
