@@ -60,6 +60,10 @@ pub const VM_PINNED_HOST_KEY_FILE: &str = "pinned_host_key";
 pub const SECRETS_RECORD_FILE: &str = "secrets.json";
 /// `$AGENTVM_HOME/remote/BACKEND/NAME/`: local files of VMs on remote backends.
 pub const REMOTE_DIR: &str = "remote";
+/// `$AGENTVM_HOME/remote/BACKEND/vmids.json`: the names of the backend's VMs
+/// by VMID, so a VM on an offline node (which Proxmox lists without its name)
+/// is still known.
+pub const REMOTE_VMIDS_FILE: &str = "vmids.json";
 /// `$AGENTVM_HOME/ssh`: agentvm's own SSH identity.
 pub const SSH_DIR: &str = "ssh";
 /// `$AGENTVM_HOME/ssh/id_ed25519` (and `.pub`).

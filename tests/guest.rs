@@ -47,6 +47,26 @@ fn exec_returns_output_and_exit_codes_even_with_the_network_down() {
     assert_eq!(json["exit_code"], 3);
     assert_eq!(json["stdout"], "x");
 
+    // -i hands the command agentvm's standard input, bytes as they are.
+    let mut child = env
+        .command(&[
+            "exec",
+            "-i",
+            "g-exec",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat; echo end",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), "in ✓\n".as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in ✓\nend\n");
+
     // The agent channel does not need the guest's network.
     assert_eq!(exec(&env, "g-exec", "ip link set eth0 down").0, 0);
     assert_eq!(

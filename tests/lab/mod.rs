@@ -67,17 +67,30 @@ impl Lab {
             format!("{DEFAULT_TOKEN_ID}={DEFAULT_TOKEN_SECRET}\n"),
         )
         .unwrap();
-        let ssh_port = ssh_banner();
-        env.write_raw_fleet(&format!(
-            "[backends.lab]\nkind = \"proxmox\"\nendpoint = \"{}\"\n{extra}token = {{ file = {:?} }}\ntemplate = \"nixos-template\"\nstorage = \"local-lvm\"\npool = \"agents\"\nssh_port = {ssh_port}\n\n{vms}",
-            fake.url(),
-            token.display().to_string(),
-        ));
-        Lab {
+        let lab = Lab {
             env,
             fake,
-            ssh_port,
-        }
+            ssh_port: ssh_banner(),
+        };
+        lab.write_fleet(extra, vms);
+        lab
+    }
+
+    /// Rewrites the fleet file: `[backends.lab]` with `extra` (TOML lines,
+    /// including its `node`; a `template` line replaces the default one) and `vms`.
+    pub fn write_fleet(&self, extra: &str, vms: &str) {
+        let token = self.env.dir.path().join("pve-token");
+        let template = if extra.contains("template =") {
+            ""
+        } else {
+            "template = \"nixos-template\"\n"
+        };
+        self.env.write_raw_fleet(&format!(
+            "[backends.lab]\nkind = \"proxmox\"\nendpoint = \"{}\"\n{extra}token = {{ file = {:?} }}\n{template}storage = \"local-lvm\"\npool = \"agents\"\nssh_port = {}\n\n{vms}",
+            self.fake.url(),
+            token.display().to_string(),
+            self.ssh_port,
+        ));
     }
 
     pub fn no_violations(&self) {

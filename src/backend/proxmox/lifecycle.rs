@@ -76,7 +76,7 @@ impl ProxmoxBackend {
         let resources = self.resources()?;
         let candidates: Vec<&Value> = resources
             .iter()
-            .filter(|r| r["template"] != 1 && r["name"].is_string())
+            .filter(|r| r["template"] != 1 && r["name"].is_string() && r["status"] != "unknown")
             .collect();
         let rows: Vec<Result<Option<VmStatus>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = candidates
@@ -95,6 +95,15 @@ impl ProxmoxBackend {
         for row in rows {
             out.extend(row?);
         }
+        // VMs on offline nodes: shown by the name agentvm knows for them.
+        for vm in self.unreachable(&resources) {
+            let Some(name) = vm.name else { continue };
+            let spec = specs.iter().find(|s| s.name.as_str() == name);
+            let mut status = VmStatus::absent(&name, &self.name, spec);
+            status.state = State::Unknown;
+            status.node = Some(vm.node);
+            out.push(status);
+        }
         Ok(out)
     }
 
@@ -103,17 +112,6 @@ impl ProxmoxBackend {
         let name = r["name"].as_str().unwrap_or_default();
         let spec = specs.iter().find(|s| s.name.as_str() == name);
         let in_pool = self.spec.pool.as_deref().is_some_and(|p| r["pool"] == p);
-        if r["status"] == "unknown" {
-            // Its node is offline: its config cannot be read, so only VMs the
-            // fleet file or the pool names are shown.
-            if spec.is_none() && !in_pool {
-                return Ok(None);
-            }
-            let mut status = VmStatus::absent(name, &self.name, spec);
-            status.state = State::Unknown;
-            status.node = r["node"].as_str().map(str::to_string);
-            return Ok(Some(status));
-        }
         let found = self.found(r)?;
         if found.marker.is_none() && !in_pool {
             return Ok(None);

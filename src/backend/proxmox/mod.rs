@@ -1,10 +1,14 @@
-//! The Proxmox VE backend: the same `[vms.NAME]` spec, cloned from a template on
-//! a Proxmox node through its API with a token. Split by role: `client` (HTTP,
-//! tasks), `marker` (the state kept in the VM's description), `create` (clone
-//! and configure), `lifecycle` (the orchestration's steps), `agent` (guest agent
-//! and the capabilities it lacks), `bootstrap` (setting a node up for agentvm),
-//! `template` (templates from agentvm images, and which template a VM is cloned from),
-//! `storage` (a node's storages and which holds what).
+//! The Proxmox VE backend: the same `[vms.NAME]` spec, cloned from a template
+//! onto a node of a Proxmox cluster through its API with a token. VMs are found
+//! cluster-wide and every call goes to the node a VM is on now. Split by role:
+//! `client` (HTTP, tasks, uploads), `privileges` (what each call needs, for 403s),
+//! `marker` (the state kept in the VM's and a pushed template's description),
+//! `create` (clone and configure), `lifecycle` (the orchestration's steps,
+//! status and list), `offline` (VMs of offline nodes), `agent` (readiness, host
+//! key, env delivery through the guest agent), `exec` (commands through the
+//! agent), `display` (snapshots, SPICE, the web console), `bootstrap` (setting a
+//! node up for agentvm), `template` (templates from agentvm images, and which
+//! template a VM is cloned from), `storage` (a node's storages and which holds what).
 
 mod agent;
 mod bootstrap;
@@ -14,6 +18,7 @@ mod display;
 mod exec;
 mod lifecycle;
 mod marker;
+mod offline;
 pub mod privileges;
 mod storage;
 mod template;
@@ -78,6 +83,8 @@ pub struct ProxmoxBackend {
     identity: Identity,
     /// Env deliveries through the guest agent, by VM name.
     deliveries: agent::Deliveries,
+    /// One writer of the remembered VMIDs at a time.
+    vmids_lock: std::sync::Mutex<()>,
 }
 
 impl ProxmoxBackend {
@@ -95,6 +102,7 @@ impl ProxmoxBackend {
             identity: Identity::ensure(&home)?,
             home,
             deliveries: agent::Deliveries::default(),
+            vmids_lock: std::sync::Mutex::default(),
         })
     }
 
@@ -194,13 +202,16 @@ impl ProxmoxBackend {
 
     /// The VM `name` wherever it is in the cluster (templates left out).
     fn lookup(&self, name: &str) -> Result<Option<Found>> {
-        match self
-            .resources()?
-            .into_iter()
+        let resources = self.resources()?;
+        match resources
+            .iter()
             .find(|r| r["name"] == name && r["template"] != 1)
         {
-            Some(resource) => Ok(Some(self.found(&resource)?)),
-            None => Ok(None),
+            Some(resource) => Ok(Some(self.found(resource)?)),
+            None => {
+                self.check_unreachable(name, &resources)?;
+                Ok(None)
+            }
         }
     }
 
@@ -223,6 +234,11 @@ impl ProxmoxBackend {
             .get(&Self::vm_path(&node, vmid, "/config"), &[])
             .map_err(pve)?;
         let marker = config["description"].as_str().and_then(Marker::parse);
+        if marker.is_some()
+            && let Some(name) = resource["name"].as_str()
+        {
+            self.remember(vmid, name);
+        }
         Ok(Found {
             vmid,
             node,
