@@ -15,7 +15,7 @@ use super::{ProxmoxBackend, PveError, TemplateMarker, pve};
 use crate::backend::{DiskSource, PushAction, Pushed, Result, Templates};
 use crate::image::BaseDisk;
 use crate::progress::Reporter;
-use crate::spec::{DEFAULT_BRIDGE, ImageSpec, VmSpec};
+use crate::spec::{DEFAULT_BRIDGE, ImageSpec, TemplateRef, VmSpec};
 
 /// The tag of every template `image push` makes.
 const TAG: &str = "agentvm";
@@ -149,9 +149,13 @@ impl ProxmoxBackend {
             .into());
         };
         let (vmid, node) = self.configured_template(wanted)?;
+        let setting = match wanted {
+            TemplateRef::Id(_) => format!("backends.{b}.template"),
+            TemplateRef::Name(name) => format!("backends.{b}.template {name:?}"),
+        };
         let why = match &spec.image {
-            Some(image) => format!("backends.{b}.template (image {image} was not pushed here)"),
-            None => format!("backends.{b}.template"),
+            Some(image) => format!("{setting} (image {image} was not pushed here)"),
+            None => setting,
         };
         Ok(Source { vmid, node, why })
     }
