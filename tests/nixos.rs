@@ -277,3 +277,150 @@ fn provision_runs_nixos_rebuild_against_the_vm_over_its_ssh_port() {
         "switched on testguest\n"
     );
 }
+
+/// `hosts/common/agent-base.nix` publishes the VM's env with the same script
+/// as the Debian test guest, whose boots (tests/debian.rs) check it for
+/// real: no NixOS guest boots here. The module is evaluated with stand-ins
+/// for nixpkgs, and the scripts compared without comments, indentation,
+/// PATH and the owner of the published files (the agent user on NixOS, root
+/// on Debian).
+#[test]
+fn agent_base_publishes_the_env_with_the_debian_guests_script() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let expr = format!(
+        r#"let
+  module = import (/. + "{module}");
+  pkgs = {{
+    writeShellScript = name: text: text;
+    coreutils = "/coreutils"; gnused = "/gnused"; gnugrep = "/gnugrep";
+    diffutils = "/diffutils"; util-linux = "/util-linux";
+  }};
+  lib = {{
+    makeBinPath = l: builtins.concatStringsSep ":" (map (p: p + "/bin") l);
+    mkOption = x: x; mkEnableOption = x: x; mkMerge = x: x; mkIf = c: x: x; mkDefault = x: x;
+    types = {{ str = null; listOf = x: null; }};
+  }};
+  config = {{
+    agentvm = {{ user = "agent"; desktop.enable = false; tailscale.enable = false; }};
+    users.users.agent = {{ home = "/home/agent"; group = "users"; }};
+    systemd.package = "/systemd";
+  }};
+  c = builtins.head (module {{ inherit config lib pkgs; modulesPath = "/modules"; }}).config;
+in {{
+  inherit (c.systemd.services.agentvm-env.serviceConfig) ExecStart ImportCredential;
+  update = c.systemd.services.agentvm-env-update;
+  path = c.systemd.paths.agentvm-env;
+  tmpfiles = c.systemd.tmpfiles.rules;
+  userAfter = c.systemd.services."user@".after;
+}}"#,
+        module = root.join("hosts/common/agent-base.nix").display()
+    );
+    let out = std::process::Command::new("nix-instantiate")
+        .args([
+            "--store", "dummy://", "--eval", "--strict", "--json", "--expr",
+        ])
+        .arg(&expr)
+        .output()
+        .expect("nix-instantiate (nix-bin) is needed by this test");
+    common::assert_success(&out);
+    let nixos: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let script = nixos["ExecStart"].as_str().unwrap();
+
+    // The same commands in the same order.
+    let commands = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter(|l| !l.starts_with("export PATH=") && !l.starts_with("chown "))
+            .map(|l| {
+                l.strip_prefix("install -d -m 0700 ")
+                    .or_else(|| l.strip_prefix("install -d -m 0755 "))
+                    .map_or(l.to_string(), |rest| format!("install -d {rest}"))
+            })
+            .collect()
+    };
+    let debian_dir = root.join("images/debian/rootfs/common");
+    let debian =
+        std::fs::read_to_string(debian_dir.join("usr/local/lib/agentvm/publish-env")).unwrap();
+    assert_eq!(commands(script), commands(&debian));
+    // NixOS gives both published files to the agent user.
+    assert_eq!(
+        script
+            .lines()
+            .filter(|l| l.trim().starts_with("chown agent "))
+            .count(),
+        2,
+        "{script}"
+    );
+    let path = script
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export PATH="))
+        .unwrap();
+    for tool in [
+        "coreutils",
+        "gnused",
+        "gnugrep",
+        "diffutils",
+        "util-linux",
+        "systemd",
+    ] {
+        assert!(path.contains(&format!("/{tool}/bin")), "{path}");
+    }
+
+    // The same units: at boot, and again when /etc/agentvm/env changes.
+    assert_eq!(nixos["ImportCredential"], "agentvm.env");
+    let update = &nixos["update"];
+    assert_eq!(
+        update["serviceConfig"]["ExecStart"],
+        format!("{script} --changed")
+    );
+    assert_eq!(update["serviceConfig"]["Type"], "oneshot");
+    assert_eq!(update["serviceConfig"]["ImportCredential"], "agentvm.env");
+    assert_eq!(update["after"], serde_json::json!(["agentvm-env.service"]));
+    assert_eq!(
+        nixos["path"]["pathConfig"]["PathChanged"],
+        "/etc/agentvm/env"
+    );
+    assert_eq!(
+        nixos["path"]["pathConfig"]["Unit"],
+        "agentvm-env-update.service"
+    );
+    assert_eq!(
+        nixos["path"]["wantedBy"],
+        serde_json::json!(["paths.target"])
+    );
+    assert!(
+        nixos["tmpfiles"]
+            .as_array()
+            .unwrap()
+            .contains(&"d /etc/agentvm 0700 root root -".into()),
+        "{nixos}"
+    );
+    assert_eq!(
+        nixos["userAfter"],
+        serde_json::json!(["agentvm-env.service"])
+    );
+
+    let unit = |name: &str| {
+        std::fs::read_to_string(debian_dir.join("etc/systemd/system").join(name)).unwrap()
+    };
+    let path_unit = unit("agentvm-env.path");
+    assert!(
+        path_unit.contains("\nPathChanged=/etc/agentvm/env\n")
+            && path_unit.contains("\nUnit=agentvm-env-update.service\n")
+            && path_unit.contains("\nWantedBy=paths.target\n"),
+        "{path_unit}"
+    );
+    let update_unit = unit("agentvm-env-update.service");
+    assert!(
+        update_unit.contains("\nExecStart=/usr/local/lib/agentvm/publish-env --changed\n")
+            && update_unit.contains("\nAfter=agentvm-env.service\n")
+            && !update_unit.contains("\nRemainAfterExit="),
+        "{update_unit}"
+    );
+    assert!(
+        std::fs::read_to_string(debian_dir.join("etc/tmpfiles.d/agentvm-env.conf"))
+            .unwrap()
+            .contains("\nd /etc/agentvm 0700 root root -\n")
+    );
+}

@@ -32,6 +32,23 @@ fn env_lab(opts: FakeOptions) -> Lab {
     lab
 }
 
+/// A lab whose guests' agents answer at once, with `names` up (not waited for).
+fn up_no_wait(vms: &str, names: &[&str]) -> Lab {
+    let lab = Lab::new(
+        FakeOptions {
+            agent_down_calls: 0,
+            ..FakeOptions::default()
+        },
+        vms,
+    );
+    lab.create_pool();
+    let mut args = vec!["up"];
+    args.extend(names);
+    args.push("--no-wait");
+    lab.env.ok(&args);
+    lab
+}
+
 /// Polls `status` until `field` is `want` (or fails after 30 s).
 fn wait_status(lab: &Lab, name: &str, field: &str, want: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -161,15 +178,7 @@ fn ssh_host_pins_the_address_ssh_uses() {
 
 #[test]
 fn exec_gives_the_guests_output_exit_code_stdin_and_timeout() {
-    let lab = Lab::new(
-        FakeOptions {
-            agent_down_calls: 0,
-            ..FakeOptions::default()
-        },
-        REMOTE,
-    );
-    lab.create_pool();
-    lab.env.ok(&["up", "remote", "--no-wait"]);
+    let lab = up_no_wait(REMOTE, &["remote"]);
 
     let out = lab.env.agentvm(&[
         "exec",
@@ -297,15 +306,10 @@ fn env_on_an_image_without_agent_is_refused() {
 
 #[test]
 fn snapshots_keep_memory_when_running_and_obey_readonly() {
-    let lab = Lab::new(
-        FakeOptions {
-            agent_down_calls: 0,
-            ..FakeOptions::default()
-        },
+    let lab = up_no_wait(
         &format!("{REMOTE}\n[vms.frozen]\nbackend = \"lab\"\nreadonly = true\n"),
+        &["remote", "frozen"],
     );
-    lab.create_pool();
-    lab.env.ok(&["up", "remote", "frozen", "--no-wait"]);
 
     let list = lab
         .env
@@ -360,15 +364,7 @@ fn snapshots_keep_memory_when_running_and_obey_readonly() {
 
 #[test]
 fn spice_writes_a_private_viewer_file_and_says_how_to_add_a_display() {
-    let lab = Lab::new(
-        FakeOptions {
-            agent_down_calls: 0,
-            ..FakeOptions::default()
-        },
-        REMOTE,
-    );
-    lab.create_pool();
-    lab.env.ok(&["up", "remote", "--no-wait"]);
+    let lab = up_no_wait(REMOTE, &["remote"]);
     let (vmid, mut vm) = lab.vm("remote");
     // The template's display is a serial console: no SPICE.
     let err = lab.env.fails(&["spice", "remote"]);

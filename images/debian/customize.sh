@@ -75,11 +75,16 @@ initrd /initrd.img
 boot
 GRUB
 
+# Where the env goes when there is no credential: root's alone from the
+# start, also for cloud-init, which may write it before systemd-tmpfiles
+# (etc/tmpfiles.d/agentvm-env.conf) has run.
+install -d -m 0700 -o root -g root "$root/etc/agentvm"
+
 # systemd-resolved's postinst points /etc/resolv.conf at its stub resolver.
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
 units=(systemd-networkd.service systemd-resolved.service ssh.service
-	agentvm-env.service agentvm-ssh-hostkeys.service)
+	agentvm-env.service agentvm-env.path agentvm-ssh-hostkeys.service)
 [[ $variant == plain ]] && units+=(agentvm-growroot.service)
 in_root systemctl enable "${units[@]}"
 # Periodic jobs a short-lived VM does not want (masked: first-boot presets

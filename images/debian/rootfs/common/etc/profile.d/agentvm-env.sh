@@ -1,5 +1,6 @@
-# Exports the KEY=VALUE lines of the agentvm.env credential (copied to
-# /run/agentvm/env at boot, readable by root only) into login shells.
+# Exports the KEY=VALUE lines of the VM's env (the agentvm.env credential or
+# /etc/agentvm/env, published to /run/agentvm/env at boot and whenever
+# /etc/agentvm/env changes, readable by root only) into login shells.
 # Values are taken literally, not evaluated by the shell.
 if [ -r /run/agentvm/env ]; then
 	while IFS= read -r agentvm_line || [ -n "$agentvm_line" ]; do
