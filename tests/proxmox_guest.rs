@@ -415,6 +415,7 @@ fn a_hung_agent_costs_list_a_moment_and_up_names_it() {
     let started = Instant::now();
     let list = lab.env.json(&["list"]);
     let took = started.elapsed();
+    eprintln!("list with a hung agent (120 s hang) took {took:?}");
     // Far below the hang: the hung agent was given its 2 s and no more.
     assert!(took < Duration::from_secs(30), "list took {took:?}");
     let row = |name: &str| {
