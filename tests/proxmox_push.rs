@@ -34,6 +34,17 @@ fn base_image(lab: &Lab, mib: u32) -> String {
     )
 }
 
+/// A lab with `opts` where a push of `base` fails: the lab and the error.
+fn failed_push(opts: FakeOptions) -> (Lab, String) {
+    let lab = Lab::new(opts, PUSHABLE);
+    lab.create_pool();
+    base_image(&lab, 64);
+    let err = lab
+        .env
+        .fails(&["image", "push", "base", "--backend", "lab"]);
+    (lab, err)
+}
+
 fn uploads(lab: &Lab) -> Vec<pve::Recorded> {
     lab.fake
         .requests()
@@ -206,21 +217,13 @@ fn pushing_an_unchanged_image_again_does_nothing_and_a_changed_one_is_used_next(
 
 #[test]
 fn a_push_needs_a_storage_with_import_content_and_names_what_there_is() {
-    let lab = Lab::new(
-        FakeOptions {
-            storages: vec![
-                pve::FakeStorage::new("local", "dir", &["iso", "vztmpl", "backup"], false),
-                pve::FakeStorage::new("local-lvm", "lvmthin", &["images", "rootdir"], false),
-            ],
-            ..FakeOptions::default()
-        },
-        PUSHABLE,
-    );
-    lab.create_pool();
-    base_image(&lab, 64);
-    let err = lab
-        .env
-        .fails(&["image", "push", "base", "--backend", "lab"]);
+    let (lab, err) = failed_push(FakeOptions {
+        storages: vec![
+            pve::FakeStorage::new("local", "dir", &["iso", "vztmpl", "backup"], false),
+            pve::FakeStorage::new("local-lvm", "lvmthin", &["images", "rootdir"], false),
+        ],
+        ..FakeOptions::default()
+    });
     assert!(
         err.contains("node pve has no active storage with \"import\" content")
             && err.contains("local (iso,vztmpl,backup), local-lvm (images,rootdir)")
@@ -249,21 +252,13 @@ fn a_push_needs_a_storage_with_import_content_and_names_what_there_is() {
 
 #[test]
 fn a_push_that_fails_after_its_vm_was_made_leaves_nothing() {
-    let lab = Lab::new(
-        FakeOptions {
-            fail_task: Some((
-                "qmtemplate".into(),
-                "can't make a template: disk busy".into(),
-            )),
-            ..FakeOptions::default()
-        },
-        PUSHABLE,
-    );
-    lab.create_pool();
-    base_image(&lab, 64);
-    let err = lab
-        .env
-        .fails(&["image", "push", "base", "--backend", "lab"]);
+    let (lab, err) = failed_push(FakeOptions {
+        fail_task: Some((
+            "qmtemplate".into(),
+            "can't make a template: disk busy".into(),
+        )),
+        ..FakeOptions::default()
+    });
     assert!(
         err.contains("image push failed at making VM")
             && err.contains("a template")

@@ -212,6 +212,15 @@ pub struct HostKey {
     pub known_hosts: PathBuf,
 }
 
+/// The name `snapshot create` gives when none is given: `snap-` and the time
+/// (`snap-20261203T040000Z`), valid on libvirt and as a Proxmox snapshot name.
+pub fn default_snapshot_name() -> String {
+    format!(
+        "snap-{}",
+        crate::clock::format_time(std::time::SystemTime::now()).replace([':', '-'], "")
+    )
+}
+
 /// How to open a VM's SPICE display.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpiceAccess {

@@ -14,13 +14,9 @@ impl Snapshots for LocalBackend {
         let dom = &dom;
         match action {
             SnapshotAction::Create { name: snap } => {
-                let snap = snap.clone().unwrap_or_else(|| {
-                    format!(
-                        "snap-{}",
-                        crate::clock::format_time(std::time::SystemTime::now())
-                            .replace([':', '-'], "")
-                    )
-                });
+                let snap = snap
+                    .clone()
+                    .unwrap_or_else(crate::backend::default_snapshot_name);
                 crate::spec::Name::new(&snap).map_err(|e| anyhow!("snapshot name: {e}"))?;
                 let xml = quick_xml::se::to_string(&NewSnapshot {
                     name: snap.clone(),

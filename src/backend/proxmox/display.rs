@@ -79,13 +79,9 @@ impl Snapshots for ProxmoxBackend {
         let task = match action {
             SnapshotAction::List => None,
             SnapshotAction::Create { name: snap } => {
-                let snap = snap.clone().unwrap_or_else(|| {
-                    format!(
-                        "snap-{}",
-                        crate::clock::format_time(std::time::SystemTime::now())
-                            .replace([':', '-'], "")
-                    )
-                });
+                let snap = snap
+                    .clone()
+                    .unwrap_or_else(crate::backend::default_snapshot_name);
                 if !valid_snapshot_name(&snap) {
                     return Err(anyhow!(
                         "snapshot name {snap:?}: Proxmox takes 2 to 40 letters, digits, '_' and '-', starting with a letter"
