@@ -431,6 +431,10 @@ fn a_hung_agent_costs_list_a_moment_and_up_names_it() {
 
     let started = Instant::now();
     let err = lab.env.fails(&["up", "remote", "--timeout", "5"]);
+    eprintln!(
+        "up --timeout 5 of the VM with a hung agent failed after {:?}",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "{:?}",
