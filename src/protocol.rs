@@ -111,6 +111,8 @@ pub enum Op {
     },
     SerialLog,
     Spice,
+    /// Sets the guest's clock to the host's.
+    SyncClock,
 }
 
 impl Op {
@@ -129,6 +131,7 @@ impl Op {
             Self::Snapshot { .. } => "snapshot",
             Self::SerialLog => "console",
             Self::Spice => "spice",
+            Self::SyncClock => "sync-clock",
         }
     }
 
@@ -251,17 +254,30 @@ impl VmResult {
 #[serde(tag = "outcome", rename_all = "kebab-case")]
 pub enum Outcome {
     Up(UpOutcome),
-    Down { stopped_by: DownPath },
+    Down {
+        stopped_by: DownPath,
+    },
     Destroyed,
     Status(VmStatus),
     Plan(Plan),
     SshEndpoint(Endpoint),
     Exec(ExecOutcome),
     HostKey(HostKey),
-    Screenshot { width: u32, height: u32 },
-    Snapshots { snapshots: Vec<SnapshotInfo> },
-    SerialLog { path: PathBuf },
+    Screenshot {
+        width: u32,
+        height: u32,
+    },
+    Snapshots {
+        snapshots: Vec<SnapshotInfo>,
+    },
+    SerialLog {
+        path: PathBuf,
+    },
     Spice(SpiceAccess),
+    /// How far the guest clock was off before it was set (guest minus host).
+    ClockSynced {
+        drift_ms: i64,
+    },
     Built(Built),
     Pushed(PushedImage),
 }

@@ -240,3 +240,39 @@ fn snapshot_revert_restores_disk_bytes_and_readonly_vms_keep_theirs() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn sync_clock_sets_a_lagging_guest_clock_to_the_hosts() {
+    let env = Env::new();
+    running(&env, "g-clock", "");
+    // As after a host suspend: the guest's clock far behind.
+    let (code, _, err) = exec(
+        &env,
+        "g-clock",
+        "date -u -s '2001-02-03 04:05:06' >/dev/null",
+    );
+    assert_eq!(code, 0, "{err}");
+    let synced = env.json(&["sync-clock", "g-clock"]);
+    let drift = synced[0]["drift_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{synced}"));
+    let behind = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 981_173_106_000;
+    assert!(
+        (drift + behind).abs() < 60_000,
+        "drift {drift} ms, the clock was set {behind} ms behind"
+    );
+    let guest: i64 = exec(&env, "g-clock", "date +%s").1.trim().parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((guest - host).abs() <= 5, "guest {guest}, host {host}");
+    // A VM that is not running says so.
+    env.ok(&["down", "g-clock"]);
+    let err = env.fails(&["sync-clock", "g-clock"]);
+    assert!(err.contains("g-clock"), "{err}");
+}

@@ -195,6 +195,16 @@ pub trait GuestAgent: Lifecycle {
         Err(self.unsupported("exec", "use agentvm ssh NAME -- CMD"))
     }
 
+    /// Sets the guest's clock to the host's (after the host slept, the guest's
+    /// clock lags by the time asleep); returns how far the guest was off
+    /// before, in milliseconds (guest minus host).
+    fn sync_clock(&self, _name: &str) -> Result<i64> {
+        Err(self.unsupported(
+            "setting the guest clock",
+            "the guest's own NTP client keeps its clock (the node does not sleep)",
+        ))
+    }
+
     /// Reads the guest's SSH host key and pins it for `agentvm ssh`.
     fn host_key(&self, _name: &str) -> Result<HostKey> {
         Err(self.unsupported(

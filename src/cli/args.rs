@@ -176,6 +176,12 @@ pub enum Command {
         #[arg(long)]
         open: bool,
     },
+    /// Set running guests' clocks to the host's through their agents (the
+    /// daemon does it by itself when the host wakes from suspend).
+    SyncClock {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

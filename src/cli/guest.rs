@@ -250,3 +250,14 @@ pub fn snapshot(app: &App, name: &str, command: SnapshotCommand, no_block: bool)
     }
     Ok(0)
 }
+
+pub fn sync_clock(app: &App, names: &[String]) -> Result<i32> {
+    let results = app.call(names, Op::SyncClock, false)?;
+    app.report(results, |_, outcome| match outcome {
+        Outcome::ClockSynced { drift_ms } => format!(
+            "clock set to the host's (it was {:+.3} s off)",
+            *drift_ms as f64 / 1000.0
+        ),
+        _ => "clock set".to_string(),
+    })
+}

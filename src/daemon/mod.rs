@@ -3,6 +3,7 @@
 //! per VM and many VMs in parallel, on start repairs what a killed predecessor
 //! left behind, and (when started on demand) exits after a while idle.
 
+mod clock;
 mod connection;
 pub mod idle;
 mod lifecycle;
@@ -147,6 +148,7 @@ pub fn running_pid(socket: &Path) -> Option<u32> {
 async fn serve(socket: &Path, shared: Arc<Shared>, idle_exit: Option<Duration>) -> Result<()> {
     let listener = bind_private(socket)?;
     tokio::spawn(lifecycle::watch(shared.clone()));
+    tokio::spawn(clock::watch(shared.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut idle_check = tokio::time::interval(IDLE_CHECK);

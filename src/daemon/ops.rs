@@ -228,6 +228,9 @@ fn perform(
             path: backend.serial_log(name)?,
         },
         Op::Spice => Outcome::Spice(backend.spice(name)?),
+        Op::SyncClock => Outcome::ClockSynced {
+            drift_ms: backend.sync_clock(name)?,
+        },
     })
 }
 

@@ -227,6 +227,47 @@ impl GuestAgent for LocalBackend {
         let (dom, state) = self.require_running(name)?;
         self.pin_host_key(&dom, &state)
     }
+
+    fn sync_clock(&self, name: &str) -> Result<i64> {
+        let (dom, state) = self.require_running(name)?;
+        self.require_agent(&state, "setting the clock")?;
+        let guest = Guest::new(&dom);
+        let before = guest
+            .agent(qga::guest_get_time {}, AGENT_TIMEOUT)
+            .map_err(guest_error)?;
+        let now = unix_nanos();
+        // qemu-ga sets the system clock, then runs `hwclock -w`; a guest
+        // without hwclock reports an error although its clock was set, so
+        // the clock read back decides.
+        let set = guest.agent(qga::guest_set_time { time: Some(now) }, AGENT_TIMEOUT);
+        let after = guest
+            .agent(qga::guest_get_time {}, AGENT_TIMEOUT)
+            .map_err(guest_error)?;
+        if (after - unix_nanos()).abs() > CLOCK_TOLERANCE_NS {
+            return Err(anyhow!(
+                "{name}: the guest clock is still {} s off after guest-set-time ({})",
+                (after - unix_nanos()) / 1_000_000_000,
+                match set {
+                    Ok(_) => "which said it was set".to_string(),
+                    Err(e) => e.to_string(),
+                }
+            )
+            .into());
+        }
+        if let Err(e) = set {
+            tracing::info!("{name}: clock set; guest-set-time also said: {e}");
+        }
+        Ok((before - now) / 1_000_000)
+    }
+}
+
+/// How far a guest clock may be from the host's right after it was set.
+const CLOCK_TOLERANCE_NS: i64 = 2_000_000_000;
+
+fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 fn guest_error(e: GuestError) -> BackendError {
