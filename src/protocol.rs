@@ -156,6 +156,7 @@ impl Op {
             // Like exec, file calls change the guest's files, not the VM:
             // they run beside other operations (a file written during a
             // snapshot or a stop may or may not be in it, as with exec).
+            Self::ReadFile { .. } | Self::WriteFile { .. } => false,
             _ => false,
         }
     }
