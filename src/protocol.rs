@@ -102,6 +102,18 @@ pub enum Op {
         timeout_secs: u64,
     },
     HostKey,
+    /// Reads a guest file through the agent.
+    ReadFile {
+        path: String,
+    },
+    /// Makes or replaces a guest file through the agent.
+    WriteFile {
+        path: String,
+        data: Vec<u8>,
+        /// Permission bits to set on it (such as 0o600).
+        #[serde(default)]
+        mode: Option<u32>,
+    },
     /// Saves the display to `path` (absolute, on the daemon's machine).
     Screenshot {
         path: PathBuf,
@@ -127,6 +139,8 @@ impl Op {
             Self::SshEndpoint => "ssh",
             Self::Exec { .. } => "exec",
             Self::HostKey => "hostkey",
+            Self::ReadFile { .. } => "read-file",
+            Self::WriteFile { .. } => "write-file",
             Self::Screenshot { .. } => "screenshot",
             Self::Snapshot { .. } => "snapshot",
             Self::SerialLog => "console",
@@ -142,6 +156,10 @@ impl Op {
             Self::Snapshot { action } => *action != SnapshotAction::List,
             // The host key is pinned in agentvm's files: one writer at a time.
             Self::HostKey => true,
+            // Like exec, file calls change the guest's files, not the VM:
+            // they run beside other operations (a file written during a
+            // snapshot or a stop may or may not be in it, as with exec).
+            Self::ReadFile { .. } | Self::WriteFile { .. } => false,
             _ => false,
         }
     }
@@ -263,6 +281,12 @@ pub enum Outcome {
     SshEndpoint(Endpoint),
     Exec(ExecOutcome),
     HostKey(HostKey),
+    FileRead {
+        data: Vec<u8>,
+    },
+    FileWritten {
+        bytes: usize,
+    },
     Screenshot {
         width: u32,
         height: u32,

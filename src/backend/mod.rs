@@ -205,6 +205,20 @@ pub trait GuestAgent: Lifecycle {
         ))
     }
 
+    /// The bytes of the guest file `path`, read through the agent.
+    fn read_file(&self, _name: &str, _path: &str) -> Result<Vec<u8>> {
+        Err(self.unsupported("reading guest files", "use agentvm exec NAME -- cat PATH"))
+    }
+
+    /// Writes `data` to the guest file `path` (made or replaced) through the
+    /// agent; `mode` (such as 0o600) is set on it when given.
+    fn write_file(&self, _name: &str, _path: &str, _data: &[u8], _mode: Option<u32>) -> Result<()> {
+        Err(self.unsupported(
+            "writing guest files",
+            "use agentvm exec -i NAME -- tee PATH",
+        ))
+    }
+
     /// Reads the guest's SSH host key and pins it for `agentvm ssh`.
     fn host_key(&self, _name: &str) -> Result<HostKey> {
         Err(self.unsupported(

@@ -104,6 +104,9 @@ pub enum Command {
     },
     /// Read the guest's SSH host key (through its agent) and pin it for `agentvm ssh`.
     Hostkey { name: String },
+    /// Serve the Model Context Protocol on stdin/stdout: tools for list,
+    /// status, up, down, exec, read_file, write_file and snapshot.
+    Mcp,
     /// Save the guest's display as a PNG file.
     Screenshot {
         name: String,

@@ -6,7 +6,23 @@ use anyhow::{Result, bail};
 
 use super::{App, output};
 use crate::backend::DownPath;
-use crate::protocol::{Answer, Op, Outcome};
+use crate::protocol::{Answer, Op, Outcome, VmResult};
+
+/// Sends `up` for `names` once every name is checked against the fleet file.
+pub fn up_results(
+    app: &App,
+    names: &[String],
+    wait_secs: Option<u64>,
+    no_block: bool,
+    backend: Option<String>,
+) -> Result<Vec<VmResult>> {
+    let fleet = app.fleet()?;
+    // Every name is checked before anything is touched.
+    for name in names {
+        fleet.vm(name)?;
+    }
+    app.call(names, Op::Up { wait_secs, backend }, no_block)
+}
 
 pub fn up(
     app: &App,
@@ -15,12 +31,7 @@ pub fn up(
     no_block: bool,
     backend: Option<String>,
 ) -> Result<i32> {
-    let fleet = app.fleet()?;
-    // Every name is checked before anything is touched.
-    for name in names {
-        fleet.vm(name)?;
-    }
-    let results = app.call(names, Op::Up { wait_secs, backend }, no_block)?;
+    let results = up_results(app, names, wait_secs, no_block, backend)?;
     app.report(results, |name, outcome| {
         let Outcome::Up(up) = outcome else {
             return format!("{outcome:?}");

@@ -7,6 +7,7 @@ mod daemon_cmd;
 mod guest;
 mod image;
 mod lifecycle;
+mod mcp;
 mod nixos;
 mod output;
 mod status;
@@ -64,6 +65,9 @@ fn run(cli: Cli) -> Result<i32> {
     } = cli.command
     {
         return daemon_cmd::daemon(&cli.connect, install_unit, stop, &idle_exit);
+    }
+    if let Command::Mcp = cli.command {
+        return mcp::serve(cli.file, cli.connect);
     }
     let needs_fleet = matches!(
         cli.command,
@@ -149,7 +153,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Proxmox {
             command: ProxmoxCommand::BootstrapUser { user, backend },
         } => daemon_cmd::bootstrap_user(&app, &user, &backend),
-        Command::Daemon { .. } => unreachable!("handled above"),
+        Command::Daemon { .. } | Command::Mcp => unreachable!("handled above"),
     }
 }
 

@@ -24,18 +24,21 @@ pub fn all_rows(app: &App) -> Result<(Vec<VmStatus>, bool)> {
     Ok((rows, !failed.is_empty()))
 }
 
+/// The status of the VM `name`; an error if neither the fleet file nor any backend has it.
+pub fn one_row(app: &App, name: &str) -> Result<VmStatus> {
+    let row = match app.call_one(name, Op::Status)? {
+        Outcome::Status(row) => row,
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    if row.state == State::Absent && !row.in_spec {
+        bail!("no VM named {name:?} in agentvm.toml or on any backend");
+    }
+    Ok(row)
+}
+
 pub fn status(app: &App, name: Option<&str>) -> Result<i32> {
     let (rows, failed) = match name {
-        Some(name) => {
-            let row = match app.call_one(name, Op::Status)? {
-                Outcome::Status(row) => row,
-                other => bail!("{name}: unexpected answer {other:?}"),
-            };
-            if row.state == State::Absent && !row.in_spec {
-                bail!("no VM named {name:?} in agentvm.toml or on any backend");
-            }
-            (vec![row], false)
-        }
+        Some(name) => (vec![one_row(app, name)?], false),
         None => all_rows(app)?,
     };
     if app.json {

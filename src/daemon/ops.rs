@@ -209,6 +209,14 @@ fn perform(
             Outcome::Exec(outcome)
         }
         Op::HostKey => Outcome::HostKey(backend.host_key(name)?),
+        Op::ReadFile { path } => Outcome::FileRead {
+            data: backend.read_file(name, path)?,
+        },
+        Op::WriteFile { path, data, mode } => {
+            // Like exec, allowed on readonly VMs: readonly guards the VM, not its files.
+            backend.write_file(name, path, data, *mode)?;
+            Outcome::FileWritten { bytes: data.len() }
+        }
         Op::Screenshot { path } => {
             let (width, height) = backend.screenshot(name, path)?;
             Outcome::Screenshot { width, height }

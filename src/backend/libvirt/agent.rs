@@ -150,7 +150,7 @@ impl LocalBackend {
         let name = state.name.as_str();
         let from_agent = if state.agent {
             match read_guest_file(&Guest::new(dom), &state.host_key) {
-                Ok(text) => Some(text),
+                Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
                 Err(GuestError::AgentUnavailable(why)) => {
                     tracing::warn!("{name}: {why}");
                     None
@@ -259,6 +259,51 @@ impl GuestAgent for LocalBackend {
         }
         Ok((before - now) / 1_000_000)
     }
+
+    fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>> {
+        let (dom, state) = self.require_running(name)?;
+        self.require_agent(&state, "reading guest files")?;
+        read_guest_file(&Guest::new(&dom), path)
+            .map_err(|e| anyhow!("{name}: reading {path} through the guest agent: {e}").into())
+    }
+
+    fn write_file(&self, name: &str, path: &str, data: &[u8], mode: Option<u32>) -> Result<()> {
+        let (dom, state) = self.require_running(name)?;
+        self.require_agent(&state, "writing guest files")?;
+        write_guest_file(&Guest::new(&dom), path, data)
+            .map_err(|e| anyhow!("{name}: writing {path} through the guest agent: {e}"))?;
+        if let Some(mode) = mode {
+            // Through sh, so `chmod` is found on the exec PATH (NixOS has no /bin/chmod).
+            let argv = [
+                "/bin/sh".to_string(),
+                "-c".to_string(),
+                "exec chmod \"$0\" \"$1\"".to_string(),
+                format!("{mode:o}"),
+                path.to_string(),
+            ];
+            let mut err = Vec::new();
+            let outcome = self.exec_in(
+                &dom,
+                &state,
+                &argv,
+                None,
+                Duration::from_secs(30),
+                &mut |stream, data| {
+                    if stream == Stream::Stderr {
+                        err.extend_from_slice(data);
+                    }
+                },
+            )?;
+            if outcome.exit_code != Some(0) {
+                return Err(anyhow!(
+                    "{name}: {path} was written, but chmod {mode:o} failed: {}",
+                    String::from_utf8_lossy(&err).trim()
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How far a guest clock may be from the host's right after it was set.
@@ -274,7 +319,10 @@ fn guest_error(e: GuestError) -> BackendError {
     BackendError::Other(anyhow!(e))
 }
 
-fn read_guest_file(guest: &Guest, path: &str) -> Result<String, GuestError> {
+/// The most one `guest-file-read`/`guest-file-write` moves.
+const FILE_CHUNK: usize = 48 * 1024;
+
+fn read_guest_file(guest: &Guest, path: &str) -> Result<Vec<u8>, GuestError> {
     let handle = guest.agent(
         qga::guest_file_open {
             path: path.to_string(),
@@ -287,7 +335,7 @@ fn read_guest_file(guest: &Guest, path: &str) -> Result<String, GuestError> {
         match guest.agent(
             qga::guest_file_read {
                 handle,
-                count: Some(64 * 1024),
+                count: Some(FILE_CHUNK as i64),
             },
             AGENT_TIMEOUT,
         ) {
@@ -301,7 +349,42 @@ fn read_guest_file(guest: &Guest, path: &str) -> Result<String, GuestError> {
         }
     };
     let _ = guest.agent(qga::guest_file_close { handle }, AGENT_TIMEOUT);
-    result.map(|()| String::from_utf8_lossy(&data).into_owned())
+    result.map(|()| data)
+}
+
+/// Makes or replaces the guest file `path` with `data`, in chunks.
+fn write_guest_file(guest: &Guest, path: &str, data: &[u8]) -> Result<(), GuestError> {
+    let handle = guest.agent(
+        qga::guest_file_open {
+            path: path.to_string(),
+            mode: Some("w".into()),
+        },
+        AGENT_TIMEOUT,
+    )?;
+    let result = data.chunks(FILE_CHUNK).try_for_each(|chunk| {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let written = guest.agent(
+                qga::guest_file_write {
+                    handle,
+                    buf_b64: rest.to_vec(),
+                    count: Some(rest.len() as i64),
+                },
+                AGENT_TIMEOUT,
+            )?;
+            let n = usize::try_from(written.count).unwrap_or(0).min(rest.len());
+            if n == 0 {
+                return Err(GuestError::Reply {
+                    command: "guest-file-write",
+                    message: format!("wrote nothing of the last {} bytes", rest.len()),
+                });
+            }
+            rest = &rest[n..];
+        }
+        Ok(())
+    });
+    let closed = guest.agent(qga::guest_file_close { handle }, AGENT_TIMEOUT);
+    result.and(closed.map(|_| ()))
 }
 
 /// The guest's ed25519 host key as its forwarded SSH port presents it.

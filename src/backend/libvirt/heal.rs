@@ -232,6 +232,16 @@ impl GuestAgent for Healing {
         // Setting the clock to now again is harmless: it may be retried.
         self.read(|| self.inner.sync_clock(name))
     }
+
+    fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>> {
+        self.read(|| self.inner.read_file(name, path))
+    }
+
+    fn write_file(&self, name: &str, path: &str, data: &[u8], mode: Option<u32>) -> Result<()> {
+        self.change(name, "writing a file in", || {
+            self.inner.write_file(name, path, data, mode)
+        })
+    }
 }
 
 impl Snapshots for Healing {

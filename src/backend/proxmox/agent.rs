@@ -125,14 +125,38 @@ impl ProxmoxBackend {
     }
 
     /// Reads a guest file through `agent/file-read`, as exact bytes (`decode=0`:
-    /// PVE hands over the agent's base64).
-    fn read_guest_file(&self, found: &Found, file: &str) -> anyhow::Result<String> {
-        let reply = self.client.get(
-            &Self::path_of(found, "/agent/file-read"),
-            &[("file", file.to_string()), ("decode", "0".to_string())],
-        )?;
-        file_content(&reply)
-            .ok_or_else(|| anyhow!("agent/file-read answered {reply} without base64 content"))
+    /// PVE hands over the agent's base64). A file larger than one reply
+    /// (`truncated`) is read on from where the last reply ended.
+    fn read_guest_file(&self, found: &Found, file: &str) -> anyhow::Result<Vec<u8>> {
+        use base64::Engine as _;
+        let mut data = Vec::new();
+        loop {
+            let mut params = vec![("file", file.to_string()), ("decode", "0".to_string())];
+            if !data.is_empty() {
+                params.push(("offset", data.len().to_string()));
+            }
+            let reply = self
+                .client
+                .get(&Self::path_of(found, "/agent/file-read"), &params)?;
+            let encoded = reply["content"].as_str().ok_or_else(|| {
+                anyhow!("agent/file-read answered {reply} without base64 content")
+            })?;
+            let chunk = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|e| anyhow!("agent/file-read answered content that is not base64: {e}"))?;
+            data.extend_from_slice(&chunk);
+            if !super::exec::truthy(&reply["truncated"]) || chunk.is_empty() {
+                return Ok(data);
+            }
+        }
+    }
+
+    fn running(&self, name: &str) -> Result<(Found, super::Marker)> {
+        let (found, marker) = self.managed(name)?;
+        if !found.running {
+            return Err(anyhow!("{name} is not running (agentvm up {name})").into());
+        }
+        Ok((found, marker))
     }
 }
 
@@ -273,9 +297,10 @@ impl GuestAgent for ProxmoxBackend {
             return Err(anyhow!("{name} is not running (agentvm up {name})").into());
         }
         let file = marker.host_key.as_deref().unwrap_or(DEFAULT_HOST_KEY);
-        let text = self
+        let bytes = self
             .read_guest_file(&found, file)
             .map_err(|e| anyhow!("{name}: reading {file} through the guest agent: {e}"))?;
+        let text = String::from_utf8_lossy(&bytes);
         let key = crate::ssh::public_key_of(&text).with_context(|| format!("{name}: {file}"))?;
         let dir = self.known_hosts_dir(name);
         crate::fsutil::create_private_dir(&dir)?;
@@ -295,6 +320,64 @@ impl GuestAgent for ProxmoxBackend {
             source: "agent".into(),
             known_hosts,
         })
+    }
+
+    fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>> {
+        let (found, _) = self.running(name)?;
+        Ok(self
+            .read_guest_file(&found, path)
+            .map_err(|e| anyhow!("{name}: reading {path} through the guest agent: {e}"))?)
+    }
+
+    /// `agent/file-write` cannot append, so a file goes in one call: at most
+    /// [`MAX_FILE_WRITE`] bytes.
+    fn write_file(&self, name: &str, path: &str, data: &[u8], mode: Option<u32>) -> Result<()> {
+        use base64::Engine as _;
+        if data.len() > MAX_FILE_WRITE {
+            return Err(anyhow!(
+                "{name}: {path}: {} bytes; Proxmox's agent/file-write takes at most {MAX_FILE_WRITE} bytes (61440 characters of base64) and cannot append",
+                data.len()
+            )
+            .into());
+        }
+        let (found, _) = self.running(name)?;
+        self.client
+            .post(
+                &Self::path_of(&found, "/agent/file-write"),
+                &[
+                    ("file", path.to_string()),
+                    (
+                        "content",
+                        base64::engine::general_purpose::STANDARD.encode(data),
+                    ),
+                    ("encode", "0".to_string()),
+                ],
+            )
+            .map_err(|e| anyhow!("{name}: writing {path} through the guest agent: {e}"))?;
+        if let Some(mode) = mode {
+            let argv = ["chmod".to_string(), format!("{mode:o}"), path.to_string()];
+            let mut err = Vec::new();
+            let outcome = self.exec_in(
+                &found,
+                name,
+                &argv,
+                None,
+                Duration::from_secs(30),
+                &mut |stream, data| {
+                    if stream == Stream::Stderr {
+                        err.extend_from_slice(data);
+                    }
+                },
+            )?;
+            if outcome.exit_code != Some(0) {
+                return Err(anyhow!(
+                    "{name}: {path} was written, but chmod {mode:o} failed: {}",
+                    String::from_utf8_lossy(&err).trim()
+                )
+                .into());
+            }
+        }
+        Ok(())
     }
 }
 
