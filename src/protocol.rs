@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::registry::RemoteConfig;
 use crate::backend::{
-    BackendError, DownPath, ErrorKind, ExecOutcome, HostKey, Plan, PushAction, SnapshotAction,
-    SnapshotInfo, SpiceAccess, Stream, UpOutcome, VmStatus,
+    BackendError, DownPath, ErrorKind, ExecOutcome, ForwardChange, ForwardStatus, HostKey, Plan,
+    PushAction, SnapshotAction, SnapshotInfo, SpiceAccess, Stream, UpOutcome, VmStatus,
 };
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
@@ -111,6 +111,10 @@ pub enum Op {
     },
     SerialLog,
     Spice,
+    /// Lists, adds or removes port forwards of a running VM.
+    Forward {
+        change: ForwardChange,
+    },
 }
 
 impl Op {
@@ -129,6 +133,7 @@ impl Op {
             Self::Snapshot { .. } => "snapshot",
             Self::SerialLog => "console",
             Self::Spice => "spice",
+            Self::Forward { .. } => "forward",
         }
     }
 
@@ -137,6 +142,7 @@ impl Op {
         match self {
             Self::Up { .. } | Self::Down { .. } | Self::Destroy => true,
             Self::Snapshot { action } => *action != SnapshotAction::List,
+            Self::Forward { change } => *change != ForwardChange::List,
             // The host key is pinned in agentvm's files: one writer at a time.
             Self::HostKey => true,
             _ => false,
@@ -262,6 +268,7 @@ pub enum Outcome {
     Snapshots { snapshots: Vec<SnapshotInfo> },
     SerialLog { path: PathBuf },
     Spice(SpiceAccess),
+    Forwards { forwards: Vec<ForwardStatus> },
     Built(Built),
     Pushed(PushedImage),
 }

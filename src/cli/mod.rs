@@ -115,6 +115,11 @@ fn run(cli: Cli) -> Result<i32> {
         Command::SshConfig { name } => guest::ssh_config(&app, name.as_deref()),
         Command::Console { name, no_follow } => guest::console(&app, &name, !no_follow),
         Command::Spice { name, open } => guest::spice(&app, &name, open),
+        Command::Forward {
+            name,
+            mapping,
+            remove,
+        } => guest::forward(&app, &name, mapping, remove),
         Command::Exec {
             name,
             timeout,

@@ -228,6 +228,9 @@ fn perform(
             path: backend.serial_log(name)?,
         },
         Op::Spice => Outcome::Spice(backend.spice(name)?),
+        Op::Forward { change } => Outcome::Forwards {
+            forwards: backend.forward(name, change)?,
+        },
     })
 }
 
