@@ -108,6 +108,8 @@ fn forwards_from_the_spec_and_live() {
     // A live forward lasts until the VM stops; the next start says it is gone.
     env.json(&["forward", "fw-web", &format!("{live}:8000")]);
     env.ok(&["down", "fw-web", "--timeout", "30"]);
+    assert_eq!(env.json(&["forward", "fw-web"]), json!([spec_forward]));
+    assert_eq!(forwards(&env, "fw-web"), json!([spec_forward]));
     let up = env.agentvm(&["up", "fw-web", "--timeout", GUEST_TIMEOUT]);
     let said = String::from_utf8_lossy(&up.stderr);
     assert!(up.status.success(), "{said}");

@@ -22,8 +22,13 @@ impl Forwards for LocalBackend {
     fn forward(&self, name: &str, change: &ForwardChange) -> Result<Vec<ForwardStatus>> {
         match change {
             ForwardChange::List => {
-                let (_, state) = self.require(name)?;
-                Ok(statuses(&state))
+                let (dom, state) = self.require(name)?;
+                // A stopped VM's live forwards went with its QEMU.
+                let running = dom.is_active().map_err(lv).context("asking libvirt")?;
+                Ok(statuses(&state)
+                    .into_iter()
+                    .filter(|f| running || !f.live)
+                    .collect())
             }
             ForwardChange::Add { forward } => {
                 // Held from checking the port until the metadata claims it.
