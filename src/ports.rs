@@ -2,7 +2,9 @@
 //! and never one that another process already listens on.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+
+use crate::spec::Forward;
 
 pub const SSH_PORT_BASE: u16 = 2222;
 pub const SPICE_PORT_BASE: u16 = 5900;
@@ -23,6 +25,10 @@ pub enum PortError {
         port: u16,
         holder: String,
     },
+    #[error("forward {forward}: host port {port} is already used by VM {vm:?}", port = .forward.host_port)]
+    ForwardUsedByVm { forward: Forward, vm: String },
+    #[error("forward {forward}: host port {port} is already in use on {addr} by {holder}", port = .forward.host_port, addr = .forward.host_addr)]
+    ForwardBusy { forward: Forward, holder: String },
     #[error("no free {kind} port between {from} and {to}")]
     Exhausted {
         kind: &'static str,
@@ -45,6 +51,24 @@ impl Claims {
     fn owner(&self, port: u16) -> Option<&str> {
         self.held.get(&port).map(String::as_str)
     }
+}
+
+/// Checks that `forward`'s host port is held by no other VM (whatever address
+/// either binds: ports are claimed per number) and free on its address.
+pub fn check_forward(vm: &str, forward: &Forward, claims: &Claims) -> Result<(), PortError> {
+    if let Some(owner) = claims.owner(forward.host_port).filter(|owner| *owner != vm) {
+        return Err(PortError::ForwardUsedByVm {
+            forward: *forward,
+            vm: owner.to_string(),
+        });
+    }
+    if !is_free_on(forward.host_addr, forward.host_port) {
+        return Err(PortError::ForwardBusy {
+            forward: *forward,
+            holder: holder_of(forward.host_port),
+        });
+    }
+    Ok(())
 }
 
 /// Chooses a port for `vm`: the pinned one (which must be free), else the one it
@@ -95,6 +119,12 @@ pub fn choose(
 /// True when nothing listens on 127.0.0.1:`port` (or on the wildcard address).
 pub fn is_free(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+/// True when nothing listens on `addr`:`port` (or on the wildcard address).
+/// An address this host does not have is not free either.
+pub fn is_free_on(addr: IpAddr, port: u16) -> bool {
+    TcpListener::bind((addr, port)).is_ok()
 }
 
 /// A description of the process listening on `port`, as far as /proc shows it.
@@ -202,6 +232,34 @@ mod tests {
             holder.contains(&format!("pid {}", std::process::id())),
             "{holder}"
         );
+    }
+
+    #[test]
+    fn forwards_are_checked_against_vms_and_listeners() {
+        let (held, busy) = listener();
+        let forward: Forward = format!("{busy}:80").parse().unwrap();
+        let err = check_forward("me", &forward, &Claims::default()).unwrap_err();
+        assert!(
+            matches!(&err, PortError::ForwardBusy { holder, .. } if holder.contains(&format!("pid {}", std::process::id()))),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with(&format!(
+                "forward 127.0.0.1:{busy}:80: host port {busy} is already in use on 127.0.0.1 by "
+            )),
+            "{err}"
+        );
+        drop(held);
+        let mut claims = Claims::default();
+        claims.add(busy, "drago");
+        let err = check_forward("luce", &forward, &claims).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "forward 127.0.0.1:{busy}:80: host port {busy} is already used by VM \"drago\""
+            )
+        );
+        assert_eq!(check_forward("drago", &forward, &claims), Ok(()));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::registry::RemoteConfig;
 use crate::backend::{
-    BackendError, DownPath, ErrorKind, ExecOutcome, HostKey, Plan, PushAction, SnapshotAction,
-    SnapshotInfo, SpiceAccess, Stream, UpOutcome, VmStatus,
+    BackendError, DownPath, ErrorKind, ExecOutcome, ForwardChange, ForwardStatus, HostKey, Plan,
+    PushAction, SnapshotAction, SnapshotInfo, SpiceAccess, Stream, UpOutcome, VmStatus,
 };
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
@@ -125,6 +125,10 @@ pub enum Op {
     Spice,
     /// Sets the guest's clock to the host's.
     SyncClock,
+    /// Lists, adds or removes port forwards of a running VM.
+    Forward {
+        change: ForwardChange,
+    },
 }
 
 impl Op {
@@ -146,6 +150,7 @@ impl Op {
             Self::SerialLog => "console",
             Self::Spice => "spice",
             Self::SyncClock => "sync-clock",
+            Self::Forward { .. } => "forward",
         }
     }
 
@@ -154,6 +159,7 @@ impl Op {
         match self {
             Self::Up { .. } | Self::Down { .. } | Self::Destroy => true,
             Self::Snapshot { action } => *action != SnapshotAction::List,
+            Self::Forward { change } => *change != ForwardChange::List,
             // The host key is pinned in agentvm's files: one writer at a time.
             Self::HostKey => true,
             // Like exec, file calls change the guest's files, not the VM:
@@ -301,6 +307,9 @@ pub enum Outcome {
     /// How far the guest clock was off before it was set (guest minus host).
     ClockSynced {
         drift_ms: i64,
+    },
+    Forwards {
+        forwards: Vec<ForwardStatus>,
     },
     Built(Built),
     Pushed(PushedImage),

@@ -41,6 +41,10 @@ readonly = true
 image = "nixos"
 ssh_port = 2400
 spice_port = 5990
+
+[vms.web]
+image = "nixos"
+forwards = ["8080:80", "0.0.0.0:5432:5432", "[::1]:8443:443"]
 "#;
 
 const AGENTVM_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGoldenAgentvmKey agentvm";
@@ -79,6 +83,20 @@ const CASES: &[Case] = &[
         file: "passt.xml",
         vm: "drago",
         ports: (2222, 5900),
+        network: NetworkMode::Passt,
+        kernel: false,
+    },
+    Case {
+        file: "forwards.xml",
+        vm: "web",
+        ports: (2224, 5902),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "forwards-passt.xml",
+        vm: "web",
+        ports: (2224, 5902),
         network: NetworkMode::Passt,
         kernel: false,
     },
@@ -186,4 +204,16 @@ fn golden_files_cover_what_the_issue_names() {
     let pinned = std::fs::read_to_string(golden_path("pinned-ports.xml")).unwrap();
     assert!(pinned.contains("hostfwd=tcp:127.0.0.1:2400-:22"));
     assert!(pinned.contains("port=\"5990\" autoport=\"no\" listen=\"127.0.0.1\""));
+    let forwards = std::fs::read_to_string(golden_path("forwards.xml")).unwrap();
+    assert!(forwards.contains(
+        "hostfwd=tcp:127.0.0.1:2224-:22,hostfwd=tcp:127.0.0.1:8080-:80,\
+         hostfwd=tcp:0.0.0.0:5432-:5432,hostfwd=tcp:[::1]:8443-:443"
+    ));
+    assert!(forwards.contains(
+        "<agentvm:forward host-addr=\"127.0.0.1\" host-port=\"8080\" guest-port=\"80\"/>"
+    ));
+    let passt = std::fs::read_to_string(golden_path("forwards-passt.xml")).unwrap();
+    assert!(passt.contains(
+        "<portForward proto=\"tcp\" address=\"0.0.0.0\">\n        <range start=\"5432\" to=\"5432\"/>"
+    ));
 }

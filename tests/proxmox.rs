@@ -107,6 +107,14 @@ fn up_clones_configures_and_starts_and_waiting_ignores_loopback() {
         err.contains("does not support a serial console log"),
         "{err}"
     );
+    let err = lab.env.fails(&["forward", "remote", "8080:80"]);
+    assert!(
+        err.contains(
+            "does not support port forwards: Proxmox VMs are reached on their own address; open the port in the guest's firewall"
+        ),
+        "{err}"
+    );
+    assert_eq!(lab.env.status("remote")["forwards"], serde_json::json!([]));
 
     // agentvm sets agent: 1, so `down` asks the guest agent first.
     let down = lab.env.json(&["down", "remote"]);

@@ -285,7 +285,18 @@ pub trait Templates: Lifecycle {
     }
 }
 
-/// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
-pub trait Backend: GuestAgent + Snapshots + Display + Templates {}
+/// Host ports forwarded into a running VM.
+pub trait Forwards: Lifecycle {
+    /// Lists, adds or removes forwards of the running VM; returns them all.
+    fn forward(&self, _name: &str, _change: &ForwardChange) -> Result<Vec<ForwardStatus>> {
+        Err(self.unsupported(
+            "port forwards",
+            "Proxmox VMs are reached on their own address; open the port in the guest's firewall",
+        ))
+    }
+}
 
-impl<T: GuestAgent + Snapshots + Display + Templates> Backend for T {}
+/// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
+pub trait Backend: GuestAgent + Snapshots + Display + Templates + Forwards {}
+
+impl<T: GuestAgent + Snapshots + Display + Templates + Forwards> Backend for T {}

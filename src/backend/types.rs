@@ -68,6 +68,53 @@ pub struct VmStatus {
     /// The cluster node the VM is on (Proxmox).
     #[serde(default)]
     pub node: Option<String>,
+    /// Host ports forwarded into the guest (local VMs).
+    #[serde(default)]
+    pub forwards: Vec<ForwardStatus>,
+}
+
+/// One port forward of a VM, as `status` and `forward` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardStatus {
+    pub host_addr: std::net::IpAddr,
+    pub host_port: u16,
+    pub guest_port: u16,
+    /// Added to the running VM by `agentvm forward`: gone at its next start.
+    #[serde(default)]
+    pub live: bool,
+}
+
+impl ForwardStatus {
+    pub fn new(forward: &crate::spec::Forward, live: bool) -> Self {
+        Self {
+            host_addr: forward.host_addr,
+            host_port: forward.host_port,
+            guest_port: forward.guest_port,
+            live,
+        }
+    }
+
+    pub fn forward(&self) -> crate::spec::Forward {
+        crate::spec::Forward {
+            host_addr: self.host_addr,
+            host_port: self.host_port,
+            guest_port: self.guest_port,
+        }
+    }
+}
+
+/// What `agentvm forward` does to a running VM's forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "kebab-case")]
+pub enum ForwardChange {
+    List,
+    Add {
+        forward: crate::spec::Forward,
+    },
+    /// Removes the live forward on this host port.
+    Remove {
+        host_port: u16,
+    },
 }
 
 /// Where a running VM's env is: local VMs get it at start (fw_cfg); Proxmox
@@ -101,6 +148,14 @@ impl VmStatus {
             env: spec.map(env_names).unwrap_or_default(),
             env_delivery: None,
             node: None,
+            forwards: spec
+                .map(|s| {
+                    s.forwards
+                        .iter()
+                        .map(|f| ForwardStatus::new(f, false))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }

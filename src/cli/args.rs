@@ -171,6 +171,17 @@ pub enum Command {
         #[arg(long, env = ENV_DAEMON_IDLE_EXIT, default_value = crate::daemon::idle::DEFAULT_IDLE_EXIT)]
         idle_exit: String,
     },
+    /// List a running VM's port forwards, add one (HOSTPORT:GUESTPORT or
+    /// ADDR:HOSTPORT:GUESTPORT) until its next start, or remove one added so.
+    Forward {
+        name: String,
+        /// HOSTPORT:GUESTPORT (on 127.0.0.1) or ADDR:HOSTPORT:GUESTPORT.
+        #[arg(value_name = "MAPPING", conflicts_with = "remove")]
+        mapping: Option<crate::spec::Forward>,
+        /// Remove the forward added on this host port.
+        #[arg(long, value_name = "HOSTPORT")]
+        remove: Option<u16>,
+    },
     /// Print how to reach the VM's SPICE display: a URI (local) or a
     /// remote-viewer file with a one-time ticket (Proxmox).
     Spice {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::{App, SnapshotCommand, one, output, status};
-use crate::backend::{SnapshotAction, Stream};
+use crate::backend::{ForwardChange, SnapshotAction, Stream};
 use crate::protocol::{Answer, Event, Op, Outcome};
 use crate::ssh::Endpoint;
 
@@ -196,6 +196,43 @@ pub fn hostkey(app: &App, name: &str) -> Result<i32> {
             "{name}: pinned in {}; agentvm ssh now checks it strictly",
             key.known_hosts.display()
         );
+    }
+    Ok(0)
+}
+
+pub fn forward(
+    app: &App,
+    name: &str,
+    mapping: Option<crate::spec::Forward>,
+    remove: Option<u16>,
+) -> Result<i32> {
+    let change = match (mapping, remove) {
+        (Some(forward), _) => ForwardChange::Add { forward },
+        (None, Some(host_port)) => ForwardChange::Remove { host_port },
+        (None, None) => ForwardChange::List,
+    };
+    let forwards = match app.call_one(name, Op::Forward { change })? {
+        Outcome::Forwards { forwards } => forwards,
+        other => bail!("{name}: unexpected answer {other:?}"),
+    };
+    if app.json {
+        output::print_json(&forwards)?;
+    } else if forwards.is_empty() {
+        println!("{name}: no forwards");
+    } else {
+        for f in &forwards {
+            println!(
+                "{}:{} -> {name}:{}{}",
+                f.host_addr,
+                f.host_port,
+                f.guest_port,
+                if f.live {
+                    " (live: gone at the next start)"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     Ok(0)
 }

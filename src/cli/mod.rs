@@ -120,6 +120,11 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Console { name, no_follow } => guest::console(&app, &name, !no_follow),
         Command::Spice { name, open } => guest::spice(&app, &name, open),
         Command::SyncClock { names } => guest::sync_clock(&app, &names),
+        Command::Forward {
+            name,
+            mapping,
+            remove,
+        } => guest::forward(&app, &name, mapping, remove),
         Command::Exec {
             name,
             timeout,

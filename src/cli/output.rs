@@ -66,13 +66,24 @@ pub fn status_table(rows: &[VmStatus]) -> String {
         .map(|r| {
             let mut notes = Vec::new();
             if r.readonly {
-                notes.push("readonly");
+                notes.push("readonly".to_string());
             }
             if r.restart_needed {
-                notes.push("restart needed");
+                notes.push("restart needed".to_string());
             }
             if !r.in_spec {
-                notes.push("not in agentvm.toml");
+                notes.push("not in agentvm.toml".to_string());
+            }
+            if !r.forwards.is_empty() {
+                let list: Vec<String> = r
+                    .forwards
+                    .iter()
+                    .map(|f| {
+                        let live = if f.live { " (live)" } else { "" };
+                        format!("{}{live}", f.forward())
+                    })
+                    .collect();
+                notes.push(format!("forwards {}", list.join(" ")));
             }
             [
                 r.name.clone(),
@@ -162,6 +173,21 @@ pub fn vm_error(name: &str, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_notes_name_the_forwards() {
+        let mut row = VmStatus::absent("web", "local", None);
+        row.in_spec = true;
+        row.forwards = vec![
+            crate::backend::ForwardStatus::new(&"8080:80".parse().unwrap(), false),
+            crate::backend::ForwardStatus::new(&"0.0.0.0:9000:8000".parse().unwrap(), true),
+        ];
+        let table = status_table(&[row]);
+        assert!(
+            table.contains("forwards 127.0.0.1:8080:80 0.0.0.0:9000:8000 (live)"),
+            "{table}"
+        );
+    }
 
     #[test]
     fn inventory_is_a_markdown_table_with_escaped_cells() {

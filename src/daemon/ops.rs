@@ -239,6 +239,9 @@ fn perform(
         Op::SyncClock => Outcome::ClockSynced {
             drift_ms: backend.sync_clock(name)?,
         },
+        Op::Forward { change } => Outcome::Forwards {
+            forwards: backend.forward(name, change)?,
+        },
     })
 }
 

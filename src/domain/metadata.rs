@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Accel, NetworkMode};
-use crate::spec::{DEFAULT_HOST_KEY, VmSpec};
+use crate::spec::{DEFAULT_HOST_KEY, Forward, VmSpec};
 
 /// The agentvm XML namespace for domain metadata.
 pub const AGENTVM_NS: &str = "https://agentvm.dev/xmlns/vm/1";
@@ -67,6 +67,50 @@ pub struct VmState {
         skip_serializing_if = "Option::is_none"
     )]
     pub purpose: Option<String>,
+    /// The VM's port forwards: its spec's, as the domain was defined with them,
+    /// and `live` ones `agentvm forward` added to the running VM (dropped at
+    /// its next start).
+    #[serde(rename = "agentvm:forward", alias = "forward", default)]
+    pub forwards: Vec<ForwardState>,
+}
+
+/// One port forward as the domain metadata holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardState {
+    #[serde(rename = "@host-addr")]
+    pub host_addr: std::net::IpAddr,
+    #[serde(rename = "@host-port")]
+    pub host_port: u16,
+    #[serde(rename = "@guest-port")]
+    pub guest_port: u16,
+    /// Added to the running VM by `agentvm forward`, not in its definition.
+    #[serde(rename = "@live", default, skip_serializing_if = "is_false")]
+    pub live: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl ForwardState {
+    pub fn forward(&self) -> Forward {
+        Forward {
+            host_addr: self.host_addr,
+            host_port: self.host_port,
+            guest_port: self.guest_port,
+        }
+    }
+}
+
+impl From<&Forward> for ForwardState {
+    fn from(f: &Forward) -> Self {
+        Self {
+            host_addr: f.host_addr,
+            host_port: f.host_port,
+            guest_port: f.guest_port,
+            live: false,
+        }
+    }
 }
 
 impl VmState {
@@ -101,6 +145,7 @@ impl VmState {
             agent: true,
             host_key: DEFAULT_HOST_KEY.to_string(),
             purpose: spec.purpose.clone(),
+            forwards: spec.forwards.iter().map(ForwardState::from).collect(),
         }
     }
 }

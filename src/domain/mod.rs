@@ -14,7 +14,9 @@ use xml::*;
 
 /// Guest port the SSH forward points at.
 pub const GUEST_SSH_PORT: u16 = 22;
-/// Every host-side listener binds here only.
+/// The id of the SLIRP netdev, which QMP/HMP `hostfwd_add` names.
+pub const SLIRP_NETDEV: &str = "agentvm-net0";
+/// The SSH and SPICE listeners bind here only (port forwards bind where they say).
 pub const LISTEN_ADDRESS: &str = "127.0.0.1";
 /// PCI slot on the q35 root bus for the SLIRP NIC; libvirt does not manage
 /// devices added through `<qemu:commandline>`, so the address is fixed by hand.
@@ -344,14 +346,23 @@ impl DomainPlan {
             backend: TypeOnly {
                 kind: "passt".into(),
             },
-            port_forward: PortForward {
+            port_forward: std::iter::once(PortForward {
                 proto: "tcp".into(),
                 address: LISTEN_ADDRESS.into(),
                 range: PortRange {
                     start: self.state.ssh_port,
                     to: GUEST_SSH_PORT,
                 },
-            },
+            })
+            .chain(self.state.forwards.iter().map(|f| PortForward {
+                proto: "tcp".into(),
+                address: f.host_addr.to_string(),
+                range: PortRange {
+                    start: f.host_port,
+                    to: f.guest_port,
+                },
+            }))
+            .collect(),
             model: TypeOnly {
                 kind: "virtio".into(),
             },
@@ -359,12 +370,16 @@ impl DomainPlan {
     }
 
     fn slirp_commandline(&self) -> QemuCommandline {
-        let netdev = format!(
-            "user,id=agentvm-net0,hostfwd=tcp:{LISTEN_ADDRESS}:{}-:{GUEST_SSH_PORT}",
+        let mut netdev = format!(
+            "user,id={SLIRP_NETDEV},hostfwd=tcp:{LISTEN_ADDRESS}:{}-:{GUEST_SSH_PORT}",
             self.state.ssh_port
         );
+        for forward in &self.state.forwards {
+            netdev.push_str(",hostfwd=");
+            netdev.push_str(&forward.forward().hostfwd());
+        }
         let device = format!(
-            "virtio-net-pci,netdev=agentvm-net0,mac={},bus=pcie.0,addr={SLIRP_NIC_PCI_ADDR},romfile=",
+            "virtio-net-pci,netdev={SLIRP_NETDEV},mac={},bus=pcie.0,addr={SLIRP_NIC_PCI_ADDR},romfile=",
             mac_address(&self.state.name)
         );
         QemuCommandline {
@@ -400,9 +415,16 @@ pub fn mac_address(name: &str) -> String {
 /// stored hash that differs from the current one means the domain no longer
 /// matches its spec; fields outside that view (purpose, readonly, secrets…)
 /// never make a VM need a redefinition or a restart.
+///
+/// The port forwards are part of it here (they are in the domain's network
+/// definition); a VM without forwards hashes as it did before they existed.
 pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
-    let canonical = serde_json::to_vec(&(spec.machine(), accel, network))
-        .expect("a VM spec always serializes to JSON");
+    let canonical = if spec.forwards.is_empty() {
+        serde_json::to_vec(&(spec.machine(), accel, network))
+    } else {
+        serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards))
+    }
+    .expect("a VM spec always serializes to JSON");
     format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
 }
 
@@ -411,4 +433,4 @@ fn path_str(path: &Path) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -18,6 +18,7 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         agent: true,
         host_key: crate::spec::DEFAULT_HOST_KEY.into(),
         purpose: None,
+        forwards: Vec::new(),
     }
 }
 
@@ -103,6 +104,10 @@ fn kvm_gets_host_cpu_and_tcg_does_not() {
 fn metadata_round_trips_through_domain_xml() {
     let mut plan = sample_plan();
     plan.state.purpose = Some("a <purpose> & more".into());
+    plan.state.forwards = ["8080:80", "0.0.0.0:5432:5432", "[::1]:8443:443"]
+        .iter()
+        .map(|f| metadata::ForwardState::from(&f.parse::<crate::spec::Forward>().unwrap()))
+        .collect();
     let xml = plan.to_xml().unwrap();
     let parsed = xml::DefinedDomain::parse(&xml).unwrap();
     assert_eq!(parsed.name, "agentvm-drago");
@@ -234,8 +239,9 @@ fn spec_hash_ignores_what_does_not_change_the_machine() {
 fn spec_hash_follows_what_changes_the_machine() {
     let spec = sample_spec();
     let base = hash(&spec);
-    let edits: [Edit; 11] = [
+    let edits: [Edit; 12] = [
         ("pass_env", |s| s.pass_env.push("GITHUB_TOKEN".into())),
+        ("forwards", |s| s.forwards.push("8080:80".parse().unwrap())),
         ("cpus", |s| s.cpus = 3),
         ("memory", |s| {
             s.memory = crate::spec::Size::from_bytes(3 << 30)
@@ -267,6 +273,40 @@ fn spec_hash_follows_what_changes_the_machine() {
         spec_hash(&spec, Accel::Tcg, NetworkMode::Passt),
         base,
         "network"
+    );
+}
+
+#[test]
+fn a_vm_without_forwards_keeps_the_hash_it_had_before_forwards() {
+    let spec = sample_spec();
+    let canonical = serde_json::to_vec(&(spec.machine(), Accel::Tcg, NetworkMode::Slirp)).unwrap();
+    assert_eq!(
+        hash(&spec),
+        format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
+    );
+}
+
+#[test]
+fn slirp_and_passt_carry_each_forward() {
+    let mut plan = sample_plan();
+    plan.state.forwards = vec![metadata::ForwardState::from(
+        &"0.0.0.0:8080:80".parse::<crate::spec::Forward>().unwrap(),
+    )];
+    let xml = plan.to_xml().unwrap();
+    assert!(
+        xml.contains("hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80"),
+        "{xml}"
+    );
+    plan.network = NetworkMode::Passt;
+    let xml = plan.to_xml().unwrap();
+    let at = xml
+        .find(r#"<portForward proto="tcp" address="0.0.0.0">"#)
+        .expect(&xml);
+    assert!(
+        xml[at..].trim_start_matches(|c| c != '>')[1..]
+            .trim_start()
+            .starts_with(r#"<range start="8080" to="80"/>"#),
+        "{xml}"
     );
 }
 

@@ -187,7 +187,7 @@ pub struct Interface {
     pub mac: Mac,
     pub backend: TypeOnly,
     #[serde(rename = "portForward")]
-    pub port_forward: PortForward,
+    pub port_forward: Vec<PortForward>,
     pub model: TypeOnly,
 }
 

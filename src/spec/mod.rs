@@ -2,6 +2,7 @@
 //! against `[defaults]` into a complete, validated [`VmSpec`].
 
 mod error;
+mod forward;
 mod name;
 mod raw;
 mod resolve;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use error::SpecError;
+pub use forward::{Forward, MIN_HOST_PORT};
 pub use name::{MAX_NAME_LEN, Name, NameError};
 pub use raw::Accel;
 pub use resolve::is_env_key;
@@ -163,6 +165,9 @@ pub struct VmSpec {
     /// The host `ssh` connects to instead of the address the guest agent
     /// reports (Proxmox VMs behind NAT or with a DNS name).
     pub ssh_host: Option<String>,
+    /// Host ports forwarded into the guest (local VMs only).
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
 }
 
 /// The most a VM's env may hold, as `KEY=VALUE` lines (64 KiB).

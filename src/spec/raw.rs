@@ -144,6 +144,8 @@ pub struct RawDefaults {
     pub accel: Option<Accel>,
     /// Host environment variables copied into each VM's env at `up`.
     pub pass_env: Option<Spanned<Vec<String>>>,
+    /// Host ports forwarded into each local VM (a VM's own list replaces it).
+    pub forwards: Option<Spanned<Vec<String>>>,
 }
 
 /// `[images.NAME]`: one of `file`, `flake`, or `kernel` (+ `initrd`, `cmdline`, optional `file`).
@@ -193,6 +195,8 @@ pub struct RawVm {
     /// The address `ssh` uses instead of the one the guest agent reports
     /// (Proxmox: a DNS name, or an address behind NAT).
     pub ssh_host: Option<String>,
+    /// Host ports forwarded into the guest: `"8080:80"`, `"ADDR:8080:80"`.
+    pub forwards: Option<Spanned<Vec<String>>>,
 }
 
 /// Where each table key stands in the file, for errors about names.

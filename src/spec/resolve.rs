@@ -526,6 +526,45 @@ impl Resolver<'_> {
             ));
         }
 
+        let (forwards_value, forwards_field) = match (&vm.forwards, &defaults.forwards) {
+            (Some(v), _) => (Some(v), field("forwards")),
+            (None, Some(d)) => (Some(d), "defaults.forwards".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let mut forwards: Vec<Forward> = Vec::new();
+        if let Some(entries) = forwards_value {
+            let fail = |message: String| {
+                self.at
+                    .error(Some(entries.span()), &forwards_field, message)
+            };
+            if backend != LOCAL_BACKEND && !entries.get_ref().is_empty() {
+                return Err(fail(format!(
+                    "VM {name} is on backend {backend:?}: Proxmox VMs are reached on their own address; \
+                     open the port in the guest's firewall (set forwards = [] on this VM to override [defaults])"
+                )));
+            }
+            for text in entries.get_ref() {
+                let forward = Forward::parse(text).map_err(&fail)?;
+                let pinned = [("ssh_port", vm.ssh_port), ("spice_port", vm.spice_port)];
+                if let Some((key, _)) = pinned
+                    .iter()
+                    .find(|(_, p)| p.is_some_and(|p| p.0 == forward.host_port))
+                {
+                    return Err(fail(format!(
+                        "{text:?}: host port {} is this VM's {key}",
+                        forward.host_port
+                    )));
+                }
+                if forwards.iter().any(|f| f.host_port == forward.host_port) {
+                    return Err(fail(format!(
+                        "{text:?}: host port {} is listed twice",
+                        forward.host_port
+                    )));
+                }
+                forwards.push(forward);
+            }
+        }
+
         Ok(VmSpec {
             name: name.clone(),
             image,
@@ -544,6 +583,7 @@ impl Resolver<'_> {
             purpose: vm.purpose,
             ssh_keys,
             ssh_host: vm.ssh_host,
+            forwards,
             accel: vm.accel.or(defaults.accel).unwrap_or_default(),
             vmid: match vm.vmid {
                 Some(id) if !(100..=999_999_999).contains(&id) => {

@@ -507,3 +507,90 @@ fn vm_names_may_not_end_in_a_dash() {
     assert!(message.contains("do not end in '-'"), "{message}");
     assert!(Name::new("web-1").is_ok());
 }
+
+#[test]
+fn forwards_come_from_defaults_or_the_vm() {
+    let fleet = parse(
+        "[images.tiny]\nkernel = \"/k\"\n[defaults]\nimage = \"tiny\"\nforwards = [\"8080:80\"]\n\
+         [vms.a]\n[vms.b]\nforwards = [\"0.0.0.0:5432:5432\", \"5433:5432\"]\n[vms.c]\nforwards = []\n",
+    )
+    .unwrap();
+    assert_eq!(
+        fleet.vm("a").unwrap().forwards,
+        [Forward::parse("127.0.0.1:8080:80").unwrap()]
+    );
+    let b = &fleet.vm("b").unwrap().forwards;
+    assert_eq!(b.len(), 2);
+    assert_eq!(b[0].host_addr.to_string(), "0.0.0.0");
+    assert_eq!((b[1].host_port, b[1].guest_port), (5433, 5432));
+    assert!(fleet.vm("c").unwrap().forwards.is_empty());
+}
+
+#[test]
+fn bad_forwards_name_the_field_and_entry() {
+    let base = "[images.tiny]\nkernel = \"/k\"\n[vms.a]\nimage = \"tiny\"\nssh_port = 2300\nspice_port = 5990\n";
+    for (extra, needle) in [
+        (
+            "forwards = [\"8080\"]",
+            "\"8080\" is not HOSTPORT:GUESTPORT",
+        ),
+        ("forwards = [\"0:80\"]", "host port 0 is out of range"),
+        (
+            "forwards = [\"8080:99999\"]",
+            "guest port 99999 is out of range",
+        ),
+        (
+            "forwards = [\"80:80\"]",
+            "\"80:80\": host port 80 is below 1024",
+        ),
+        (
+            "forwards = [\"2300:22\"]",
+            "\"2300:22\": host port 2300 is this VM's ssh_port",
+        ),
+        (
+            "forwards = [\"5990:1\"]",
+            "host port 5990 is this VM's spice_port",
+        ),
+        (
+            "forwards = [\"8080:80\", \"0.0.0.0:8080:81\"]",
+            "\"0.0.0.0:8080:81\": host port 8080 is listed twice",
+        ),
+        (
+            "forwards = [\"host:8080:80\"]",
+            "\"host\" is not an IP address",
+        ),
+    ] {
+        let (line, field, message) = invalid(&format!("{base}{extra}\n"));
+        assert_eq!(field, "vms.a.forwards", "{extra}");
+        assert_eq!(line, 7, "{extra}");
+        assert!(message.contains(needle), "{extra}: {message}");
+    }
+    // Two host ports for one guest port are fine.
+    let fleet = parse(&format!("{base}forwards = [\"8080:80\", \"8081:80\"]\n")).unwrap();
+    assert_eq!(fleet.vm("a").unwrap().forwards.len(), 2);
+    let (_, field, message) = invalid(
+        "[images.tiny]\nkernel = \"/k\"\n[defaults]\nforwards = [\"1:2\"]\n[vms.a]\nimage = \"tiny\"\n",
+    );
+    assert_eq!(field, "defaults.forwards");
+    assert!(message.contains("\"1:2\""), "{message}");
+}
+
+#[test]
+fn forwards_are_refused_on_proxmox_vms() {
+    let text = r#"
+[backends.lab]
+kind = "proxmox"
+endpoint = "https://pve:8006"
+node = "pve"
+token = { env = "T" }
+[vms.remote]
+backend = "lab"
+forwards = ["8080:80"]
+"#;
+    let (_, field, message) = invalid(text);
+    assert_eq!(field, "vms.remote.forwards");
+    assert!(
+        message.contains("open the port in the guest's firewall"),
+        "{message}"
+    );
+}

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use super::{LocalBackend, conn};
 use crate::backend::{
-    BackendError, DiskSource, Display, ExecOutcome, Existing, GuestAgent, HostKey, Lifecycle, Plan,
-    Prepared, Pushed, Result, SnapshotAction, SnapshotInfo, Snapshots, SpiceAccess, State, Stream,
-    Templates, Timings, VmStatus,
+    BackendError, DiskSource, Display, ExecOutcome, Existing, ForwardChange, ForwardStatus,
+    Forwards, GuestAgent, HostKey, Lifecycle, Plan, Prepared, Pushed, Result, SnapshotAction,
+    SnapshotInfo, Snapshots, SpiceAccess, State, Stream, Templates, Timings, VmStatus,
 };
 use crate::image::ImageStore;
 use crate::progress::Reporter;
@@ -267,6 +267,20 @@ impl Display for Healing {
 
     fn screenshot(&self, name: &str, png: &Path) -> Result<(u32, u32)> {
         self.read(|| self.inner.screenshot(name, png))
+    }
+}
+
+impl Forwards for Healing {
+    fn forward(&self, name: &str, change: &ForwardChange) -> Result<Vec<ForwardStatus>> {
+        match change {
+            ForwardChange::List => self.read(|| self.inner.forward(name, change)),
+            ForwardChange::Add { .. } => self.change(name, "adding a forward to", || {
+                self.inner.forward(name, change)
+            }),
+            ForwardChange::Remove { .. } => self.change(name, "removing a forward from", || {
+                self.inner.forward(name, change)
+            }),
+        }
     }
 }
 

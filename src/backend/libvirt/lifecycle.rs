@@ -32,10 +32,17 @@ struct LocalPrepared {
 }
 
 impl LocalBackend {
-    /// SSH and SPICE ports for `spec`, keeping `current` ones while they stay usable.
+    /// SSH and SPICE ports for `spec`, keeping `current` ones while they stay
+    /// usable; the host ports of its forwards must be free, and are not chosen.
     fn ports_for(&self, spec: &VmSpec, current: Option<&VmState>) -> Result<(u16, u16)> {
         let name = spec.name.as_str();
         let mut claims = self.claims(name)?;
+        for forward in &spec.forwards {
+            ports::check_forward(name, forward, &claims).map_err(|e| anyhow!("{name}: {e}"))?;
+        }
+        for forward in &spec.forwards {
+            claims.add(forward.host_port, &format!("{name} (forward)"));
+        }
         let mut pick = |kind, base, pinned, current| {
             let port = ports::choose(kind, base, name, pinned, current, &claims)
                 .map_err(|e| anyhow!("{name}: {e}"))?;
@@ -342,6 +349,7 @@ impl Lifecycle for LocalBackend {
             );
         }
         self.resize_disk(spec)?;
+        super::forwards::say_dropped(name, &super::forwards::live_forwards(&state), progress);
         let mut plan = self.domain_plan(
             spec,
             &local.image,
@@ -361,8 +369,27 @@ impl Lifecycle for LocalBackend {
         Ok(true)
     }
 
-    fn start(&self, name: &str, _progress: &dyn Reporter) -> Result<()> {
-        let (dom, _) = self.require(name)?;
+    fn start(&self, name: &str, progress: &dyn Reporter) -> Result<()> {
+        let (dom, state) = self.require(name)?;
+        self.drop_live_forwards(&dom, &state, progress)?;
+        // QEMU would fail on a taken forward with a less helpful message.
+        for forward in state
+            .forwards
+            .iter()
+            .filter(|f| !f.live)
+            .map(|f| f.forward())
+        {
+            if !ports::is_free_on(forward.host_addr, forward.host_port) {
+                return Err(anyhow!(
+                    "{name}: {}",
+                    ports::PortError::ForwardBusy {
+                        forward,
+                        holder: ports::holder_of(forward.host_port),
+                    }
+                )
+                .into());
+            }
+        }
         self.start_domain(&dom, name)
     }
 

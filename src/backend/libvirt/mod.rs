@@ -4,6 +4,7 @@
 mod agent;
 mod conn;
 mod display;
+mod forwards;
 mod heal;
 mod host;
 mod lifecycle;
@@ -139,6 +140,9 @@ impl LocalBackend {
             if state.name != except {
                 claims.add(state.ssh_port, &state.name);
                 claims.add(state.spice_port, &state.name);
+                for forward in &state.forwards {
+                    claims.add(forward.host_port, &state.name);
+                }
             }
         }
         Ok(claims)
@@ -221,6 +225,13 @@ impl LocalBackend {
                 .then_some(crate::backend::EnvDelivery::Delivered),
             env,
             node: None,
+            // A stopped VM's live forwards went with its QEMU.
+            forwards: state
+                .forwards
+                .iter()
+                .filter(|f| live == State::Running || !f.live)
+                .map(|f| crate::backend::ForwardStatus::new(&f.forward(), f.live))
+                .collect(),
         })
     }
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::{Found, ProxmoxBackend, pve};
 use crate::backend::{
-    Display, Lifecycle, Result, SnapshotAction, SnapshotInfo, Snapshots, SpiceAccess,
+    Display, Forwards, Lifecycle, Result, SnapshotAction, SnapshotInfo, Snapshots, SpiceAccess,
 };
 use crate::fsutil::write_atomic;
 use crate::progress::Silent;
@@ -127,6 +127,9 @@ impl Snapshots for ProxmoxBackend {
         self.snapshot_list(&found)
     }
 }
+
+/// Proxmox VMs are reached on their own address: the default refusal says so.
+impl Forwards for ProxmoxBackend {}
 
 impl Display for ProxmoxBackend {
     fn serial_log(&self, name: &str) -> Result<std::path::PathBuf> {

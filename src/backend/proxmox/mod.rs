@@ -362,6 +362,7 @@ impl ProxmoxBackend {
             env: spec.map(super::env_names).unwrap_or_default(),
             env_delivery: None,
             node: Some(found.node.clone()),
+            forwards: Vec::new(),
         }
     }
 
