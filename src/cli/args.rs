@@ -30,7 +30,7 @@ pub struct Cli {
 pub enum Command {
     /// Create (if absent) and start VMs, then wait for SSH and the guest agent.
     Up {
-        #[arg(required = true)]
+        /// The VMs (default: every VM of the fleet file).
         names: Vec<String>,
         /// Return once the VMs are started, without waiting for SSH.
         #[arg(long)]
@@ -47,7 +47,7 @@ pub enum Command {
     },
     /// Shut VMs down (guest agent, then ACPI), forcing them off after the timeout.
     Down {
-        #[arg(required = true)]
+        /// The VMs (default: every VM of the fleet file that exists).
         names: Vec<String>,
         /// Force off at once.
         #[arg(long)]
@@ -61,8 +61,11 @@ pub enum Command {
     },
     /// Remove VMs: domain, disk, folder and ports.
     Destroy {
-        #[arg(required = true)]
+        /// The VMs to remove (or --all).
         names: Vec<String>,
+        /// Every VM of the fleet file that exists.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
         /// Do not ask.
         #[arg(long, short)]
         yes: bool,
@@ -72,8 +75,8 @@ pub enum Command {
     },
     /// All VMs of the fleet file and the backend.
     List,
-    /// One VM, or all.
-    Status { name: Option<String> },
+    /// Some VMs, or all (as `list`: the fleet file's and those that left it).
+    Status { names: Vec<String> },
     /// SSH into a VM, or run a command there.
     Ssh {
         name: String,
