@@ -28,6 +28,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a commented agentvm.toml for this machine (KVM or TCG, your SSH key, an example VM).
+    Init,
     /// Create (if absent) and start VMs, then wait for SSH and the guest agent.
     Up {
         /// The VMs (default: every VM of the fleet file).

@@ -9,6 +9,7 @@ mod image;
 mod lifecycle;
 mod nixos;
 mod output;
+mod setup;
 mod status;
 
 use std::collections::BTreeMap;
@@ -64,6 +65,10 @@ fn run(cli: Cli) -> Result<i32> {
     } = cli.command
     {
         return daemon_cmd::daemon(&cli.connect, install_unit, stop, &idle_exit);
+    }
+    // This needs neither a fleet file nor the daemon.
+    if let Command::Init = cli.command {
+        return setup::init(cli.file.as_deref(), &cli.connect, cli.json);
     }
     let needs_fleet = matches!(
         cli.command,
@@ -149,7 +154,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Proxmox {
             command: ProxmoxCommand::BootstrapUser { user, backend },
         } => daemon_cmd::bootstrap_user(&app, &user, &backend),
-        Command::Daemon { .. } => unreachable!("handled above"),
+        Command::Daemon { .. } | Command::Init => unreachable!("handled above"),
     }
 }
 

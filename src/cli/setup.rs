@@ -1,0 +1,70 @@
+//! `init`: what a new user runs before any VM exists.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::init::{self, ExampleImage};
+use crate::paths::FLEET_FILE;
+
+/// Writes a fleet file for this machine at `file` (default `./agentvm.toml`).
+pub fn init(file: Option<&Path>, uri: &str, json: bool) -> Result<i32> {
+    let path = file.map_or_else(|| PathBuf::from(FLEET_FILE), Path::to_path_buf);
+    // Checked again when the file is created; this only skips the detection.
+    if path.exists() {
+        return Err(init::exists_error(&path));
+    }
+    let facts = init::detect(uri);
+    init::write_new(&path, &init::generate(&facts))?;
+    let shown = path.display();
+    if json {
+        super::output::print_json(&serde_json::json!({
+            "file": path,
+            "accel": if facts.kvm.is_ok() { "kvm" } else { "tcg" },
+            "ssh_key": facts.ssh_key,
+            "image_found": matches!(facts.image, ExampleImage::TestGuest(_)),
+            "vm": init::EXAMPLE_VM,
+        }))?;
+        return Ok(0);
+    }
+    println!("wrote {shown}");
+    match &facts.kvm {
+        Ok(()) => println!("  accel = \"kvm\": KVM is usable here"),
+        Err(why) => println!("  accel = \"tcg\": KVM is not usable here ({why})"),
+    }
+    match &facts.ssh_key {
+        Some(key) => println!("  ssh_keys = [\"{key}\"]"),
+        None => println!(
+            "  no SSH public key found in ~/.ssh: ssh_keys is left commented out (agentvm ssh works without it)"
+        ),
+    }
+    let explicit = if file.is_some() {
+        format!(" --file {shown}")
+    } else {
+        String::new()
+    };
+    match &facts.image {
+        ExampleImage::TestGuest(dir) => {
+            println!(
+                "  [vms.{}] boots the test guest in {}",
+                init::EXAMPLE_VM,
+                dir.display()
+            );
+            println!("next: agentvm{explicit} up");
+        }
+        ExampleImage::Missing => {
+            println!(
+                "  [vms.{}] boots {}, which is not on this machine yet; `agentvm up` fails naming it until you get it:",
+                init::EXAMPLE_VM,
+                init::CLOUD_IMAGE
+            );
+            println!(
+                "    mkdir -p ~/images && curl -Lo {} {}",
+                init::CLOUD_IMAGE,
+                init::CLOUD_IMAGE_URL
+            );
+            println!("next: get the image as above, then agentvm{explicit} up");
+        }
+    }
+    Ok(0)
+}
