@@ -1,4 +1,4 @@
-//! A new user's first commands: `init`, and `up`, `down`,
+//! A new user's first commands: `init`, `completions`, `man`, and `up`, `down`,
 //! `status` and `destroy --all` without names (real libvirt, the test guest).
 
 mod common;
@@ -51,6 +51,31 @@ fn init_without_an_image_says_how_to_get_one_and_up_names_the_missing_file() {
     }
     let err = env.fails(&["up", "--no-wait"]);
     assert!(err.contains(&image.display().to_string()), "{err}");
+}
+
+#[test]
+fn completions_and_man_pages() {
+    let env = Env::new();
+    let bash = env.ok(&["completions", "bash"]);
+    for word in ["agentvm", "up", "destroy", "completions"] {
+        assert!(bash.contains(word), "{word} missing from:\n{bash}");
+    }
+    for shell in ["zsh", "fish"] {
+        assert!(!env.ok(&["completions", shell]).is_empty());
+    }
+    let man = env.ok(&["man"]);
+    assert!(
+        man.starts_with(".ie \\n(.g .ds Aq") || man.starts_with(".TH"),
+        "{man}"
+    );
+    assert!(man.contains(".TH agentvm 1"), "{man}");
+
+    let dir = env.dir.path().join("man");
+    env.ok(&["man", "--out", dir.to_str().unwrap()]);
+    for page in ["agentvm.1", "agentvm-up.1", "agentvm-init.1"] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page}: {text}");
+    }
 }
 
 fn states(env: &Env) -> Vec<(String, String)> {

@@ -173,6 +173,14 @@ pub enum Command {
         #[arg(long, env = ENV_DAEMON_IDLE_EXIT, default_value = crate::daemon::idle::DEFAULT_IDLE_EXIT)]
         idle_exit: String,
     },
+    /// Print a shell completion script (the README says where each shell looks for it).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, or write agentvm.1 and one page per subcommand into a folder.
+    Man {
+        /// Write the pages into this folder instead of printing agentvm.1.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Print how to reach the VM's SPICE display: a URI (local) or a
     /// remote-viewer file with a one-time ticket (Proxmox).
     Spice {

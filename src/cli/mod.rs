@@ -66,9 +66,12 @@ fn run(cli: Cli) -> Result<i32> {
     {
         return daemon_cmd::daemon(&cli.connect, install_unit, stop, &idle_exit);
     }
-    // This needs neither a fleet file nor the daemon.
-    if let Command::Init = cli.command {
-        return setup::init(cli.file.as_deref(), &cli.connect, cli.json);
+    // These need neither a fleet file nor the daemon.
+    match &cli.command {
+        Command::Init => return setup::init(cli.file.as_deref(), &cli.connect, cli.json),
+        Command::Completions { shell } => return setup::completions(*shell),
+        Command::Man { out } => return setup::man(out.as_deref()),
+        _ => {}
     }
     let needs_fleet = matches!(
         cli.command,
@@ -154,7 +157,12 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Proxmox {
             command: ProxmoxCommand::BootstrapUser { user, backend },
         } => daemon_cmd::bootstrap_user(&app, &user, &backend),
-        Command::Daemon { .. } | Command::Init => unreachable!("handled above"),
+        Command::Daemon { .. }
+        | Command::Init
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

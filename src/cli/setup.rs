@@ -1,9 +1,11 @@
-//! `init`: what a new user runs before any VM exists.
+//! `init`, `completions` and `man`: what a new user runs before any VM exists.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use clap::CommandFactory;
 
+use super::Cli;
 use crate::init::{self, ExampleImage};
 use crate::paths::FLEET_FILE;
 
@@ -64,6 +66,35 @@ pub fn init(file: Option<&Path>, uri: &str, json: bool) -> Result<i32> {
                 init::CLOUD_IMAGE_URL
             );
             println!("next: get the image as above, then agentvm{explicit} up");
+        }
+    }
+    Ok(0)
+}
+
+/// Prints the completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> Result<i32> {
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "agentvm", &mut std::io::stdout());
+    Ok(0)
+}
+
+/// Prints agentvm.1, or writes it and one page per subcommand into `out`.
+pub fn man(out: Option<&Path>) -> Result<i32> {
+    let cmd = Cli::command();
+    match out {
+        None => {
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            println!(
+                "wrote {} and a page per subcommand (agentvm-up.1, …)",
+                dir.join("agentvm.1").display()
+            );
         }
     }
     Ok(0)
