@@ -10,6 +10,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod guest;
 pub mod image;
+pub mod init;
 pub mod nocloud;
 pub mod paths;
 pub mod ports;

@@ -28,9 +28,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a commented agentvm.toml for this machine (KVM or TCG, your SSH key, an example VM).
+    Init,
     /// Create (if absent) and start VMs, then wait for SSH and the guest agent.
     Up {
-        #[arg(required = true)]
+        /// The VMs (default: every VM of the fleet file).
         names: Vec<String>,
         /// Return once the VMs are started, without waiting for SSH.
         #[arg(long)]
@@ -47,7 +49,7 @@ pub enum Command {
     },
     /// Shut VMs down (guest agent, then ACPI), forcing them off after the timeout.
     Down {
-        #[arg(required = true)]
+        /// The VMs (default: every VM of the fleet file that exists).
         names: Vec<String>,
         /// Force off at once.
         #[arg(long)]
@@ -61,8 +63,11 @@ pub enum Command {
     },
     /// Remove VMs: domain, disk, folder and ports.
     Destroy {
-        #[arg(required = true)]
+        /// The VMs to remove (or --all).
         names: Vec<String>,
+        /// Every VM of the fleet file that exists.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
         /// Do not ask.
         #[arg(long, short)]
         yes: bool,
@@ -72,8 +77,8 @@ pub enum Command {
     },
     /// All VMs of the fleet file and the backend.
     List,
-    /// One VM, or all.
-    Status { name: Option<String> },
+    /// Some VMs, or all (as `list`: the fleet file's and those that left it).
+    Status { names: Vec<String> },
     /// SSH into a VM, or run a command there.
     Ssh {
         name: String,
@@ -181,6 +186,14 @@ pub enum Command {
         /// Remove the forward added on this host port.
         #[arg(long, value_name = "HOSTPORT")]
         remove: Option<u16>,
+    },
+    /// Print a shell completion script (the README says where each shell looks for it).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, or write agentvm.1 and one page per subcommand into a folder.
+    Man {
+        /// Write the pages into this folder instead of printing agentvm.1.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Print how to reach the VM's SPICE display: a URI (local) or a
     /// remote-viewer file with a one-time ticket (Proxmox).

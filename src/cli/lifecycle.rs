@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{Result, bail};
 
 use super::{App, output};
-use crate::backend::DownPath;
+use crate::backend::{DownPath, State};
 use crate::protocol::{Answer, Op, Outcome, VmResult};
 
 /// Sends `up` for `names` once every name is checked against the fleet file.
@@ -31,7 +31,19 @@ pub fn up(
     no_block: bool,
     backend: Option<String>,
 ) -> Result<i32> {
-    let results = up_results(app, names, wait_secs, no_block, backend)?;
+    let fleet = app.fleet()?;
+    let names: Vec<String> = if names.is_empty() {
+        fleet.vms.keys().map(ToString::to_string).collect()
+    } else {
+        names.to_vec()
+    };
+    if names.is_empty() {
+        bail!(
+            "{} has no [vms.NAME]: nothing to start",
+            fleet.file.display()
+        );
+    }
+    let results = up_results(app, &names, wait_secs, no_block, backend)?;
     app.report(results, |name, outcome| {
         let Outcome::Up(up) = outcome else {
             return format!("{outcome:?}");
@@ -51,11 +63,24 @@ pub fn up(
 }
 
 pub fn down(app: &App, names: &[String], force: bool, timeout: u64, no_block: bool) -> Result<i32> {
+    let names = if names.is_empty() {
+        let names = existing_fleet_vms(app)?;
+        if names.is_empty() {
+            println!(
+                "no VM of {} exists: nothing to stop",
+                app.fleet()?.file.display()
+            );
+            return Ok(0);
+        }
+        names
+    } else {
+        names.to_vec()
+    };
     let op = Op::Down {
         force,
         timeout_secs: timeout,
     };
-    let results = app.call(names, op, no_block)?;
+    let results = app.call(&names, op, no_block)?;
     app.report(results, |_, outcome| {
         match outcome {
             Outcome::Down { stopped_by } => match stopped_by {
@@ -71,7 +96,36 @@ pub fn down(app: &App, names: &[String], force: bool, timeout: u64, no_block: bo
     })
 }
 
-pub fn destroy(app: &App, names: &[String], yes: bool, no_block: bool) -> Result<i32> {
+/// The VMs of the fleet file that exist on some backend.
+fn existing_fleet_vms(app: &App) -> Result<Vec<String>> {
+    app.fleet()?;
+    let (rows, _) = super::status::all_rows(app)?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.in_spec && r.state != State::Absent)
+        .map(|r| r.name)
+        .collect())
+}
+
+pub fn destroy(app: &App, names: &[String], all: bool, yes: bool, no_block: bool) -> Result<i32> {
+    let names = match (all, names.is_empty()) {
+        (false, true) => bail!(
+            "destroy needs the names of the VMs to remove, or --all for every VM of the fleet file"
+        ),
+        (true, _) => {
+            let names = existing_fleet_vms(app)?;
+            if names.is_empty() {
+                println!(
+                    "no VM of {} exists: nothing to destroy",
+                    app.fleet()?.file.display()
+                );
+                return Ok(0);
+            }
+            names
+        }
+        (false, false) => names.to_vec(),
+    };
+    let names = &names;
     if !yes {
         if !std::io::stdin().is_terminal() {
             bail!(

@@ -10,6 +10,7 @@ mod lifecycle;
 mod mcp;
 mod nixos;
 mod output;
+mod setup;
 mod status;
 
 use std::collections::BTreeMap;
@@ -69,6 +70,13 @@ fn run(cli: Cli) -> Result<i32> {
     if let Command::Mcp = cli.command {
         return mcp::serve(cli.file, cli.connect);
     }
+    // These need neither a fleet file nor the daemon.
+    match &cli.command {
+        Command::Init => return setup::init(cli.file.as_deref(), &cli.connect, cli.json),
+        Command::Completions { shell } => return setup::completions(*shell),
+        Command::Man { out } => return setup::man(out.as_deref()),
+        _ => {}
+    }
     let needs_fleet = matches!(
         cli.command,
         Command::Up { .. }
@@ -107,12 +115,13 @@ fn run(cli: Cli) -> Result<i32> {
         } => lifecycle::down(&app, &names, force, timeout, no_block),
         Command::Destroy {
             names,
+            all,
             yes,
             no_block,
-        } => lifecycle::destroy(&app, &names, yes, no_block),
+        } => lifecycle::destroy(&app, &names, all, yes, no_block),
         Command::Plan { names, backend } => lifecycle::plan(&app, &names, backend),
-        Command::List => status::status(&app, None),
-        Command::Status { name } => status::status(&app, name.as_deref()),
+        Command::List => status::status(&app, &[]),
+        Command::Status { names } => status::status(&app, &names),
         Command::Inventory => status::inventory(&app),
         Command::Events => status::events(&app),
         Command::Ssh { name, command } => guest::ssh(&app, &name, &command),
@@ -158,7 +167,13 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Proxmox {
             command: ProxmoxCommand::BootstrapUser { user, backend },
         } => daemon_cmd::bootstrap_user(&app, &user, &backend),
-        Command::Daemon { .. } | Command::Mcp => unreachable!("handled above"),
+        Command::Daemon { .. }
+        | Command::Mcp
+        | Command::Init
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

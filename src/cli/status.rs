@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use super::{App, fleet_specs, output, show_event};
 use crate::backend::{State, VmStatus};
 use crate::progress::Console;
-use crate::protocol::{Op, Outcome, Request};
+use crate::protocol::{Answer, Op, Outcome, Request};
 
 /// Every VM of every backend and of the fleet file. Backends that could not be
 /// listed are named on stderr, and the exit code says so.
@@ -36,14 +36,35 @@ pub fn one_row(app: &App, name: &str) -> Result<VmStatus> {
     Ok(row)
 }
 
-pub fn status(app: &App, name: Option<&str>) -> Result<i32> {
-    let (rows, failed) = match name {
-        Some(name) => (vec![one_row(app, name)?], false),
-        None => all_rows(app)?,
+/// `names`' rows, or with none every VM as `list` shows them.
+pub fn status(app: &App, names: &[String]) -> Result<i32> {
+    let (rows, failed) = if names.is_empty() {
+        all_rows(app)?
+    } else {
+        let mut rows = Vec::new();
+        let mut failed = false;
+        for result in app.call(names, Op::Status, false)? {
+            let name = &result.name;
+            match result.answer {
+                Answer::Ok(Outcome::Status(row)) if row.state == State::Absent && !row.in_spec => {
+                    failed = true;
+                    eprintln!(
+                        "agentvm: error: no VM named {name:?} in agentvm.toml or on any backend"
+                    );
+                }
+                Answer::Ok(Outcome::Status(row)) => rows.push(row),
+                Answer::Ok(other) => bail!("{name}: unexpected answer {other:?}"),
+                Answer::Error { message, .. } => {
+                    failed = true;
+                    eprintln!("agentvm: error: {}", output::vm_error(name, &message));
+                }
+            }
+        }
+        (rows, failed)
     };
     if app.json {
         output::print_json(&rows)?;
-    } else {
+    } else if !rows.is_empty() || names.is_empty() {
         print!("{}", output::status_table(&rows));
     }
     Ok(i32::from(failed))

@@ -39,11 +39,10 @@ pub fn accel(conn: &Connect, requested: Requested) -> Result<Accel> {
     }
 }
 
-fn kvm_unusable(conn: &Connect) -> Result<Option<String>> {
-    if access(KVM_DEVICE, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
-        return Ok(Some(format!(
-            "{KVM_DEVICE} is missing or not usable by this user"
-        )));
+/// Why KVM cannot be used on this connection, or `None` when it can.
+pub fn kvm_unusable(conn: &Connect) -> Result<Option<String>> {
+    if let Some(why) = kvm_device_unusable() {
+        return Ok(Some(why));
     }
     let caps = conn
         .capabilities()
@@ -54,6 +53,16 @@ fn kvm_unusable(conn: &Connect) -> Result<Option<String>> {
     } else {
         Ok(Some("libvirt does not offer KVM for x86_64 guests".into()))
     }
+}
+
+/// Why this user cannot use /dev/kvm, or `None` when they can open it.
+pub fn kvm_device_unusable() -> Option<String> {
+    if access(KVM_DEVICE, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
+        return Some(format!(
+            "{KVM_DEVICE} is missing or not usable by this user"
+        ));
+    }
+    None
 }
 
 #[derive(Deserialize)]

@@ -31,7 +31,9 @@ use crate::spec::{DEFAULT_HOST_KEY, GIB, ImageSpec, LOCAL_BACKEND, MAX_NAME_LEN,
 use crate::ssh::Identity;
 
 pub use heal::Healing;
-pub use host::{KVM_DEVICE, domcaps_offer_passt, libvirt_offers_kvm};
+pub use host::{
+    KVM_DEVICE, domcaps_offer_passt, kvm_device_unusable, kvm_unusable, libvirt_offers_kvm,
+};
 
 /// The libvirt URI used unless `--connect` or `AGENTVM_LIBVIRT_URI` says otherwise.
 pub const DEFAULT_URI: &str = "qemu:///session";
