@@ -228,6 +228,44 @@ pub trait GuestAgent: Lifecycle {
     }
 }
 
+/// Sets the mode of the guest file `path` (after `write_file`) with `chmod`
+/// run through the agent, as both backends do.
+pub fn chmod_through_agent(
+    backend: &(impl GuestAgent + ?Sized),
+    name: &str,
+    path: &str,
+    mode: u32,
+) -> Result<()> {
+    // Through sh, so `chmod` is found on the exec PATH (NixOS has no /bin/chmod).
+    let argv = [
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        "exec chmod \"$0\" \"$1\"".to_string(),
+        format!("{mode:o}"),
+        path.to_string(),
+    ];
+    let mut err = Vec::new();
+    let outcome = backend.exec(
+        name,
+        &argv,
+        None,
+        Duration::from_secs(30),
+        &mut |stream, data| {
+            if stream == Stream::Stderr {
+                err.extend_from_slice(data);
+            }
+        },
+    )?;
+    if outcome.exit_code != Some(0) {
+        return Err(anyhow::anyhow!(
+            "{name}: {path} was written, but chmod {mode:o} failed: {}",
+            String::from_utf8_lossy(&err).trim()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Snapshots of a VM's disk (and memory).
 pub trait Snapshots: Lifecycle {
     /// Creates, lists, reverts to or deletes snapshots.

@@ -355,27 +355,7 @@ impl GuestAgent for ProxmoxBackend {
             )
             .map_err(|e| anyhow!("{name}: writing {path} through the guest agent: {e}"))?;
         if let Some(mode) = mode {
-            let argv = ["chmod".to_string(), format!("{mode:o}"), path.to_string()];
-            let mut err = Vec::new();
-            let outcome = self.exec_in(
-                &found,
-                name,
-                &argv,
-                None,
-                Duration::from_secs(30),
-                &mut |stream, data| {
-                    if stream == Stream::Stderr {
-                        err.extend_from_slice(data);
-                    }
-                },
-            )?;
-            if outcome.exit_code != Some(0) {
-                return Err(anyhow!(
-                    "{name}: {path} was written, but chmod {mode:o} failed: {}",
-                    String::from_utf8_lossy(&err).trim()
-                )
-                .into());
-            }
+            crate::backend::chmod_through_agent(self, name, path, mode)?;
         }
         Ok(())
     }
