@@ -1,7 +1,7 @@
 //! The Proxmox VE backend: the same `[vms.NAME]` spec, cloned from a template
 //! onto a node of a Proxmox cluster through its API with a token. VMs are found
 //! cluster-wide and every call goes to the node a VM is on now. Split by role:
-//! `client` (HTTP, tasks, uploads), `privileges` (what each call needs, for 403s),
+//! `client` (HTTP, tasks, uploads), `upid` (task ids), `privileges` (what each call needs, for 403s),
 //! `marker` (the state kept in the VM's and a pushed template's description),
 //! `create` (clone and configure), `lifecycle` (the orchestration's steps,
 //! status and list), `offline` (VMs of offline nodes), `agent` (readiness, host
@@ -23,6 +23,7 @@ pub mod privileges;
 mod storage;
 mod template;
 mod tls;
+mod upid;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
