@@ -6,6 +6,7 @@ mod forward;
 mod name;
 mod raw;
 mod resolve;
+mod resolve_backend;
 mod size;
 
 use std::collections::BTreeMap;

@@ -25,7 +25,12 @@ impl Locator<'_> {
         (line, col)
     }
 
-    fn error(&self, span: Option<Range<usize>>, field: &str, message: String) -> SpecError {
+    pub(super) fn error(
+        &self,
+        span: Option<Range<usize>>,
+        field: &str,
+        message: String,
+    ) -> SpecError {
         let (line, column) = self.line_col(span);
         SpecError::Invalid {
             file: self.file.to_path_buf(),
@@ -111,7 +116,7 @@ impl Resolver<'_> {
         })
     }
 
-    fn key_span(&self, table: &str, key: &str) -> Option<Range<usize>> {
+    pub(super) fn key_span(&self, table: &str, key: &str) -> Option<Range<usize>> {
         let keys = match table {
             "images" => &self.key_spans.images,
             "backends" => &self.key_spans.backends,
@@ -120,7 +125,7 @@ impl Resolver<'_> {
         keys.keys().find(|k| k.get_ref() == key).map(Spanned::span)
     }
 
-    fn table_name(&self, table: &str, key: &str) -> Result<Name, SpecError> {
+    pub(super) fn table_name(&self, table: &str, key: &str) -> Result<Name, SpecError> {
         Name::new(key).map_err(|e| {
             self.at.error(
                 self.key_span(table, key),
@@ -130,133 +135,12 @@ impl Resolver<'_> {
         })
     }
 
-    fn path(&self, text: &str) -> PathBuf {
+    pub(super) fn path(&self, text: &str) -> PathBuf {
         let expanded = match (text.strip_prefix("~/"), non_empty_env("HOME")) {
             (Some(rest), Some(home)) => Path::new(&home).join(rest),
             _ => PathBuf::from(text),
         };
         self.base_dir.join(expanded)
-    }
-
-    fn backend(&self, name: &Name, raw: raw::RawBackend) -> Result<ProxmoxSpec, SpecError> {
-        let field = |key: &str| format!("backends.{name}.{key}");
-        if raw.kind.get_ref() != "proxmox" {
-            return Err(self.at.error(
-                Some(raw.kind.span()),
-                &field("kind"),
-                format!(
-                    "unknown backend kind {:?} (known: proxmox)",
-                    raw.kind.get_ref()
-                ),
-            ));
-        }
-        let endpoint = raw.endpoint.get_ref().trim_end_matches('/').to_string();
-        let bad_endpoint = |why: &str| {
-            self.at.error(
-                Some(raw.endpoint.span()),
-                &field("endpoint"),
-                why.to_string(),
-            )
-        };
-        match endpoint.split_once("://") {
-            Some(("https", host)) if !host.is_empty() => {}
-            Some(("http", host)) if is_loopback_host(host) => {}
-            Some(("http", _)) => {
-                return Err(bad_endpoint(
-                    "plain http:// is only allowed for loopback endpoints; use https://",
-                ));
-            }
-            _ => return Err(bad_endpoint("expected https://host:8006")),
-        }
-        let token = match (raw.token.env, raw.token.file) {
-            (Some(var), None) => TokenSource::Env(var),
-            (None, Some(path)) => TokenSource::File(self.path(&path)),
-            _ => {
-                return Err(self.at.error(
-                    self.key_span("backends", name.as_str()),
-                    &field("token"),
-                    "token is { env = \"VAR\" } or { file = \"path\" }".into(),
-                ));
-            }
-        };
-        let (fingerprint, insecure) = match raw.tls {
-            Some(tls) => (
-                tls.fingerprint.or(raw.fingerprint),
-                tls.insecure || raw.insecure,
-            ),
-            None => (raw.fingerprint, raw.insecure),
-        };
-        let tls = match (fingerprint, insecure) {
-            (Some(_), true) => {
-                return Err(self.at.error(
-                    self.key_span("backends", name.as_str()),
-                    &field("tls"),
-                    "set either fingerprint or insecure, not both".into(),
-                ));
-            }
-            (Some(fp), false) => {
-                let hex: String = fp.get_ref().chars().filter(|c| *c != ':').collect();
-                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(self.at.error(
-                        Some(fp.span()),
-                        &field("fingerprint"),
-                        "expected a SHA-256 fingerprint like \"AA:BB:…\" (32 bytes)".into(),
-                    ));
-                }
-                TlsMode::Fingerprint(hex.to_ascii_uppercase())
-            }
-            (None, true) => TlsMode::Insecure,
-            (None, false) => TlsMode::Verified,
-        };
-        // As PVE's `pve-storage-id` and `pve-bridge-id` formats say.
-        let storage_id = |s: &str| {
-            s.len() >= 2
-                && s.starts_with(|c: char| c.is_ascii_lowercase())
-                && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                && s.chars().all(|c| {
-                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')
-                })
-        };
-        let bridge_id = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        };
-        for (key, value, valid, what) in [
-            (
-                "import_storage",
-                &raw.import_storage,
-                &storage_id as &dyn Fn(&str) -> bool,
-                "a storage ID like \"local\"",
-            ),
-            ("bridge", &raw.bridge, &bridge_id, "a bridge like \"vmbr0\""),
-        ] {
-            if let Some(value) = value
-                && !valid(value)
-            {
-                return Err(self.at.error(
-                    self.key_span("backends", name.as_str()),
-                    &field(key),
-                    format!("invalid value {value:?}: expected {what}"),
-                ));
-            }
-        }
-        Ok(ProxmoxSpec {
-            endpoint,
-            node: raw.node,
-            token,
-            template: raw.template.map(|t| match t {
-                raw::RawTemplate::Id(id) => TemplateRef::Id(id),
-                raw::RawTemplate::Name(n) => TemplateRef::Name(n),
-            }),
-            storage: raw.storage,
-            import_storage: raw.import_storage,
-            bridge: raw.bridge,
-            pool: raw.pool,
-            full_clone: raw.full_clone,
-            tls,
-            ssh_port: raw.ssh_port.unwrap_or(22),
-        })
     }
 
     /// `./x#attr`, `.#attr`, `~/x#attr` and `/x#attr` become absolute; other
@@ -621,20 +505,6 @@ impl Resolver<'_> {
     }
 }
 
-/// `127.0.0.1:8006`, `localhost`, `[::1]:8006`…
-fn is_loopback_host(authority: &str) -> bool {
-    let host = authority.split('/').next().unwrap_or("");
-    let host = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        host.split(':').next().unwrap_or("")
-    };
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 fn looks_like_key(entry: &str) -> bool {
     ["ssh-", "ecdsa-", "sk-"]
         .iter()
@@ -659,7 +529,7 @@ fn valid_key_line(line: &str) -> Result<String, String> {
 }
 
 /// XML cannot carry most control characters, and libvirt's C API stops at NUL.
-fn has_control(text: &str, allow_newline: bool) -> bool {
+pub(super) fn has_control(text: &str, allow_newline: bool) -> bool {
     text.chars()
         .any(|c| c.is_control() && c != '\t' && !(allow_newline && c == '\n'))
 }
