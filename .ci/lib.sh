@@ -17,7 +17,11 @@ PACKAGES=(
   nix-bin age
   mmdebstrap e2fsprogs fdisk grub-pc-bin
   dosfstools python3-yaml
+  libseccomp-dev libcap-ng-dev
 )
+# Debian 12 has no virtiofsd package; shared folders need the Rust virtiofsd.
+VIRTIOFSD_VERSION=1.14.0
+VIRTIOFSD_ROOT="${AGENTVM_VIRTIOFSD_ROOT:-/var/tmp/agentvm-virtiofsd}"
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -95,6 +99,24 @@ build_debian_guest() {
     esac
   done
   as_root chmod -R a+rX "$AGENTVM_DEBIAN_GUEST_DIR"
+}
+
+# Builds virtiofsd (crates.io, about a minute; kept between runs) unless one
+# with --translate-uid is on PATH, and links it into /usr/local/bin.
+install_virtiofsd() {
+  if command -v virtiofsd >/dev/null && virtiofsd --help 2>&1 | grep -q -- --translate-uid; then
+    return 0
+  fi
+  local bin="$VIRTIOFSD_ROOT/bin/virtiofsd"
+  if ! "$bin" --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then
+    say "building virtiofsd $VIRTIOFSD_VERSION into $VIRTIOFSD_ROOT"
+    as_root mkdir -p "$VIRTIOFSD_ROOT"
+    as_root env PATH="$PATH" CARGO_TARGET_DIR="$VIRTIOFSD_ROOT/target" \
+      cargo install --locked --quiet virtiofsd --version "$VIRTIOFSD_VERSION" --root "$VIRTIOFSD_ROOT"
+    as_root rm -rf "$VIRTIOFSD_ROOT/target"
+  fi
+  as_root chmod -R a+rX "$VIRTIOFSD_ROOT"
+  as_root ln -sf "$bin" /usr/local/bin/virtiofsd
 }
 
 # Under root, the test user must be able to read the checkout (test binaries read

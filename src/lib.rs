@@ -22,3 +22,4 @@ pub mod screenshot;
 pub mod secrets;
 pub mod spec;
 pub mod ssh;
+pub mod virtiofsd;

@@ -23,6 +23,8 @@ pub const ENV_NIX: &str = "AGENTVM_NIX";
 pub const ENV_NIXOS_REBUILD: &str = "AGENTVM_NIXOS_REBUILD";
 /// Environment variable that overrides the daemon socket path.
 pub const ENV_SOCKET: &str = "AGENTVM_SOCKET";
+/// The virtiofsd to run for shared folders (else `virtiofsd` on `$PATH`).
+pub const ENV_VIRTIOFSD: &str = "AGENTVM_VIRTIOFSD";
 /// Environment variable: how long an idle daemon waits before it exits
 /// (`15m`, `30s`, `1h`; `0` or `off`: never). `agentvm daemon --idle-exit` is the same.
 pub const ENV_DAEMON_IDLE_EXIT: &str = "AGENTVM_DAEMON_IDLE_EXIT";
@@ -88,6 +90,12 @@ pub const UNIT_FILE: &str = "agentvm.service";
 pub const DAEMON_LOG_FILE: &str = "daemon.log";
 /// `<runtime dir>/NAME.qga`: a VM's guest agent socket.
 pub const GUEST_AGENT_SOCKET_SUFFIX: &str = ".qga";
+/// `<runtime dir>/<vm>.<tag>.sock`: a shared folder's virtiofsd socket.
+pub const SHARE_SOCKET_SUFFIX: &str = ".sock";
+/// `<runtime dir>/<vm>.<tag>.pid`: the pid of the virtiofsd serving that socket.
+pub const SHARE_PID_SUFFIX: &str = ".pid";
+/// `vms/NAME/virtiofsd-<tag>.log`: what a share's virtiofsd said.
+pub const VM_SHARE_LOG_PREFIX: &str = "virtiofsd-";
 /// The per-user runtime folder's name under `$XDG_RUNTIME_DIR` (or, with
 /// `-<uid>` appended, under the temp folder).
 pub const RUNTIME_DIR: &str = "agentvm";
@@ -157,6 +165,12 @@ impl Home {
 
     pub fn vm_seed(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join(VM_SEED_FILE)
+    }
+
+    /// The log of the virtiofsd serving the share with mount tag `tag`.
+    pub fn vm_share_log(&self, name: &str, tag: &str) -> PathBuf {
+        self.vm_dir(name)
+            .join(format!("{VM_SHARE_LOG_PREFIX}{tag}.log"))
     }
 
     pub fn vm_known_hosts(&self, name: &str) -> PathBuf {

@@ -234,6 +234,15 @@ pub enum Event {
         /// Unix time in seconds.
         at: u64,
     },
+    /// Something broke in a running VM and needs the user (from `agentvm
+    /// events`): a shared folder's virtiofsd died, say.
+    Problem {
+        vm: String,
+        backend: String,
+        problem: String,
+        /// Unix time in seconds.
+        at: u64,
+    },
 }
 
 /// One VM's outcome.
@@ -282,7 +291,7 @@ pub enum Outcome {
         stopped_by: DownPath,
     },
     Destroyed,
-    Status(VmStatus),
+    Status(Box<VmStatus>),
     Plan(Plan),
     SshEndpoint(Endpoint),
     Exec(ExecOutcome),

@@ -45,6 +45,14 @@ spice_port = 5990
 [vms.web]
 image = "nixos"
 forwards = ["8080:80", "0.0.0.0:5432:5432", "[::1]:8443:443"]
+
+[vms.shared]
+image = "nixos"
+shares = [
+  { host = "/home/user/src/site", guest = "/work" },
+  { host = "/home/user/docs", guest = "/docs", readonly = true },
+  { host = "/home/user/old", guest = "/old", type = "9p", readonly = true },
+]
 "#;
 
 const AGENTVM_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGoldenAgentvmKey agentvm";
@@ -90,6 +98,13 @@ const CASES: &[Case] = &[
         file: "forwards.xml",
         vm: "web",
         ports: (2224, 5902),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "shares.xml",
+        vm: "shared",
+        ports: (2225, 5903),
         network: NetworkMode::Slirp,
         kernel: false,
     },
@@ -212,6 +227,23 @@ fn golden_files_cover_what_the_issue_names() {
     assert!(forwards.contains(
         "<agentvm:forward host-addr=\"127.0.0.1\" host-port=\"8080\" guest-port=\"80\"/>"
     ));
+    let shares = std::fs::read_to_string(golden_path("shares.xml")).unwrap();
+    assert!(
+        shares.contains(
+            "<memoryBacking>\n    <source type=\"memfd\"/>\n    <access mode=\"shared\"/>"
+        )
+    );
+    assert!(shares.contains(
+        "<source socket=\"/run/user/1000/agentvm/shared.agentvm1.sock\"/>\n      <target dir=\"agentvm1\"/>"
+    ));
+    assert!(shares.contains(
+        "<filesystem type=\"mount\" accessmode=\"passthrough\">\n      <source dir=\"/home/user/old\"/>\n      <target dir=\"agentvm2\"/>\n      <readonly/>"
+    ));
+    assert!(
+        shares.contains(
+            "io.systemd.credential:fstab.extra=agentvm0 /work virtiofs defaults,nofail 0 0"
+        )
+    );
     let passt = std::fs::read_to_string(golden_path("forwards-passt.xml")).unwrap();
     assert!(passt.contains(
         "<portForward proto=\"tcp\" address=\"0.0.0.0\">\n        <range start=\"5432\" to=\"5432\"/>"

@@ -334,7 +334,23 @@ pub trait Forwards: Lifecycle {
     }
 }
 
-/// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
-pub trait Backend: GuestAgent + Snapshots + Display + Templates + Forwards {}
+/// Host folders shared with the guest.
+pub trait Shares: Lifecycle {
+    /// Mounts the running VM's shares in the guest (where they are not yet).
+    fn mount_shares(&self, _name: &str, _progress: &dyn Reporter) -> Result<()> {
+        Err(self.unsupported(
+            "shared folders",
+            "copy files with agentvm cp NAME:PATH, or share the folder from the node yourself",
+        ))
+    }
 
-impl<T: GuestAgent + Snapshots + Display + Templates + Forwards> Backend for T {}
+    /// Running VMs whose shares stopped working, with what to do: (VM, message).
+    fn share_problems(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
+pub trait Backend: GuestAgent + Snapshots + Display + Templates + Forwards + Shares {}
+
+impl<T: GuestAgent + Snapshots + Display + Templates + Forwards + Shares> Backend for T {}

@@ -113,6 +113,9 @@ pub fn up(
         progress.step(name, &format!("ssh-ready in {:.1} s", took.as_secs_f64()));
         outcome.ssh_ready_seconds = Some(took.as_secs_f64());
         outcome.host_key_pinned = pin_host_key(backend, name, progress);
+        if !spec.shares.is_empty() {
+            backend.mount_shares(name, progress)?;
+        }
     }
     Ok(outcome)
 }

@@ -71,6 +71,26 @@ pub struct VmStatus {
     /// Host ports forwarded into the guest (local VMs).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,
+    /// Host folders shared with the guest (local VMs).
+    #[serde(default)]
+    pub shares: Vec<ShareStatus>,
+}
+
+/// One shared folder of a VM, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareStatus {
+    pub host: std::path::PathBuf,
+    pub guest: String,
+    #[serde(rename = "type")]
+    pub kind: crate::spec::ShareKind,
+    pub readonly: bool,
+    /// The mount tag the guest mounts it by.
+    pub tag: String,
+    /// Whether its virtiofsd runs (`None` for 9p, which QEMU serves).
+    pub server_running: Option<bool>,
+    /// What is wrong and how to fix it (a running VM whose virtiofsd died).
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// One port forward of a VM, as `status` and `forward` show it.
@@ -153,6 +173,23 @@ impl VmStatus {
                     s.forwards
                         .iter()
                         .map(|f| ForwardStatus::new(f, false))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            shares: spec
+                .map(|s| {
+                    s.shares
+                        .iter()
+                        .enumerate()
+                        .map(|(i, share)| ShareStatus {
+                            host: share.host.clone(),
+                            guest: share.guest.clone(),
+                            kind: share.kind,
+                            readonly: share.readonly,
+                            tag: crate::spec::Share::tag(i),
+                            server_running: None,
+                            problem: None,
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),

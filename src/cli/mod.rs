@@ -356,6 +356,17 @@ fn show_event(console: &Console, json: bool, event: Event) {
             );
             println!("{when} {vm} {state} ({backend})");
         }
+        Event::Problem {
+            vm,
+            backend,
+            problem,
+            at,
+        } => {
+            let when = crate::clock::format_time(
+                std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(at),
+            );
+            println!("{when} {vm} problem ({backend}): {problem}");
+        }
     }
 }
 

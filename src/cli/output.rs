@@ -85,6 +85,17 @@ pub fn status_table(rows: &[VmStatus]) -> String {
                     .collect();
                 notes.push(format!("forwards {}", list.join(" ")));
             }
+            for share in &r.shares {
+                let ro = if share.readonly { " (ro)" } else { "" };
+                notes.push(format!(
+                    "share {}:{}{ro}",
+                    share.host.display(),
+                    share.guest
+                ));
+                if let Some(problem) = &share.problem {
+                    notes.push(format!("PROBLEM: {problem}"));
+                }
+            }
             [
                 r.name.clone(),
                 r.state.as_str().to_string(),
@@ -185,6 +196,27 @@ mod tests {
         let table = status_table(&[row]);
         assert!(
             table.contains("forwards 127.0.0.1:8080:80 0.0.0.0:9000:8000 (live)"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn status_notes_name_the_shares_and_their_problems() {
+        let mut row = VmStatus::absent("web", "local", None);
+        row.in_spec = true;
+        row.shares = vec![crate::backend::ShareStatus {
+            host: "/home/u/site".into(),
+            guest: "/work".into(),
+            kind: crate::spec::ShareKind::Virtiofs,
+            readonly: true,
+            tag: "agentvm0".into(),
+            server_running: Some(false),
+            problem: Some("the virtiofsd serving /home/u/site stopped".into()),
+        }];
+        let table = status_table(&[row]);
+        assert!(table.contains("share /home/u/site:/work (ro)"), "{table}");
+        assert!(
+            table.contains("PROBLEM: the virtiofsd serving /home/u/site stopped"),
             "{table}"
         );
     }

@@ -33,7 +33,7 @@ pub fn one_row(app: &App, name: &str) -> Result<VmStatus> {
     if row.state == State::Absent && !row.in_spec {
         bail!("no VM named {name:?} in agentvm.toml or on any backend");
     }
-    Ok(row)
+    Ok(*row)
 }
 
 /// `names`' rows, or with none every VM as `list` shows them.
@@ -52,7 +52,7 @@ pub fn status(app: &App, names: &[String]) -> Result<i32> {
                         "agentvm: error: no VM named {name:?} in agentvm.toml or on any backend"
                     );
                 }
-                Answer::Ok(Outcome::Status(row)) => rows.push(row),
+                Answer::Ok(Outcome::Status(row)) => rows.push(*row),
                 Answer::Ok(other) => bail!("{name}: unexpected answer {other:?}"),
                 Answer::Error { message, .. } => {
                     failed = true;

@@ -1,6 +1,6 @@
 //! VM lifecycle events for `agentvm events`, found by polling every backend.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +22,8 @@ pub async fn watch(shared: Arc<Shared>) {
     let mut last: Option<BTreeMap<Key, State>> = None;
     let mut errors: BTreeMap<String, String> = BTreeMap::new();
     let mut tick: u32 = 0;
+    // Problems already reported: (backend, VM, problem).
+    let mut problems: BTreeSet<(String, String, String)> = BTreeSet::new();
     loop {
         tokio::time::sleep(POLL).await;
         if shared.lifecycle.receiver_count() == 0 {
@@ -35,7 +37,14 @@ pub async fn watch(shared: Arc<Shared>) {
             backends
                 .iter()
                 .filter(|(name, _)| remote_turn || *name == crate::spec::LOCAL_BACKEND)
-                .map(|(name, b)| (name.to_string(), b.states().map_err(|e| format!("{e:#}"))))
+                .map(|(name, b)| {
+                    let problems = b.share_problems().unwrap_or_default();
+                    (
+                        name.to_string(),
+                        b.states().map_err(|e| format!("{e:#}")),
+                        problems,
+                    )
+                })
                 .collect::<Vec<_>>()
         })
         .await;
@@ -47,7 +56,24 @@ pub async fn watch(shared: Arc<Shared>) {
             }
         };
         let mut now = last.clone().unwrap_or_default();
-        for (backend, states) in polled {
+        let mut problems_now = BTreeSet::new();
+        for (backend, _, found) in &polled {
+            for (vm, problem) in found {
+                let key = (backend.clone(), vm.clone(), problem.clone());
+                if !problems.contains(&key) {
+                    tracing::warn!("{vm}: {problem}");
+                    let _ = shared.lifecycle.send(Event::Problem {
+                        vm: vm.clone(),
+                        backend: backend.clone(),
+                        problem: problem.clone(),
+                        at: unix_now(),
+                    });
+                }
+                problems_now.insert(key);
+            }
+        }
+        problems = problems_now;
+        for (backend, states, _) in polled {
             match states {
                 Ok(states) => {
                     if errors.remove(&backend).is_some() {
@@ -73,11 +99,15 @@ pub async fn watch(shared: Arc<Shared>) {
     }
 }
 
-fn changes(before: &BTreeMap<Key, State>, now: &BTreeMap<Key, State>) -> Vec<Event> {
-    let at = SystemTime::now()
+fn unix_now() -> u64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn changes(before: &BTreeMap<Key, State>, now: &BTreeMap<Key, State>) -> Vec<Event> {
+    let at = unix_now();
     let event = |(backend, vm): &Key, state: &str| Event::Lifecycle {
         vm: vm.clone(),
         backend: backend.clone(),

@@ -72,6 +72,9 @@ pub struct VmState {
     /// its next start).
     #[serde(rename = "agentvm:forward", alias = "forward", default)]
     pub forwards: Vec<ForwardState>,
+    /// The VM's shared folders, in mount-tag order.
+    #[serde(rename = "agentvm:share", alias = "share", default)]
+    pub shares: Vec<super::share::ShareState>,
 }
 
 /// One port forward as the domain metadata holds it.
@@ -146,6 +149,11 @@ impl VmState {
             host_key: DEFAULT_HOST_KEY.to_string(),
             purpose: spec.purpose.clone(),
             forwards: spec.forwards.iter().map(ForwardState::from).collect(),
+            shares: spec
+                .shares
+                .iter()
+                .map(super::share::ShareState::from)
+                .collect(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Building a VM's libvirt domain from its resolved plan.
 
 pub mod metadata;
+pub mod share;
 pub mod xml;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,9 @@ pub const LISTEN_ADDRESS: &str = "127.0.0.1";
 pub const SLIRP_NIC_PCI_ADDR: &str = "0x10";
 /// The systemd credential that carries SSH authorized keys for root.
 pub const SSH_KEYS_CREDENTIAL: &str = "ssh.authorized_keys.root";
+/// The systemd (≥ 254) credential whose `fstab` lines are mounted at boot: the
+/// VM's shares.
+pub const FSTAB_CREDENTIAL: &str = "fstab.extra";
 /// The systemd credential that carries the VM's `env` table (`KEY=VALUE` lines).
 pub const ENV_CREDENTIAL: &str = "agentvm.env";
 /// Where systemd (≥ 252) looks for credentials in QEMU's fw_cfg; it imports
@@ -107,6 +111,8 @@ pub struct DomainPlan {
     /// read-only; `None` for other images.
     pub seed: Option<PathBuf>,
     pub state: VmState,
+    /// Where each virtio-fs share's virtiofsd listens, by share position.
+    pub share_sockets: Vec<PathBuf>,
     /// The UUID of the domain being redefined; libvirt requires it to match.
     pub uuid: Option<String>,
 }
@@ -141,6 +147,9 @@ impl DomainPlan {
             env_file: (!spec.env.is_empty() || !spec.pass_env.is_empty())
                 .then(|| home.vm_env_file(name)),
             seed: None,
+            share_sockets: (0..state.shares.len())
+                .map(|i| share::share_socket(runtime_dir, name, &crate::spec::Share::tag(i)))
+                .collect(),
             state,
             uuid: None,
         }
@@ -171,6 +180,12 @@ impl DomainPlan {
                 unit: "KiB".into(),
                 value: self.memory_kib,
             },
+            memory_backing: self
+                .state
+                .shares
+                .iter()
+                .any(|s| s.kind == crate::spec::ShareKind::Virtiofs)
+                .then(share::MemoryBacking::shared_memfd),
             vcpu: self.cpus,
             sysinfo: self.sysinfo(),
             os: Os {
@@ -209,6 +224,14 @@ impl DomainPlan {
             devices: Devices {
                 disk: self.disks(),
                 interface,
+                filesystem: self
+                    .state
+                    .shares
+                    .iter()
+                    .zip(&self.share_sockets)
+                    .enumerate()
+                    .map(|(i, (s, socket))| share::filesystem(s, i, socket))
+                    .collect(),
                 serial: Serial {
                     kind: "file".into(),
                     source: LogSource {
@@ -314,14 +337,19 @@ impl DomainPlan {
     /// The SSH keys as an SMBIOS type 11 credential (public, so a command line
     /// may carry them) and the env as an fw_cfg credential read from its file.
     fn sysinfo(&self) -> Vec<Sysinfo> {
+        let mut oem = vec![format!(
+            "io.systemd.credential:{SSH_KEYS_CREDENTIAL}={}",
+            self.authorized_keys.join("\n")
+        )];
+        if !self.state.shares.is_empty() {
+            oem.push(format!(
+                "io.systemd.credential:{FSTAB_CREDENTIAL}={}",
+                share::fstab(&self.state.shares)
+            ));
+        }
         let mut sysinfo = vec![Sysinfo {
             kind: "smbios".into(),
-            oem_strings: Some(OemStrings {
-                entry: vec![format!(
-                    "io.systemd.credential:{SSH_KEYS_CREDENTIAL}={}",
-                    self.authorized_keys.join("\n")
-                )],
-            }),
+            oem_strings: Some(OemStrings { entry: oem }),
             entry: Vec::new(),
         }];
         if let Some(file) = &self.env_file {
@@ -416,13 +444,15 @@ pub fn mac_address(name: &str) -> String {
 /// matches its spec; fields outside that view (purpose, readonly, secrets…)
 /// never make a VM need a redefinition or a restart.
 ///
-/// The port forwards are part of it here (they are in the domain's network
-/// definition); a VM without forwards hashes as it did before they existed.
+/// The port forwards and shares are part of it here (they are in the domain's
+/// definition); a VM without them hashes as it did before they existed.
 pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
-    let canonical = if spec.forwards.is_empty() {
-        serde_json::to_vec(&(spec.machine(), accel, network))
-    } else {
-        serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards))
+    let canonical = match (spec.forwards.is_empty(), spec.shares.is_empty()) {
+        (true, true) => serde_json::to_vec(&(spec.machine(), accel, network)),
+        (false, true) => serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards)),
+        (_, false) => {
+            serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards, &spec.shares))
+        }
     }
     .expect("a VM spec always serializes to JSON");
     format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))

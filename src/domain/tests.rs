@@ -19,6 +19,7 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         host_key: crate::spec::DEFAULT_HOST_KEY.into(),
         purpose: None,
         forwards: Vec::new(),
+        shares: Vec::new(),
     }
 }
 
@@ -36,6 +37,7 @@ fn sample_plan() -> DomainPlan {
         env_file: None,
         seed: None,
         state: sample_state("drago"),
+        share_sockets: Vec::new(),
         uuid: None,
     }
 }

@@ -17,6 +17,8 @@ pub struct Domain {
     pub uuid: Option<String>,
     pub metadata: Metadata,
     pub memory: Memory,
+    #[serde(rename = "memoryBacking", skip_serializing_if = "Option::is_none")]
+    pub memory_backing: Option<super::share::MemoryBacking>,
     pub vcpu: u32,
     pub sysinfo: Vec<Sysinfo>,
     pub os: Os,
@@ -134,6 +136,8 @@ pub struct Devices {
     pub disk: Vec<Disk>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub interface: Vec<Interface>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filesystem: Vec<super::share::Filesystem>,
     pub serial: Serial,
     pub channel: Vec<Channel>,
     pub graphics: Graphics,

@@ -7,6 +7,8 @@ mod name;
 mod raw;
 mod resolve;
 mod resolve_backend;
+mod resolve_share;
+mod share;
 mod size;
 
 use std::collections::BTreeMap;
@@ -19,6 +21,7 @@ pub use forward::{Forward, MIN_HOST_PORT};
 pub use name::{MAX_NAME_LEN, Name, NameError};
 pub use raw::Accel;
 pub use resolve::is_env_key;
+pub use share::{DEFAULT_SHARE_UID, Share, ShareKind};
 pub use size::{GIB, KIB, MIB, Size, SizeError};
 
 use crate::paths::{ENV_FILE, FLEET_FILE, non_empty_env};
@@ -169,6 +172,9 @@ pub struct VmSpec {
     /// Host ports forwarded into the guest (local VMs only).
     #[serde(default)]
     pub forwards: Vec<Forward>,
+    /// Host folders shared with the guest (local VMs only).
+    #[serde(default)]
+    pub shares: Vec<Share>,
 }
 
 /// The most a VM's env may hold, as `KEY=VALUE` lines (64 KiB).

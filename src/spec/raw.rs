@@ -146,6 +146,22 @@ pub struct RawDefaults {
     pub pass_env: Option<Spanned<Vec<String>>>,
     /// Host ports forwarded into each local VM (a VM's own list replaces it).
     pub forwards: Option<Spanned<Vec<String>>>,
+    /// Host folders shared with each local VM (a VM's own list replaces it).
+    pub shares: Option<Spanned<Vec<RawShare>>>,
+}
+
+/// One entry of `shares`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShare {
+    pub host: String,
+    pub guest: String,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(rename = "type", default)]
+    pub kind: super::ShareKind,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 /// `[images.NAME]`: one of `file`, `flake`, or `kernel` (+ `initrd`, `cmdline`, optional `file`).
@@ -197,6 +213,8 @@ pub struct RawVm {
     pub ssh_host: Option<String>,
     /// Host ports forwarded into the guest: `"8080:80"`, `"ADDR:8080:80"`.
     pub forwards: Option<Spanned<Vec<String>>>,
+    /// Host folders shared with the guest.
+    pub shares: Option<Spanned<Vec<RawShare>>>,
 }
 
 /// Where each table key stands in the file, for errors about names.

@@ -449,6 +449,8 @@ impl Resolver<'_> {
             }
         }
 
+        let shares = self.shares(name, &backend, vm.shares.as_ref(), defaults.shares.as_ref())?;
+
         Ok(VmSpec {
             name: name.clone(),
             image,
@@ -468,6 +470,7 @@ impl Resolver<'_> {
             ssh_keys,
             ssh_host: vm.ssh_host,
             forwards,
+            shares,
             accel: vm.accel.or(defaults.accel).unwrap_or_default(),
             vmid: match vm.vmid {
                 Some(id) if !(100..=999_999_999).contains(&id) => {

@@ -362,6 +362,34 @@ impl EventFollower {
     }
 }
 
+impl EventFollower {
+    /// Waits (up to 30 s) for a `problem` event about the VM; returns its text.
+    pub fn wait_for_problem(&mut self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no problem event for {}; saw {:?}",
+                self.vm,
+                self.seen
+            );
+            let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(200))
+            else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(&line).unwrap();
+            if event["vm"] == self.vm.as_str() {
+                if event["event"] == "problem" {
+                    return event["problem"].as_str().unwrap().to_string();
+                }
+                self.seen.push(event.to_string());
+            }
+        }
+    }
+}
+
 impl Drop for EventFollower {
     fn drop(&mut self) {
         let _ = self.child.kill();

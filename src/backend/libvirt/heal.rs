@@ -284,6 +284,16 @@ impl Forwards for Healing {
     }
 }
 
+impl crate::backend::Shares for Healing {
+    fn mount_shares(&self, name: &str, progress: &dyn Reporter) -> Result<()> {
+        self.read(|| self.inner.mount_shares(name, progress))
+    }
+
+    fn share_problems(&self) -> Result<Vec<(String, String)>> {
+        self.read(|| self.inner.share_problems())
+    }
+}
+
 impl Templates for Healing {
     /// Refused without touching libvirt, so nothing to heal.
     fn push_image(

@@ -390,7 +390,9 @@ impl Lifecycle for LocalBackend {
                 .into());
             }
         }
+        self.start_share_servers(&state)?;
         self.start_domain(&dom, name)
+            .inspect_err(|_| self.stop_share_servers(&state))
     }
 
     fn is_running(&self, name: &str) -> Result<bool> {
@@ -427,12 +429,13 @@ impl Lifecycle for LocalBackend {
     fn remove(&self, name: &str) -> Result<()> {
         let dir = self.home.vm_dir(name);
         match self.lookup(name)? {
-            Some((dom, _)) => {
+            Some((dom, state)) => {
                 if dom.is_active().map_err(lv).context("asking libvirt")? {
                     dom.destroy()
                         .map_err(lv)
                         .with_context(|| format!("stopping {name}"))?;
                 }
+                self.stop_share_servers(&state);
                 failpoint::hit("destroy:stopped");
                 dom.undefine_flags(
                     sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE

@@ -10,6 +10,7 @@ mod host;
 mod lifecycle;
 mod owner;
 mod repair;
+mod shares;
 mod snapshots;
 
 use std::path::{Path, PathBuf};
@@ -234,6 +235,7 @@ impl LocalBackend {
                 .filter(|f| live == State::Running || !f.live)
                 .map(|f| crate::backend::ForwardStatus::new(&f.forward(), f.live))
                 .collect(),
+            shares: self.share_status(state, live),
         })
     }
 }

@@ -131,6 +131,8 @@ impl Snapshots for ProxmoxBackend {
 /// Proxmox VMs are reached on their own address: the default refusal says so.
 impl Forwards for ProxmoxBackend {}
 
+impl crate::backend::Shares for ProxmoxBackend {}
+
 impl Display for ProxmoxBackend {
     fn serial_log(&self, name: &str) -> Result<std::path::PathBuf> {
         Err(self.unsupported(

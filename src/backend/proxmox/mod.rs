@@ -364,6 +364,7 @@ impl ProxmoxBackend {
             env_delivery: None,
             node: Some(found.node.clone()),
             forwards: Vec::new(),
+            shares: Vec::new(),
         }
     }
 
