@@ -125,6 +125,14 @@ fn shares_both_ways_readonly_enforced_and_a_dead_server_reported() {
     assert_eq!(shares[1]["readonly"], true);
     assert!(shares[0]["problem"].is_null());
 
+    // A memory snapshot cannot hold the share devices: refused, saying what to do.
+    let err = env.fails(&["snapshot", "create", "sh-deb"]);
+    assert!(
+        err.contains("cannot be snapshotted with its memory"),
+        "{err}"
+    );
+    assert!(err.contains("agentvm down sh-deb"), "{err}");
+
     // `up` again on the running VM changes nothing and keeps the mounts.
     env.ok(&["up", "sh-deb", "--timeout", BOOT_TIMEOUT]);
     assert_eq!(exec_ok(&env, "sh-deb", "cat /work/later.txt"), "later\n");

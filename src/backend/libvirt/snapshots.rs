@@ -10,9 +10,21 @@ use crate::backend::{Result, SnapshotAction, SnapshotInfo, Snapshots};
 
 impl Snapshots for LocalBackend {
     fn snapshot(&self, name: &str, action: &SnapshotAction) -> Result<Vec<SnapshotInfo>> {
-        let (dom, _) = self.require(name)?;
+        let (dom, state) = self.require(name)?;
         let dom = &dom;
         match action {
+            SnapshotAction::Create { .. }
+                if !state.shares.is_empty() && dom.is_active().map_err(lv)? =>
+            {
+                // QEMU cannot save a mounted share's device state with the
+                // memory ("non-migratable device").
+                return Err(anyhow!(
+                    "{name}: a running VM with shared folders cannot be snapshotted with its memory \
+                     (QEMU cannot save the share devices' state); stop it first \
+                     (agentvm down {name}) and snapshot the stopped VM"
+                )
+                .into());
+            }
             SnapshotAction::Create { name: snap } => {
                 let snap = snap
                     .clone()
