@@ -242,8 +242,8 @@ add_module() {
 	modorder+=("$name")
 }
 # button + evdev: ACPI power button events for acpid. qemu_fw_cfg: systemd
-# credentials QEMU passes through fw_cfg (the env).
-for m in virtio_pci virtio_net virtio_blk virtio_console virtio_rng button evdev qemu_fw_cfg; do
+# credentials QEMU passes through fw_cfg (the env). virtiofs: shared folders.
+for m in virtio_pci virtio_net virtio_blk virtio_console virtio_rng button evdev qemu_fw_cfg virtiofs; do
 	add_module "$m"
 done
 printf '%s\n' "${modorder[@]}" >"$root/etc/modules.load"
