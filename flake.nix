@@ -74,8 +74,9 @@
               description = "agentvm daemon";
               wantedBy = [ "default.target" ];
               # User services get no PATH from the system; the daemon runs
-              # qemu-img, ssh-keyscan and ssh-keygen, and passt when present.
-              path = [ config.virtualisation.libvirtd.qemu.package pkgs.openssh pkgs.passt ];
+              # qemu-img, ssh-keyscan and ssh-keygen, passt when present, and
+              # virtiofsd for shared folders.
+              path = [ config.virtualisation.libvirtd.qemu.package pkgs.openssh pkgs.passt pkgs.virtiofsd ];
               serviceConfig = {
                 ExecStart = "${cfg.package}/bin/agentvm daemon --idle-exit off";
                 Restart = "on-failure";
@@ -88,7 +89,7 @@
       homeManagerModules.agentvm-daemon = { config, lib, pkgs, ... }:
         let
           cfg = config.services.agentvm;
-          tools = lib.makeBinPath [ pkgs.qemu pkgs.openssh pkgs.passt ];
+          tools = lib.makeBinPath [ pkgs.qemu pkgs.openssh pkgs.passt pkgs.virtiofsd ];
         in
         {
           options.services.agentvm = {
