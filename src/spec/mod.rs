@@ -1,12 +1,14 @@
 //! The fleet file `agentvm.toml`: finding it, parsing it, and resolving each VM
 //! against `[defaults]` into a complete, validated [`VmSpec`].
 
+mod egress;
 mod error;
 mod forward;
 mod name;
 mod raw;
 mod resolve;
 mod resolve_backend;
+mod resolve_egress;
 mod size;
 
 use std::collections::BTreeMap;
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use egress::{Egress, EgressRule, GUEST_PROXY_PORT, HostPattern, SLIRP_HOST_ADDR};
 pub use error::SpecError;
 pub use forward::{Forward, MIN_HOST_PORT};
 pub use name::{MAX_NAME_LEN, Name, NameError};
@@ -169,6 +172,9 @@ pub struct VmSpec {
     /// Host ports forwarded into the guest (local VMs only).
     #[serde(default)]
     pub forwards: Vec<Forward>,
+    /// What the guest may reach outside (local VMs only, unless `open`).
+    #[serde(default)]
+    pub egress: Egress,
 }
 
 /// The most a VM's env may hold, as `KEY=VALUE` lines (64 KiB).

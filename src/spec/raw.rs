@@ -146,6 +146,8 @@ pub struct RawDefaults {
     pub pass_env: Option<Spanned<Vec<String>>>,
     /// Host ports forwarded into each local VM (a VM's own list replaces it).
     pub forwards: Option<Spanned<Vec<String>>>,
+    /// What each VM may reach (a VM's own value replaces it).
+    pub egress: Option<Spanned<RawEgress>>,
 }
 
 /// `[images.NAME]`: one of `file`, `flake`, or `kernel` (+ `initrd`, `cmdline`, optional `file`).
@@ -197,6 +199,41 @@ pub struct RawVm {
     pub ssh_host: Option<String>,
     /// Host ports forwarded into the guest: `"8080:80"`, `"ADDR:8080:80"`.
     pub forwards: Option<Spanned<Vec<String>>>,
+    /// `"open"`, `"none"`, or a list of `HOST:PORT` entries.
+    pub egress: Option<Spanned<RawEgress>>,
+}
+
+/// `egress` as written: a word, or a list whose entries keep their places.
+#[derive(Debug)]
+pub enum RawEgress {
+    Word(String),
+    List(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for RawEgress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawEgress;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"open\", \"none\" or a list of \"HOST:PORT\" strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawEgress, E> {
+                Ok(RawEgress::Word(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawEgress, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = seq.next_element::<Spanned<String>>()? {
+                    entries.push(entry);
+                }
+                Ok(RawEgress::List(entries))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Where each table key stands in the file, for errors about names.

@@ -449,6 +449,14 @@ impl Resolver<'_> {
             }
         }
 
+        let egress = super::resolve_egress::resolve(
+            &self.at,
+            name,
+            &backend,
+            vm.egress.as_ref(),
+            defaults.egress.as_ref(),
+        )?;
+
         Ok(VmSpec {
             name: name.clone(),
             image,
@@ -468,6 +476,7 @@ impl Resolver<'_> {
             ssh_keys,
             ssh_host: vm.ssh_host,
             forwards,
+            egress,
             accel: vm.accel.or(defaults.accel).unwrap_or_default(),
             vmid: match vm.vmid {
                 Some(id) if !(100..=999_999_999).contains(&id) => {
