@@ -71,6 +71,13 @@ pub struct VmStatus {
     /// Host ports forwarded into the guest (local VMs).
     #[serde(default)]
     pub forwards: Vec<ForwardStatus>,
+    /// What the guest may reach outside (`open` unless the spec says).
+    #[serde(default)]
+    pub egress: crate::spec::Egress,
+    /// The egress proxy's tunnel into the guest (`up since …`, `connecting`,
+    /// `down: …`), filled in by the daemon for VMs with an allow list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_tunnel: Option<String>,
 }
 
 /// One port forward of a VM, as `status` and `forward` show it.
@@ -156,6 +163,8 @@ impl VmStatus {
                         .collect()
                 })
                 .unwrap_or_default(),
+            egress: spec.map(|s| s.egress.clone()).unwrap_or_default(),
+            egress_tunnel: None,
         }
     }
 }

@@ -138,8 +138,7 @@ impl DomainPlan {
             serial_log: home.vm_serial_log(name),
             guest_agent_socket: guest_agent_socket(runtime_dir, name),
             authorized_keys,
-            env_file: (!spec.env.is_empty() || !spec.pass_env.is_empty())
-                .then(|| home.vm_env_file(name)),
+            env_file: spec.has_guest_env().then(|| home.vm_env_file(name)),
             seed: None,
             state,
             uuid: None,
@@ -374,6 +373,11 @@ impl DomainPlan {
             "user,id={SLIRP_NETDEV},hostfwd=tcp:{LISTEN_ADDRESS}:{}-:{GUEST_SSH_PORT}",
             self.state.ssh_port
         );
+        // egress other than open: the guest's own connections out are refused
+        // (hostfwd, DHCP and the guest agent keep working).
+        if self.state.egress.is_some() {
+            netdev.push_str(",restrict=on");
+        }
         for forward in &self.state.forwards {
             netdev.push_str(",hostfwd=");
             netdev.push_str(&forward.forward().hostfwd());
@@ -416,13 +420,14 @@ pub fn mac_address(name: &str) -> String {
 /// matches its spec; fields outside that view (purpose, readonly, secrets…)
 /// never make a VM need a redefinition or a restart.
 ///
-/// The port forwards are part of it here (they are in the domain's network
-/// definition); a VM without forwards hashes as it did before they existed.
+/// The port forwards and the egress policy are part of it here (they are in
+/// the domain's network definition, and egress in the guest's env); a VM
+/// without forwards and with open egress hashes as it did before they existed.
 pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
-    let canonical = if spec.forwards.is_empty() {
-        serde_json::to_vec(&(spec.machine(), accel, network))
-    } else {
-        serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards))
+    let canonical = match (spec.forwards.is_empty(), spec.egress.is_open()) {
+        (true, true) => serde_json::to_vec(&(spec.machine(), accel, network)),
+        (false, true) => serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards)),
+        _ => serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards, &spec.egress)),
     }
     .expect("a VM spec always serializes to JSON");
     format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))

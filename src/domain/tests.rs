@@ -19,6 +19,8 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         host_key: crate::spec::DEFAULT_HOST_KEY.into(),
         purpose: None,
         forwards: Vec::new(),
+        egress: None,
+        egress_allow: Vec::new(),
     }
 }
 

@@ -364,6 +364,8 @@ impl ProxmoxBackend {
             env_delivery: None,
             node: Some(found.node.clone()),
             forwards: Vec::new(),
+            egress: crate::spec::Egress::Open,
+            egress_tunnel: None,
         }
     }
 
