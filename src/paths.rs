@@ -88,6 +88,10 @@ pub const UNIT_FILE: &str = "agentvm.service";
 pub const DAEMON_LOG_FILE: &str = "daemon.log";
 /// `<runtime dir>/NAME.qga`: a VM's guest agent socket.
 pub const GUEST_AGENT_SOCKET_SUFFIX: &str = ".qga";
+/// A VM's egress proxy socket in the daemon's socket folder:
+/// `egress-<vm>.sock`, made and removed by the daemon.
+pub const EGRESS_SOCKET_PREFIX: &str = "egress-";
+pub const EGRESS_SOCKET_SUFFIX: &str = ".sock";
 /// The per-user runtime folder's name under `$XDG_RUNTIME_DIR` (or, with
 /// `-<uid>` appended, under the temp folder).
 pub const RUNTIME_DIR: &str = "agentvm";
@@ -268,6 +272,11 @@ pub fn socket_path(home: &Home) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// A VM's egress proxy socket, beside the daemon's socket.
+pub fn egress_socket(daemon_socket: &Path, vm: &str) -> PathBuf {
+    daemon_socket.with_file_name(format!("{EGRESS_SOCKET_PREFIX}{vm}{EGRESS_SOCKET_SUFFIX}"))
 }
 
 /// The daemon's pid file, beside its socket.
