@@ -45,6 +45,14 @@ spice_port = 5990
 [vms.web]
 image = "nixos"
 forwards = ["8080:80", "0.0.0.0:5432:5432", "[::1]:8443:443"]
+
+[vms.sealed]
+image = "nixos"
+egress = "none"
+
+[vms.proxied]
+image = "nixos"
+egress = ["github.com:443", "*.crates.io:443", "10.0.2.2:8000"]
 "#;
 
 const AGENTVM_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGoldenAgentvmKey agentvm";
@@ -90,6 +98,20 @@ const CASES: &[Case] = &[
         file: "forwards.xml",
         vm: "web",
         ports: (2224, 5902),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "egress-none.xml",
+        vm: "sealed",
+        ports: (2225, 5903),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "egress-allow.xml",
+        vm: "proxied",
+        ports: (2226, 5904),
         network: NetworkMode::Slirp,
         kernel: false,
     },
@@ -212,6 +234,28 @@ fn golden_files_cover_what_the_issue_names() {
     assert!(forwards.contains(
         "<agentvm:forward host-addr=\"127.0.0.1\" host-port=\"8080\" guest-port=\"80\"/>"
     ));
+    let sealed = std::fs::read_to_string(golden_path("egress-none.xml")).unwrap();
+    assert!(sealed.contains("user,id=agentvm-net0,hostfwd=tcp:127.0.0.1:2225-:22,restrict=on"));
+    assert!(sealed.contains("<agentvm:egress>none</agentvm:egress>"));
+    assert!(!sealed.contains("fwcfg"), "egress none needs no env");
+    let proxied = std::fs::read_to_string(golden_path("egress-allow.xml")).unwrap();
+    assert!(proxied.contains("hostfwd=tcp:127.0.0.1:2226-:22,restrict=on"));
+    assert!(proxied.contains(
+        "<agentvm:egress>allow</agentvm:egress>\n      \
+         <agentvm:egress-allow>github.com:443</agentvm:egress-allow>"
+    ));
+    assert!(proxied.contains("<agentvm:egress-allow>*.crates.io:443</agentvm:egress-allow>"));
+    assert!(
+        proxied.contains("name=\"opt/io.systemd.credentials/agentvm.env\""),
+        "the proxy variables reach the guest as env"
+    );
+    for open in ["disk-image.xml", "forwards.xml", "pinned-ports.xml"] {
+        let xml = std::fs::read_to_string(golden_path(open)).unwrap();
+        assert!(
+            !xml.contains("restrict=on") && !xml.contains("agentvm:egress"),
+            "{open}"
+        );
+    }
     let passt = std::fs::read_to_string(golden_path("forwards-passt.xml")).unwrap();
     assert!(passt.contains(
         "<portForward proto=\"tcp\" address=\"0.0.0.0\">\n        <range start=\"5432\" to=\"5432\"/>"
