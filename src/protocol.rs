@@ -285,7 +285,8 @@ pub enum Outcome {
         stopped_by: DownPath,
     },
     Destroyed,
-    Status(VmStatus),
+    /// Boxed: a status is several times the size of the other outcomes.
+    Status(Box<VmStatus>),
     Plan(Plan),
     SshEndpoint(Endpoint),
     Exec(ExecOutcome),

@@ -27,7 +27,7 @@ pub fn all_rows(app: &App) -> Result<(Vec<VmStatus>, bool)> {
 /// The status of the VM `name`; an error if neither the fleet file nor any backend has it.
 pub fn one_row(app: &App, name: &str) -> Result<VmStatus> {
     let row = match app.call_one(name, Op::Status)? {
-        Outcome::Status(row) => row,
+        Outcome::Status(row) => *row,
         other => bail!("{name}: unexpected answer {other:?}"),
     };
     if row.state == State::Absent && !row.in_spec {
@@ -52,7 +52,7 @@ pub fn status(app: &App, names: &[String]) -> Result<i32> {
                         "agentvm: error: no VM named {name:?} in agentvm.toml or on any backend"
                     );
                 }
-                Answer::Ok(Outcome::Status(row)) => rows.push(row),
+                Answer::Ok(Outcome::Status(row)) => rows.push(*row),
                 Answer::Ok(other) => bail!("{name}: unexpected answer {other:?}"),
                 Answer::Error { message, .. } => {
                     failed = true;

@@ -181,10 +181,10 @@ fn perform(
             backend.remove(name)?;
             Outcome::Destroyed
         }
-        Op::Status => Outcome::Status(match existing {
+        Op::Status => Outcome::Status(Box::new(match existing {
             Some(_) => backend.status(name, spec)?,
             None => VmStatus::absent(name, &backend_name, spec),
-        }),
+        })),
         Op::Plan { .. } => {
             let spec = with_backend(needs_spec(vm)?, &backend_name);
             Outcome::Plan(backend.plan(&spec, vm.image.as_ref())?)
