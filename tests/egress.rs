@@ -216,3 +216,39 @@ fn egress_none_and_an_allow_list_on_debian() {
     assert_eq!(report["tunnel"], Value::Null);
     assert_eq!(report["connections"].as_array().unwrap().len(), 3);
 }
+
+#[path = "lab/mod.rs"]
+mod lab;
+#[path = "pve/mod.rs"]
+mod pve;
+
+/// Proxmox VMs are always `open`; a spec with another policy brought to a
+/// Proxmox backend with `up --backend` is the typed unsupported error, and
+/// nothing is made there.
+#[test]
+fn proxmox_refuses_egress_other_than_open() {
+    let sealed = "[images.deb]\nfile = \"/images/deb.qcow2\"\n\n\
+                  [vms.sealed]\nimage = \"deb\"\negress = \"none\"\n";
+    let lab = lab::Lab::new(
+        pve::FakeOptions::default(),
+        &format!("{}\n{sealed}", lab::REMOTE),
+    );
+    lab.create_pool();
+    lab.env.json(&["up", "remote", "--no-wait"]);
+    assert_eq!(lab.env.status("remote")["egress"], json!("open"));
+    let report = lab.env.json(&["egress", "remote"]);
+    assert_eq!(report["policy"], json!("open"));
+    assert_eq!(report["tunnel"], Value::Null);
+
+    let err = lab
+        .env
+        .fails(&["up", "sealed", "--backend", "lab", "--no-wait"]);
+    assert!(
+        err.contains(
+            "does not support egress policies: restrict the VM with Proxmox firewall rules"
+        ),
+        "{err}"
+    );
+    assert!(lab.fake.vms().values().all(|v| v.name != "sealed"));
+    lab.no_violations();
+}
