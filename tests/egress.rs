@@ -81,7 +81,7 @@ fn egress(env: &Env) -> Value {
 
 /// Waits until the daemon's tunnel into the guest is up.
 fn wait_tunnel(env: &Env) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let report = egress(env);
         if report["tunnel"]["up"] == json!(true) {
@@ -135,6 +135,9 @@ fn egress_none_and_an_allow_list_on_debian() {
     assert!(said.contains("restart needed"), "{said}");
     assert_eq!(env.status(VM)["restart_needed"], json!(true));
     env.ok(&["down", VM, "--timeout", "60"]);
+    // --no-wait returns before SSH: the daemon brings the tunnel up anyway.
+    env.ok(&["up", VM, "--no-wait"]);
+    wait_tunnel(&env);
     env.ok(&["up", VM, "--timeout", BOOT_TIMEOUT]);
     let allow = json!({"allow": [format!("10.0.2.2:{a}")]});
     assert_eq!(env.status(VM)["egress"], allow);
@@ -210,11 +213,60 @@ fn egress_none_and_an_allow_list_on_debian() {
     let text = env.ok(&["egress", VM]);
     assert!(text.contains(&format!("REFUSED   10.0.2.2:{b}")), "{text}");
 
-    // Down stops the proxy; the refusals are still shown.
+    // A tunnel that dies is started again while the VM runs.
+    let first = tunnel_ssh().expect("an ssh process holds the tunnel");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    wait_tunnel(&env);
+    let second = tunnel_ssh().expect("a new ssh holds the tunnel");
+    assert_ne!(first, second);
+    let said = guest(&env, &through_proxy("https_proxy", &connect(a)));
+    assert!(said.contains("hello-listed"), "{said}");
+
+    // A new daemon takes up the proxies of running VMs.
+    env.ok(&["daemon", "--stop"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tunnel_ssh().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the old daemon's ssh outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_tunnel(&env);
+    let said = guest(&env, &through_proxy("https_proxy", &connect(a)));
+    assert!(said.contains("hello-listed"), "{said}");
+    assert_eq!(listed.connections().len(), 4);
+
+    // Down stops the proxy and its tunnel.
     env.ok(&["down", VM, "--timeout", "60"]);
     let report = egress(&env);
     assert_eq!(report["tunnel"], Value::Null);
-    assert_eq!(report["connections"].as_array().unwrap().len(), 3);
+    assert!(tunnel_ssh().is_none());
+    // The connections stay after down (this daemon's: the one since it started).
+    assert_eq!(
+        report["connections"].as_array().unwrap().len(),
+        1,
+        "{report}"
+    );
+}
+
+/// The pid of the ssh holding this VM's tunnel, if one runs.
+fn tunnel_ssh() -> Option<u32> {
+    let socket = format!("egress-{VM}.sock");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let raw = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            (line.starts_with("ssh ") && line.contains(&socket)).then_some(pid)
+        })
 }
 
 #[path = "lab/mod.rs"]
