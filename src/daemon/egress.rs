@@ -85,6 +85,8 @@ impl EgressHub {
     pub fn ensure(self: &Arc<Self>, vm: &str) {
         let policy = match self.backend.status(vm, None) {
             Ok(status) => status.egress,
+            // Not a local VM (or gone): nothing to serve.
+            Err(crate::backend::BackendError::NotFound(_)) => Egress::Open,
             Err(e) => {
                 tracing::warn!("{vm}: egress: reading its policy: {e}");
                 return;
@@ -251,9 +253,14 @@ async fn keep_tunnel(
                 tracing::info!("{vm}: not running: egress proxy stopped");
                 break;
             }
+            Ok(Err(crate::backend::BackendError::NotFound(_))) => {
+                tracing::info!("{vm}: gone: egress proxy stopped");
+                break;
+            }
             Ok(Err(e)) => {
                 *lock(&state) = TunnelState::Down(e.to_string());
                 tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_MAX);
                 continue;
             }
             Err(_) => break,
@@ -335,7 +342,13 @@ pub fn after(
     op: &Op,
     result: &mut Result<Outcome, crate::backend::BackendError>,
 ) {
-    let Ok(outcome) = result else { return };
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        // An up that failed after the start (waiting timed out, say) may
+        // leave the VM running: it gets its proxy all the same.
+        Err(_) if matches!(op, Op::Up { .. }) => return hub.ensure(vm),
+        Err(_) => return,
+    };
     match (op, outcome) {
         (Op::Up { .. }, Outcome::Up(up)) if up.backend == LOCAL_BACKEND => hub.ensure(vm),
         (Op::Down { .. }, _) | (Op::Destroy, _) => hub.stop(vm),
