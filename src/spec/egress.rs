@@ -121,10 +121,15 @@ impl EgressRule {
                 ));
             }
         };
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if bracketed.is_some_and(|h| !h.is_empty() && h.parse::<std::net::Ipv6Addr>().is_err())
+            || (bracketed.is_none() && host.contains(':'))
+        {
+            return Err(format!(
+                "{text:?}: {host:?} is not a host name or an IP address (IPv6 goes in brackets: \"[::1]:443\")"
+            ));
+        }
+        let host = bracketed.unwrap_or(host);
         if host.is_empty() {
             return Err(format!("{text:?} has an empty host"));
         }
@@ -283,6 +288,8 @@ mod tests {
             ("*.:443", "is not a host name"),
             ("git hub.com:443", "is not a host name"),
             ("a..b:443", "is not a host name"),
+            ("github.com:443:80", "is not a host name"),
+            ("[github.com]:443", "is not a host name"),
         ] {
             let err = EgressRule::parse(text).unwrap_err();
             assert!(err.contains(says), "{text:?}: {err}");
