@@ -6,6 +6,7 @@ pub mod client;
 pub mod clock;
 pub mod daemon;
 pub mod domain;
+pub mod egress_proxy;
 pub mod failpoint;
 pub mod fsutil;
 pub mod guest;

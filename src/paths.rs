@@ -96,6 +96,10 @@ pub const SHARE_SOCKET_SUFFIX: &str = ".sock";
 pub const SHARE_PID_SUFFIX: &str = ".pid";
 /// `vms/NAME/virtiofsd-<tag>.log`: what a share's virtiofsd said.
 pub const VM_SHARE_LOG_PREFIX: &str = "virtiofsd-";
+/// A VM's egress proxy socket in the daemon's socket folder:
+/// `egress-<vm>.sock`, made and removed by the daemon.
+pub const EGRESS_SOCKET_PREFIX: &str = "egress-";
+pub const EGRESS_SOCKET_SUFFIX: &str = ".sock";
 /// The per-user runtime folder's name under `$XDG_RUNTIME_DIR` (or, with
 /// `-<uid>` appended, under the temp folder).
 pub const RUNTIME_DIR: &str = "agentvm";
@@ -282,6 +286,11 @@ pub fn socket_path(home: &Home) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// A VM's egress proxy socket, beside the daemon's socket.
+pub fn egress_socket(daemon_socket: &Path, vm: &str) -> PathBuf {
+    daemon_socket.with_file_name(format!("{EGRESS_SOCKET_PREFIX}{vm}{EGRESS_SOCKET_SUFFIX}"))
 }
 
 /// The daemon's pid file, beside its socket.

@@ -129,6 +129,8 @@ pub enum Op {
     Forward {
         change: ForwardChange,
     },
+    /// The VM's egress policy, its proxy tunnel and recent connections.
+    Egress,
 }
 
 impl Op {
@@ -151,6 +153,7 @@ impl Op {
             Self::Spice => "spice",
             Self::SyncClock => "sync-clock",
             Self::Forward { .. } => "forward",
+            Self::Egress => "egress",
         }
     }
 
@@ -291,6 +294,7 @@ pub enum Outcome {
         stopped_by: DownPath,
     },
     Destroyed,
+    /// Boxed: a status is several times the size of the other outcomes.
     Status(Box<VmStatus>),
     Plan(Plan),
     SshEndpoint(Endpoint),
@@ -320,8 +324,29 @@ pub enum Outcome {
     Forwards {
         forwards: Vec<ForwardStatus>,
     },
+    Egress(EgressReport),
     Built(Built),
     Pushed(PushedImage),
+}
+
+/// What `agentvm egress NAME` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EgressReport {
+    pub policy: crate::spec::Egress,
+    /// The proxy's tunnel into the guest; `None` when no proxy runs for it.
+    pub tunnel: Option<TunnelStatus>,
+    /// Recent connections through the proxy, oldest first.
+    pub connections: Vec<crate::egress_proxy::EgressEvent>,
+}
+
+/// Whether a VM's egress proxy is reachable from the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    pub up: bool,
+    /// `up since …`, `connecting`, or why it is down.
+    pub detail: String,
+    /// The proxy's socket on the host.
+    pub socket: PathBuf,
 }
 
 /// What `image build` did.

@@ -112,6 +112,22 @@ impl Endpoint {
         cmd
     }
 
+    /// `ssh -N` with `extra` options first (ssh keeps the first value it
+    /// reads of an option) and then this endpoint's, holding `forwards`
+    /// (`-R`/`-L` arguments) open until it is killed or the connection dies.
+    pub fn tunnel(&self, extra: &[(&str, &str)], forwards: &[String]) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-N");
+        for (key, value) in extra {
+            cmd.arg("-o").arg(format!("{key}={value}"));
+        }
+        for (key, value) in self.options() {
+            cmd.arg("-o").arg(format!("{key}={value}"));
+        }
+        cmd.args(forwards).arg(self.host_alias());
+        cmd
+    }
+
     /// A `Host` block for `~/.ssh/config` (`Include` the output).
     pub fn config_block(&self) -> String {
         let mut out = format!("Host {}\n", self.host_alias());

@@ -53,6 +53,13 @@ shares = [
   { host = "/home/user/docs", guest = "/docs", readonly = true },
   { host = "/home/user/old", guest = "/old", type = "9p", readonly = true },
 ]
+[vms.sealed]
+image = "nixos"
+egress = "none"
+
+[vms.proxied]
+image = "nixos"
+egress = ["github.com:443", "*.crates.io:443", "10.0.2.2:8000"]
 "#;
 
 const AGENTVM_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGoldenAgentvmKey agentvm";
@@ -104,7 +111,21 @@ const CASES: &[Case] = &[
     Case {
         file: "shares.xml",
         vm: "shared",
+        ports: (2227, 5905),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "egress-none.xml",
+        vm: "sealed",
         ports: (2225, 5903),
+        network: NetworkMode::Slirp,
+        kernel: false,
+    },
+    Case {
+        file: "egress-allow.xml",
+        vm: "proxied",
+        ports: (2226, 5904),
         network: NetworkMode::Slirp,
         kernel: false,
     },
@@ -244,6 +265,28 @@ fn golden_files_cover_what_the_issue_names() {
             "io.systemd.credential:fstab.extra=agentvm0 /work virtiofs defaults,nofail 0 0"
         )
     );
+    let sealed = std::fs::read_to_string(golden_path("egress-none.xml")).unwrap();
+    assert!(sealed.contains("user,id=agentvm-net0,hostfwd=tcp:127.0.0.1:2225-:22,restrict=on"));
+    assert!(sealed.contains("<agentvm:egress>none</agentvm:egress>"));
+    assert!(!sealed.contains("fwcfg"), "egress none needs no env");
+    let proxied = std::fs::read_to_string(golden_path("egress-allow.xml")).unwrap();
+    assert!(proxied.contains("hostfwd=tcp:127.0.0.1:2226-:22,restrict=on"));
+    assert!(proxied.contains(
+        "<agentvm:egress>allow</agentvm:egress>\n      \
+         <agentvm:egress-allow>github.com:443</agentvm:egress-allow>"
+    ));
+    assert!(proxied.contains("<agentvm:egress-allow>*.crates.io:443</agentvm:egress-allow>"));
+    assert!(
+        proxied.contains("name=\"opt/io.systemd.credentials/agentvm.env\""),
+        "the proxy variables reach the guest as env"
+    );
+    for open in ["disk-image.xml", "forwards.xml", "pinned-ports.xml"] {
+        let xml = std::fs::read_to_string(golden_path(open)).unwrap();
+        assert!(
+            !xml.contains("restrict=on") && !xml.contains("agentvm:egress"),
+            "{open}"
+        );
+    }
     let passt = std::fs::read_to_string(golden_path("forwards-passt.xml")).unwrap();
     assert!(passt.contains(
         "<portForward proto=\"tcp\" address=\"0.0.0.0\">\n        <range start=\"5432\" to=\"5432\"/>"

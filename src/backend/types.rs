@@ -74,6 +74,13 @@ pub struct VmStatus {
     /// Host folders shared with the guest (local VMs).
     #[serde(default)]
     pub shares: Vec<ShareStatus>,
+    /// What the guest may reach outside (`open` unless the spec says).
+    #[serde(default)]
+    pub egress: crate::spec::Egress,
+    /// The egress proxy's tunnel into the guest (`up since …`, `connecting`,
+    /// `down: …`), filled in by the daemon for VMs with an allow list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_tunnel: Option<String>,
 }
 
 /// One shared folder of a VM, as `status` shows it.
@@ -193,6 +200,8 @@ impl VmStatus {
                         .collect()
                 })
                 .unwrap_or_default(),
+            egress: spec.map(|s| s.egress.clone()).unwrap_or_default(),
+            egress_tunnel: None,
         }
     }
 }

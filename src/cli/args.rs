@@ -187,6 +187,9 @@ pub enum Command {
         #[arg(long, value_name = "HOSTPORT")]
         remove: Option<u16>,
     },
+    /// Show a VM's egress policy, its proxy tunnel and the connections its
+    /// proxy admitted and refused lately.
+    Egress { name: String },
     /// Print a shell completion script (the README says where each shell looks for it).
     Completions { shell: clap_complete::Shell },
     /// Print the man page, or write agentvm.1 and one page per subcommand into a folder.

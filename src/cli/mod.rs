@@ -4,6 +4,7 @@
 
 mod args;
 mod daemon_cmd;
+mod egress;
 mod guest;
 mod image;
 mod lifecycle;
@@ -134,6 +135,7 @@ fn run(cli: Cli) -> Result<i32> {
             mapping,
             remove,
         } => guest::forward(&app, &name, mapping, remove),
+        Command::Egress { name } => egress::show(&app, &name),
         Command::Exec {
             name,
             timeout,

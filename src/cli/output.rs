@@ -96,6 +96,12 @@ pub fn status_table(rows: &[VmStatus]) -> String {
                     notes.push(format!("PROBLEM: {problem}"));
                 }
             }
+            if !r.egress.is_open() {
+                notes.push(match &r.egress_tunnel {
+                    Some(tunnel) => format!("egress {} (proxy {tunnel})", r.egress),
+                    None => format!("egress {}", r.egress),
+                });
+            }
             [
                 r.name.clone(),
                 r.state.as_str().to_string(),

@@ -27,13 +27,13 @@ pub fn all_rows(app: &App) -> Result<(Vec<VmStatus>, bool)> {
 /// The status of the VM `name`; an error if neither the fleet file nor any backend has it.
 pub fn one_row(app: &App, name: &str) -> Result<VmStatus> {
     let row = match app.call_one(name, Op::Status)? {
-        Outcome::Status(row) => row,
+        Outcome::Status(row) => *row,
         other => bail!("{name}: unexpected answer {other:?}"),
     };
     if row.state == State::Absent && !row.in_spec {
         bail!("no VM named {name:?} in agentvm.toml or on any backend");
     }
-    Ok(*row)
+    Ok(row)
 }
 
 /// `names`' rows, or with none every VM as `list` shows them.

@@ -5,6 +5,7 @@
 
 mod clock;
 mod connection;
+mod egress;
 pub mod idle;
 mod lifecycle;
 pub mod locks;
@@ -37,6 +38,8 @@ struct Shared {
     lifecycle: broadcast::Sender<Event>,
     /// Open connections and operations in flight, for idle exit.
     activity: idle::Activity,
+    /// The egress proxies of VMs with allow lists.
+    egress: Arc<egress::EgressHub>,
     home: String,
     uri: String,
     uid: u32,
@@ -82,8 +85,14 @@ pub fn run(uri: &str, idle_exit: Option<Duration>) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let egress = Arc::new(egress::EgressHub::new(
+        backend.clone(),
+        &socket,
+        runtime.handle().clone(),
+    ));
     let shared = Arc::new(Shared {
         registry: Registry::new(backend, home.clone()),
+        egress: egress.clone(),
         locks: VmLocks::default(),
         lifecycle: broadcast::channel(256).0,
         activity: idle::Activity::default(),
@@ -91,6 +100,9 @@ pub fn run(uri: &str, idle_exit: Option<Duration>) -> Result<()> {
         uri: uri.to_string(),
         uid: nix::unistd::getuid().as_raw(),
     });
+    // The proxies of VMs with allow lists that run already (a previous
+    // daemon's went with it).
+    runtime.spawn_blocking(move || egress.resume());
     let result = runtime.block_on(serve(&socket, shared, idle_exit));
     // Removed while the pid file is still held: a new daemon never finds the
     // socket of one that is going away.
@@ -163,8 +175,10 @@ async fn serve(socket: &Path, shared: Arc<Shared>, idle_exit: Option<Duration>) 
                 Err(e) => tracing::warn!("accept failed: {e}"),
             },
             _ = idle_check.tick(), if idle_exit.is_some() => {
+                // A running egress proxy is work: its VM's way out.
                 if let (Some(limit), Some(idle)) = (idle_exit, shared.activity.idle_for())
                     && idle >= limit
+                    && !shared.egress.any_running()
                 {
                     tracing::info!(
                         "idle for {} (no client, nothing in flight): exiting; the next command starts a new daemon",

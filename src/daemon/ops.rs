@@ -12,7 +12,7 @@ use crate::backend::registry::{Backends, Located, RemoteConfig};
 use crate::backend::{BackendError, ErrorKind, SnapshotAction, VmStatus, orchestrate};
 use crate::progress::Reporter;
 use crate::protocol::{
-    BackendFailure, Built, Event, Op, Outcome, PushedImage, Reply, VmRef, VmResult,
+    BackendFailure, Built, EgressReport, Event, Op, Outcome, PushedImage, Reply, VmRef, VmResult,
 };
 use crate::spec::{ImageSource, ImageSpec, VmSpec};
 
@@ -86,7 +86,9 @@ pub async fn run_vms(
                 tokio::task::spawn_blocking(move || {
                     let _guard = guard;
                     let events = Events { tx };
-                    VmResult::new(&vm.name, perform(&backends, &vm, &op, &events))
+                    let mut result = perform(&backends, &vm, &op, &events);
+                    super::egress::after(&shared.egress, &vm.name, &op, &mut result);
+                    VmResult::new(&vm.name, result)
                 })
                 .await
                 .unwrap_or_else(|e| {
@@ -242,6 +244,16 @@ fn perform(
         Op::Forward { change } => Outcome::Forwards {
             forwards: backend.forward(name, change)?,
         },
+        // The policy as the backend holds it; the daemon adds its proxy's
+        // state (`egress::after`).
+        Op::Egress => Outcome::Egress(EgressReport {
+            policy: match existing {
+                Some(_) => backend.status(name, spec)?.egress,
+                None => return Err(BackendError::NotFound(name.to_string())),
+            },
+            tunnel: None,
+            connections: Vec::new(),
+        }),
     })
 }
 

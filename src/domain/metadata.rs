@@ -4,7 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Accel, NetworkMode};
-use crate::spec::{DEFAULT_HOST_KEY, Forward, VmSpec};
+use crate::spec::{DEFAULT_HOST_KEY, Egress, EgressRule, Forward, VmSpec};
+
+const EGRESS_NONE: &str = "none";
+const EGRESS_ALLOW: &str = "allow";
 
 /// The agentvm XML namespace for domain metadata.
 pub const AGENTVM_NS: &str = "https://agentvm.dev/xmlns/vm/1";
@@ -75,6 +78,17 @@ pub struct VmState {
     /// The VM's shared folders, in mount-tag order.
     #[serde(rename = "agentvm:share", alias = "share", default)]
     pub shares: Vec<super::share::ShareState>,
+    /// The egress policy the domain was defined with: absent for `open`,
+    /// `none`, or `allow` with the entries in `egress-allow`.
+    #[serde(
+        rename = "agentvm:egress",
+        alias = "egress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub egress: Option<String>,
+    #[serde(rename = "agentvm:egress-allow", alias = "egress-allow", default)]
+    pub egress_allow: Vec<String>,
 }
 
 /// One port forward as the domain metadata holds it.
@@ -154,6 +168,33 @@ impl VmState {
                 .iter()
                 .map(super::share::ShareState::from)
                 .collect(),
+            egress: match &spec.egress {
+                Egress::Open => None,
+                Egress::None => Some(EGRESS_NONE.to_string()),
+                Egress::Allow(_) => Some(EGRESS_ALLOW.to_string()),
+            },
+            egress_allow: spec
+                .egress
+                .rules()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }
+    }
+
+    /// The egress policy the domain was defined with. An entry that no longer
+    /// parses is left out (and so refused), never admitted.
+    pub fn egress(&self) -> Egress {
+        match self.egress.as_deref() {
+            None => Egress::Open,
+            Some(EGRESS_ALLOW) => Egress::Allow(
+                self.egress_allow
+                    .iter()
+                    .filter_map(|e| EgressRule::parse(e).ok())
+                    .collect(),
+            ),
+            // `none`, and anything this build does not know: the strictest.
+            Some(_) => Egress::None,
         }
     }
 }

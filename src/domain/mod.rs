@@ -144,8 +144,7 @@ impl DomainPlan {
             serial_log: home.vm_serial_log(name),
             guest_agent_socket: guest_agent_socket(runtime_dir, name),
             authorized_keys,
-            env_file: (!spec.env.is_empty() || !spec.pass_env.is_empty())
-                .then(|| home.vm_env_file(name)),
+            env_file: spec.has_guest_env().then(|| home.vm_env_file(name)),
             seed: None,
             share_sockets: (0..state.shares.len())
                 .map(|i| share::share_socket(runtime_dir, name, &crate::spec::Share::tag(i)))
@@ -402,6 +401,11 @@ impl DomainPlan {
             "user,id={SLIRP_NETDEV},hostfwd=tcp:{LISTEN_ADDRESS}:{}-:{GUEST_SSH_PORT}",
             self.state.ssh_port
         );
+        // egress other than open: the guest's own connections out are refused
+        // (hostfwd, DHCP and the guest agent keep working).
+        if self.state.egress.is_some() {
+            netdev.push_str(",restrict=on");
+        }
         for forward in &self.state.forwards {
             netdev.push_str(",hostfwd=");
             netdev.push_str(&forward.forward().hostfwd());
@@ -444,14 +448,19 @@ pub fn mac_address(name: &str) -> String {
 /// matches its spec; fields outside that view (purpose, readonly, secrets…)
 /// never make a VM need a redefinition or a restart.
 ///
-/// The port forwards and shares are part of it here (they are in the domain's
-/// definition); a VM without them hashes as it did before they existed.
+/// The port forwards, the egress policy and the shares are part of it here
+/// (they are in the domain's definition, and egress in the guest's env); a VM
+/// without forwards and shares and with open egress hashes as it did before
+/// they existed.
 pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
-    let canonical = match (spec.forwards.is_empty(), spec.shares.is_empty()) {
-        (true, true) => serde_json::to_vec(&(spec.machine(), accel, network)),
-        (false, true) => serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards)),
-        (_, false) => {
-            serde_json::to_vec(&(spec.machine(), accel, network, &spec.forwards, &spec.shares))
+    let (machine, forwards, egress) = (spec.machine(), &spec.forwards, &spec.egress);
+    let canonical = if !spec.shares.is_empty() {
+        serde_json::to_vec(&(machine, accel, network, forwards, egress, &spec.shares))
+    } else {
+        match (forwards.is_empty(), egress.is_open()) {
+            (true, true) => serde_json::to_vec(&(machine, accel, network)),
+            (false, true) => serde_json::to_vec(&(machine, accel, network, forwards)),
+            _ => serde_json::to_vec(&(machine, accel, network, forwards, egress)),
         }
     }
     .expect("a VM spec always serializes to JSON");

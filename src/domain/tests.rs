@@ -20,6 +20,8 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         purpose: None,
         forwards: Vec::new(),
         shares: Vec::new(),
+        egress: None,
+        egress_allow: Vec::new(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The fleet file `agentvm.toml`: finding it, parsing it, and resolving each VM
 //! against `[defaults]` into a complete, validated [`VmSpec`].
 
+mod egress;
 mod error;
 mod forward;
 mod name;
@@ -9,6 +10,7 @@ mod resolve;
 mod resolve_backend;
 mod resolve_share;
 mod share;
+mod resolve_egress;
 mod size;
 
 use std::collections::BTreeMap;
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use egress::{Egress, EgressRule, GUEST_PROXY_PORT, HostPattern, SLIRP_HOST_ADDR};
 pub use error::SpecError;
 pub use forward::{Forward, MIN_HOST_PORT};
 pub use name::{MAX_NAME_LEN, Name, NameError};
@@ -175,6 +178,9 @@ pub struct VmSpec {
     /// Host folders shared with the guest (local VMs only).
     #[serde(default)]
     pub shares: Vec<Share>,
+    /// What the guest may reach outside (local VMs only, unless `open`).
+    #[serde(default)]
+    pub egress: Egress,
 }
 
 /// The most a VM's env may hold, as `KEY=VALUE` lines (64 KiB).

@@ -148,6 +148,8 @@ pub struct RawDefaults {
     pub forwards: Option<Spanned<Vec<String>>>,
     /// Host folders shared with each local VM (a VM's own list replaces it).
     pub shares: Option<Spanned<Vec<RawShare>>>,
+    /// What each VM may reach (a VM's own value replaces it).
+    pub egress: Option<Spanned<RawEgress>>,
 }
 
 /// One entry of `shares`.
@@ -215,6 +217,41 @@ pub struct RawVm {
     pub forwards: Option<Spanned<Vec<String>>>,
     /// Host folders shared with the guest.
     pub shares: Option<Spanned<Vec<RawShare>>>,
+    /// `"open"`, `"none"`, or a list of `HOST:PORT` entries.
+    pub egress: Option<Spanned<RawEgress>>,
+}
+
+/// `egress` as written: a word, or a list whose entries keep their places.
+#[derive(Debug)]
+pub enum RawEgress {
+    Word(String),
+    List(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for RawEgress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawEgress;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"open\", \"none\" or a list of \"HOST:PORT\" strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawEgress, E> {
+                Ok(RawEgress::Word(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawEgress, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = seq.next_element::<Spanned<String>>()? {
+                    entries.push(entry);
+                }
+                Ok(RawEgress::List(entries))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Where each table key stands in the file, for errors about names.

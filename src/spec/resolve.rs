@@ -450,6 +450,13 @@ impl Resolver<'_> {
         }
 
         let shares = self.shares(name, &backend, vm.shares.as_ref(), defaults.shares.as_ref())?;
+        let egress = super::resolve_egress::resolve(
+            &self.at,
+            name,
+            &backend,
+            vm.egress.as_ref(),
+            defaults.egress.as_ref(),
+        )?;
 
         Ok(VmSpec {
             name: name.clone(),
@@ -471,6 +478,7 @@ impl Resolver<'_> {
             ssh_host: vm.ssh_host,
             forwards,
             shares,
+            egress,
             accel: vm.accel.or(defaults.accel).unwrap_or_default(),
             vmid: match vm.vmid {
                 Some(id) if !(100..=999_999_999).contains(&id) => {

@@ -215,7 +215,7 @@ impl LocalBackend {
     fn write_guest_files(&self, spec: &VmSpec, target: &Target) -> anyhow::Result<()> {
         let name = spec.name.as_str();
         let path = self.home.vm_env_file(name);
-        if spec.env.is_empty() && spec.pass_env.is_empty() {
+        if !spec.has_guest_env() {
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(e).with_context(|| format!("removing {}", path.display()));
@@ -223,16 +223,18 @@ impl LocalBackend {
                 _ => {}
             }
         } else {
-            crate::fsutil::write_atomic(&path, crate::spec::env_file(&spec.env).as_bytes(), 0o600)?;
+            let env = crate::spec::env_file(&spec.guest_env());
+            crate::fsutil::write_atomic(&path, env.as_bytes(), 0o600)?;
         }
         if target.cloud_init {
+            let guest_env = spec.guest_env();
             let mut keys = vec![self.identity.public_line.clone()];
             keys.extend(spec.ssh_keys.iter().cloned());
             let seed = crate::nocloud::Seed {
                 hostname: name,
                 user: &spec.user,
                 authorized_keys: &keys,
-                env: &spec.env,
+                env: &guest_env,
                 grow_root: true,
                 network_config: None,
             };
@@ -548,7 +550,7 @@ impl Lifecycle for LocalBackend {
                     .into());
             }
         };
-        Ok(started_with != crate::spec::env_file(&spec.env))
+        Ok(started_with != crate::spec::env_file(&spec.guest_env()))
     }
 
     fn ssh_endpoint(&self, name: &str) -> Result<Endpoint> {

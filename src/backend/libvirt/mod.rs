@@ -184,7 +184,13 @@ impl LocalBackend {
     fn target(&self, spec: &VmSpec, image: Option<&ImageSpec>) -> Result<Target> {
         let conn = self.conn()?;
         let accel = host::accel(&conn, spec.accel)?;
-        let network = host::network(&conn, accel)?;
+        // passt has no way to refuse the guest's own connections: egress
+        // other than open always runs on SLIRP with restrict=on.
+        let network = if spec.egress.is_open() {
+            host::network(&conn, accel)?
+        } else {
+            domain::NetworkMode::Slirp
+        };
         Ok(Target {
             accel,
             network,
@@ -236,6 +242,8 @@ impl LocalBackend {
                 .map(|f| crate::backend::ForwardStatus::new(&f.forward(), f.live))
                 .collect(),
             shares: self.share_status(state, live),
+            egress: state.egress(),
+            egress_tunnel: None,
         })
     }
 }

@@ -189,6 +189,13 @@ impl Lifecycle for ProxmoxBackend {
         _progress: &dyn Reporter,
     ) -> Result<Prepared> {
         check_env_needs_agent(spec, image)?;
+        // `up --backend` may bring a local VM's spec here: never pretend.
+        if !spec.egress.is_open() {
+            return Err(self.unsupported(
+                "egress policies",
+                "restrict the VM with Proxmox firewall rules, and set egress = \"open\" for it",
+            ));
+        }
         let host_key = host_key_of(image);
         Ok(Prepared::new(
             self.hash_with(spec, host_key.as_deref()),

@@ -365,6 +365,8 @@ impl ProxmoxBackend {
             node: Some(found.node.clone()),
             forwards: Vec::new(),
             shares: Vec::new(),
+            egress: crate::spec::Egress::Open,
+            egress_tunnel: None,
         }
     }
 
