@@ -126,7 +126,7 @@ fn shares_both_ways_readonly_enforced_and_a_dead_server_reported() {
     assert!(shares[0]["problem"].is_null());
 
     // A memory snapshot cannot hold the share devices: refused, saying what to do.
-    let err = env.fails(&["snapshot", "create", "sh-deb"]);
+    let err = env.fails(&["snapshot", "sh-deb", "create"]);
     assert!(
         err.contains("cannot be snapshotted with its memory"),
         "{err}"

@@ -8,9 +8,9 @@ mod name;
 mod raw;
 mod resolve;
 mod resolve_backend;
+mod resolve_egress;
 mod resolve_share;
 mod share;
-mod resolve_egress;
 mod size;
 
 use std::collections::BTreeMap;
