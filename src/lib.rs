@@ -20,5 +20,6 @@ pub mod provision;
 pub mod scaffold;
 pub mod screenshot;
 pub mod secrets;
+pub mod serde_b64;
 pub mod spec;
 pub mod ssh;

@@ -23,6 +23,9 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+protocol.2");
 /// The longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// The most file data one `ReadFile`/`WriteFile` should move: in base64 it
+/// stays well under [`MAX_REQUEST_BYTES`].
+pub const FILE_CHUNK_BYTES: usize = 512 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,17 +105,26 @@ pub enum Op {
         timeout_secs: u64,
     },
     HostKey,
-    /// Reads a guest file through the agent.
+    /// Reads a guest file through the agent: all of it, or (with `length`)
+    /// up to `length` bytes from `offset`, fewer only at its end.
     ReadFile {
         path: String,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        length: Option<u64>,
     },
-    /// Makes or replaces a guest file through the agent.
+    /// Makes or replaces a guest file through the agent, or adds to its end.
     WriteFile {
         path: String,
+        #[serde(with = "crate::serde_b64")]
         data: Vec<u8>,
         /// Permission bits to set on it (such as 0o600).
         #[serde(default)]
         mode: Option<u32>,
+        /// Add `data` at the end of the file (which must exist) instead.
+        #[serde(default)]
+        append: bool,
     },
     /// Saves the display to `path` (absolute, on the daemon's machine).
     Screenshot {
@@ -288,6 +300,7 @@ pub enum Outcome {
     Exec(ExecOutcome),
     HostKey(HostKey),
     FileRead {
+        #[serde(with = "crate::serde_b64")]
         data: Vec<u8>,
     },
     FileWritten {

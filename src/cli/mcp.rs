@@ -250,6 +250,8 @@ impl Server {
         self.run(move |app| {
             let op = Op::ReadFile {
                 path: args.path.clone(),
+                offset: 0,
+                length: None,
             };
             let data = match app.call_one(&args.name, op)? {
                 Outcome::FileRead { data } => data,
@@ -297,6 +299,7 @@ impl Server {
                 path: args.path.clone(),
                 data,
                 mode,
+                append: false,
             };
             let bytes = match app.call_one(&args.name, op)? {
                 Outcome::FileWritten { bytes } => bytes,
