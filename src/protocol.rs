@@ -422,6 +422,40 @@ mod tests {
     }
 
     #[test]
+    fn file_calls_take_old_fields_and_a_chunk_fits_a_request() {
+        let line = br#"{"version":2,"request":{"op":"vms","backends":[],"vms":[],"no_block":false,"action":{"verb":"read-file","path":"/etc/hosts"}}}"#;
+        match parse_request(line).unwrap() {
+            Request::Vms {
+                action: Op::ReadFile { offset, length, .. },
+                ..
+            } => assert_eq!((offset, length), (0, None)),
+            other => panic!("{other:?}"),
+        }
+        let line = encode(&Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::Vms {
+                backends: Vec::new(),
+                vms: Vec::new(),
+                action: Op::WriteFile {
+                    path: "/tmp/x".into(),
+                    data: vec![0xff; FILE_CHUNK_BYTES],
+                    mode: Some(0o600),
+                    append: true,
+                },
+                no_block: false,
+            },
+        });
+        assert!(line.len() < MAX_REQUEST_BYTES, "{} bytes", line.len());
+        match parse_request(&line[..line.len() - 1]).unwrap() {
+            Request::Vms {
+                action: Op::WriteFile { data, append, .. },
+                ..
+            } => assert!(append && data == vec![0xff; FILE_CHUNK_BYTES]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn another_version_is_named() {
         let err = parse_request(br#"{"version":7,"request":{"op":"teleport"}}"#).unwrap_err();
         assert_eq!(err, ParseError::Version(7));

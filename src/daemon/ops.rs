@@ -12,7 +12,8 @@ use crate::backend::registry::{Backends, Located, RemoteConfig};
 use crate::backend::{BackendError, ErrorKind, SnapshotAction, VmStatus, orchestrate};
 use crate::progress::Reporter;
 use crate::protocol::{
-    BackendFailure, Built, Event, FILE_CHUNK_BYTES, Op, Outcome, PushedImage, Reply, VmRef, VmResult,
+    BackendFailure, Built, Event, FILE_CHUNK_BYTES, Op, Outcome, PushedImage, Reply, VmRef,
+    VmResult,
 };
 use crate::spec::{ImageSource, ImageSpec, VmSpec};
 
