@@ -139,16 +139,16 @@ impl Guest for AgentGuest<'_> {
             timeout_secs: SCRIPT_TIMEOUT_SECS,
         };
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let results = self
-            .app
-            .call_with(&[self.vm.clone()], op, false, &mut |event| {
-                if let Event::Output { stream, data, .. } = event {
-                    match stream {
-                        Stream::Stdout => out.extend_from_slice(&data),
-                        Stream::Stderr => err.extend_from_slice(&data),
+        let results =
+            self.app
+                .call_with(std::slice::from_ref(&self.vm), op, false, &mut |event| {
+                    if let Event::Output { stream, data, .. } = event {
+                        match stream {
+                            Stream::Stdout => out.extend_from_slice(&data),
+                            Stream::Stderr => err.extend_from_slice(&data),
+                        }
                     }
-                }
-            })?;
+                })?;
         let outcome = match one(results, &self.vm)? {
             Outcome::Exec(outcome) => outcome,
             other => bail!("{}: unexpected answer {other:?}", self.vm),

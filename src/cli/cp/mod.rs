@@ -247,8 +247,7 @@ fn to_the_guest(
         .ok()
         .and_then(|p| {
             p.components()
-                .filter(|c| !matches!(c, std::path::Component::CurDir))
-                .next_back()
+                .rfind(|c| !matches!(c, std::path::Component::CurDir))
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
         })
         .filter(|n| n != "/" && n != "..")
