@@ -34,7 +34,9 @@ impl<'a> AgentGuest<'a> {
     }
 
     /// Writes all of `from` to the guest file `path` (made or replaced),
-    /// giving it `mode` with the last chunk.
+    /// giving it `mode` with the last chunk. The file is made empty first and
+    /// every chunk appended, so a backend whose one write is smaller than a
+    /// chunk (Proxmox's `agent/file-write`: 46080 bytes) takes them too.
     fn write_chunks(
         &self,
         from: &mut dyn Read,
@@ -42,8 +44,13 @@ impl<'a> AgentGuest<'a> {
         mode: u32,
         progress: &mut Progress,
     ) -> Result<()> {
+        self.write_op(Op::WriteFile {
+            path: path.to_string(),
+            data: Vec::new(),
+            mode: None,
+            append: false,
+        })?;
         let mut pending = read_chunk(from)?;
-        let mut offset = 0u64;
         loop {
             let next = if pending.len() == FILE_CHUNK_BYTES {
                 read_chunk(from)?
@@ -52,22 +59,24 @@ impl<'a> AgentGuest<'a> {
             };
             let last = next.is_empty();
             let len = pending.len() as u64;
-            let op = Op::WriteFile {
+            self.write_op(Op::WriteFile {
                 path: path.to_string(),
                 data: pending,
                 mode: last.then_some(mode),
-                append: offset > 0,
-            };
-            match self.app.call_one(&self.vm, op)? {
-                Outcome::FileWritten { .. } => {}
-                other => bail!("{}: unexpected answer {other:?}", self.vm),
-            }
-            offset += len;
+                append: true,
+            })?;
             progress.add(len);
             if last {
                 return Ok(());
             }
             pending = next;
+        }
+    }
+
+    fn write_op(&self, op: Op) -> Result<()> {
+        match self.app.call_one(&self.vm, op)? {
+            Outcome::FileWritten { .. } => Ok(()),
+            other => bail!("{}: unexpected answer {other:?}", self.vm),
         }
     }
 
@@ -155,8 +164,10 @@ impl Guest for AgentGuest<'_> {
         };
         if outcome.exit_code != Some(0) {
             return Err(anyhow!(
-                "through the guest agent, the guest said ({:?}): {}",
-                outcome.exit_code,
+                "through the guest agent, the guest said ({}): {}",
+                outcome
+                    .exit_code
+                    .map_or("no exit code".to_string(), |c| format!("exit {c}")),
                 String::from_utf8_lossy(&err).trim()
             ));
         }

@@ -164,7 +164,8 @@ impl Guest for SshGuest {
         match out.status.code() {
             Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
             Some(255) => bail!("ssh failed (exit 255): {stderr}"),
-            code => bail!("over SSH, the guest said ({code:?}): {stderr}"),
+            Some(code) => bail!("over SSH, the guest said (exit {code}): {stderr}"),
+            None => bail!("ssh was killed by a signal: {stderr}"),
         }
     }
 
