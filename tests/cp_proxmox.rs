@@ -83,3 +83,76 @@ fn cp_through_the_agent_reads_a_proxmox_guest_file_in_chunks() {
     );
     lab.no_violations();
 }
+
+#[test]
+fn cp_through_the_agent_writes_and_reads_a_proxmox_guest_file_past_one_file_write() {
+    // Here the fake's file calls use this host's files, as its agent/exec
+    // does: cp's scripts (probe, cat of part files, mv) and its file calls
+    // see one file system.
+    let lab = Lab::new(
+        FakeOptions {
+            agent_down_calls: 0,
+            files_on_host: true,
+            ..FakeOptions::default()
+        },
+        REMOTE,
+    );
+    lab.create_pool();
+    lab.env.ok(&["up", "remote", "--no-wait"]);
+
+    let guest_dir = lab.env.dir.path().join("guest");
+    std::fs::create_dir_all(&guest_dir).unwrap();
+    let src = lab.env.dir.path().join("src.bin");
+    let size = CHUNK + 100_000;
+    let data: Vec<u8> = (0..size).map(|i| (i * 13 % 253) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+
+    let out = lab.env.json(&[
+        "cp",
+        "--via",
+        "agent",
+        src.to_str().unwrap(),
+        &format!("remote:{}", guest_dir.display()),
+    ]);
+    assert_eq!(out["via"], "agent", "{out}");
+    assert_eq!(out["bytes"], size, "{out}");
+    let written = guest_dir.join("src.bin");
+    assert!(
+        std::fs::read(&written).unwrap() == data,
+        "the guest's copy differs"
+    );
+    let mode = std::fs::metadata(&written).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o750);
+    // Nothing but the copy is left: no temporary name, no part file.
+    let names: Vec<String> = std::fs::read_dir(&guest_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["src.bin"]);
+    // Each agent/file-write took at most 46080 bytes (the schema's maxLength
+    // is checked on every request): many of them for 0.6 MiB.
+    let writes = lab
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/agent/file-write"))
+        .count();
+    assert!(writes > size / 46080, "{writes} file-write calls");
+
+    let back = lab.env.dir.path().join("back.bin");
+    lab.env.ok(&[
+        "cp",
+        "--via",
+        "agent",
+        &format!("remote:{}", written.display()),
+        back.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the copy back differs"
+    );
+    let mode = std::fs::metadata(&back).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o750);
+    lab.no_violations();
+}
