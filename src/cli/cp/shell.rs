@@ -37,8 +37,10 @@ if [ -e "$p" ]; then exec stat -L -c '%f %a %s' -- "$p"; else echo missing; fi"#
 pub const LIST_TREE: &str = r#"exec find "$1" -exec stat -c '%f %a %s %n' {} +"#;
 
 /// Takes a file on stdin into `$1` (a temporary name), gives it mode `$2` and
-/// renames it to `$3`; the temporary file is removed whatever happens.
+/// renames it to `$3` (never into a folder there); the temporary file is
+/// removed whatever happens.
 pub const RECEIVE_FILE: &str = r#"trap 'rm -f -- "$1"' EXIT
+if [ -d "$3" ]; then echo "$3: is a directory" >&2; exit 1; fi
 cat > "$1" && chmod "$2" "$1" && mv -f -- "$1" "$3""#;
 
 /// Makes the folder `$1` (a temporary name) and unpacks a tar archive from
@@ -61,8 +63,9 @@ pub const MAKE_DIRS: &str = r#"exec mkdir -p -- "$@""#;
 /// Sets modes: the arguments are pairs of octal mode and path.
 pub const CHMOD_PAIRS: &str = r#"while [ $# -ge 2 ]; do chmod "$1" "$2" || exit; shift 2; done"#;
 
-/// Renames `$1` to `$2`, replacing a file there.
-pub const RENAME: &str = r#"exec mv -f -- "$1" "$2""#;
+/// Renames `$1` to `$2`, replacing a file there (never moving into a folder there).
+pub const RENAME: &str = r#"if [ -d "$2" ]; then echo "$2: is a directory" >&2; exit 1; fi
+exec mv -f -- "$1" "$2""#;
 
 /// Removes `$1` and what it holds.
 pub const REMOVE: &str = r#"exec rm -rf -- "$1""#;
@@ -252,6 +255,12 @@ mod tests {
         assert_eq!((entry.kind, entry.mode, entry.size), (Kind::File, 0o750, 5));
         let (_, out) = run(PROBE, &[&format!("{d}/nothing")], b"");
         assert_eq!(out.lines().nth(1), Some("missing"));
+        // A folder under the final name is not written into.
+        let folder = format!("{d}/folder");
+        std::fs::create_dir(&folder).unwrap();
+        assert!(!run(RECEIVE_FILE, &[&temp_beside(&folder), "600", &folder], b"x").0);
+        assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 0);
+        assert!(!std::path::Path::new(&temp_beside(&folder)).exists());
         // A failed receive leaves neither the file nor its temporary name.
         let missing_dir = format!("{d}/no/such");
         assert!(
