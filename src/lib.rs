@@ -21,6 +21,7 @@ pub mod provision;
 pub mod scaffold;
 pub mod screenshot;
 pub mod secrets;
+pub mod serde_b64;
 pub mod spec;
 pub mod ssh;
 pub mod virtiofsd;

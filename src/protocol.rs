@@ -23,6 +23,9 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+protocol.2");
 /// The longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// The most file data one `ReadFile`/`WriteFile` should move: in base64 it
+/// stays well under [`MAX_REQUEST_BYTES`].
+pub const FILE_CHUNK_BYTES: usize = 512 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,17 +105,26 @@ pub enum Op {
         timeout_secs: u64,
     },
     HostKey,
-    /// Reads a guest file through the agent.
+    /// Reads a guest file through the agent: all of it, or (with `length`)
+    /// up to `length` bytes from `offset`, fewer only at its end.
     ReadFile {
         path: String,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        length: Option<u64>,
     },
-    /// Makes or replaces a guest file through the agent.
+    /// Makes or replaces a guest file through the agent, or adds to its end.
     WriteFile {
         path: String,
+        #[serde(with = "crate::serde_b64")]
         data: Vec<u8>,
         /// Permission bits to set on it (such as 0o600).
         #[serde(default)]
         mode: Option<u32>,
+        /// Add `data` at the end of the file (which must exist) instead.
+        #[serde(default)]
+        append: bool,
     },
     /// Saves the display to `path` (absolute, on the daemon's machine).
     Screenshot {
@@ -301,6 +313,7 @@ pub enum Outcome {
     Exec(ExecOutcome),
     HostKey(HostKey),
     FileRead {
+        #[serde(with = "crate::serde_b64")]
         data: Vec<u8>,
     },
     FileWritten {
@@ -438,6 +451,40 @@ mod tests {
                 assert!(matches!(action, Op::Destroy));
                 assert!(no_block);
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn file_calls_take_old_fields_and_a_chunk_fits_a_request() {
+        let line = br#"{"version":2,"request":{"op":"vms","backends":[],"vms":[],"no_block":false,"action":{"verb":"read-file","path":"/etc/hosts"}}}"#;
+        match parse_request(line).unwrap() {
+            Request::Vms {
+                action: Op::ReadFile { offset, length, .. },
+                ..
+            } => assert_eq!((offset, length), (0, None)),
+            other => panic!("{other:?}"),
+        }
+        let line = encode(&Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::Vms {
+                backends: Vec::new(),
+                vms: Vec::new(),
+                action: Op::WriteFile {
+                    path: "/tmp/x".into(),
+                    data: vec![0xff; FILE_CHUNK_BYTES],
+                    mode: Some(0o600),
+                    append: true,
+                },
+                no_block: false,
+            },
+        });
+        assert!(line.len() < MAX_REQUEST_BYTES, "{} bytes", line.len());
+        match parse_request(&line[..line.len() - 1]).unwrap() {
+            Request::Vms {
+                action: Op::WriteFile { data, append, .. },
+                ..
+            } => assert!(append && data == vec![0xff; FILE_CHUNK_BYTES]),
             other => panic!("{other:?}"),
         }
     }

@@ -219,6 +219,26 @@ pub trait GuestAgent: Lifecycle {
         ))
     }
 
+    /// Up to `length` bytes of the guest file `path` from `offset`, read
+    /// through the agent; fewer only at the file's end.
+    fn read_file_range(
+        &self,
+        _name: &str,
+        _path: &str,
+        _offset: u64,
+        _length: usize,
+    ) -> Result<Vec<u8>> {
+        Err(self.unsupported("reading guest files", "use agentvm exec NAME -- cat PATH"))
+    }
+
+    /// Adds `data` at the end of the existing guest file `path` through the agent.
+    fn append_file(&self, _name: &str, _path: &str, _data: &[u8]) -> Result<()> {
+        Err(self.unsupported(
+            "writing guest files",
+            "use agentvm exec -i NAME -- tee -a PATH",
+        ))
+    }
+
     /// Reads the guest's SSH host key and pins it for `agentvm ssh`.
     fn host_key(&self, _name: &str) -> Result<HostKey> {
         Err(self.unsupported(

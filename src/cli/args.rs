@@ -107,6 +107,19 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Copy files between the host and a VM (scp-like: one of SRC and DST is
+    /// VM:PATH), over SSH when the VM answers, else through its guest agent.
+    Cp {
+        /// Copy directories and what they hold.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// How to reach the guest: ssh, agent, or auto (SSH when its SSH
+        /// server answers, else the agent).
+        #[arg(long, value_enum, default_value = "auto")]
+        via: super::cp::Via,
+        src: String,
+        dst: String,
+    },
     /// Read the guest's SSH host key (through its agent) and pin it for `agentvm ssh`.
     Hostkey { name: String },
     /// Serve the Model Context Protocol on stdin/stdout: tools for list,

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use super::{App, lifecycle, load_fleet, one, output, status};
 use crate::backend::{SnapshotAction, Stream};
 use crate::paths::Home;
-use crate::protocol::{Answer, Event, Op, Outcome, VmResult};
+use crate::protocol::{Answer, Event, FILE_CHUNK_BYTES, Op, Outcome, VmResult};
 
 /// Serves MCP until the client closes stdin.
 pub fn serve(file: Option<PathBuf>, uri: String) -> Result<i32> {
@@ -250,6 +250,8 @@ impl Server {
         self.run(move |app| {
             let op = Op::ReadFile {
                 path: args.path.clone(),
+                offset: 0,
+                length: None,
             };
             let data = match app.call_one(&args.name, op)? {
                 Outcome::FileRead { data } => data,
@@ -293,15 +295,26 @@ impl Server {
                         })
                 })
                 .transpose()?;
-            let op = Op::WriteFile {
-                path: args.path.clone(),
-                data,
-                mode,
+            // In chunks, each request well under the daemon's limit; the
+            // mode goes with the last.
+            let chunks: Vec<&[u8]> = if data.is_empty() {
+                vec![&[]]
+            } else {
+                data.chunks(FILE_CHUNK_BYTES).collect()
             };
-            let bytes = match app.call_one(&args.name, op)? {
-                Outcome::FileWritten { bytes } => bytes,
-                other => bail!("{}: unexpected answer {other:?}", args.name),
-            };
+            let mut bytes = 0;
+            for (i, chunk) in chunks.iter().enumerate() {
+                let op = Op::WriteFile {
+                    path: args.path.clone(),
+                    data: chunk.to_vec(),
+                    mode: mode.filter(|_| i + 1 == chunks.len()),
+                    append: i > 0,
+                };
+                bytes += match app.call_one(&args.name, op)? {
+                    Outcome::FileWritten { bytes } => bytes,
+                    other => bail!("{}: unexpected answer {other:?}", args.name),
+                };
+            }
             Ok(json!({ "path": args.path, "bytes": bytes }))
         })
         .await

@@ -3,6 +3,7 @@
 //! the CLI never looks at which backend a VM is on.
 
 mod args;
+mod cp;
 mod daemon_cmd;
 mod egress;
 mod guest;
@@ -142,6 +143,12 @@ fn run(cli: Cli) -> Result<i32> {
             stdin,
             command,
         } => guest::exec(&app, &name, command, stdin, timeout),
+        Command::Cp {
+            recursive,
+            via,
+            src,
+            dst,
+        } => cp::cp(&app, recursive, via, &src, &dst),
         Command::Hostkey { name } => guest::hostkey(&app, &name),
         Command::Screenshot { name, png } => guest::screenshot(&app, &name, &png),
         Command::Snapshot {

@@ -12,7 +12,8 @@ use crate::backend::registry::{Backends, Located, RemoteConfig};
 use crate::backend::{BackendError, ErrorKind, SnapshotAction, VmStatus, orchestrate};
 use crate::progress::Reporter;
 use crate::protocol::{
-    BackendFailure, Built, EgressReport, Event, Op, Outcome, PushedImage, Reply, VmRef, VmResult,
+    BackendFailure, Built, EgressReport, Event, FILE_CHUNK_BYTES, Op, Outcome, PushedImage, Reply,
+    VmRef, VmResult,
 };
 use crate::spec::{ImageSource, ImageSpec, VmSpec};
 
@@ -211,12 +212,37 @@ fn perform(
             Outcome::Exec(outcome)
         }
         Op::HostKey => Outcome::HostKey(backend.host_key(name)?),
-        Op::ReadFile { path } => Outcome::FileRead {
-            data: backend.read_file(name, path)?,
+        Op::ReadFile {
+            path,
+            offset,
+            length,
+        } => Outcome::FileRead {
+            data: match length {
+                None if *offset == 0 => backend.read_file(name, path)?,
+                // The reply is bounded like requests: one chunk at most.
+                _ => {
+                    let length = length.map_or(FILE_CHUNK_BYTES, |l| {
+                        usize::try_from(l).map_or(FILE_CHUNK_BYTES, |l| l.min(FILE_CHUNK_BYTES))
+                    });
+                    backend.read_file_range(name, path, *offset, length)?
+                }
+            },
         },
-        Op::WriteFile { path, data, mode } => {
+        Op::WriteFile {
+            path,
+            data,
+            mode,
+            append,
+        } => {
             // Like exec, allowed on readonly VMs: readonly guards the VM, not its files.
-            backend.write_file(name, path, data, *mode)?;
+            if *append {
+                backend.append_file(name, path, data)?;
+                if let Some(mode) = mode {
+                    crate::backend::chmod_through_agent(backend, name, path, *mode)?;
+                }
+            } else {
+                backend.write_file(name, path, data, *mode)?;
+            }
             Outcome::FileWritten { bytes: data.len() }
         }
         Op::Screenshot { path } => {

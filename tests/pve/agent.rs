@@ -172,18 +172,32 @@ impl State {
         let decode = p.get("decode").and_then(|d| parse_bool(d)).unwrap_or(true);
         self.agent_answers(vmid, "file-open")?;
         let path = guest_path(&p["file"]);
-        let fs = &self.guest(vmid).fs;
-        let Some(data) = fs.files.get(&path) else {
-            if fs.dirs.contains(&path) {
-                return fail(500, "Agent error: failed to read file: Is a directory");
-            }
-            return fail(
-                500,
-                format!(
-                    "Agent error: failed to open file '{}' (mode: 'r'): No such file or directory",
-                    p["file"]
-                ),
-            );
+        let data = if self.opts.files_on_host {
+            std::fs::read(&p["file"]).map_err(|e| {
+                (
+                    500,
+                    format!(
+                        "Agent error: failed to open file '{}' (mode: 'r'): {}",
+                        p["file"],
+                        io_why(&e)
+                    ),
+                )
+            })?
+        } else {
+            let fs = &self.guest(vmid).fs;
+            let Some(data) = fs.files.get(&path) else {
+                if fs.dirs.contains(&path) {
+                    return fail(500, "Agent error: failed to read file: Is a directory");
+                }
+                return fail(
+                    500,
+                    format!(
+                        "Agent error: failed to open file '{}' (mode: 'r'): No such file or directory",
+                        p["file"]
+                    ),
+                );
+            };
+            data.clone()
         };
         let mut at = offset.min(data.len());
         let (mut read, mut eof) = (0, false);
@@ -231,6 +245,25 @@ impl State {
             None
         };
         self.agent_answers(vmid, "file-open")?;
+        if self.opts.files_on_host {
+            let data = match data {
+                Some(d) => d,
+                None => {
+                    base64_decode(&p["content"]).map_err(|e| (500, format!("Agent error: {e}")))?
+                }
+            };
+            std::fs::write(&p["file"], data).map_err(|e| {
+                (
+                    500,
+                    format!(
+                        "Agent error: failed to open file '{}' (mode: 'wb'): {}",
+                        p["file"],
+                        io_why(&e)
+                    ),
+                )
+            })?;
+            return Ok(Value::Null);
+        }
         let path = guest_path(&p["file"]);
         let fs = &mut self.guest(vmid).fs;
         let open_error = |why: &str| {
@@ -260,6 +293,15 @@ impl State {
 
 /// An exited process as qemu-server reports it: QGA's fields, booleans as 0/1, output decoded
 /// from base64 (and shown byte per character, see [`latin1`]).
+/// An I/O error as QGA words it (g_strerror: the text without Rust's "(os error N)").
+fn io_why(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
 fn exec_status_json(done: &ExecDone) -> Value {
     let mut r = json!({ "exited": 1 });
     if let Some(code) = done.exitcode {

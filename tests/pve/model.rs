@@ -58,6 +58,9 @@ pub struct FakeOptions {
     pub lock_timeout_once: bool,
     /// The first `/cluster/nextid` answer is immediately taken by another VM ("someone-else").
     pub nextid_race: bool,
+    /// `agent/file-read` and `agent/file-write` use this host's files, as `agent/exec` runs on
+    /// this host, instead of the guests' in-memory files: exec and file calls see one file system.
+    pub files_on_host: bool,
 }
 
 impl Default for FakeOptions {
@@ -80,6 +83,7 @@ impl Default for FakeOptions {
             guest_ip: "127.0.0.1".into(),
             lock_timeout_once: false,
             nextid_race: false,
+            files_on_host: false,
         }
     }
 }

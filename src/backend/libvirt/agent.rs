@@ -267,10 +267,30 @@ impl GuestAgent for LocalBackend {
             .map_err(|e| anyhow!("{name}: reading {path} through the guest agent: {e}").into())
     }
 
+    fn read_file_range(
+        &self,
+        name: &str,
+        path: &str,
+        offset: u64,
+        length: usize,
+    ) -> Result<Vec<u8>> {
+        let (dom, state) = self.require_running(name)?;
+        self.require_agent(&state, "reading guest files")?;
+        read_guest_range(&Guest::new(&dom), path, offset, length)
+            .map_err(|e| anyhow!("{name}: reading {path} through the guest agent: {e}").into())
+    }
+
+    fn append_file(&self, name: &str, path: &str, data: &[u8]) -> Result<()> {
+        let (dom, state) = self.require_running(name)?;
+        self.require_agent(&state, "writing guest files")?;
+        write_guest_file(&Guest::new(&dom), path, data, "a")
+            .map_err(|e| anyhow!("{name}: writing {path} through the guest agent: {e}").into())
+    }
+
     fn write_file(&self, name: &str, path: &str, data: &[u8], mode: Option<u32>) -> Result<()> {
         let (dom, state) = self.require_running(name)?;
         self.require_agent(&state, "writing guest files")?;
-        write_guest_file(&Guest::new(&dom), path, data)
+        write_guest_file(&Guest::new(&dom), path, data, "w")
             .map_err(|e| anyhow!("{name}: writing {path} through the guest agent: {e}"))?;
         if let Some(mode) = mode {
             crate::backend::chmod_through_agent(self, name, path, mode)?;
@@ -325,12 +345,60 @@ fn read_guest_file(guest: &Guest, path: &str) -> Result<Vec<u8>, GuestError> {
     result.map(|()| data)
 }
 
-/// Makes or replaces the guest file `path` with `data`, in chunks.
-fn write_guest_file(guest: &Guest, path: &str, data: &[u8]) -> Result<(), GuestError> {
+/// Up to `length` bytes of the guest file `path` from `offset`, in chunks;
+/// fewer only at its end.
+fn read_guest_range(
+    guest: &Guest,
+    path: &str,
+    offset: u64,
+    length: usize,
+) -> Result<Vec<u8>, GuestError> {
     let handle = guest.agent(
         qga::guest_file_open {
             path: path.to_string(),
-            mode: Some("w".into()),
+            mode: Some("r".into()),
+        },
+        AGENT_TIMEOUT,
+    )?;
+    let mut data = Vec::with_capacity(length);
+    let result = (|| {
+        if offset > 0 {
+            guest.agent(
+                qga::guest_file_seek {
+                    handle,
+                    offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                    whence: qga::GuestFileWhence::name(qga::QGASeek::set),
+                },
+                AGENT_TIMEOUT,
+            )?;
+        }
+        while data.len() < length {
+            let want = (length - data.len()).min(FILE_CHUNK);
+            let chunk = guest.agent(
+                qga::guest_file_read {
+                    handle,
+                    count: Some(want as i64),
+                },
+                AGENT_TIMEOUT,
+            )?;
+            data.extend_from_slice(&chunk.buf_b64);
+            if chunk.eof || chunk.count == 0 {
+                break;
+            }
+        }
+        Ok(())
+    })();
+    let _ = guest.agent(qga::guest_file_close { handle }, AGENT_TIMEOUT);
+    result.map(|()| data)
+}
+
+/// Writes `data` to the guest file `path` in chunks: `mode` "w" makes or
+/// replaces it, "a" adds to its end.
+fn write_guest_file(guest: &Guest, path: &str, data: &[u8], mode: &str) -> Result<(), GuestError> {
+    let handle = guest.agent(
+        qga::guest_file_open {
+            path: path.to_string(),
+            mode: Some(mode.into()),
         },
         AGENT_TIMEOUT,
     )?;

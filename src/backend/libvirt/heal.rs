@@ -242,6 +242,22 @@ impl GuestAgent for Healing {
             self.inner.write_file(name, path, data, mode)
         })
     }
+
+    fn read_file_range(
+        &self,
+        name: &str,
+        path: &str,
+        offset: u64,
+        length: usize,
+    ) -> Result<Vec<u8>> {
+        self.read(|| self.inner.read_file_range(name, path, offset, length))
+    }
+
+    fn append_file(&self, name: &str, path: &str, data: &[u8]) -> Result<()> {
+        self.change(name, "writing a file in", || {
+            self.inner.append_file(name, path, data)
+        })
+    }
 }
 
 impl Snapshots for Healing {

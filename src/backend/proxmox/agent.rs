@@ -128,12 +128,31 @@ impl ProxmoxBackend {
     /// PVE hands over the agent's base64). A file larger than one reply
     /// (`truncated`) is read on from where the last reply ended.
     fn read_guest_file(&self, found: &Found, file: &str) -> anyhow::Result<Vec<u8>> {
+        self.read_guest_range(found, file, 0, None)
+    }
+
+    /// Reads from `offset` up to `length` bytes (all to the end with `None`);
+    /// fewer only at the file's end.
+    fn read_guest_range(
+        &self,
+        found: &Found,
+        file: &str,
+        offset: u64,
+        length: Option<usize>,
+    ) -> anyhow::Result<Vec<u8>> {
         use base64::Engine as _;
         let mut data = Vec::new();
         loop {
             let mut params = vec![("file", file.to_string()), ("decode", "0".to_string())];
-            if !data.is_empty() {
-                params.push(("offset", data.len().to_string()));
+            let at = offset + data.len() as u64;
+            if at > 0 {
+                params.push(("offset", at.to_string()));
+            }
+            if let Some(length) = length {
+                if data.len() >= length {
+                    return Ok(data);
+                }
+                params.push(("count", (length - data.len()).to_string()));
             }
             let reply = self
                 .client
@@ -329,8 +348,58 @@ impl GuestAgent for ProxmoxBackend {
             .map_err(|e| anyhow!("{name}: reading {path} through the guest agent: {e}"))?)
     }
 
+    fn read_file_range(
+        &self,
+        name: &str,
+        path: &str,
+        offset: u64,
+        length: usize,
+    ) -> Result<Vec<u8>> {
+        let (found, _) = self.running(name)?;
+        Ok(self
+            .read_guest_range(&found, path, offset, Some(length))
+            .map_err(|e| anyhow!("{name}: reading {path} through the guest agent: {e}"))?)
+    }
+
+    /// `agent/file-write` cannot append: each piece of at most
+    /// [`MAX_FILE_WRITE`] bytes is written to a part file beside `path`, then
+    /// added to it with `cat` run through the agent.
+    fn append_file(&self, name: &str, path: &str, data: &[u8]) -> Result<()> {
+        let part = format!("{path}.agentvm-part");
+        for piece in data.chunks(MAX_FILE_WRITE) {
+            self.write_file(name, &part, piece, None)?;
+            let argv = [
+                "/bin/sh".to_string(),
+                "-c".to_string(),
+                "cat \"$0\" >> \"$1\"; s=$?; rm -f \"$0\"; exit $s".to_string(),
+                part.clone(),
+                path.to_string(),
+            ];
+            let mut err = Vec::new();
+            let outcome = self.exec(
+                name,
+                &argv,
+                None,
+                Duration::from_secs(60),
+                &mut |stream, data| {
+                    if stream == Stream::Stderr {
+                        err.extend_from_slice(data);
+                    }
+                },
+            )?;
+            if outcome.exit_code != Some(0) {
+                return Err(anyhow!(
+                    "{name}: adding to {path} through the guest agent: {}",
+                    String::from_utf8_lossy(&err).trim()
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// `agent/file-write` cannot append, so a file goes in one call: at most
-    /// [`MAX_FILE_WRITE`] bytes.
+    /// [`MAX_FILE_WRITE`] bytes (`append_file` adds more).
     fn write_file(&self, name: &str, path: &str, data: &[u8], mode: Option<u32>) -> Result<()> {
         use base64::Engine as _;
         if data.len() > MAX_FILE_WRITE {
