@@ -1,6 +1,7 @@
 //! agentvm: per-user agent VMs on libvirt and Proxmox VE from one fleet file. See ARCHITECTURE.md.
 
 pub mod backend;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod clock;

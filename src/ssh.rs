@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
+use crate::backoff::Backoff;
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::paths::Home;
 
@@ -152,6 +153,7 @@ pub fn wait_for_banner(
 ) -> Result<Duration> {
     let start = Instant::now();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut backoff = Backoff::new(BANNER_POLL_FIRST, BANNER_POLL_MAX);
     loop {
         if read_banner(&addr).is_some() {
             return Ok(start.elapsed());
@@ -165,9 +167,14 @@ pub fn wait_for_banner(
                 timeout.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(250));
+        backoff.sleep_until(start + timeout);
     }
 }
+
+/// How `wait_for_banner` polls: 5 ms growing to 40 ms (each try is one
+/// loopback connection; SLIRP answers it without the guest until sshd listens).
+const BANNER_POLL_FIRST: Duration = Duration::from_millis(5);
+const BANNER_POLL_MAX: Duration = Duration::from_millis(40);
 
 /// The first line the server sends, if it is an SSH identification string.
 /// (A user-mode forward accepts connections before the guest listens; only the

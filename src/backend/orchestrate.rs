@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 
 use super::{Backend, BackendError, DownPath, Existing, Result, Timings, UpAction, UpOutcome};
+use crate::backoff::Backoff;
 use crate::failpoint;
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, VmSpec};
 
-/// How often `down` checks whether the guest has stopped.
-const STOP_POLL: Duration = Duration::from_millis(200);
+/// How `down` polls for the VM to be off: 5 ms growing to 100 ms.
+const STOP_POLL_FIRST: Duration = Duration::from_millis(5);
+const STOP_POLL_MAX: Duration = Duration::from_millis(100);
 /// The share of `down --timeout` given to the guest agent before ACPI is tried.
 const AGENT_SHARE: u32 = 2;
 
@@ -219,6 +221,7 @@ pub fn down(backend: &dyn Backend, name: &str, force: bool, timeout: Duration) -
 
 /// Polls until the VM is off (true) or the deadline passes (false).
 fn wait_stopped(backend: &dyn Backend, name: &str, deadline: Instant) -> Result<bool> {
+    let mut backoff = Backoff::new(STOP_POLL_FIRST, STOP_POLL_MAX);
     loop {
         if !backend.is_running(name)? {
             return Ok(true);
@@ -226,6 +229,6 @@ fn wait_stopped(backend: &dyn Backend, name: &str, deadline: Instant) -> Result<
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        std::thread::sleep(STOP_POLL);
+        backoff.sleep_until(deadline);
     }
 }

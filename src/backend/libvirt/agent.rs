@@ -9,7 +9,8 @@ use anyhow::{Context, anyhow};
 use qapi::qga;
 use virt::domain::Domain;
 
-use super::{LocalBackend, POLL};
+use super::LocalBackend;
+use crate::backoff::Backoff;
 use crate::backend::{
     AgentState, BackendError, EXEC_PATH, ExecOutcome, GuestAgent, HostKey, Result, Stream,
 };
@@ -19,8 +20,13 @@ use crate::guest::{Guest, GuestError};
 
 /// How long one agent command may take before the agent counts as not responding.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long `exec` polls between `guest-exec-status` calls.
-const EXEC_POLL: Duration = Duration::from_millis(100);
+/// How `exec` polls `guest-exec-status`: from 1 ms (a quick command is seen
+/// done at once) growing to 50 ms (a long one costs the guest little).
+const EXEC_POLL_FIRST: Duration = Duration::from_millis(1);
+const EXEC_POLL_MAX: Duration = Duration::from_millis(50);
+/// How `up` polls the guest agent until it answers: 5 ms growing to 40 ms.
+const AGENT_POLL_FIRST: Duration = Duration::from_millis(5);
+const AGENT_POLL_MAX: Duration = Duration::from_millis(40);
 
 impl LocalBackend {
     /// The agent's state and the guest's addresses (loopback and link-local left out).
@@ -40,6 +46,7 @@ impl LocalBackend {
     /// Waits until the guest agent answers `guest-ping`, or `deadline`.
     pub(super) fn wait_for_agent(&self, dom: &Domain, name: &str, deadline: Instant) -> Result<()> {
         let guest = Guest::new(dom);
+        let mut backoff = Backoff::new(AGENT_POLL_FIRST, AGENT_POLL_MAX);
         loop {
             match guest.agent(qga::guest_ping {}, AGENT_TIMEOUT) {
                 Ok(_) => return Ok(()),
@@ -50,7 +57,7 @@ impl LocalBackend {
                     )
                     .into());
                 }
-                Err(_) => std::thread::sleep(POLL),
+                Err(_) => backoff.sleep_until(deadline),
             }
         }
     }
@@ -101,6 +108,7 @@ impl LocalBackend {
             )
             .map_err(guest_error)?;
         let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new(EXEC_POLL_FIRST, EXEC_POLL_MAX);
         loop {
             let status = guest
                 .agent(qga::guest_exec_status { pid: started.pid }, AGENT_TIMEOUT)
@@ -127,7 +135,7 @@ impl LocalBackend {
                 )
                 .into());
             }
-            std::thread::sleep(EXEC_POLL);
+            backoff.sleep_until(deadline);
         }
     }
 

@@ -14,7 +14,6 @@ mod shares;
 mod snapshots;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use virt::connect::Connect;
@@ -40,8 +39,6 @@ pub use host::{
 pub const DEFAULT_URI: &str = "qemu:///session";
 /// Size of the blank disk a kernel-boot VM without a `file` and a `disk` gets.
 pub const DEFAULT_BLANK_DISK: Size = Size::from_bytes(8 * GIB);
-/// How often `down` checks whether the guest has stopped.
-const POLL: Duration = Duration::from_millis(200);
 /// Lines of the serial log shown when a guest fails to come up.
 const LOG_TAIL_LINES: usize = 15;
 
