@@ -10,10 +10,10 @@ use qapi::qga;
 use virt::domain::Domain;
 
 use super::LocalBackend;
-use crate::backoff::Backoff;
 use crate::backend::{
     AgentState, BackendError, EXEC_PATH, ExecOutcome, GuestAgent, HostKey, Result, Stream,
 };
+use crate::backoff::Backoff;
 use crate::domain::{LISTEN_ADDRESS, VmState};
 use crate::fsutil::write_atomic;
 use crate::guest::{Guest, GuestError};

@@ -1,0 +1,134 @@
+//! Latency benchmark on the test guest, each figure beside its floor measured
+//! in the same run:
+//!
+//! - readiness: from the guest first answering SSH (a prober reads the banner
+//!   every millisecond) to `agentvm up` returning; floor: one banner read plus
+//!   one `virsh qemu-agent-command … guest-ping` process (what `up` must at least
+//!   do once the guest is ready);
+//! - warm `exec VM -- true` end to end; floor: one whole `virsh
+//!   qemu-agent-command … guest-ping` process.
+//!
+//! Prints a table and one JSON line; asserts nothing about speed. Run with
+//! `.ci/bench latency` (or `cargo bench --bench latency` as an unprivileged user).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Env, GUEST_TIMEOUT};
+
+const READY_RUNS: usize = 5;
+const EXEC_RUNS: usize = 30;
+
+fn main() {
+    let env = Env::new();
+    let port = free_port();
+    env.write_fleet(&format!("[vms.bench-lat]\nssh_port = {port}\n"));
+    env.owns(&["bench-lat"]);
+
+    let mut ready = Vec::new();
+    for _ in 0..READY_RUNS {
+        let _ = env.agentvm(&["destroy", "--yes", "bench-lat"]);
+        ready.push(readiness(&env, port));
+    }
+    let ready_floor = median(
+        (0..EXEC_RUNS)
+            .map(|_| {
+                let start = Instant::now();
+                agentvm::ssh::read_banner(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+                    .expect("a banner from the running guest");
+                start.elapsed().as_secs_f64() * 1000.0 + virsh_ping("bench-lat")
+            })
+            .collect(),
+    );
+
+    env.ok(&["exec", "bench-lat", "--", "true"]);
+    let exec = median(
+        (0..EXEC_RUNS)
+            .map(|_| {
+                let start = Instant::now();
+                env.ok(&["exec", "bench-lat", "--", "true"]);
+                start.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect(),
+    );
+    let exec_floor = median((0..EXEC_RUNS).map(|_| virsh_ping("bench-lat")).collect());
+    let ready = median(ready);
+
+    println!("latency on the test guest (TCG), median ms:");
+    println!(
+        "  {:<34} {:>8} {:>8} {:>6}",
+        "figure", "agentvm", "floor", "ratio"
+    );
+    for (what, ours, floor) in [
+        ("readiness: SSH answers -> up returns", ready, ready_floor),
+        ("warm exec VM -- true", exec, exec_floor),
+    ] {
+        println!(
+            "  {what:<34} {ours:>8.1} {floor:>8.1} {:>6.2}",
+            ours / floor
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "readiness_ms": {"agentvm": ready, "floor": ready_floor},
+            "exec_ms": {"agentvm": exec, "floor": exec_floor},
+        })
+    );
+}
+
+/// Milliseconds from the guest's first SSH banner to `up` returning.
+fn readiness(env: &Env, port: u16) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let first: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let prober = {
+        let (stop, first) = (stop.clone(), first.clone());
+        std::thread::spawn(move || {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            while !stop.load(Ordering::Relaxed) {
+                if agentvm::ssh::read_banner(&addr).is_some() {
+                    *first.lock().unwrap() = Some(Instant::now());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    env.ok(&["up", "bench-lat", "--timeout", GUEST_TIMEOUT]);
+    let returned = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    prober.join().unwrap();
+    let first = first.lock().unwrap().expect("the prober saw the banner");
+    returned.saturating_duration_since(first).as_secs_f64() * 1000.0
+}
+
+/// One whole `virsh qemu-agent-command VM guest-ping` process, in ms.
+fn virsh_ping(vm: &str) -> f64 {
+    let start = Instant::now();
+    let out = std::process::Command::new("virsh")
+        .args(["-q", "-c", "qemu:///session", "qemu-agent-command"])
+        .arg(format!("agentvm-{vm}"))
+        .arg(r#"{"execute":"guest-ping"}"#)
+        .output()
+        .expect("virsh (libvirt-clients)");
+    assert!(out.status.success(), "virsh guest-ping: {out:?}");
+    start.elapsed().as_secs_f64() * 1000.0
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
