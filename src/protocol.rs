@@ -103,6 +103,9 @@ pub enum Op {
         #[serde(default)]
         stdin: Option<Vec<u8>>,
         timeout_secs: u64,
+        /// Pass output on while the command runs (`exec --stream`).
+        #[serde(default)]
+        stream: bool,
     },
     HostKey,
     /// Reads a guest file through the agent: all of it, or (with `length`)

@@ -276,3 +276,48 @@ fn sync_clock_sets_a_lagging_guest_clock_to_the_hosts() {
     let err = env.fails(&["sync-clock", "g-clock"]);
     assert!(err.contains("g-clock"), "{err}");
 }
+
+#[test]
+fn exec_stream_prints_output_while_the_command_runs() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    running(&env, "g-stream", "");
+    let mut child = env
+        .command(&[
+            "exec",
+            "--stream",
+            "g-stream",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo first; echo oops >&2; sleep 4; echo second; exit 3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "first");
+    // The first line came while the command still ran (it sleeps 4 s after it).
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first line came only when the command had ended"
+    );
+    assert_eq!(lines.next().unwrap().unwrap(), "second");
+    assert!(lines.next().is_none());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("oops"), "{err}");
+    // Nothing is left in the guest.
+    let (code, left, _) = exec(
+        &env,
+        "g-stream",
+        "ls -d /tmp/agentvm-stream-* 2>/dev/null; true",
+    );
+    assert_eq!((code, left.as_str()), (0, ""));
+    // --stream takes no standard input.
+    let err = env.fails(&["exec", "--stream", "-i", "g-stream", "--", "cat"]);
+    assert!(err.contains("--stream") || err.contains("-i"), "{err}");
+}

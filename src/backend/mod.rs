@@ -9,6 +9,7 @@ pub mod libvirt;
 pub mod orchestrate;
 pub mod proxmox;
 pub mod registry;
+pub mod stream;
 mod types;
 
 use std::path::{Path, PathBuf};

@@ -104,6 +104,10 @@ pub enum Command {
         /// its end first; at most 64 KiB).
         #[arg(short = 'i', long)]
         stdin: bool,
+        /// Print the output while the command runs (for builds and other long
+        /// commands; without it the agent hands it over when the command ends).
+        #[arg(long, conflicts_with = "stdin")]
+        stream: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },

@@ -119,7 +119,14 @@ pub fn spice(app: &App, name: &str, open: bool) -> Result<i32> {
 /// The most `exec -i` passes to the guest command.
 pub const MAX_EXEC_STDIN: usize = 64 * 1024;
 
-pub fn exec(app: &App, name: &str, argv: Vec<String>, stdin: bool, timeout: u64) -> Result<i32> {
+pub fn exec(
+    app: &App,
+    name: &str,
+    argv: Vec<String>,
+    stdin: bool,
+    stream: bool,
+    timeout: u64,
+) -> Result<i32> {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let json = app.json;
     let stdin = if stdin {
@@ -141,6 +148,7 @@ pub fn exec(app: &App, name: &str, argv: Vec<String>, stdin: bool, timeout: u64)
         argv,
         stdin,
         timeout_secs: timeout,
+        stream,
     };
     let results = app.call_with(&[name.to_string()], op, false, &mut |event| {
         if let Event::Output { stream, data, .. } = event {

@@ -216,6 +216,7 @@ impl Server {
                 argv: args.command,
                 stdin: None,
                 timeout_secs: args.timeout_secs.unwrap_or(300),
+                stream: false,
             };
             let results =
                 app.call_with(std::slice::from_ref(&args.name), op, false, &mut |event| {

@@ -141,8 +141,9 @@ fn run(cli: Cli) -> Result<i32> {
             name,
             timeout,
             stdin,
+            stream,
             command,
-        } => guest::exec(&app, &name, command, stdin, timeout),
+        } => guest::exec(&app, &name, command, stdin, stream, timeout),
         Command::Cp {
             recursive,
             via,

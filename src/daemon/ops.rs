@@ -195,20 +195,27 @@ fn perform(
             argv,
             stdin,
             timeout_secs,
+            stream,
         } => {
-            let outcome = backend.exec(
-                name,
-                argv,
-                stdin.as_deref(),
-                Duration::from_secs(*timeout_secs),
-                &mut |stream, data| {
-                    let _ = events.tx.send(Reply::Event(Event::Output {
-                        vm: name.to_string(),
-                        stream,
-                        data: data.to_vec(),
-                    }));
-                },
-            )?;
+            let timeout = Duration::from_secs(*timeout_secs);
+            let mut send = |stream, data: &[u8]| {
+                let _ = events.tx.send(Reply::Event(Event::Output {
+                    vm: name.to_string(),
+                    stream,
+                    data: data.to_vec(),
+                }));
+            };
+            let outcome = if *stream {
+                if stdin.is_some() {
+                    return Err(anyhow::anyhow!(
+                        "exec --stream takes no standard input (-i); run without --stream"
+                    )
+                    .into());
+                }
+                crate::backend::stream::exec_streaming(backend, name, argv, timeout, &mut send)?
+            } else {
+                backend.exec(name, argv, stdin.as_deref(), timeout, &mut send)?
+            };
             Outcome::Exec(outcome)
         }
         Op::HostKey => Outcome::HostKey(backend.host_key(name)?),

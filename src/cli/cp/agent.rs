@@ -146,6 +146,7 @@ impl Guest for AgentGuest<'_> {
             argv,
             stdin: None,
             timeout_secs: SCRIPT_TIMEOUT_SECS,
+            stream: false,
         };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let results =
