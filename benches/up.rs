@@ -4,7 +4,7 @@
 //! - `up` without the guest's boot (`--no-wait`), split into image, overlay, xml,
 //!   define and start, beside its floor (a `virsh start` of the same VM);
 //! - overlay creation on a 1 GiB and a 50 GiB sparse base (the ratio should be ~1);
-//! - `list --json` latency with 20 defined VMs;
+//! - `list --json` latency with 200 defined VMs;
 //! - 1, 4 and 8 VMs brought up one by one and in one parallel `up`, with
 //!   `--no-wait` and waiting for SSH: wall times and parallel/sequential ratio.
 //!
@@ -21,7 +21,7 @@ use common::Env;
 
 const UP_RUNS: usize = 5;
 const OVERLAY_RUNS: usize = 20;
-const LIST_VMS: usize = 20;
+const LIST_VMS: usize = 200;
 const LIST_RUNS: usize = 20;
 
 fn main() {
@@ -142,7 +142,7 @@ fn list_latency() {
     env.write_fleet(&fleet);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     env.owns(&refs);
-    for chunk in refs.chunks(5) {
+    for chunk in refs.chunks(10) {
         let mut args = vec!["up", "--no-wait"];
         args.extend_from_slice(chunk);
         env.ok(&args);
