@@ -5,6 +5,7 @@
 mod args;
 mod daemon_cmd;
 mod egress;
+mod fork;
 mod guest;
 mod image;
 mod lifecycle;
@@ -114,6 +115,21 @@ fn run(cli: Cli) -> Result<i32> {
             timeout,
             no_block,
         } => lifecycle::down(&app, &names, force, timeout, no_block),
+        Command::Fork {
+            source,
+            new,
+            no_wait,
+            new_identity,
+            timeout,
+            no_block,
+        } => fork::fork(
+            &app,
+            &source,
+            &new,
+            (!no_wait).then_some(timeout),
+            new_identity,
+            no_block,
+        ),
         Command::Destroy {
             names,
             all,

@@ -305,3 +305,14 @@ impl Templates for Healing {
         self.inner.push_image(image, disk, progress)
     }
 }
+
+impl crate::backend::Forks for Healing {
+    fn fork(
+        &self,
+        source: &str,
+        new: &[String],
+        progress: &dyn Reporter,
+    ) -> Result<crate::backend::Forked> {
+        self.change(source, "forking", || self.inner.fork(source, new, progress))
+    }
+}

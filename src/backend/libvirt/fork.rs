@@ -1,0 +1,436 @@
+//! The local backend's `fork`: one live external snapshot of the source
+//! (memory to a libvirt save image, its disk's top frozen as a read-only
+//! layer with a new top above it), then per fork a thin overlay on that
+//! layer, a domain defined from the saved XML with the fork's identity, and a
+//! restore of the memory snapshot rewritten to name it (`saveimage`).
+//!
+//! Which layer a VM's disk sits on is in its metadata (`<agentvm:layer>`), so
+//! `destroy` finds the VMs that depend on a VM's folder by reading every
+//! domain's metadata.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use virt::domain::Domain;
+use virt::sys;
+
+use super::fork_xml::{ForkIdentity, rewrite, with_uuid};
+use super::saveimage::SaveImage;
+use super::{LocalBackend, lv};
+use crate::backend::{Forked, ForkedVm, Forks, Result};
+use crate::domain::{self, VmState};
+use crate::fsutil::{FileLock, create_private_dir, write_atomic};
+use crate::image::qemu_img::{self, DiskFormat};
+use crate::paths::{self, Home};
+use crate::ports::{self, SPICE_PORT_BASE, SSH_PORT_BASE};
+use crate::progress::Reporter;
+
+/// The writable top of the disk of the VM `state` describes.
+pub(super) fn top_disk(home: &Home, state: &VmState) -> PathBuf {
+    match &state.disk {
+        Some(file) => home.vm_dir(&state.name).join(file),
+        None => home.vm_disk(&state.name),
+    }
+}
+
+impl LocalBackend {
+    /// The VMs whose disks sit on a layer in `name`'s folder, directly or
+    /// through the layers of other forks, sorted by name.
+    pub(super) fn layer_dependents(&self, name: &str) -> Result<Vec<String>> {
+        let all = self.all_domains()?;
+        let mut found: Vec<String> = Vec::new();
+        let mut owners = vec![name.to_string()];
+        while let Some(owner) = owners.pop() {
+            let dir = self.home.vm_dir(&owner);
+            for (_, state) in &all {
+                let on_it = state
+                    .layer
+                    .as_deref()
+                    .is_some_and(|layer| Path::new(layer).starts_with(&dir));
+                if on_it && state.name != owner && state.name != name && !found.contains(&state.name)
+                {
+                    found.push(state.name.clone());
+                    owners.push(state.name.clone());
+                }
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Refuses fork names that are invalid, repeated or taken.
+    fn check_fork_names(&self, source: &str, new: &[String]) -> Result<()> {
+        if new.is_empty() {
+            return Err(anyhow!("fork needs at least one name for a new VM").into());
+        }
+        for (i, name) in new.iter().enumerate() {
+            crate::spec::Name::new(name).map_err(|e| anyhow!("{name}: {e}"))?;
+            if name == source || new[..i].contains(name) {
+                return Err(anyhow!("{name} is named twice in the fork").into());
+            }
+            if self.lookup(name)?.is_some() {
+                return Err(anyhow!("a VM named {name} already exists").into());
+            }
+            let dir = self.home.vm_dir(name);
+            if dir.exists() {
+                return Err(anyhow!(
+                    "{} exists although no VM {name} does; remove it or pick another name",
+                    dir.display()
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes, defines and restores each fork from the memory snapshot; on
+    /// error the forks made so far are removed again.
+    fn restore_forks(
+        &self,
+        source: &VmState,
+        layer: &Path,
+        memory: &Path,
+        new: &[String],
+        progress: &dyn Reporter,
+    ) -> Result<Vec<ForkedVm>> {
+        let mut made = Vec::new();
+        let result = self.restore_forks_into(source, layer, memory, new, progress, &mut made);
+        if result.is_err() {
+            for name in &made {
+                if let Err(e) = crate::backend::Lifecycle::remove(self, name) {
+                    tracing::warn!("{name}: removing the half-made fork: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    fn restore_forks_into(
+        &self,
+        source: &VmState,
+        layer: &Path,
+        memory: &Path,
+        new: &[String],
+        progress: &dyn Reporter,
+        made: &mut Vec<String>,
+    ) -> Result<Vec<ForkedVm>> {
+        let image = SaveImage::read(memory)?;
+        // Held from choosing ports until the domains (which claim them) are defined.
+        let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
+        let mut claims = self.claims("")?;
+        let mut pending = Vec::new();
+        for name in new {
+            let mut pick = |kind, base| {
+                let port = ports::choose(kind, base, name, None, None, &claims)
+                    .map_err(|e| anyhow!("{name}: {e}"))?;
+                claims.add(port, &format!("{name} ({kind})"));
+                Ok::<_, anyhow::Error>(port)
+            };
+            let ports = (pick("ssh", SSH_PORT_BASE)?, pick("spice", SPICE_PORT_BASE)?);
+            made.push(name.clone());
+            let save = self.define_fork(source, layer, &image, memory, name, ports)?;
+            pending.push((name, save, ports));
+        }
+        drop(ports_guard);
+        let conn = self.conn()?;
+        let mut forks = Vec::new();
+        for (name, save, (ssh_port, spice_port)) in pending {
+            let began = Instant::now();
+            let restored = conn
+                .restore_domain(&save.to_string_lossy())
+                .map_err(lv)
+                .with_context(|| format!("restoring {name} from {}'s memory", source.name));
+            remove_file(&save);
+            restored?;
+            progress.step(
+                name,
+                &format!(
+                    "restored from {} in {:.1} s (ssh port {ssh_port})",
+                    source.name,
+                    began.elapsed().as_secs_f64()
+                ),
+            );
+            forks.push(ForkedVm {
+                name: name.clone(),
+                ssh_port,
+                spice_port,
+                ssh_ready_seconds: None,
+                new_identity: false,
+                host_key_pinned: self.home.vm_pinned_host_key(name).is_file(),
+            });
+        }
+        Ok(forks)
+    }
+
+    /// Makes fork `name`'s folder, disk and files, defines its domain, and
+    /// writes the memory snapshot that restores it; returns that file.
+    fn define_fork(
+        &self,
+        source: &VmState,
+        layer: &Path,
+        image: &SaveImage,
+        memory: &Path,
+        name: &str,
+        (ssh_port, spice_port): (u16, u16),
+    ) -> anyhow::Result<PathBuf> {
+        let home = &self.home;
+        let dir = home.vm_dir(name);
+        create_private_dir(&dir)?;
+        qemu_img::create_overlay(layer, DiskFormat::Qcow2, &home.vm_disk(name), None)?;
+        let src = source.name.as_str();
+        for (from, to) in [
+            (home.vm_env_file(src), home.vm_env_file(name)),
+            (home.vm_seed(src), home.vm_seed(name)),
+        ] {
+            if from.is_file() {
+                let data =
+                    std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+                write_atomic(&to, &data, 0o600)?;
+            }
+        }
+        self.copy_pinned_key(src, name)?;
+
+        let mut fork = source.clone();
+        fork.name = name.to_string();
+        fork.ssh_port = ssh_port;
+        fork.spice_port = spice_port;
+        fork.forwards.clear();
+        fork.disk = None;
+        fork.layer = Some(layer.to_string_lossy().into_owned());
+        fork.forked_from = Some(src.to_string());
+        fork.home = Some(self.home_key.clone());
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let runtime = &self.runtime_dir;
+        let identity = ForkIdentity {
+            source,
+            fork: &fork,
+            paths: vec![
+                (path(layer.to_path_buf()), path(home.vm_disk(name))),
+                (path(home.vm_serial_log(src)), path(home.vm_serial_log(name))),
+                (path(home.vm_env_file(src)), path(home.vm_env_file(name))),
+                (path(home.vm_seed(src)), path(home.vm_seed(name))),
+                (
+                    path(domain::guest_agent_socket(runtime, src)),
+                    path(domain::guest_agent_socket(runtime, name)),
+                ),
+            ],
+        };
+        let xml = without_backing_stores(&rewrite(image.xml(), &identity)?)?;
+        let dom = self
+            .define_xml(&xml)
+            .with_context(|| format!("defining {}", domain::domain_name(name)))?;
+        let uuid = dom
+            .uuid_string()
+            .map_err(lv)
+            .context("reading the fork's UUID")?;
+        let save = dir.join(paths::VM_FORK_MEMORY_FILE);
+        image.copy_with_xml(memory, &save, &with_uuid(&xml, &uuid)?)?;
+        Ok(save)
+    }
+
+    /// Pins the source's host key for the fork (its guest has the same key).
+    fn copy_pinned_key(&self, source: &str, name: &str) -> anyhow::Result<()> {
+        let pinned = self.home.vm_pinned_host_key(source);
+        let key = match std::fs::read_to_string(&pinned) {
+            Ok(key) => key,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", pinned.display())),
+        };
+        let key = key.trim();
+        write_atomic(
+            &self.home.vm_known_hosts(name),
+            format!("{}{name} {key}\n", domain::DOMAIN_PREFIX).as_bytes(),
+            0o600,
+        )?;
+        write_atomic(
+            &self.home.vm_pinned_host_key(name),
+            format!("{key}\n").as_bytes(),
+            0o600,
+        )
+    }
+}
+
+impl Forks for LocalBackend {
+    fn fork(&self, source: &str, new: &[String], progress: &dyn Reporter) -> Result<Forked> {
+        self.check_fork_names(source, new)?;
+        let (dom, state) = self.require_running(source)?;
+        if !state.shares.is_empty() {
+            return Err(anyhow!(
+                "{source} has shared folders: QEMU cannot save the share devices' state with \
+                 the memory, so it cannot be forked while they are attached"
+            )
+            .into());
+        }
+        if state.egress.is_some() {
+            return Err(anyhow!(
+                "{source} has an egress policy: forks of it are not supported (its proxy \
+                 tunnel is per VM); agentvm up a new VM instead"
+            )
+            .into());
+        }
+        if state.network != domain::NetworkMode::Slirp.as_str() {
+            return Err(anyhow!(
+                "{source} runs on {} networking: only VMs on SLIRP can be forked",
+                state.network
+            )
+            .into());
+        }
+        let layer = top_disk(&self.home, &state);
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let new_top = self.home.vm_fork_top(source, stamp);
+        let memory = self.home.vm_fork_memory(source);
+        remove_file(&memory);
+        let snapshot_seconds = snapshot(&dom, source, &memory, &new_top)?;
+        progress.step(
+            source,
+            &format!(
+                "snapshot of {source} taken in {snapshot_seconds:.1} s (it ran meanwhile, paused only at the end)"
+            ),
+        );
+        let mut recorded = state.clone();
+        recorded.disk = new_top
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned());
+        recorded.layer = Some(layer.to_string_lossy().into_owned());
+        super::forwards::write_state(&dom, &recorded).with_context(|| {
+            format!(
+                "{source} now writes to {}, but recording it in its metadata failed",
+                new_top.display()
+            )
+        })?;
+        // Nothing may write to a layer others sit on.
+        if let Err(e) = std::fs::set_permissions(
+            &layer,
+            std::os::unix::fs::PermissionsExt::from_mode(0o400),
+        ) {
+            tracing::warn!("{source}: making {} read-only: {e}", layer.display());
+        }
+        let forks = self.restore_forks(&state, &layer, &memory, new, progress);
+        remove_file(&memory);
+        Ok(Forked {
+            snapshot_seconds,
+            vms: forks?,
+        })
+    }
+}
+
+/// Takes the live external snapshot: memory to `memory`, the disk's top
+/// frozen under a new top `new_top`; returns how long it took.
+fn snapshot(dom: &Domain, source: &str, memory: &Path, new_top: &Path) -> Result<f64> {
+    let live_xml = dom
+        .xml_desc(0)
+        .map_err(lv)
+        .context("reading the domain XML")?;
+    // A NoCloud seed disk is read-only: it stays as it is.
+    let seed = if live_xml.contains("<target dev='vdb'") {
+        "<disk name='vdb' snapshot='no'/>"
+    } else {
+        ""
+    };
+    let xml = format!(
+        "<domainsnapshot><name>agentvm-fork</name>\
+         <memory snapshot='external' file='{}'/>\
+         <disks><disk name='vda' snapshot='external' type='file'><driver type='qcow2'/>\
+         <source file='{}'/></disk>{seed}</disks></domainsnapshot>",
+        xml_attr(&memory.to_string_lossy()),
+        xml_attr(&new_top.to_string_lossy()),
+    );
+    let began = Instant::now();
+    let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+        | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+    if let Err(e) = dom.create_snapshot_xml(&xml, flags) {
+        remove_file(memory);
+        remove_file(new_top);
+        return Err(lv(e)
+            .context(format!("{source}: taking the snapshot to fork from"))
+            .into());
+    }
+    Ok(began.elapsed().as_secs_f64())
+}
+
+/// `xml` without `<backingStore>` elements: libvirt then reads each disk's
+/// chain from its qcow2 headers (a fork's overlay sits on a layer the saved
+/// chain does not name).
+fn without_backing_stores(xml: &str) -> anyhow::Result<String> {
+    const OPEN: &str = "<backingStore";
+    const CLOSE: &str = "</backingStore>";
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    while let Some(start) = rest.find(OPEN) {
+        out.push_str(&rest[..start]);
+        let mut depth = 0usize;
+        let mut at = start;
+        loop {
+            let next_open = rest[at..].find(OPEN).map(|i| i + at);
+            let next_close = rest[at..].find(CLOSE).map(|i| i + at);
+            match (next_open, next_close) {
+                (Some(open), close) if close.is_none_or(|c| open < c) => {
+                    let tag_end = rest[open..]
+                        .find('>')
+                        .map(|i| i + open)
+                        .context("unterminated <backingStore> in the saved XML")?;
+                    at = tag_end + 1;
+                    if rest[..tag_end].ends_with('/') {
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        depth += 1;
+                    }
+                }
+                (_, Some(close)) => {
+                    at = close + CLOSE.len();
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                (_, None) => bail!("unbalanced <backingStore> in the saved XML"),
+            }
+        }
+        rest = &rest[at..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn xml_attr(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('\'', "&apos;")
+        .replace('<', "&lt;")
+}
+
+fn remove_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_backing_stores;
+
+    #[test]
+    fn backing_stores_are_dropped_whole() {
+        let xml = "<disk><source file='a'/>\
+            <backingStore type='file' index='1'><format type='qcow2'/><source file='b'/>\
+            <backingStore type='file' index='2'><source file='c'/><backingStore/></backingStore>\
+            </backingStore><target dev='vda'/></disk><disk><backingStore/><target dev='vdb'/></disk>";
+        assert_eq!(
+            without_backing_stores(xml).unwrap(),
+            "<disk><source file='a'/><target dev='vda'/></disk><disk><target dev='vdb'/></disk>"
+        );
+    }
+
+    #[test]
+    fn xml_without_backing_stores_is_unchanged() {
+        let xml = "<domain><disk/></domain>";
+        assert_eq!(without_backing_stores(xml).unwrap(), xml);
+    }
+}
