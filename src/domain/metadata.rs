@@ -98,16 +98,11 @@ pub struct VmState {
         skip_serializing_if = "Option::is_none"
     )]
     pub disk: Option<String>,
-    /// The read-only layer (absolute path) a fork left under the disk: the
-    /// forked VM and each of its forks sit on it, so the VM whose folder holds
-    /// it cannot be destroyed while another VM does.
-    #[serde(
-        rename = "agentvm:layer",
-        alias = "layer",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub layer: Option<String>,
+    /// The read-only layers (absolute paths, bottom first) forks froze under
+    /// the disk: a VM sits on every layer of its chain, so the VM whose
+    /// folder holds one cannot be destroyed while another VM sits on it.
+    #[serde(rename = "agentvm:layer", alias = "layer", default)]
+    pub layers: Vec<String>,
     /// The VM this one was forked from.
     #[serde(
         rename = "agentvm:forked-from",
@@ -207,7 +202,7 @@ impl VmState {
                 .map(ToString::to_string)
                 .collect(),
             disk: None,
-            layer: None,
+            layers: Vec::new(),
             forked_from: None,
         }
     }

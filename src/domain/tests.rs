@@ -23,7 +23,7 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         egress: None,
         egress_allow: Vec::new(),
         disk: None,
-        layer: None,
+        layers: Vec::new(),
         forked_from: None,
     }
 }

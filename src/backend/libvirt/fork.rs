@@ -4,7 +4,7 @@
 //! layer, a domain defined from the saved XML with the fork's identity, and a
 //! restore of the memory snapshot rewritten to name it (`saveimage`).
 //!
-//! Which layer a VM's disk sits on is in its metadata (`<agentvm:layer>`), so
+//! Which layers a VM's disk sits on are in its metadata (`<agentvm:layer>`), so
 //! `destroy` finds the VMs that depend on a VM's folder by reading every
 //! domain's metadata.
 
@@ -35,26 +35,23 @@ pub(super) fn top_disk(home: &Home, state: &VmState) -> PathBuf {
 }
 
 impl LocalBackend {
-    /// The VMs whose disks sit on a layer in `name`'s folder, directly or
-    /// through the layers of other forks, sorted by name.
+    /// The VMs whose disks sit on a layer in `name`'s folder (directly or
+    /// through forks of its forks: each VM records its whole chain), sorted.
     pub(super) fn layer_dependents(&self, name: &str) -> Result<Vec<String>> {
-        let all = self.all_domains()?;
-        let mut found: Vec<String> = Vec::new();
-        let mut owners = vec![name.to_string()];
-        while let Some(owner) = owners.pop() {
-            let dir = self.home.vm_dir(&owner);
-            for (_, state) in &all {
-                let on_it = state
-                    .layer
-                    .as_deref()
-                    .is_some_and(|layer| Path::new(layer).starts_with(&dir));
-                if on_it && state.name != owner && state.name != name && !found.contains(&state.name)
-                {
-                    found.push(state.name.clone());
-                    owners.push(state.name.clone());
-                }
-            }
-        }
+        let dir = self.home.vm_dir(name);
+        let mut found: Vec<String> = self
+            .all_domains()?
+            .into_iter()
+            .map(|(_, state)| state)
+            .filter(|state| state.name != name)
+            .filter(|state| {
+                state
+                    .layers
+                    .iter()
+                    .any(|layer| Path::new(layer).starts_with(&dir))
+            })
+            .map(|state| state.name)
+            .collect();
         found.sort();
         Ok(found)
     }
@@ -197,7 +194,7 @@ impl LocalBackend {
         fork.spice_port = spice_port;
         fork.forwards.clear();
         fork.disk = None;
-        fork.layer = Some(layer.to_string_lossy().into_owned());
+        fork.layers.push(layer.to_string_lossy().into_owned());
         fork.forked_from = Some(src.to_string());
         fork.home = Some(self.home_key.clone());
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
@@ -294,7 +291,9 @@ impl Forks for LocalBackend {
         recorded.disk = new_top
             .file_name()
             .map(|f| f.to_string_lossy().into_owned());
-        recorded.layer = Some(layer.to_string_lossy().into_owned());
+        recorded
+            .layers
+            .push(layer.to_string_lossy().into_owned());
         super::forwards::write_state(&dom, &recorded).with_context(|| {
             format!(
                 "{source} now writes to {}, but recording it in its metadata failed",

@@ -161,7 +161,7 @@ mod tests {
         fork.ssh_port = 2230;
         fork.spice_port = 5910;
         fork.forwards.clear();
-        fork.layer = Some("/h/vms/src/disk.qcow2".into());
+        fork.layers = vec!["/h/vms/src/disk.qcow2".into()];
         fork.forked_from = Some("src".into());
         (source, fork)
     }
@@ -184,7 +184,8 @@ mod tests {
         let xml = rewrite(&saved(&source), &identity(&source, &fork)).unwrap();
         assert!(xml.contains("<name>agentvm-copy</name>"), "{xml}");
         assert!(!xml.contains("<uuid>"), "{xml}");
-        assert!(!xml.contains("/vms/src/"), "{xml}");
+        // Only the metadata's layer still names the source's folder.
+        assert_eq!(xml.matches("/vms/src/").count(), 1, "{xml}");
         assert!(xml.contains("<source file='/h/vms/copy/disk.qcow2'/>"), "{xml}");
         assert_eq!(xml.matches("/h/vms/copy/serial.log").count(), 2, "{xml}");
         assert!(xml.contains("path='/run/a/copy.qga'"), "{xml}");

@@ -362,7 +362,7 @@ impl Lifecycle for LocalBackend {
         );
         plan.disk = top;
         plan.state.disk = state.disk.clone();
-        plan.state.layer = state.layer.clone();
+        plan.state.layers = state.layers.clone();
         plan.state.forked_from = state.forked_from.clone();
         plan.uuid = Some(
             dom.uuid_string()
