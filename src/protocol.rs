@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::backend::registry::RemoteConfig;
 use crate::backend::{
     BackendError, DownPath, ErrorKind, ExecOutcome, ForkOutcome, ForwardChange, ForwardStatus,
-    HostKey, Plan,
-    PushAction, SnapshotAction, SnapshotInfo, SpiceAccess, Stream, UpOutcome, VmStatus,
+    HostKey, Plan, PushAction, SnapshotAction, SnapshotInfo, SpiceAccess, Stream, UpOutcome,
+    VmStatus,
 };
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;

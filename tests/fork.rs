@@ -35,14 +35,20 @@ fn fork_copies_memory_and_disk_and_guards_the_layer() {
     let forked = env.json(&["fork", "fk-src", "fk-a", "--timeout", GUEST_TIMEOUT]);
     assert_eq!(forked.as_array().unwrap().len(), 1, "{forked}");
     assert_eq!(forked[0]["name"], "fk-a");
-    assert!(forked[0]["ssh_ready_seconds"].as_f64().is_some(), "{forked}");
+    assert!(
+        forked[0]["ssh_ready_seconds"].as_f64().is_some(),
+        "{forked}"
+    );
     assert_eq!(forked[0]["host_key_pinned"], true, "{forked}");
 
     // After the fork, the source changes memory and disk; the fork does not see it.
     env.ssh("fk-src", "echo after > /root/g");
     env.ssh("fk-src", &disk_write("disk-after"));
     assert_eq!(env.ssh("fk-a", "cat /root/f"), "before\n");
-    assert_eq!(env.ssh("fk-a", "test -e /root/g && echo yes || echo no"), "no\n");
+    assert_eq!(
+        env.ssh("fk-a", "test -e /root/g && echo yes || echo no"),
+        "no\n"
+    );
     assert_eq!(env.ssh("fk-a", DISK_READ), "disk-before");
     assert_eq!(env.ssh("fk-src", DISK_READ), "disk-after");
     // And the other way round.

@@ -118,7 +118,8 @@ pub fn fork(
             .vms
             .iter()
             .map(|vm| {
-                scope.spawn(move || finish(backend, vm.clone(), wait, new_identity, start, progress))
+                scope
+                    .spawn(move || finish(backend, vm.clone(), wait, new_identity, start, progress))
             })
             .collect();
         handles
@@ -171,12 +172,17 @@ fn finish(
 fn regenerate_identity(backend: &dyn Backend, name: &str) -> Result<String> {
     let argv = ["/bin/sh", "-c", NEW_IDENTITY_SCRIPT].map(String::from);
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let outcome = backend.exec(name, &argv, None, IDENTITY_TIMEOUT, &mut |stream, data| {
-        match stream {
-            Stream::Stdout => out.extend_from_slice(data),
-            Stream::Stderr => err.extend_from_slice(data),
-        }
-    })?;
+    let outcome =
+        backend.exec(
+            name,
+            &argv,
+            None,
+            IDENTITY_TIMEOUT,
+            &mut |stream, data| match stream {
+                Stream::Stdout => out.extend_from_slice(data),
+                Stream::Stderr => err.extend_from_slice(data),
+            },
+        )?;
     if outcome.exit_code != Some(0) {
         return Err(anyhow!(
             "{name}: could not give the fork a new identity: {}",

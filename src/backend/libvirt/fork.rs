@@ -204,7 +204,10 @@ impl LocalBackend {
             fork: &fork,
             paths: vec![
                 (path(layer.to_path_buf()), path(home.vm_disk(name))),
-                (path(home.vm_serial_log(src)), path(home.vm_serial_log(name))),
+                (
+                    path(home.vm_serial_log(src)),
+                    path(home.vm_serial_log(name)),
+                ),
                 (path(home.vm_env_file(src)), path(home.vm_env_file(name))),
                 (path(home.vm_seed(src)), path(home.vm_seed(name))),
                 (
@@ -291,9 +294,7 @@ impl Forks for LocalBackend {
         recorded.disk = new_top
             .file_name()
             .map(|f| f.to_string_lossy().into_owned());
-        recorded
-            .layers
-            .push(layer.to_string_lossy().into_owned());
+        recorded.layers.push(layer.to_string_lossy().into_owned());
         super::forwards::write_state(&dom, &recorded).with_context(|| {
             format!(
                 "{source} now writes to {}, but recording it in its metadata failed",
@@ -301,10 +302,9 @@ impl Forks for LocalBackend {
             )
         })?;
         // Nothing may write to a layer others sit on.
-        if let Err(e) = std::fs::set_permissions(
-            &layer,
-            std::os::unix::fs::PermissionsExt::from_mode(0o400),
-        ) {
+        if let Err(e) =
+            std::fs::set_permissions(&layer, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+        {
             tracing::warn!("{source}: making {} read-only: {e}", layer.display());
         }
         let forks = self.restore_forks(&state, &layer, &memory, new, progress);

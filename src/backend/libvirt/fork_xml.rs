@@ -42,7 +42,11 @@ pub fn with_uuid(xml: &str, uuid: &str) -> Result<String> {
         .find("</name>")
         .context("the domain XML has no <name>")?
         + "</name>".len();
-    Ok(format!("{}\n  <uuid>{uuid}</uuid>{}", &xml[..end], &xml[end..]))
+    Ok(format!(
+        "{}\n  <uuid>{uuid}</uuid>{}",
+        &xml[..end],
+        &xml[end..]
+    ))
 }
 
 fn replace_once(xml: &str, from: &str, to: &str) -> Result<String> {
@@ -106,11 +110,7 @@ fn with_netdev(xml: &str, source: &VmState, fork: &VmState) -> Result<String> {
     let mut xml = replace_once(xml, &ssh(source.ssh_port), &ssh(fork.ssh_port))
         .context("the saved XML has no SSH forward of the source")?;
     for forward in source.forwards.iter().filter(|f| !f.live) {
-        xml = xml.replacen(
-            &format!(",hostfwd={}", forward.forward().hostfwd()),
-            "",
-            1,
-        );
+        xml = xml.replacen(&format!(",hostfwd={}", forward.forward().hostfwd()), "", 1);
     }
     Ok(xml)
 }
@@ -171,8 +171,14 @@ mod tests {
             source,
             fork,
             paths: vec![
-                ("/h/vms/src/disk.qcow2".into(), "/h/vms/copy/disk.qcow2".into()),
-                ("/h/vms/src/serial.log".into(), "/h/vms/copy/serial.log".into()),
+                (
+                    "/h/vms/src/disk.qcow2".into(),
+                    "/h/vms/copy/disk.qcow2".into(),
+                ),
+                (
+                    "/h/vms/src/serial.log".into(),
+                    "/h/vms/copy/serial.log".into(),
+                ),
                 ("/run/a/src.qga".into(), "/run/a/copy.qga".into()),
             ],
         }
@@ -186,7 +192,10 @@ mod tests {
         assert!(!xml.contains("<uuid>"), "{xml}");
         // Only the metadata's layer still names the source's folder.
         assert_eq!(xml.matches("/vms/src/").count(), 1, "{xml}");
-        assert!(xml.contains("<source file='/h/vms/copy/disk.qcow2'/>"), "{xml}");
+        assert!(
+            xml.contains("<source file='/h/vms/copy/disk.qcow2'/>"),
+            "{xml}"
+        );
         assert_eq!(xml.matches("/h/vms/copy/serial.log").count(), 2, "{xml}");
         assert!(xml.contains("path='/run/a/copy.qga'"), "{xml}");
         assert!(xml.contains("<graphics type='spice' port='5910'"), "{xml}");
@@ -195,7 +204,9 @@ mod tests {
             "the source's forward is dropped: {xml}"
         );
         assert!(
-            xml.contains("<address type='pci' domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>"),
+            xml.contains(
+                "<address type='pci' domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>"
+            ),
             "{xml}"
         );
         let meta_start = xml.find("<agentvm:vm").unwrap();

@@ -241,7 +241,12 @@ mod tests {
     fn copy_with_new_xml_keeps_stream_and_cookie() {
         let dir = tempfile::tempdir().unwrap();
         let stream = b"QEVM\x00\x00\x00\x03migration-stream-bytes";
-        let original = synthetic("<domain>old</domain>", Some("<cookie>c</cookie>"), 64, stream);
+        let original = synthetic(
+            "<domain>old</domain>",
+            Some("<cookie>c</cookie>"),
+            64,
+            stream,
+        );
         let from = write(dir.path(), "a.save", &original);
         let to = dir.path().join("b.save");
         let image = SaveImage::read(&from).unwrap();
