@@ -124,6 +124,13 @@ fn fork_copies_memory_and_disk_and_guards_the_layer() {
     assert_eq!(env.status("fk-d")["state"], "stopped");
     env.ok(&["destroy", "--yes", "fk-d", "fk-b", "fk-c"]);
     env.ok(&["destroy", "--yes", "fk-a"]);
+
+    // The source starts again on its own top, above the layers it froze.
+    env.ok(&["down", "fk-src", "--force"]);
+    env.ok(&["up", "fk-src", "--timeout", GUEST_TIMEOUT]);
+    assert_eq!(env.ssh("fk-src", DISK_READ), "disk-after");
+    env.ssh("fk-src", &disk_write("disk-restarted"));
+    assert_eq!(env.ssh("fk-src", DISK_READ), "disk-restarted");
     env.ok(&["destroy", "--yes", "fk-src"]);
     assert!(!env.home().join("vms").join("fk-src").exists());
 }
