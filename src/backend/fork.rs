@@ -24,6 +24,8 @@ pub struct Forked {
     /// How long the snapshot of the source took (it ran meanwhile, paused
     /// only at the end).
     pub snapshot_seconds: f64,
+    /// How long the source was seen paused during it.
+    pub paused_seconds: f64,
     pub vms: Vec<ForkedVm>,
 }
 
@@ -46,6 +48,7 @@ pub struct ForkedVm {
 pub struct ForkOutcome {
     pub source: String,
     pub snapshot_seconds: f64,
+    pub paused_seconds: f64,
     pub forks: Vec<ForkedVm>,
 }
 
@@ -135,6 +138,7 @@ pub fn fork(
     Ok(ForkOutcome {
         source: source.to_string(),
         snapshot_seconds: forked.snapshot_seconds,
+        paused_seconds: forked.paused_seconds,
         forks,
     })
 }

@@ -35,6 +35,10 @@ pub fn fork(
         output::print_json(&outcome.forks)?;
         return Ok(0);
     }
+    println!(
+        "{source}: snapshot taken in {:.1}s (paused {:.2}s)",
+        outcome.snapshot_seconds, outcome.paused_seconds
+    );
     for fork in &outcome.forks {
         let ready = match fork.ssh_ready_seconds {
             Some(s) => format!("ssh ready {s:.1}s after the fork began"),

@@ -83,14 +83,17 @@ pub async fn run_vms(
                         return VmResult::failed(&name, ErrorKind::Busy, busy.to_string());
                     }
                 };
-                // A fork also holds the names of the VMs it makes.
+                // A fork also holds the names of the VMs it makes. They must
+                // be new, so an operation holding one is a conflict, not a
+                // turn to wait for (waiting could deadlock with a fork the
+                // other way round).
                 let mut fork_guards = Vec::new();
                 if let Op::Fork { new, .. } = &op {
                     let mut names = new.clone();
                     names.sort();
                     names.dedup();
                     for new_name in names {
-                        match shared.locks.acquire(&new_name, op.verb(), no_block).await {
+                        match shared.locks.acquire(&new_name, op.verb(), true).await {
                             Ok(guard) => fork_guards.push(guard),
                             Err(busy) => {
                                 return VmResult::failed(&name, ErrorKind::Busy, busy.to_string());

@@ -2,17 +2,19 @@
 //! (memory to a libvirt save image, its disk's top frozen as a read-only
 //! layer with a new top above it), then per fork a thin overlay on that
 //! layer, a domain defined from the saved XML with the fork's identity, and a
-//! restore of the memory snapshot rewritten to name it (`saveimage`).
+//! restore of the memory snapshot once its header names the fork (`saveimage`).
 //!
 //! Which layers a VM's disk sits on are in its metadata (`<agentvm:layer>`), so
 //! `destroy` finds the VMs that depend on a VM's folder by reading every
 //! domain's metadata.
 
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use virt::domain::Domain;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
 use virt::sys;
 
 use super::fork_xml::{ForkIdentity, rewrite, with_uuid};
@@ -25,6 +27,9 @@ use crate::image::qemu_img::{self, DiskFormat};
 use crate::paths::{self, Home};
 use crate::ports::{self, SPICE_PORT_BASE, SSH_PORT_BASE};
 use crate::progress::Reporter;
+
+/// How often the guest's state is read while the snapshot runs.
+const PAUSE_POLL: Duration = Duration::from_millis(20);
 
 /// The writable top of the disk of the VM `state` describes.
 pub(super) fn top_disk(home: &Home, state: &VmState) -> PathBuf {
@@ -126,20 +131,20 @@ impl LocalBackend {
             };
             let ports = (pick("ssh", SSH_PORT_BASE)?, pick("spice", SPICE_PORT_BASE)?);
             made.push(name.clone());
-            let save = self.define_fork(source, layer, &image, memory, name, ports)?;
-            pending.push((name, save, ports));
+            let xml = self.define_fork(source, layer, &image, name, ports)?;
+            pending.push((name, xml, ports));
         }
         drop(ports_guard);
         let conn = self.conn()?;
         let mut forks = Vec::new();
-        for (name, save, (ssh_port, spice_port)) in pending {
+        // One memory file for all: restores run one after another, each
+        // reading it once its header names that fork.
+        for (name, xml, (ssh_port, spice_port)) in pending {
             let began = Instant::now();
-            let restored = conn
-                .restore_domain(&save.to_string_lossy())
+            image.write_xml(memory, &xml)?;
+            conn.restore_domain(&memory.to_string_lossy())
                 .map_err(lv)
-                .with_context(|| format!("restoring {name} from {}'s memory", source.name));
-            remove_file(&save);
-            restored?;
+                .with_context(|| format!("restoring {name} from {}'s memory", source.name))?;
             progress.step(
                 name,
                 &format!(
@@ -160,17 +165,16 @@ impl LocalBackend {
         Ok(forks)
     }
 
-    /// Makes fork `name`'s folder, disk and files, defines its domain, and
-    /// writes the memory snapshot that restores it; returns that file.
+    /// Makes fork `name`'s folder, disk and files and defines its domain;
+    /// returns the XML (with its UUID) to restore it with.
     fn define_fork(
         &self,
         source: &VmState,
         layer: &Path,
         image: &SaveImage,
-        memory: &Path,
         name: &str,
         (ssh_port, spice_port): (u16, u16),
-    ) -> anyhow::Result<PathBuf> {
+    ) -> anyhow::Result<String> {
         let home = &self.home;
         let dir = home.vm_dir(name);
         create_private_dir(&dir)?;
@@ -224,9 +228,7 @@ impl LocalBackend {
             .uuid_string()
             .map_err(lv)
             .context("reading the fork's UUID")?;
-        let save = dir.join(paths::VM_FORK_MEMORY_FILE);
-        image.copy_with_xml(memory, &save, &with_uuid(&xml, &uuid)?)?;
-        Ok(save)
+        with_uuid(&xml, &uuid)
     }
 
     /// Pins the source's host key for the fork (its guest has the same key).
@@ -283,11 +285,12 @@ impl Forks for LocalBackend {
         let new_top = self.home.vm_fork_top(source, stamp);
         let memory = self.home.vm_fork_memory(source);
         remove_file(&memory);
-        let snapshot_seconds = snapshot(&dom, source, &memory, &new_top)?;
+        let taken = snapshot(&dom, source, &memory, &new_top)?;
         progress.step(
             source,
             &format!(
-                "snapshot of {source} taken in {snapshot_seconds:.1} s (it ran meanwhile, paused only at the end)"
+                "snapshot of {source} taken in {:.1} s (paused {:.2} s)",
+                taken.seconds, taken.paused_seconds
             ),
         );
         let mut recorded = state.clone();
@@ -310,15 +313,16 @@ impl Forks for LocalBackend {
         let forks = self.restore_forks(&state, &layer, &memory, new, progress);
         remove_file(&memory);
         Ok(Forked {
-            snapshot_seconds,
+            snapshot_seconds: taken.seconds,
+            paused_seconds: taken.paused_seconds,
             vms: forks?,
         })
     }
 }
 
 /// Takes the live external snapshot: memory to `memory`, the disk's top
-/// frozen under a new top `new_top`; returns how long it took.
-fn snapshot(dom: &Domain, source: &str, memory: &Path, new_top: &Path) -> Result<f64> {
+/// frozen under a new top `new_top`.
+fn snapshot(dom: &Domain, source: &str, memory: &Path, new_top: &Path) -> Result<Snapshot> {
     let live_xml = dom
         .xml_desc(0)
         .map_err(lv)
@@ -341,14 +345,46 @@ fn snapshot(dom: &Domain, source: &str, memory: &Path, new_top: &Path) -> Result
     let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
         | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
         | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
-    if let Err(e) = dom.create_snapshot_xml(&xml, flags) {
+    let done = AtomicBool::new(false);
+    let (taken, paused) = std::thread::scope(|scope| {
+        let watch = scope.spawn(|| paused_time(dom, &done));
+        let taken = dom.create_snapshot_xml(&xml, flags);
+        done.store(true, Ordering::Relaxed);
+        (taken, watch.join().unwrap_or_default())
+    });
+    if let Err(e) = taken {
         remove_file(memory);
         remove_file(new_top);
         return Err(lv(e)
             .context(format!("{source}: taking the snapshot to fork from"))
             .into());
     }
-    Ok(began.elapsed().as_secs_f64())
+    Ok(Snapshot {
+        seconds: began.elapsed().as_secs_f64(),
+        paused_seconds: paused.as_secs_f64(),
+    })
+}
+
+/// How long a snapshot took, and for how long of it the guest was paused.
+struct Snapshot {
+    seconds: f64,
+    paused_seconds: f64,
+}
+
+/// How long `dom` is seen paused until `done` (polled, so to within
+/// [`PAUSE_POLL`]).
+fn paused_time(dom: &Domain, done: &AtomicBool) -> Duration {
+    let mut paused = Duration::ZERO;
+    let mut last = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(PAUSE_POLL);
+        let now = Instant::now();
+        if let Ok((Enum::Known(DomainState::Paused), _)) = dom.state() {
+            paused += now - last;
+        }
+        last = now;
+    }
+    paused
 }
 
 /// `xml` without `<backingStore>` elements: libvirt then reads each disk's

@@ -1,8 +1,8 @@
 //! libvirt's QEMU save image (what `virDomainSave` and an external memory
 //! snapshot write): a fixed header, the domain XML, a cookie, zero padding,
 //! then QEMU's migration stream. `fork` restores one memory snapshot as many
-//! VMs by giving each a copy whose XML names it, since libvirt refuses a
-//! restore XML whose UUID differs from the saved one.
+//! VMs by rewriting its XML to name each before restoring it, since libvirt
+//! refuses a restore XML whose UUID differs from the saved one.
 //!
 //! The layout (libvirt's `src/qemu/qemu_saveimage.h`, `virQEMUSaveHeader`,
 //! host byte order):
@@ -148,23 +148,19 @@ impl SaveImage {
         Ok(out)
     }
 
-    /// Copies the save image at `from` to `to` (mode 0600) with `xml` as its
-    /// domain XML.
-    pub fn copy_with_xml(&self, from: &Path, to: &Path, xml: &str) -> Result<()> {
+    /// Rewrites the save image at `path` in place with `xml` as its domain
+    /// XML (the header and data only; the migration stream is not touched).
+    pub fn write_xml(&self, path: &Path, xml: &str) -> Result<()> {
         let head = self.with_xml(xml)?;
-        std::fs::copy(from, to)
-            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
-            .open(to)
-            .with_context(|| format!("opening {}", to.display()))?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .with_context(|| format!("making {} private", to.display()))?;
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&head)
-            .with_context(|| format!("writing the domain XML into {}", to.display()))?;
+            .with_context(|| format!("writing the domain XML into {}", path.display()))?;
         file.sync_all()
-            .with_context(|| format!("writing {}", to.display()))?;
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 }
@@ -238,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn copy_with_new_xml_keeps_stream_and_cookie() {
+    fn new_xml_keeps_stream_and_cookie() {
         let dir = tempfile::tempdir().unwrap();
         let stream = b"QEVM\x00\x00\x00\x03migration-stream-bytes";
         let original = synthetic(
@@ -247,11 +243,10 @@ mod tests {
             64,
             stream,
         );
-        let from = write(dir.path(), "a.save", &original);
-        let to = dir.path().join("b.save");
-        let image = SaveImage::read(&from).unwrap();
+        let to = write(dir.path(), "a.save", &original);
+        let image = SaveImage::read(&to).unwrap();
         let new_xml = "<domain><name>a much longer new name</name></domain>";
-        image.copy_with_xml(&from, &to, new_xml).unwrap();
+        image.write_xml(&to, new_xml).unwrap();
 
         let copy = std::fs::read(&to).unwrap();
         assert_eq!(copy.len(), original.len(), "the stream did not move");
