@@ -38,7 +38,8 @@ pub struct ForkedVm {
     /// Seconds from the start of `fork` until it answered on SSH (`None`
     /// with `--no-wait`).
     pub ssh_ready_seconds: Option<f64>,
-    /// The guest got new SSH host keys and machine-id (`--new-identity`).
+    /// The guest got new SSH host keys, and a new machine-id where it has
+    /// one (`--new-identity`).
     pub new_identity: bool,
     pub host_key_pinned: bool,
 }
@@ -95,12 +96,13 @@ elif command -v dropbearkey >/dev/null 2>&1 && [ -d /etc/dropbear ]; then
     fi
 fi
 [ -n "$made" ] || { echo "no ssh-keygen (with /etc/ssh/sshd_config) nor dropbearkey in the guest" >&2; exit 3; }
+echo "$made"
 if [ -e /etc/machine-id ]; then
     rm -f /etc/machine-id
     systemd-machine-id-setup >/dev/null 2>&1 ||
-        { cat /proc/sys/kernel/random/uuid | tr -d '-' > /etc/machine-id; }
+        sed 's/-//g' /proc/sys/kernel/random/uuid > /etc/machine-id
+    echo machine-id
 fi
-echo "$made"
 "#;
 
 /// Forks `source` into `new` on `backend`; with `wait`, until each fork
@@ -155,11 +157,8 @@ fn finish(
     let name = vm.name.clone();
     if new_identity {
         backend.wait_agent(&name, Instant::now() + wait.unwrap_or(IDENTITY_AGENT_WAIT))?;
-        let server = regenerate_identity(backend, &name)?;
-        progress.step(
-            &name,
-            &format!("new SSH host keys ({server}) and machine-id"),
-        );
+        let done = regenerate_identity(backend, &name)?;
+        progress.step(&name, &format!("new identity: {done}"));
         vm.new_identity = true;
         vm.host_key_pinned = pin_host_key(backend, &name, progress);
     }
@@ -172,7 +171,7 @@ fn finish(
     Ok(vm)
 }
 
-/// Runs [`NEW_IDENTITY_SCRIPT`] in the guest; returns which SSH server got keys.
+/// Runs [`NEW_IDENTITY_SCRIPT`] in the guest; returns what it did.
 fn regenerate_identity(backend: &dyn Backend, name: &str) -> Result<String> {
     let argv = ["/bin/sh", "-c", NEW_IDENTITY_SCRIPT].map(String::from);
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -195,11 +194,18 @@ fn regenerate_identity(backend: &dyn Backend, name: &str) -> Result<String> {
         .into());
     }
     let err = String::from_utf8_lossy(&err);
-    let err = err.trim();
-    let server = String::from_utf8_lossy(&out).trim().to_string();
-    Ok(if err.is_empty() {
-        server
+    let out = String::from_utf8_lossy(&out);
+    let mut lines = out.lines();
+    let server = lines.next().unwrap_or("?").trim();
+    let machine_id = if lines.any(|l| l.trim() == "machine-id") {
+        "new machine-id"
     } else {
-        format!("{server}; {err}")
-    })
+        "no /etc/machine-id to renew"
+    };
+    let mut done = format!("new SSH host keys ({server}), {machine_id}");
+    let err = err.trim();
+    if !err.is_empty() {
+        done = format!("{done}; {err}");
+    }
+    Ok(done)
 }

@@ -45,7 +45,7 @@ pub fn fork(
             None => "restored (not waiting for ssh)".to_string(),
         };
         let identity = if fork.new_identity {
-            "; new host keys and machine-id"
+            "; new identity"
         } else {
             ""
         };
