@@ -140,6 +140,8 @@ pub enum Op {
         /// Give each copy new SSH host keys and machine-id.
         new_identity: bool,
     },
+    /// Makes the stopped VMs that sit on this VM's disk independent of it.
+    Flatten,
 }
 
 impl Op {
@@ -164,13 +166,18 @@ impl Op {
             Self::Forward { .. } => "forward",
             Self::Egress => "egress",
             Self::Fork { .. } => "fork",
+            Self::Flatten => "flatten",
         }
     }
 
     /// Whether the operation changes the VM and so holds its lock.
     pub fn changes_vm(&self) -> bool {
         match self {
-            Self::Up { .. } | Self::Down { .. } | Self::Destroy | Self::Fork { .. } => true,
+            Self::Up { .. }
+            | Self::Down { .. }
+            | Self::Destroy
+            | Self::Fork { .. }
+            | Self::Flatten => true,
             Self::Snapshot { action } => *action != SnapshotAction::List,
             Self::Forward { change } => *change != ForwardChange::List,
             // The host key is pinned in agentvm's files: one writer at a time.
@@ -336,6 +343,10 @@ pub enum Outcome {
     },
     Egress(EgressReport),
     Forked(ForkOutcome),
+    /// The VMs made independent of the flattened VM's disk.
+    Flattened {
+        vms: Vec<String>,
+    },
     Built(Built),
     Pushed(PushedImage),
 }

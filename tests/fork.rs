@@ -119,11 +119,9 @@ fn fork_copies_memory_and_disk_and_guards_the_layer() {
     let taken = env.fails(&["fork", "fk-src", "fk-b"]);
     assert!(taken.contains("a VM named fk-b already exists"), "{taken}");
 
-    // Forks are stopped and destroyed like any VM; then the source goes too.
+    // Forks stop like any VM.
     env.ok(&["down", "fk-d", "--force"]);
     assert_eq!(env.status("fk-d")["state"], "stopped");
-    env.ok(&["destroy", "--yes", "fk-d", "fk-b", "fk-c"]);
-    env.ok(&["destroy", "--yes", "fk-a"]);
 
     // The source starts again on its own top, above the layers it froze.
     env.ok(&["down", "fk-src", "--force"]);
@@ -131,8 +129,27 @@ fn fork_copies_memory_and_disk_and_guards_the_layer() {
     assert_eq!(env.ssh("fk-src", DISK_READ), "disk-after");
     env.ssh("fk-src", &disk_write("disk-restarted"));
     assert_eq!(env.ssh("fk-src", DISK_READ), "disk-restarted");
-    env.ok(&["destroy", "--yes", "fk-src"]);
+
+    // Flattening needs the forks stopped; then the source can go, and they
+    // keep their disks.
+    let refused = env.fails(&["destroy", "--yes", "--flatten", "fk-src"]);
+    assert!(
+        refused.contains("stopped: fk-a, fk-b, fk-c (agentvm down fk-a fk-b fk-c)"),
+        "{refused}"
+    );
+    env.ok(&["down", "--force", "fk-a", "fk-b", "fk-c"]);
+    env.ok(&["destroy", "--yes", "--flatten", "fk-src"]);
     assert!(!env.home().join("vms").join("fk-src").exists());
+    // A stopped fork starts again once the fleet file has it.
+    env.write_fleet("[vms.fk-a]\n");
+    env.ok(&["up", "fk-a", "--timeout", GUEST_TIMEOUT]);
+    assert_eq!(env.ssh("fk-a", DISK_READ), "disk-of-a");
+    assert_eq!(
+        env.ssh("fk-a", "cat /root/f 2>/dev/null || echo gone"),
+        "gone\n"
+    );
+    env.ok(&["destroy", "--yes", "fk-d", "fk-b", "fk-c"]);
+    env.ok(&["destroy", "--yes", "fk-a"]);
 }
 
 #[test]

@@ -65,6 +65,15 @@ pub trait Forks: Lifecycle {
              or agentvm up a new VM",
         ))
     }
+
+    /// Makes the stopped VMs that sit on `name`'s disk (forks of it, and
+    /// their forks) independent of it, so it can be destroyed; returns them.
+    fn flatten(&self, _name: &str, _progress: &dyn Reporter) -> Result<Vec<String>> {
+        Err(self.unsupported(
+            "flatten",
+            "only forks of local VMs sit on another VM's disk",
+        ))
+    }
 }
 
 /// Guest commands that give a running guest new SSH host keys (OpenSSH or

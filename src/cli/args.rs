@@ -94,6 +94,9 @@ pub enum Command {
         /// Fail at once if another operation holds a VM, instead of waiting.
         #[arg(long)]
         no_block: bool,
+        /// First make the (stopped) forks that sit on the VMs' disks independent of them.
+        #[arg(long)]
+        flatten: bool,
     },
     /// All VMs of the fleet file and the backend.
     List,

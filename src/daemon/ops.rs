@@ -277,6 +277,12 @@ fn perform(
                 events,
             )?)
         }
+        Op::Flatten => {
+            check_writable("flatten the forks of")?;
+            Outcome::Flattened {
+                vms: backend.flatten(name, events)?,
+            }
+        }
         Op::Forward { change } => Outcome::Forwards {
             forwards: backend.forward(name, change)?,
         },

@@ -318,6 +318,44 @@ impl Forks for LocalBackend {
             vms: forks?,
         })
     }
+
+    fn flatten(&self, name: &str, progress: &dyn Reporter) -> Result<Vec<String>> {
+        self.require(name)?;
+        let dependents = self.layer_dependents(name)?;
+        let mut running = Vec::new();
+        for dependent in &dependents {
+            if self.require(dependent)?.0.is_active().map_err(lv)? {
+                running.push(dependent.as_str());
+            }
+        }
+        if !running.is_empty() {
+            return Err(anyhow!(
+                "flattening needs the VMs that sit on {name}'s disk stopped: {} (agentvm down {})",
+                running.join(", "),
+                running.join(" ")
+            )
+            .into());
+        }
+        for dependent in &dependents {
+            let (dom, mut state) = self.require(dependent)?;
+            let bottom = state
+                .layers
+                .first()
+                .with_context(|| format!("{dependent} records no layers"))?;
+            let base = qemu_img::backing_file(Path::new(bottom))?
+                .with_context(|| format!("{bottom} has no backing image"))?;
+            let format = qemu_img::info(&base)?.format;
+            progress.step(
+                dependent,
+                "copying what it needs of the shared layers into its own disk",
+            );
+            qemu_img::rebase(&top_disk(&self.home, &state), &base, format)?;
+            state.layers.clear();
+            super::forwards::write_state(&dom, &state)?;
+            progress.step(dependent, &format!("flattened onto {}", base.display()));
+        }
+        Ok(dependents)
+    }
 }
 
 /// Takes the live external snapshot: memory to `memory`, the disk's top

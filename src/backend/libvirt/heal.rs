@@ -315,4 +315,10 @@ impl crate::backend::Forks for Healing {
     ) -> Result<crate::backend::Forked> {
         self.change(source, "forking", || self.inner.fork(source, new, progress))
     }
+
+    fn flatten(&self, name: &str, progress: &dyn Reporter) -> Result<Vec<String>> {
+        self.change(name, "flattening the forks of", || {
+            self.inner.flatten(name, progress)
+        })
+    }
 }
