@@ -206,8 +206,8 @@ impl LocalBackend {
         let identity = ForkIdentity {
             source,
             fork: &fork,
+            disk: (path(layer.to_path_buf()), path(home.vm_disk(name))),
             paths: vec![
-                (path(layer.to_path_buf()), path(home.vm_disk(name))),
                 (
                     path(home.vm_serial_log(src)),
                     path(home.vm_serial_log(name)),
@@ -352,6 +352,14 @@ impl Forks for LocalBackend {
             qemu_img::rebase(&top_disk(&self.home, &state), &base, format)?;
             state.layers.clear();
             super::forwards::write_state(&dom, &state)?;
+            // libvirt keeps the chain an external snapshot found in the
+            // definition; without it, the next start reads the new one.
+            let xml = dom
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+                .map_err(lv)
+                .context("reading the domain definition")?;
+            self.define_xml(&without_backing_stores(&xml)?)
+                .with_context(|| format!("redefining {dependent} without its old layers"))?;
             progress.step(dependent, &format!("flattened onto {}", base.display()));
         }
         Ok(dependents)

@@ -13,7 +13,9 @@ pub struct ForkIdentity<'a> {
     pub source: &'a VmState,
     /// The fork's metadata (name, ports, layer…).
     pub fork: &'a VmState,
-    /// Whole-path replacements: (source's file or socket, fork's).
+    /// The disk the saved XML writes to (the frozen layer) and the fork's.
+    pub disk: (String, String),
+    /// Other whole-path replacements: (source's file or socket, fork's).
     pub paths: Vec<(String, String)>,
 }
 
@@ -28,6 +30,10 @@ pub fn rewrite(saved: &str, id: &ForkIdentity<'_>) -> Result<String> {
     .context("the saved XML has no domain name of the source")?;
     xml = without_element(&xml, "uuid")?;
     xml = with_metadata(&xml, id.fork)?;
+    // The fork must never write to the layer it shares.
+    let (from, to) = &id.disk;
+    xml = replace_once(&xml, &format!("file='{from}'"), &format!("file='{to}'"))
+        .context("the saved XML has no disk on the frozen layer")?;
     for (from, to) in &id.paths {
         xml = xml.replace(&format!("'{from}'"), &format!("'{to}'"));
     }
@@ -170,11 +176,11 @@ mod tests {
         ForkIdentity {
             source,
             fork,
+            disk: (
+                "/h/vms/src/disk.qcow2".into(),
+                "/h/vms/copy/disk.qcow2".into(),
+            ),
             paths: vec![
-                (
-                    "/h/vms/src/disk.qcow2".into(),
-                    "/h/vms/copy/disk.qcow2".into(),
-                ),
                 (
                     "/h/vms/src/serial.log".into(),
                     "/h/vms/copy/serial.log".into(),
@@ -221,6 +227,18 @@ mod tests {
         assert_eq!(
             xml,
             "<domain><name>agentvm-a</name>\n  <uuid>u-1</uuid><memory/></domain>"
+        );
+    }
+
+    #[test]
+    fn xml_without_the_layer_as_disk_is_refused() {
+        let (source, fork) = states();
+        let mut id = identity(&source, &fork);
+        id.disk.0 = "/h/vms/src/disk-1.qcow2".into();
+        let err = rewrite(&saved(&source), &id).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no disk on the frozen layer"),
+            "{err:#}"
         );
     }
 
