@@ -58,6 +58,14 @@ pub const VM_KNOWN_HOSTS_FILE: &str = "known_hosts";
 /// `$AGENTVM_HOME/vms/NAME/pinned_host_key`: the host key `agentvm hostkey` pinned;
 /// while it exists `agentvm ssh` checks host keys strictly.
 pub const VM_PINNED_HOST_KEY_FILE: &str = "pinned_host_key";
+/// `$AGENTVM_HOME/vms/NAME/disk-<unix ms>.qcow2`: the writable top a VM gets
+/// when it is forked; its former top (`disk.qcow2` or an older `disk-*`)
+/// becomes a read-only layer its forks share. Which file is a VM's top is in
+/// its domain metadata (`<agentvm:disk>`).
+pub const VM_FORK_TOP_PREFIX: &str = "disk-";
+/// `$AGENTVM_HOME/vms/NAME/fork-memory.save`: the memory snapshot a fork
+/// restores from (a libvirt save image), removed once the forks run.
+pub const VM_FORK_MEMORY_FILE: &str = "fork-memory.save";
 /// `$AGENTVM_HOME/secrets.json`: the recipients `secrets rekey` added, per VM.
 pub const SECRETS_RECORD_FILE: &str = "secrets.json";
 /// `$AGENTVM_HOME/remote/BACKEND/NAME/`: local files of VMs on remote backends.
@@ -157,6 +165,17 @@ impl Home {
 
     pub fn vm_disk(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join(VM_DISK_FILE)
+    }
+
+    /// The writable top a fork of `name` made at `stamp` gives it.
+    pub fn vm_fork_top(&self, name: &str, stamp: u128) -> PathBuf {
+        self.vm_dir(name)
+            .join(format!("{VM_FORK_TOP_PREFIX}{stamp}.qcow2"))
+    }
+
+    /// The memory snapshot of `name` that forks are restored from.
+    pub fn vm_fork_memory(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VM_FORK_MEMORY_FILE)
     }
 
     pub fn vm_serial_log(&self, name: &str) -> PathBuf {

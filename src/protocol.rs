@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::registry::RemoteConfig;
 use crate::backend::{
-    BackendError, DownPath, ErrorKind, ExecOutcome, ForwardChange, ForwardStatus, HostKey, Plan,
-    PushAction, SnapshotAction, SnapshotInfo, SpiceAccess, Stream, UpOutcome, VmStatus,
+    BackendError, DownPath, ErrorKind, ExecOutcome, ForkOutcome, ForwardChange, ForwardStatus,
+    HostKey, Plan, PushAction, SnapshotAction, SnapshotInfo, SpiceAccess, Stream, UpOutcome,
+    VmStatus,
 };
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
@@ -146,6 +147,16 @@ pub enum Op {
     },
     /// The VM's egress policy, its proxy tunnel and recent connections.
     Egress,
+    /// Running copies of the running VM, named `new` (each locked too).
+    Fork {
+        new: Vec<String>,
+        /// Wait this long for each copy's SSH; `None` returns once restored.
+        wait_secs: Option<u64>,
+        /// Give each copy new SSH host keys and machine-id.
+        new_identity: bool,
+    },
+    /// Makes the stopped VMs that sit on this VM's disk independent of it.
+    Flatten,
 }
 
 impl Op {
@@ -169,13 +180,19 @@ impl Op {
             Self::SyncClock => "sync-clock",
             Self::Forward { .. } => "forward",
             Self::Egress => "egress",
+            Self::Fork { .. } => "fork",
+            Self::Flatten => "flatten",
         }
     }
 
     /// Whether the operation changes the VM and so holds its lock.
     pub fn changes_vm(&self) -> bool {
         match self {
-            Self::Up { .. } | Self::Down { .. } | Self::Destroy => true,
+            Self::Up { .. }
+            | Self::Down { .. }
+            | Self::Destroy
+            | Self::Fork { .. }
+            | Self::Flatten => true,
             Self::Snapshot { action } => *action != SnapshotAction::List,
             Self::Forward { change } => *change != ForwardChange::List,
             // The host key is pinned in agentvm's files: one writer at a time.
@@ -341,6 +358,11 @@ pub enum Outcome {
         forwards: Vec<ForwardStatus>,
     },
     Egress(EgressReport),
+    Forked(ForkOutcome),
+    /// The VMs made independent of the flattened VM's disk.
+    Flattened {
+        vms: Vec<String>,
+    },
     Built(Built),
     Pushed(PushedImage),
 }

@@ -115,6 +115,11 @@ fn up_clones_configures_and_starts_and_waiting_ignores_loopback() {
         "{err}"
     );
     assert_eq!(lab.env.status("remote")["forwards"], serde_json::json!([]));
+    let err = lab.env.fails(&["fork", "remote", "remote-copy"]);
+    assert!(
+        err.contains("does not support fork: make a linked clone with the backend's own tools (on Proxmox: qm clone VMID NEWID)"),
+        "{err}"
+    );
 
     // agentvm sets agent: 1, so `down` asks the guest agent first.
     let down = lab.env.json(&["down", "remote"]);

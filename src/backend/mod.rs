@@ -5,6 +5,7 @@
 //! Capabilities a backend lacks return [`BackendError::Unsupported`], naming
 //! what to do instead — never a fake success.
 
+pub mod fork;
 pub mod libvirt;
 pub mod orchestrate;
 pub mod proxmox;
@@ -21,6 +22,7 @@ use crate::image::BaseDisk;
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
+pub use fork::{ForkOutcome, Forked, ForkedVm, Forks};
 pub use types::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -372,6 +374,9 @@ pub trait Shares: Lifecycle {
 }
 
 /// Everything a place VMs run offers; the daemon holds backends as `dyn Backend`.
-pub trait Backend: GuestAgent + Snapshots + Display + Templates + Forwards + Shares {}
+pub trait Backend:
+    GuestAgent + Snapshots + Display + Templates + Forwards + Shares + Forks
+{
+}
 
-impl<T: GuestAgent + Snapshots + Display + Templates + Forwards + Shares> Backend for T {}
+impl<T: GuestAgent + Snapshots + Display + Templates + Forwards + Shares + Forks> Backend for T {}

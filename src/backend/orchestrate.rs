@@ -169,7 +169,7 @@ pub fn wait_ready(backend: &dyn Backend, name: &str, timeout: Duration) -> Resul
 
 /// Reads and pins the guest's host key; says why when it cannot (never fatal:
 /// the VM is up, and `agentvm hostkey` can pin it later).
-fn pin_host_key(backend: &dyn Backend, name: &str, progress: &dyn Reporter) -> bool {
+pub fn pin_host_key(backend: &dyn Backend, name: &str, progress: &dyn Reporter) -> bool {
     match backend.host_key(name) {
         Ok(key) => {
             progress.step(name, &format!("host key pinned ({})", key.source));

@@ -61,6 +61,26 @@ pub enum Command {
         #[arg(long)]
         no_block: bool,
     },
+    /// Make running copies of a running VM (memory, devices and disk) while it keeps running.
+    Fork {
+        /// The running VM to copy.
+        source: String,
+        /// Names of the new VMs.
+        #[arg(required = true)]
+        new: Vec<String>,
+        /// Return once the copies are restored, without waiting for SSH.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give each copy new SSH host keys and machine-id (through its guest agent).
+        #[arg(long)]
+        new_identity: bool,
+        /// Seconds to wait for SSH.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Fail at once if another operation holds a VM, instead of waiting.
+        #[arg(long)]
+        no_block: bool,
+    },
     /// Remove VMs: domain, disk, folder and ports.
     Destroy {
         /// The VMs to remove (or --all).
@@ -74,6 +94,9 @@ pub enum Command {
         /// Fail at once if another operation holds a VM, instead of waiting.
         #[arg(long)]
         no_block: bool,
+        /// First make the (stopped) forks that sit on the VMs' disks independent of them.
+        #[arg(long)]
+        flatten: bool,
     },
     /// All VMs of the fleet file and the backend.
     List,

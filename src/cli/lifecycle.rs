@@ -107,7 +107,14 @@ fn existing_fleet_vms(app: &App) -> Result<Vec<String>> {
         .collect())
 }
 
-pub fn destroy(app: &App, names: &[String], all: bool, yes: bool, no_block: bool) -> Result<i32> {
+pub fn destroy(
+    app: &App,
+    names: &[String],
+    all: bool,
+    yes: bool,
+    no_block: bool,
+    flatten: bool,
+) -> Result<i32> {
     let names = match (all, names.is_empty()) {
         (false, true) => bail!(
             "destroy needs the names of the VMs to remove, or --all for every VM of the fleet file"
@@ -139,6 +146,21 @@ pub fn destroy(app: &App, names: &[String], all: bool, yes: bool, no_block: bool
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
             eprintln!("nothing destroyed");
+            return Ok(1);
+        }
+    }
+    if flatten {
+        let mut failed = false;
+        for result in app.call(names, Op::Flatten, no_block)? {
+            if let Answer::Error { message, .. } = &result.answer {
+                failed = true;
+                eprintln!(
+                    "agentvm: error: {}",
+                    output::vm_error(&result.name, message)
+                );
+            }
+        }
+        if failed {
             return Ok(1);
         }
     }

@@ -6,6 +6,7 @@ mod args;
 mod cp;
 mod daemon_cmd;
 mod egress;
+mod fork;
 mod guest;
 mod image;
 mod lifecycle;
@@ -115,12 +116,28 @@ fn run(cli: Cli) -> Result<i32> {
             timeout,
             no_block,
         } => lifecycle::down(&app, &names, force, timeout, no_block),
+        Command::Fork {
+            source,
+            new,
+            no_wait,
+            new_identity,
+            timeout,
+            no_block,
+        } => fork::fork(
+            &app,
+            &source,
+            &new,
+            (!no_wait).then_some(timeout),
+            new_identity,
+            no_block,
+        ),
         Command::Destroy {
             names,
             all,
             yes,
             no_block,
-        } => lifecycle::destroy(&app, &names, all, yes, no_block),
+            flatten,
+        } => lifecycle::destroy(&app, &names, all, yes, no_block, flatten),
         Command::Plan { names, backend } => lifecycle::plan(&app, &names, backend),
         Command::List => status::status(&app, &[]),
         Command::Status { names } => status::status(&app, &names),

@@ -84,8 +84,27 @@ pub async fn run_vms(
                         return VmResult::failed(&name, ErrorKind::Busy, busy.to_string());
                     }
                 };
+                // A fork also holds the names of the VMs it makes. They must
+                // be new, so an operation holding one is a conflict, not a
+                // turn to wait for (waiting could deadlock with a fork the
+                // other way round).
+                let mut fork_guards = Vec::new();
+                if let Op::Fork { new, .. } = &op {
+                    let mut names = new.clone();
+                    names.sort();
+                    names.dedup();
+                    for new_name in names {
+                        match shared.locks.acquire(&new_name, op.verb(), true).await {
+                            Ok(guard) => fork_guards.push(guard),
+                            Err(busy) => {
+                                return VmResult::failed(&name, ErrorKind::Busy, busy.to_string());
+                            }
+                        }
+                    }
+                }
                 tokio::task::spawn_blocking(move || {
                     let _guard = guard;
+                    let _fork_guards = fork_guards;
                     let events = Events { tx };
                     let mut result = perform(&backends, &vm, &op, &events);
                     super::egress::after(&shared.egress, &vm.name, &op, &mut result);
@@ -274,6 +293,29 @@ fn perform(
         Op::SyncClock => Outcome::ClockSynced {
             drift_ms: backend.sync_clock(name)?,
         },
+        Op::Fork {
+            new,
+            wait_secs,
+            new_identity,
+        } => {
+            if existing.is_none() {
+                return Err(BackendError::NotFound(name.to_string()));
+            }
+            Outcome::Forked(crate::backend::fork::fork(
+                backend,
+                name,
+                new,
+                wait_secs.map(Duration::from_secs),
+                *new_identity,
+                events,
+            )?)
+        }
+        Op::Flatten => {
+            check_writable("flatten the forks of")?;
+            Outcome::Flattened {
+                vms: backend.flatten(name, events)?,
+            }
+        }
         Op::Forward { change } => Outcome::Forwards {
             forwards: backend.forward(name, change)?,
         },

@@ -89,6 +89,28 @@ pub struct VmState {
     pub egress: Option<String>,
     #[serde(rename = "agentvm:egress-allow", alias = "egress-allow", default)]
     pub egress_allow: Vec<String>,
+    /// The file name (in the VM's folder) of the disk's writable top when it
+    /// is not `disk.qcow2`: a forked VM writes to a new top.
+    #[serde(
+        rename = "agentvm:disk",
+        alias = "disk",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub disk: Option<String>,
+    /// The read-only layers (absolute paths, bottom first) forks froze under
+    /// the disk: a VM sits on every layer of its chain, so the VM whose
+    /// folder holds one cannot be destroyed while another VM sits on it.
+    #[serde(rename = "agentvm:layer", alias = "layer", default)]
+    pub layers: Vec<String>,
+    /// The VM this one was forked from.
+    #[serde(
+        rename = "agentvm:forked-from",
+        alias = "forked-from",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub forked_from: Option<String>,
 }
 
 /// One port forward as the domain metadata holds it.
@@ -179,6 +201,9 @@ impl VmState {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            disk: None,
+            layers: Vec::new(),
+            forked_from: None,
         }
     }
 

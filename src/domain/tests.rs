@@ -22,6 +22,9 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         shares: Vec::new(),
         egress: None,
         egress_allow: Vec::new(),
+        disk: None,
+        layers: Vec::new(),
+        forked_from: None,
     }
 }
 

@@ -104,6 +104,30 @@ pub fn create_overlay(
     run(&mut cmd).map(drop)
 }
 
+/// The backing file `path`'s header names, if any.
+pub fn backing_file(path: &Path) -> Result<Option<std::path::PathBuf>> {
+    Ok(raw_info(path)?.backing_filename.map(Into::into))
+}
+
+/// Rebases the qcow2 `image` onto `base` (of `base_format`), copying into
+/// it what its old backing chain holds and `base` does not: afterwards it
+/// needs only `base`.
+pub fn rebase(image: &Path, base: &Path, base_format: DiskFormat) -> Result<()> {
+    run(Command::new(QEMU_IMG)
+        .args([
+            "rebase",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            base_format.as_str(),
+            "-b",
+        ])
+        .arg(base)
+        .arg(image))
+    .map(drop)
+}
+
 /// An empty qcow2 disk.
 pub fn create_blank(path: &Path, size: u64) -> Result<()> {
     run(Command::new(QEMU_IMG)

@@ -193,7 +193,7 @@ fn hmp(dom: &Domain, command: &str) -> Result<String> {
 }
 
 /// Replaces the domain's agentvm metadata, live and in its definition.
-fn write_state(dom: &Domain, state: &VmState) -> Result<()> {
+pub(super) fn write_state(dom: &Domain, state: &VmState) -> Result<()> {
     let xml =
         quick_xml::se::to_string_with_root("vm", state).context("writing agentvm metadata")?;
     let xml = unprefixed(&xml);

@@ -321,3 +321,20 @@ impl Templates for Healing {
         self.inner.push_image(image, disk, progress)
     }
 }
+
+impl crate::backend::Forks for Healing {
+    fn fork(
+        &self,
+        source: &str,
+        new: &[String],
+        progress: &dyn Reporter,
+    ) -> Result<crate::backend::Forked> {
+        self.change(source, "forking", || self.inner.fork(source, new, progress))
+    }
+
+    fn flatten(&self, name: &str, progress: &dyn Reporter) -> Result<Vec<String>> {
+        self.change(name, "flattening the forks of", || {
+            self.inner.flatten(name, progress)
+        })
+    }
+}

@@ -138,10 +138,9 @@ impl LocalBackend {
     }
 
     /// Grows a stopped VM's disk to its spec's size; shrinking is refused.
-    fn resize_disk(&self, spec: &VmSpec) -> anyhow::Result<()> {
+    fn resize_disk(&self, spec: &VmSpec, disk: &std::path::Path) -> anyhow::Result<()> {
         let Some(want) = spec.disk else { return Ok(()) };
-        let disk = self.home.vm_disk(spec.name.as_str());
-        let have = qemu_img::virtual_size(&disk)?;
+        let have = qemu_img::virtual_size(disk)?;
         if want.bytes() < have {
             bail!(
                 "vms.{}.disk = {want} is smaller than the VM's disk ({}); disks only grow",
@@ -150,7 +149,7 @@ impl LocalBackend {
             );
         }
         if want.bytes() > have {
-            qemu_img::grow(&disk, want.bytes())?;
+            qemu_img::grow(disk, want.bytes())?;
         }
         Ok(())
     }
@@ -350,7 +349,9 @@ impl Lifecycle for LocalBackend {
                 &format!("ports now ssh {ssh_port}, spice {spice_port} (the old ones are taken)"),
             );
         }
-        self.resize_disk(spec)?;
+        // A forked VM writes to its own top above a shared layer.
+        let top = super::fork::top_disk(&self.home, &state);
+        self.resize_disk(spec, &top)?;
         super::forwards::say_dropped(name, &super::forwards::live_forwards(&state), progress);
         let mut plan = self.domain_plan(
             spec,
@@ -359,6 +360,10 @@ impl Lifecycle for LocalBackend {
             (ssh_port, spice_port),
             &state.image_digest,
         );
+        plan.disk = top;
+        plan.state.disk = state.disk.clone();
+        plan.state.layers = state.layers.clone();
+        plan.state.forked_from = state.forked_from.clone();
         plan.uuid = Some(
             dom.uuid_string()
                 .map_err(lv)
@@ -432,6 +437,15 @@ impl Lifecycle for LocalBackend {
         let dir = self.home.vm_dir(name);
         match self.lookup(name)? {
             Some((dom, state)) => {
+                let dependents = self.layer_dependents(name)?;
+                if !dependents.is_empty() {
+                    return Err(anyhow!(
+                        "{name} cannot be destroyed: {} forked from it and still sit on its disk; destroy {} first",
+                        dependents.join(", "),
+                        if dependents.len() == 1 { "it" } else { "them" }
+                    )
+                    .into());
+                }
                 if dom.is_active().map_err(lv).context("asking libvirt")? {
                     dom.destroy()
                         .map_err(lv)

@@ -4,12 +4,15 @@
 mod agent;
 mod conn;
 mod display;
+mod fork;
+mod fork_xml;
 mod forwards;
 mod heal;
 mod host;
 mod lifecycle;
 mod owner;
 mod repair;
+mod saveimage;
 mod shares;
 mod snapshots;
 

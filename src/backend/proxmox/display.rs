@@ -133,6 +133,8 @@ impl Forwards for ProxmoxBackend {}
 
 impl crate::backend::Shares for ProxmoxBackend {}
 
+impl crate::backend::Forks for ProxmoxBackend {}
+
 impl Display for ProxmoxBackend {
     fn serial_log(&self, name: &str) -> Result<std::path::PathBuf> {
         Err(self.unsupported(

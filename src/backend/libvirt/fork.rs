@@ -1,0 +1,517 @@
+//! The local backend's `fork`: one live external snapshot of the source
+//! (memory to a libvirt save image, its disk's top frozen as a read-only
+//! layer with a new top above it), then per fork a thin overlay on that
+//! layer, a domain defined from the saved XML with the fork's identity, and a
+//! restore of the memory snapshot once its header names the fork (`saveimage`).
+//!
+//! Which layers a VM's disk sits on are in its metadata (`<agentvm:layer>`), so
+//! `destroy` finds the VMs that depend on a VM's folder by reading every
+//! domain's metadata.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::sys;
+
+use super::fork_xml::{ForkIdentity, rewrite, with_uuid};
+use super::saveimage::SaveImage;
+use super::{LocalBackend, lv};
+use crate::backend::{Forked, ForkedVm, Forks, Result};
+use crate::domain::{self, VmState};
+use crate::fsutil::{FileLock, create_private_dir, write_atomic};
+use crate::image::qemu_img::{self, DiskFormat};
+use crate::paths::{self, Home};
+use crate::ports::{self, SPICE_PORT_BASE, SSH_PORT_BASE};
+use crate::progress::Reporter;
+
+/// How often the guest's state is read while the snapshot runs.
+const PAUSE_POLL: Duration = Duration::from_millis(20);
+
+/// The writable top of the disk of the VM `state` describes.
+pub(super) fn top_disk(home: &Home, state: &VmState) -> PathBuf {
+    match &state.disk {
+        Some(file) => home.vm_dir(&state.name).join(file),
+        None => home.vm_disk(&state.name),
+    }
+}
+
+impl LocalBackend {
+    /// The VMs whose disks sit on a layer in `name`'s folder (directly or
+    /// through forks of its forks: each VM records its whole chain), sorted.
+    pub(super) fn layer_dependents(&self, name: &str) -> Result<Vec<String>> {
+        let dir = self.home.vm_dir(name);
+        let mut found: Vec<String> = self
+            .all_domains()?
+            .into_iter()
+            .map(|(_, state)| state)
+            .filter(|state| state.name != name)
+            .filter(|state| {
+                state
+                    .layers
+                    .iter()
+                    .any(|layer| Path::new(layer).starts_with(&dir))
+            })
+            .map(|state| state.name)
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+
+    /// Refuses fork names that are invalid, repeated or taken.
+    fn check_fork_names(&self, source: &str, new: &[String]) -> Result<()> {
+        if new.is_empty() {
+            return Err(anyhow!("fork needs at least one name for a new VM").into());
+        }
+        for (i, name) in new.iter().enumerate() {
+            crate::spec::Name::new(name).map_err(|e| anyhow!("{name}: {e}"))?;
+            if name == source || new[..i].contains(name) {
+                return Err(anyhow!("{name} is named twice in the fork").into());
+            }
+            if self.lookup(name)?.is_some() {
+                return Err(anyhow!("a VM named {name} already exists").into());
+            }
+            let dir = self.home.vm_dir(name);
+            if dir.exists() {
+                return Err(anyhow!(
+                    "{} exists although no VM {name} does; remove it or pick another name",
+                    dir.display()
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes, defines and restores each fork from the memory snapshot; on
+    /// error the forks made so far are removed again.
+    fn restore_forks(
+        &self,
+        source: &VmState,
+        layer: &Path,
+        memory: &Path,
+        new: &[String],
+        progress: &dyn Reporter,
+    ) -> Result<Vec<ForkedVm>> {
+        let mut made = Vec::new();
+        let result = self.restore_forks_into(source, layer, memory, new, progress, &mut made);
+        if result.is_err() {
+            for name in &made {
+                if let Err(e) = crate::backend::Lifecycle::remove(self, name) {
+                    tracing::warn!("{name}: removing the half-made fork: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    fn restore_forks_into(
+        &self,
+        source: &VmState,
+        layer: &Path,
+        memory: &Path,
+        new: &[String],
+        progress: &dyn Reporter,
+        made: &mut Vec<String>,
+    ) -> Result<Vec<ForkedVm>> {
+        let image = SaveImage::read(memory)?;
+        // Held from choosing ports until the domains (which claim them) are defined.
+        let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
+        let mut claims = self.claims("")?;
+        let mut pending = Vec::new();
+        for name in new {
+            let mut pick = |kind, base| {
+                let port = ports::choose(kind, base, name, None, None, &claims)
+                    .map_err(|e| anyhow!("{name}: {e}"))?;
+                claims.add(port, &format!("{name} ({kind})"));
+                Ok::<_, anyhow::Error>(port)
+            };
+            let ports = (pick("ssh", SSH_PORT_BASE)?, pick("spice", SPICE_PORT_BASE)?);
+            made.push(name.clone());
+            let xml = self.define_fork(source, layer, &image, name, ports)?;
+            pending.push((name, xml, ports));
+        }
+        drop(ports_guard);
+        let conn = self.conn()?;
+        let mut forks = Vec::new();
+        // One memory file for all: restores run one after another, each
+        // reading it once its header names that fork.
+        for (name, xml, (ssh_port, spice_port)) in pending {
+            let began = Instant::now();
+            image.write_xml(memory, &xml)?;
+            conn.restore_domain(&memory.to_string_lossy())
+                .map_err(lv)
+                .with_context(|| format!("restoring {name} from {}'s memory", source.name))?;
+            progress.step(
+                name,
+                &format!(
+                    "restored from {} in {:.1} s (ssh port {ssh_port})",
+                    source.name,
+                    began.elapsed().as_secs_f64()
+                ),
+            );
+            forks.push(ForkedVm {
+                name: name.clone(),
+                ssh_port,
+                spice_port,
+                ssh_ready_seconds: None,
+                new_identity: false,
+                host_key_pinned: self.home.vm_pinned_host_key(name).is_file(),
+            });
+        }
+        Ok(forks)
+    }
+
+    /// Makes fork `name`'s folder, disk and files and defines its domain;
+    /// returns the XML (with its UUID) to restore it with.
+    fn define_fork(
+        &self,
+        source: &VmState,
+        layer: &Path,
+        image: &SaveImage,
+        name: &str,
+        (ssh_port, spice_port): (u16, u16),
+    ) -> anyhow::Result<String> {
+        let home = &self.home;
+        let dir = home.vm_dir(name);
+        create_private_dir(&dir)?;
+        qemu_img::create_overlay(layer, DiskFormat::Qcow2, &home.vm_disk(name), None)?;
+        let src = source.name.as_str();
+        for (from, to) in [
+            (home.vm_env_file(src), home.vm_env_file(name)),
+            (home.vm_seed(src), home.vm_seed(name)),
+        ] {
+            if from.is_file() {
+                let data =
+                    std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+                write_atomic(&to, &data, 0o600)?;
+            }
+        }
+        self.copy_pinned_key(src, name)?;
+
+        let mut fork = source.clone();
+        fork.name = name.to_string();
+        fork.ssh_port = ssh_port;
+        fork.spice_port = spice_port;
+        fork.forwards.clear();
+        fork.disk = None;
+        fork.layers.push(layer.to_string_lossy().into_owned());
+        fork.forked_from = Some(src.to_string());
+        fork.home = Some(self.home_key.clone());
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let runtime = &self.runtime_dir;
+        let identity = ForkIdentity {
+            source,
+            fork: &fork,
+            disk: (path(layer.to_path_buf()), path(home.vm_disk(name))),
+            paths: vec![
+                (
+                    path(home.vm_serial_log(src)),
+                    path(home.vm_serial_log(name)),
+                ),
+                (path(home.vm_env_file(src)), path(home.vm_env_file(name))),
+                (path(home.vm_seed(src)), path(home.vm_seed(name))),
+                (
+                    path(domain::guest_agent_socket(runtime, src)),
+                    path(domain::guest_agent_socket(runtime, name)),
+                ),
+            ],
+        };
+        let xml = without_backing_stores(&rewrite(image.xml(), &identity)?)?;
+        let dom = self
+            .define_xml(&xml)
+            .with_context(|| format!("defining {}", domain::domain_name(name)))?;
+        let uuid = dom
+            .uuid_string()
+            .map_err(lv)
+            .context("reading the fork's UUID")?;
+        with_uuid(&xml, &uuid)
+    }
+
+    /// Pins the source's host key for the fork (its guest has the same key).
+    fn copy_pinned_key(&self, source: &str, name: &str) -> anyhow::Result<()> {
+        let pinned = self.home.vm_pinned_host_key(source);
+        let key = match std::fs::read_to_string(&pinned) {
+            Ok(key) => key,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", pinned.display())),
+        };
+        let key = key.trim();
+        write_atomic(
+            &self.home.vm_known_hosts(name),
+            format!("{}{name} {key}\n", domain::DOMAIN_PREFIX).as_bytes(),
+            0o600,
+        )?;
+        write_atomic(
+            &self.home.vm_pinned_host_key(name),
+            format!("{key}\n").as_bytes(),
+            0o600,
+        )
+    }
+}
+
+impl Forks for LocalBackend {
+    fn fork(&self, source: &str, new: &[String], progress: &dyn Reporter) -> Result<Forked> {
+        self.check_fork_names(source, new)?;
+        let (dom, state) = self.require_running(source)?;
+        if !state.shares.is_empty() {
+            return Err(anyhow!(
+                "{source} has shared folders: QEMU cannot save the share devices' state with \
+                 the memory, so it cannot be forked while they are attached"
+            )
+            .into());
+        }
+        if state.egress.is_some() {
+            return Err(anyhow!(
+                "{source} has an egress policy: forks of it are not supported (its proxy \
+                 tunnel is per VM); agentvm up a new VM instead"
+            )
+            .into());
+        }
+        if state.network != domain::NetworkMode::Slirp.as_str() {
+            return Err(anyhow!(
+                "{source} runs on {} networking: only VMs on SLIRP can be forked",
+                state.network
+            )
+            .into());
+        }
+        let layer = top_disk(&self.home, &state);
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let new_top = self.home.vm_fork_top(source, stamp);
+        let memory = self.home.vm_fork_memory(source);
+        remove_file(&memory);
+        let taken = snapshot(&dom, source, &memory, &new_top)?;
+        progress.step(
+            source,
+            &format!(
+                "snapshot of {source} taken in {:.1} s (paused {:.2} s)",
+                taken.seconds, taken.paused_seconds
+            ),
+        );
+        let mut recorded = state.clone();
+        recorded.disk = new_top
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned());
+        recorded.layers.push(layer.to_string_lossy().into_owned());
+        super::forwards::write_state(&dom, &recorded).with_context(|| {
+            format!(
+                "{source} now writes to {}, but recording it in its metadata failed",
+                new_top.display()
+            )
+        })?;
+        // Nothing may write to a layer others sit on.
+        if let Err(e) =
+            std::fs::set_permissions(&layer, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+        {
+            tracing::warn!("{source}: making {} read-only: {e}", layer.display());
+        }
+        let forks = self.restore_forks(&state, &layer, &memory, new, progress);
+        remove_file(&memory);
+        Ok(Forked {
+            snapshot_seconds: taken.seconds,
+            paused_seconds: taken.paused_seconds,
+            vms: forks?,
+        })
+    }
+
+    fn flatten(&self, name: &str, progress: &dyn Reporter) -> Result<Vec<String>> {
+        self.require(name)?;
+        let dependents = self.layer_dependents(name)?;
+        let mut running = Vec::new();
+        for dependent in &dependents {
+            if self.require(dependent)?.0.is_active().map_err(lv)? {
+                running.push(dependent.as_str());
+            }
+        }
+        if !running.is_empty() {
+            return Err(anyhow!(
+                "flattening needs the VMs that sit on {name}'s disk stopped: {} (agentvm down {})",
+                running.join(", "),
+                running.join(" ")
+            )
+            .into());
+        }
+        for dependent in &dependents {
+            let (dom, mut state) = self.require(dependent)?;
+            let bottom = state
+                .layers
+                .first()
+                .with_context(|| format!("{dependent} records no layers"))?;
+            let base = qemu_img::backing_file(Path::new(bottom))?
+                .with_context(|| format!("{bottom} has no backing image"))?;
+            let format = qemu_img::info(&base)?.format;
+            progress.step(
+                dependent,
+                "copying what it needs of the shared layers into its own disk",
+            );
+            qemu_img::rebase(&top_disk(&self.home, &state), &base, format)?;
+            state.layers.clear();
+            super::forwards::write_state(&dom, &state)?;
+            // libvirt keeps the chain an external snapshot found in the
+            // definition; without it, the next start reads the new one.
+            let xml = dom
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+                .map_err(lv)
+                .context("reading the domain definition")?;
+            self.define_xml(&without_backing_stores(&xml)?)
+                .with_context(|| format!("redefining {dependent} without its old layers"))?;
+            progress.step(dependent, &format!("flattened onto {}", base.display()));
+        }
+        Ok(dependents)
+    }
+}
+
+/// Takes the live external snapshot: memory to `memory`, the disk's top
+/// frozen under a new top `new_top`.
+fn snapshot(dom: &Domain, source: &str, memory: &Path, new_top: &Path) -> Result<Snapshot> {
+    let live_xml = dom
+        .xml_desc(0)
+        .map_err(lv)
+        .context("reading the domain XML")?;
+    // A NoCloud seed disk is read-only: it stays as it is.
+    let seed = if live_xml.contains("<target dev='vdb'") {
+        "<disk name='vdb' snapshot='no'/>"
+    } else {
+        ""
+    };
+    let xml = format!(
+        "<domainsnapshot><name>agentvm-fork</name>\
+         <memory snapshot='external' file='{}'/>\
+         <disks><disk name='vda' snapshot='external' type='file'><driver type='qcow2'/>\
+         <source file='{}'/></disk>{seed}</disks></domainsnapshot>",
+        xml_attr(&memory.to_string_lossy()),
+        xml_attr(&new_top.to_string_lossy()),
+    );
+    let began = Instant::now();
+    let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+        | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+    let done = AtomicBool::new(false);
+    let (taken, paused) = std::thread::scope(|scope| {
+        let watch = scope.spawn(|| paused_time(dom, &done));
+        let taken = dom.create_snapshot_xml(&xml, flags);
+        done.store(true, Ordering::Relaxed);
+        (taken, watch.join().unwrap_or_default())
+    });
+    if let Err(e) = taken {
+        remove_file(memory);
+        remove_file(new_top);
+        return Err(lv(e)
+            .context(format!("{source}: taking the snapshot to fork from"))
+            .into());
+    }
+    Ok(Snapshot {
+        seconds: began.elapsed().as_secs_f64(),
+        paused_seconds: paused.as_secs_f64(),
+    })
+}
+
+/// How long a snapshot took, and for how long of it the guest was paused.
+struct Snapshot {
+    seconds: f64,
+    paused_seconds: f64,
+}
+
+/// How long `dom` is seen paused until `done` (polled, so to within
+/// [`PAUSE_POLL`]).
+fn paused_time(dom: &Domain, done: &AtomicBool) -> Duration {
+    let mut paused = Duration::ZERO;
+    let mut last = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(PAUSE_POLL);
+        let now = Instant::now();
+        if let Ok((Enum::Known(DomainState::Paused), _)) = dom.state() {
+            paused += now - last;
+        }
+        last = now;
+    }
+    paused
+}
+
+/// `xml` without `<backingStore>` elements: libvirt then reads each disk's
+/// chain from its qcow2 headers (a fork's overlay sits on a layer the saved
+/// chain does not name).
+fn without_backing_stores(xml: &str) -> anyhow::Result<String> {
+    const OPEN: &str = "<backingStore";
+    const CLOSE: &str = "</backingStore>";
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    while let Some(start) = rest.find(OPEN) {
+        out.push_str(&rest[..start]);
+        let mut depth = 0usize;
+        let mut at = start;
+        loop {
+            let next_open = rest[at..].find(OPEN).map(|i| i + at);
+            let next_close = rest[at..].find(CLOSE).map(|i| i + at);
+            match (next_open, next_close) {
+                (Some(open), close) if close.is_none_or(|c| open < c) => {
+                    let tag_end = rest[open..]
+                        .find('>')
+                        .map(|i| i + open)
+                        .context("unterminated <backingStore> in the saved XML")?;
+                    at = tag_end + 1;
+                    if rest[..tag_end].ends_with('/') {
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        depth += 1;
+                    }
+                }
+                (_, Some(close)) => {
+                    at = close + CLOSE.len();
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                (_, None) => bail!("unbalanced <backingStore> in the saved XML"),
+            }
+        }
+        rest = &rest[at..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn xml_attr(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('\'', "&apos;")
+        .replace('<', "&lt;")
+}
+
+fn remove_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_backing_stores;
+
+    #[test]
+    fn backing_stores_are_dropped_whole() {
+        let xml = "<disk><source file='a'/>\
+            <backingStore type='file' index='1'><format type='qcow2'/><source file='b'/>\
+            <backingStore type='file' index='2'><source file='c'/><backingStore/></backingStore>\
+            </backingStore><target dev='vda'/></disk><disk><backingStore/><target dev='vdb'/></disk>";
+        assert_eq!(
+            without_backing_stores(xml).unwrap(),
+            "<disk><source file='a'/><target dev='vda'/></disk><disk><target dev='vdb'/></disk>"
+        );
+    }
+
+    #[test]
+    fn xml_without_backing_stores_is_unchanged() {
+        let xml = "<domain><disk/></domain>";
+        assert_eq!(without_backing_stores(xml).unwrap(), xml);
+    }
+}
