@@ -155,7 +155,9 @@ pub fn wait_for_banner(
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut backoff = Backoff::new(BANNER_POLL_FIRST, BANNER_POLL_MAX);
     loop {
-        if read_banner(&addr).is_some() {
+        // While the guest boots, SLIRP may hold a connection the guest never
+        // answers: a short wait per try keeps a try from hiding the banner.
+        if read_banner_within(&addr, BANNER_PROBE_WAIT).is_some() {
             return Ok(start.elapsed());
         }
         if !still_running()? {
@@ -175,13 +177,20 @@ pub fn wait_for_banner(
 /// loopback connection; SLIRP answers it without the guest until sshd listens).
 const BANNER_POLL_FIRST: Duration = Duration::from_millis(5);
 const BANNER_POLL_MAX: Duration = Duration::from_millis(40);
+/// How long one try waits for the banner after connecting.
+const BANNER_PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// The first line the server sends, if it is an SSH identification string.
 /// (A user-mode forward accepts connections before the guest listens; only the
 /// banner proves sshd is up.)
 pub fn read_banner(addr: &SocketAddr) -> Option<String> {
+    read_banner_within(addr, Duration::from_secs(3))
+}
+
+/// [`read_banner`], waiting at most `wait` for the banner once connected.
+pub fn read_banner_within(addr: &SocketAddr, wait: Duration) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    stream.set_read_timeout(Some(wait)).ok()?;
     let mut buf = [0u8; 256];
     let mut got = 0;
     while got < buf.len() {
