@@ -124,6 +124,7 @@ fn mcp_tools_list_exec_and_files_on_a_local_guest() {
         [
             "down",
             "exec",
+            "fork",
             "list",
             "read_file",
             "snapshot",

@@ -150,7 +150,7 @@ pub enum Command {
     /// Read the guest's SSH host key (through its agent) and pin it for `agentvm ssh`.
     Hostkey { name: String },
     /// Serve the Model Context Protocol on stdin/stdout: tools for list,
-    /// status, up, down, exec, read_file, write_file and snapshot.
+    /// status, up, down, exec, read_file, write_file, snapshot and fork.
     Mcp,
     /// Save the guest's display as a PNG file.
     Screenshot {

@@ -150,6 +150,20 @@ pub struct SnapshotArgs {
     snapshot: Option<String>,
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ForkArgs {
+    /// The running local VM to copy.
+    source: String,
+    /// The names of the new VMs (one or more).
+    new: Vec<String>,
+    /// Wait until every new VM answers on SSH (default true).
+    wait: Option<bool>,
+    /// How long to wait, in seconds (default 300).
+    timeout_secs: Option<u64>,
+    /// Give the new VMs new SSH host keys and machine-id (default false).
+    new_identity: Option<bool>,
+}
+
 #[tool_router]
 impl Server {
     #[tool(
@@ -317,6 +331,33 @@ impl Server {
                 };
             }
             Ok(json!({ "path": args.path, "bytes": bytes }))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Running copies of a running VM (memory, processes, disk) while it keeps running: one new VM per name. Returns each new VM's name, ports and readiness."
+    )]
+    async fn fork(
+        &self,
+        Parameters(args): Parameters<ForkArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        self.run(move |app| {
+            if args.new.is_empty() {
+                bail!("fork needs at least one new VM name");
+            }
+            let op = Op::Fork {
+                new: args.new.clone(),
+                wait_secs: args
+                    .wait
+                    .unwrap_or(true)
+                    .then_some(args.timeout_secs.unwrap_or(300)),
+                new_identity: args.new_identity.unwrap_or(false),
+            };
+            match app.call_one(&args.source, op)? {
+                Outcome::Forked(outcome) => Ok(serde_json::to_value(outcome)?),
+                other => bail!("{}: unexpected answer {other:?}", args.source),
+            }
         })
         .await
     }
