@@ -190,6 +190,27 @@ fn mcp_tools_list_exec_and_files_on_a_local_guest() {
     assert_eq!(read["encoding"], "base64", "{read}");
     assert_eq!(read["content"], "/wAB", "{read}");
 
+    // fork: a running copy that has the file written above.
+    let fork_name = "g-mcp-fork";
+    env.owns(&[fork_name]);
+    let forked = mcp.ok(
+        "fork",
+        json!({"source": name, "new": [fork_name], "timeout_secs": 240}),
+    );
+    assert_eq!(forked["source"], name, "{forked}");
+    assert_eq!(forked["forks"][0]["name"], fork_name, "{forked}");
+    assert!(
+        forked["forks"][0]["ssh_ready_seconds"].is_number(),
+        "{forked}"
+    );
+    let copy = mcp.ok(
+        "read_file",
+        json!({"name": fork_name, "path": "/root/mcp-note.txt"}),
+    );
+    assert_eq!(copy["content"], text, "{copy}");
+    let (is_error, message) = mcp.call("fork", json!({"source": name, "new": []}));
+    assert!(is_error && message.contains("at least one"), "{message}");
+
     // A missing file is a tool error naming the path.
     let (is_error, message) = mcp.call(
         "read_file",
