@@ -210,6 +210,8 @@ fn mcp_tools_list_exec_and_files_on_a_local_guest() {
     assert_eq!(copy["content"], text, "{copy}");
     let (is_error, message) = mcp.call("fork", json!({"source": name, "new": []}));
     assert!(is_error && message.contains("at least one"), "{message}");
+    // The source cannot go while its fork sits on its disk: the fork goes first.
+    env.ok(&["destroy", "--yes", fork_name]);
 
     // A missing file is a tool error naming the path.
     let (is_error, message) = mcp.call(
