@@ -9,7 +9,7 @@ use anyhow::anyhow;
 use serde::{Deserialize, Serialize};
 
 use super::orchestrate::{pin_host_key, wait_ready};
-use super::{Backend, Lifecycle, Result, Stream};
+use super::{Backend, Lifecycle, Result};
 use crate::progress::Reporter;
 
 /// How long `--new-identity` waits for the fork's agent when `fork` itself
@@ -183,27 +183,16 @@ fn finish(
 /// Runs [`NEW_IDENTITY_SCRIPT`] in the guest; returns what it did.
 fn regenerate_identity(backend: &dyn Backend, name: &str) -> Result<String> {
     let argv = ["/bin/sh", "-c", NEW_IDENTITY_SCRIPT].map(String::from);
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let outcome =
-        backend.exec(
-            name,
-            &argv,
-            None,
-            IDENTITY_TIMEOUT,
-            &mut |stream, data| match stream {
-                Stream::Stdout => out.extend_from_slice(data),
-                Stream::Stderr => err.extend_from_slice(data),
-            },
-        )?;
-    if outcome.exit_code != Some(0) {
+    let ran = super::exec_captured(backend, name, &argv, IDENTITY_TIMEOUT)?;
+    if !ran.succeeded() {
         return Err(anyhow!(
             "{name}: could not give the fork a new identity: {}",
-            String::from_utf8_lossy(&err).trim()
+            ran.stderr_text()
         )
         .into());
     }
-    let err = String::from_utf8_lossy(&err);
-    let out = String::from_utf8_lossy(&out);
+    let err = String::from_utf8_lossy(&ran.stderr);
+    let out = String::from_utf8_lossy(&ran.stdout);
     let mut lines = out.lines();
     let server = lines.next().unwrap_or("?").trim();
     let machine_id = if lines.any(|l| l.trim() == "machine-id") {

@@ -251,6 +251,49 @@ pub trait GuestAgent: Lifecycle {
     }
 }
 
+/// What a command run through the agent ended with, and its whole output.
+pub struct Captured {
+    pub outcome: ExecOutcome,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Captured {
+    pub fn succeeded(&self) -> bool {
+        self.outcome.exit_code == Some(0)
+    }
+
+    /// Standard error as trimmed text, for an error message.
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).trim().to_string()
+    }
+}
+
+/// Runs `argv` in the guest through the agent and keeps its output.
+pub fn exec_captured(
+    backend: &(impl GuestAgent + ?Sized),
+    name: &str,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<Captured> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let outcome = backend.exec(
+        name,
+        argv,
+        None,
+        timeout,
+        &mut |stream, data| match stream {
+            Stream::Stdout => stdout.extend_from_slice(data),
+            Stream::Stderr => stderr.extend_from_slice(data),
+        },
+    )?;
+    Ok(Captured {
+        outcome,
+        stdout,
+        stderr,
+    })
+}
+
 /// Sets the mode of the guest file `path` (after `write_file`) with `chmod`
 /// run through the agent, as both backends do.
 pub fn chmod_through_agent(
@@ -267,22 +310,11 @@ pub fn chmod_through_agent(
         format!("{mode:o}"),
         path.to_string(),
     ];
-    let mut err = Vec::new();
-    let outcome = backend.exec(
-        name,
-        &argv,
-        None,
-        Duration::from_secs(30),
-        &mut |stream, data| {
-            if stream == Stream::Stderr {
-                err.extend_from_slice(data);
-            }
-        },
-    )?;
-    if outcome.exit_code != Some(0) {
+    let ran = exec_captured(backend, name, &argv, Duration::from_secs(30))?;
+    if !ran.succeeded() {
         return Err(anyhow::anyhow!(
             "{name}: {path} was written, but chmod {mode:o} failed: {}",
-            String::from_utf8_lossy(&err).trim()
+            ran.stderr_text()
         )
         .into());
     }

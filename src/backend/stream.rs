@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use sha2::{Digest, Sha256};
 
-use super::{ExecOutcome, GuestAgent, Result, Stream};
+use super::{ExecOutcome, GuestAgent, Result, Stream, exec_captured};
 use crate::backoff::Backoff;
 
 /// Starts `$@` in the background in folder `$1` (made 0700): its output goes
@@ -43,16 +43,11 @@ pub fn exec_streaming(
         dir.clone(),
     ];
     launch.extend_from_slice(argv);
-    let mut err = Vec::new();
-    let started = backend.exec(name, &launch, None, Duration::from_secs(30), &mut |s, d| {
-        if s == Stream::Stderr {
-            err.extend_from_slice(d);
-        }
-    })?;
-    if started.exit_code != Some(0) {
+    let started = exec_captured(backend, name, &launch, Duration::from_secs(30))?;
+    if !started.succeeded() {
         return Err(anyhow!(
             "{name}: could not start the command in the background: {}",
-            String::from_utf8_lossy(&err).trim()
+            started.stderr_text()
         )
         .into());
     }

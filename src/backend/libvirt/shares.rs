@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 
 use super::LocalBackend;
-use crate::backend::{GuestAgent, Result, ShareStatus, Shares, State, Stream};
+use crate::backend::{Result, ShareStatus, Shares, State, exec_captured};
 use crate::domain::VmState;
 use crate::domain::share::{ShareState, mount_options, share_socket};
 use crate::progress::Reporter;
@@ -181,20 +181,9 @@ impl Shares for LocalBackend {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            let (mut out, mut err) = (Vec::new(), Vec::new());
-            let outcome =
-                self.exec(
-                    name,
-                    &argv,
-                    None,
-                    MOUNT_TIMEOUT,
-                    &mut |stream, data| match stream {
-                        Stream::Stdout => out.extend_from_slice(data),
-                        Stream::Stderr => err.extend_from_slice(data),
-                    },
-                )?;
-            let err = String::from_utf8_lossy(&err).trim().to_string();
-            match outcome.exit_code {
+            let ran = exec_captured(self, name, &argv, MOUNT_TIMEOUT)?;
+            let err = ran.stderr_text();
+            match ran.outcome.exit_code {
                 Some(0) => {}
                 Some(3) => {
                     return Err(anyhow!(
@@ -229,7 +218,7 @@ impl Shares for LocalBackend {
                     if share.readonly { ", read-only" } else { "" }
                 ),
             );
-            let uid = String::from_utf8_lossy(&out).trim().to_string();
+            let uid = String::from_utf8_lossy(&ran.stdout).trim().to_string();
             if let Ok(uid) = uid.parse::<u32>()
                 && uid != share.uid
             {

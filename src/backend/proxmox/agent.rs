@@ -375,22 +375,11 @@ impl GuestAgent for ProxmoxBackend {
                 part.clone(),
                 path.to_string(),
             ];
-            let mut err = Vec::new();
-            let outcome = self.exec(
-                name,
-                &argv,
-                None,
-                Duration::from_secs(60),
-                &mut |stream, data| {
-                    if stream == Stream::Stderr {
-                        err.extend_from_slice(data);
-                    }
-                },
-            )?;
-            if outcome.exit_code != Some(0) {
+            let ran = crate::backend::exec_captured(self, name, &argv, Duration::from_secs(60))?;
+            if !ran.succeeded() {
                 return Err(anyhow!(
                     "{name}: adding to {path} through the guest agent: {}",
-                    String::from_utf8_lossy(&err).trim()
+                    ran.stderr_text()
                 )
                 .into());
             }
