@@ -20,6 +20,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::backend::Backend;
+use crate::backoff::Backoff;
 use crate::clock::format_time;
 use crate::egress_proxy::{self, EgressEvent};
 use crate::paths;
@@ -237,7 +238,7 @@ async fn keep_tunnel(
     socket: PathBuf,
     state: Arc<Mutex<TunnelState>>,
 ) {
-    let mut pause = RETRY_MIN;
+    let mut pause = Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         let (backend, name) = (hub.backend.clone(), vm.clone());
         let ready = tokio::task::spawn_blocking(move || {
@@ -259,8 +260,7 @@ async fn keep_tunnel(
             }
             Ok(Err(e)) => {
                 *lock(&state) = TunnelState::Down(e.to_string());
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(RETRY_MAX);
+                tokio::time::sleep(pause.step()).await;
                 continue;
             }
             Err(_) => break,
@@ -269,13 +269,12 @@ async fn keep_tunnel(
         let was_up = matches!(*lock(&state), TunnelState::Up(_));
         if was_up {
             tracing::warn!("{vm}: egress tunnel went down: {why}; starting it again");
-            pause = RETRY_MIN;
+            pause = Backoff::new(RETRY_MIN, RETRY_MAX);
         } else {
             tracing::debug!("{vm}: egress tunnel not up yet: {why}");
         }
         *lock(&state) = TunnelState::Down(why);
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(RETRY_MAX);
+        tokio::time::sleep(pause.step()).await;
     }
     hub.forget(&vm, &state);
 }

@@ -106,7 +106,7 @@ impl ProxmoxBackend {
             .as_u64()
             .ok_or_else(|| anyhow!("{name}: agent/exec answered {started} without a pid"))?;
         let deadline = Instant::now() + timeout;
-        let mut wait = STATUS_POLL_FIRST;
+        let mut backoff = crate::backoff::Backoff::new(STATUS_POLL_FIRST, STATUS_POLL_MAX);
         loop {
             let status = self
                 .client
@@ -147,8 +147,7 @@ impl ProxmoxBackend {
                 )
                 .into());
             }
-            std::thread::sleep(wait.min(deadline.saturating_duration_since(Instant::now())));
-            wait = (wait * 2).min(STATUS_POLL_MAX);
+            backoff.sleep_until(deadline);
         }
     }
 }
