@@ -337,39 +337,35 @@ impl EventFollower {
     pub fn wait_for(&mut self, state: &str) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {state} event for {}; saw {:?}",
-                self.vm,
-                self.seen
-            );
-            let Ok(line) = self
-                .lines
-                .recv_timeout(std::time::Duration::from_millis(200))
-            else {
-                continue;
-            };
-            let event: Value = serde_json::from_str(&line).unwrap();
-            if event["vm"] == self.vm.as_str() {
-                assert_eq!(event["event"], "lifecycle", "{event}");
-                let got = event["state"].as_str().unwrap().to_string();
-                self.seen.push(got.clone());
-                if got == state {
-                    return event;
-                }
+            let event = self.next_about_vm(deadline, state);
+            assert_eq!(event["event"], "lifecycle", "{event}");
+            let got = event["state"].as_str().unwrap().to_string();
+            self.seen.push(got.clone());
+            if got == state {
+                return event;
             }
         }
     }
-}
 
-impl EventFollower {
     /// Waits (up to 30 s) for a `problem` event about the VM; returns its text.
     pub fn wait_for_problem(&mut self) -> String {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
+            let event = self.next_about_vm(deadline, "problem");
+            if event["event"] == "problem" {
+                return event["problem"].as_str().unwrap().to_string();
+            }
+            self.seen.push(event.to_string());
+        }
+    }
+
+    /// The next event about the VM followed; fails the test, naming `wanted`
+    /// and what was seen, once `deadline` passes.
+    fn next_about_vm(&mut self, deadline: std::time::Instant, wanted: &str) -> Value {
+        loop {
             assert!(
                 std::time::Instant::now() < deadline,
-                "no problem event for {}; saw {:?}",
+                "no {wanted} event for {}; saw {:?}",
                 self.vm,
                 self.seen
             );
@@ -381,10 +377,7 @@ impl EventFollower {
             };
             let event: Value = serde_json::from_str(&line).unwrap();
             if event["vm"] == self.vm.as_str() {
-                if event["event"] == "problem" {
-                    return event["problem"].as_str().unwrap().to_string();
-                }
-                self.seen.push(event.to_string());
+                return event;
             }
         }
     }
