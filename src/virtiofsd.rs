@@ -36,10 +36,16 @@ pub const INSTALL_HINT: &str = "install virtiofsd (the Rust one, 1.7 or newer: t
 
 /// The virtiofsd to run: `$AGENTVM_VIRTIOFSD`, else the first `virtiofsd` on
 /// `$PATH`, else a distribution's path. It must be the Rust virtiofsd (the old C
-/// one has no `--readonly` and no id translation). Looked up once per process.
+/// one has no `--readonly` and no id translation). Once found it is kept for
+/// the process; a miss is looked up again next time, so installing virtiofsd
+/// needs no daemon restart.
 pub fn binary() -> Result<PathBuf, String> {
-    static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    FOUND.get_or_init(find).clone()
+    static FOUND: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(path) = FOUND.get() {
+        return Ok(path.clone());
+    }
+    let path = find()?;
+    Ok(FOUND.get_or_init(|| path).clone())
 }
 
 fn find() -> Result<PathBuf, String> {
