@@ -192,13 +192,12 @@ fn start_daemon(home: &Home, uri: &str, socket: &Path, withhold: &[String]) -> R
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("finding the agentvm executable")?;
-    let mut command = Command::new(exe);
+    let mut command = Command::new(crate::daemon::entry::daemon_exe()?);
     for var in withhold {
         command.env_remove(var);
     }
     let mut child = command
-        .args(["daemon", "--connect", uri])
+        .args(["--connect", uri])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

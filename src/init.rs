@@ -65,18 +65,24 @@ pub fn detect(uri: &str) -> Facts {
 }
 
 /// `Ok` when KVM is usable on `uri`, else why not (as `accel = "auto"` decides).
+/// The daemon executable answers (only it loads libvirt).
 fn kvm(uri: &str) -> Result<(), String> {
-    if let Some(why) = crate::backend::libvirt::kvm_device_unusable() {
-        return Err(why);
-    }
-    // libvirt prints every error to stderr by default; init says why itself.
-    virt::error::clear_error_callback();
-    let conn = virt::connect::Connect::open(Some(uri))
-        .map_err(|e| format!("libvirt at {uri} could not be asked ({})", e.message()))?;
-    match crate::backend::libvirt::kvm_unusable(&conn) {
-        Ok(None) => Ok(()),
-        Ok(Some(why)) => Err(why),
-        Err(e) => Err(format!("{e:#}")),
+    let daemon = crate::daemon::entry::daemon_exe().map_err(|e| format!("{e:#}"))?;
+    let out = std::process::Command::new(&daemon)
+        .args(["--kvm-check", "--connect", uri])
+        .output()
+        .map_err(|e| format!("running {}: {e}", daemon.display()))?;
+    let answer: crate::daemon::entry::KvmCheck =
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "{} --kvm-check gave no answer ({e}): {}",
+                daemon.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+    match answer.unusable {
+        None => Ok(()),
+        Some(why) => Err(why),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod guest;
 pub mod image;
 pub mod init;
+pub mod logging;
 pub mod nocloud;
 pub mod paths;
 pub mod ports;

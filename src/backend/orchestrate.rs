@@ -111,10 +111,12 @@ pub fn up(
         timings: timings.phases,
     };
     if let Some(timeout) = wait {
+        let wait_start = Instant::now();
         let took = wait_ready(backend, name, timeout)?;
         progress.step(name, &format!("ssh-ready in {:.1} s", took.as_secs_f64()));
         outcome.ssh_ready_seconds = Some(took.as_secs_f64());
         outcome.host_key_pinned = pin_host_key(backend, name, progress);
+        tracing::debug!("{name}: host key after {:?}", wait_start.elapsed());
         if !spec.shares.is_empty() {
             backend.mount_shares(name, progress)?;
         }
@@ -154,8 +156,15 @@ pub fn wait_ready(backend: &dyn Backend, name: &str, timeout: Duration) -> Resul
     let deadline = start + timeout;
     let agent = backend.agent_expected(name)?;
     std::thread::scope(|scope| {
-        let agent_wait = agent.then(|| scope.spawn(|| backend.wait_agent(name, deadline)));
+        let agent_wait = agent.then(|| {
+            scope.spawn(|| {
+                let r = backend.wait_agent(name, deadline);
+                tracing::debug!("{name}: agent answered after {:?}", start.elapsed());
+                r
+            })
+        });
         let ssh = backend.wait_ssh(name, deadline);
+        tracing::debug!("{name}: ssh answered after {:?}", start.elapsed());
         let agent = match agent_wait {
             Some(handle) => handle.join().unwrap_or_else(|_| {
                 Err(anyhow!("{name}: waiting for the guest agent panicked").into())

@@ -1,6 +1,7 @@
 //! `daemon` (run, install a unit, stop) and `proxmox bootstrap-user`, which
 //! sets a Proxmox VE node up for agentvm rather than acting on a VM.
 
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -24,8 +25,13 @@ pub fn daemon(uri: &str, install_unit: bool, stop: bool, idle_exit: &str) -> Res
     if stop {
         return stop_daemon();
     }
-    crate::daemon::run(uri, crate::daemon::idle::parse_idle_exit(idle_exit)?)?;
-    Ok(0)
+    // The daemon is its own executable (the CLI loads no libvirt): become it.
+    crate::daemon::idle::parse_idle_exit(idle_exit)?;
+    let daemon = crate::daemon::entry::daemon_exe()?;
+    let err = std::process::Command::new(&daemon)
+        .args(["--connect", uri, "--idle-exit", idle_exit])
+        .exec();
+    Err(anyhow::Error::new(err).context(format!("running {}", daemon.display())))
 }
 
 /// Stops the daemon of this home (or of `AGENTVM_SOCKET`).

@@ -33,7 +33,7 @@ pub use args::{Cli, Command, ImageCommand, ProxmoxCommand, SecretsCommand, Snaps
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Daemon { .. }));
+    crate::logging::init("warn");
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -41,17 +41,6 @@ pub fn main() -> i32 {
             1
         }
     }
-}
-
-fn init_logging(daemon: bool) {
-    let default = if daemon { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
 }
 
 struct App {

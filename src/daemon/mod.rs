@@ -6,6 +6,7 @@
 mod clock;
 mod connection;
 mod egress;
+pub mod entry;
 pub mod idle;
 mod lifecycle;
 pub mod locks;
