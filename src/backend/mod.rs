@@ -25,6 +25,10 @@ use crate::ssh::Endpoint;
 pub use fork::{ForkOutcome, Forked, ForkedVm, Forks};
 pub use types::*;
 
+/// How the default [`Lifecycle::wait_stopped`] polls: 5 ms growing to 100 ms.
+const STOP_POLL_FIRST: Duration = Duration::from_millis(5);
+const STOP_POLL_MAX: Duration = Duration::from_millis(100);
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("the {backend} backend does not support {capability}: {instead}")]
@@ -112,6 +116,22 @@ pub trait Lifecycle: Send + Sync {
     fn start(&self, name: &str, progress: &dyn Reporter) -> Result<()>;
 
     fn is_running(&self, name: &str) -> Result<bool>;
+
+    /// Waits until the VM is off (true) or `deadline` passes (false). The
+    /// default polls [`Lifecycle::is_running`] with growing sleeps; a backend
+    /// with events returns as soon as the VM stops.
+    fn wait_stopped(&self, name: &str, deadline: Instant) -> Result<bool> {
+        let mut backoff = crate::backoff::Backoff::new(STOP_POLL_FIRST, STOP_POLL_MAX);
+        loop {
+            if !self.is_running(name)? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            backoff.sleep_until(deadline);
+        }
+    }
 
     /// Waits until the guest's SSH server sends its banner.
     fn wait_ssh(&self, name: &str, deadline: Instant) -> Result<()>;

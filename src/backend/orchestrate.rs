@@ -11,14 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 
 use super::{Backend, BackendError, DownPath, Existing, Result, Timings, UpAction, UpOutcome};
-use crate::backoff::Backoff;
 use crate::failpoint;
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, VmSpec};
 
-/// How `down` polls for the VM to be off: 5 ms growing to 100 ms.
-const STOP_POLL_FIRST: Duration = Duration::from_millis(5);
-const STOP_POLL_MAX: Duration = Duration::from_millis(100);
 /// The share of `down --timeout` given to the guest agent before ACPI is tried.
 const AGENT_SHARE: u32 = 2;
 
@@ -205,7 +201,7 @@ pub fn down(backend: &dyn Backend, name: &str, force: bool, timeout: Duration) -
     if backend.agent_expected(name)? {
         match backend.agent_shutdown(name) {
             Ok(()) => {
-                if wait_stopped(backend, name, start + timeout / AGENT_SHARE)? {
+                if backend.wait_stopped(name, start + timeout / AGENT_SHARE)? {
                     return Ok(DownPath::Agent);
                 }
             }
@@ -214,7 +210,7 @@ pub fn down(backend: &dyn Backend, name: &str, force: bool, timeout: Duration) -
     }
     match backend.acpi_shutdown(name) {
         Ok(()) => {
-            if wait_stopped(backend, name, start + timeout)? {
+            if backend.wait_stopped(name, start + timeout)? {
                 return Ok(DownPath::Acpi);
             }
         }
@@ -225,19 +221,5 @@ pub fn down(backend: &dyn Backend, name: &str, force: bool, timeout: Duration) -
         // It went down on its own between the last check and now.
         Err(_) if !backend.is_running(name)? => Ok(DownPath::Acpi),
         Err(e) => Err(e),
-    }
-}
-
-/// Polls until the VM is off (true) or the deadline passes (false).
-fn wait_stopped(backend: &dyn Backend, name: &str, deadline: Instant) -> Result<bool> {
-    let mut backoff = Backoff::new(STOP_POLL_FIRST, STOP_POLL_MAX);
-    loop {
-        if !backend.is_running(name)? {
-            return Ok(true);
-        }
-        if Instant::now() >= deadline {
-            return Ok(false);
-        }
-        backoff.sleep_until(deadline);
     }
 }

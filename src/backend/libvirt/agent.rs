@@ -24,9 +24,10 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// done at once) growing to 50 ms (a long one costs the guest little).
 const EXEC_POLL_FIRST: Duration = Duration::from_millis(1);
 const EXEC_POLL_MAX: Duration = Duration::from_millis(50);
-/// How `up` polls the guest agent until it answers: 5 ms growing to 40 ms.
+/// How `up` polls the guest agent between events: 5 ms growing to 200 ms
+/// (the agent's port opening wakes the wait at once).
 const AGENT_POLL_FIRST: Duration = Duration::from_millis(5);
-const AGENT_POLL_MAX: Duration = Duration::from_millis(40);
+const AGENT_POLL_MAX: Duration = Duration::from_millis(200);
 
 impl LocalBackend {
     /// The agent's state and the guest's addresses (loopback and link-local left out).
@@ -43,11 +44,15 @@ impl LocalBackend {
         }
     }
 
-    /// Waits until the guest agent answers `guest-ping`, or `deadline`.
+    /// Waits until the guest agent answers `guest-ping`, or `deadline`: tried
+    /// again at once after each event of the domain (the agent's port opening
+    /// in the guest is one), else after growing sleeps.
     pub(super) fn wait_for_agent(&self, dom: &Domain, name: &str, deadline: Instant) -> Result<()> {
         let guest = Guest::new(dom);
+        let domain = crate::domain::domain_name(name);
         let mut backoff = Backoff::new(AGENT_POLL_FIRST, AGENT_POLL_MAX);
         loop {
+            let seen = super::events::count(&domain);
             match guest.agent(qga::guest_ping {}, AGENT_TIMEOUT) {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
@@ -57,7 +62,12 @@ impl LocalBackend {
                     )
                     .into());
                 }
-                Err(_) => backoff.sleep_until(deadline),
+                Err(_) => {
+                    let until = deadline.min(Instant::now() + backoff.step());
+                    if super::events::wait_after(&domain, seen, until) {
+                        backoff = Backoff::new(AGENT_POLL_FIRST, AGENT_POLL_MAX);
+                    }
+                }
             }
         }
     }

@@ -161,6 +161,7 @@ fn open(uri: &str) -> anyhow::Result<Connect> {
     if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_SECS, KEEPALIVE_COUNT) {
         tracing::debug!("libvirt keep-alive not enabled: {}", e.message());
     }
+    super::events::register(&conn);
     Ok(conn)
 }
 

@@ -154,6 +154,10 @@ impl Lifecycle for Healing {
         self.read(|| self.inner.wait_ssh(name, deadline))
     }
 
+    fn wait_stopped(&self, name: &str, deadline: Instant) -> Result<bool> {
+        self.read(|| self.inner.wait_stopped(name, deadline))
+    }
+
     fn acpi_shutdown(&self, name: &str) -> Result<()> {
         self.change(name, "shutting down", || self.inner.acpi_shutdown(name))
     }

@@ -1,7 +1,7 @@
 //! The local backend's lifecycle steps: disks, domain definitions, ports,
 //! start and stop, status, list and plan.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use virt::domain::Domain;
@@ -21,6 +21,10 @@ use crate::ports::{self, SPICE_PORT_BASE, SSH_PORT_BASE};
 use crate::progress::Reporter;
 use crate::spec::{ImageSpec, LOCAL_BACKEND, Size, VmSpec};
 use crate::ssh::{self, Endpoint};
+
+/// How often a wait on libvirt events checks anyway (an event can be missed
+/// across a libvirtd restart).
+const EVENT_FALLBACK_POLL: Duration = Duration::from_millis(250);
 
 /// Size of the blank disk a kernel-boot VM without a `file` and a `disk` gets.
 pub const DEFAULT_BLANK_DISK: Size = Size::from_bytes(8 * crate::spec::GIB);
@@ -405,6 +409,20 @@ impl Lifecycle for LocalBackend {
     fn is_running(&self, name: &str) -> Result<bool> {
         let (dom, _) = self.require(name)?;
         Ok(dom.is_active().map_err(lv).context("asking libvirt")?)
+    }
+
+    fn wait_stopped(&self, name: &str, deadline: Instant) -> Result<bool> {
+        let (dom, _) = self.require(name)?;
+        let stopped = super::events::wait_for(
+            &domain::domain_name(name),
+            deadline,
+            EVENT_FALLBACK_POLL,
+            || -> Result<Option<()>> {
+                let active = dom.is_active().map_err(lv).context("asking libvirt")?;
+                Ok((!active).then_some(()))
+            },
+        )?;
+        Ok(stopped.is_some())
     }
 
     fn wait_ssh(&self, name: &str, deadline: Instant) -> Result<()> {

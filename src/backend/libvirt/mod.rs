@@ -4,6 +4,7 @@
 mod agent;
 mod conn;
 mod display;
+mod events;
 mod fork;
 mod fork_xml;
 mod forwards;
