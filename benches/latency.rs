@@ -13,6 +13,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -36,7 +37,7 @@ fn main() {
         let _ = env.agentvm(&["destroy", "--yes", "bench-lat"]);
         ready.push(readiness(&env, port));
     }
-    let ready_floor = median(
+    let ready_floor = support::median(
         (0..EXEC_RUNS)
             .map(|_| {
                 let start = Instant::now();
@@ -48,7 +49,7 @@ fn main() {
     );
 
     env.ok(&["exec", "bench-lat", "--", "true"]);
-    let exec = median(
+    let exec = support::median(
         (0..EXEC_RUNS)
             .map(|_| {
                 let start = Instant::now();
@@ -57,29 +58,29 @@ fn main() {
             })
             .collect(),
     );
-    let exec_floor = median((0..EXEC_RUNS).map(|_| virsh_ping("bench-lat")).collect());
-    let ready = median(ready);
+    let exec_floor = support::median((0..EXEC_RUNS).map(|_| virsh_ping("bench-lat")).collect());
+    let ready = support::median(ready);
 
-    println!("latency on the test guest (TCG), median ms:");
-    println!(
-        "  {:<34} {:>8} {:>8} {:>6}",
-        "figure", "agentvm", "floor", "ratio"
-    );
-    for (what, ours, floor) in [
-        ("readiness: SSH answers -> up returns", ready, ready_floor),
-        ("warm exec VM -- true", exec, exec_floor),
-    ] {
-        println!(
-            "  {what:<34} {ours:>8.1} {floor:>8.1} {:>6.2}",
-            ours / floor
-        );
-    }
-    println!(
-        "{}",
-        serde_json::json!({
-            "readiness_ms": {"agentvm": ready, "floor": ready_floor},
-            "exec_ms": {"agentvm": exec, "floor": exec_floor},
-        })
+    support::report(
+        "latency on the test guest (TCG), median ms:",
+        &[
+            support::Figure {
+                name: "readiness: SSH answers -> up returns",
+                unit: "ms",
+                agentvm: ready,
+                floor: ready_floor,
+                floor_is: "one banner read + one `virsh qemu-agent-command guest-ping`",
+                target: Some(100.0),
+            },
+            support::Figure {
+                name: "warm exec VM -- true",
+                unit: "ms",
+                agentvm: exec,
+                floor: exec_floor,
+                floor_is: "one `virsh qemu-agent-command guest-ping` process",
+                target: Some(20.0),
+            },
+        ],
     );
 }
 
@@ -149,9 +150,4 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
 }

@@ -2,22 +2,26 @@
 //! test guest. Prints figures; asserts nothing about speed.
 //!
 //! - `up` without the guest's boot (`--no-wait`), split into image, overlay, xml,
-//!   define and start, beside its floor (a `virsh start` of the same VM);
+//!   define and start, beside its floor (a `virsh create` of the same domain XML);
 //! - overlay creation on a 1 GiB and a 50 GiB sparse base (the ratio should be ~1);
-//! - `list --json` latency with 200 defined VMs;
-//! - 1, 4 and 8 VMs brought up one by one and in one parallel `up`, with
-//!   `--no-wait` and waiting for SSH: wall times and parallel/sequential ratio.
+//! - `list --json` latency with 200 defined VMs, beside `virsh list --all`;
+//! - 8 VMs in one parallel `up` until all answer SSH, beside 8 `virsh create`s
+//!   of their domain XML started at once until all banners.
+//!
+//! Each figure is printed beside its floor (table and JSON, `support::report`).
 //!
 //! Run with `.ci/bench` (or `cargo bench --bench up` as an unprivileged user).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use agentvm::image::{DiskFormat, qemu_img};
 use common::Env;
+use support::{Figure, floor_domain_xml, median, virsh, wait_banner};
 
 const UP_RUNS: usize = 5;
 const OVERLAY_RUNS: usize = 20;
@@ -26,18 +30,14 @@ const LIST_RUNS: usize = 20;
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken.
-    up_phases();
+    let mut figures = vec![up_phases()];
     overlay_vs_base_size();
-    list_latency();
-    parallel_up();
+    figures.push(list_latency());
+    figures.push(parallel_up());
+    support::report("up and list (TCG guests):", &figures);
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
-
-fn up_phases() {
+fn up_phases() -> Figure {
     let env = Env::new();
     env.write_fleet("[vms.bench-up]\n");
     env.owns(&["bench-up"]);
@@ -72,35 +72,37 @@ fn up_phases() {
             println!("  {phase:<8} {:>8.1} ms", median(ms));
         }
     }
+    let wall = median(totals);
     println!(
-        "  {:<8} {:>8.1} ms (whole command, process start included)",
-        "wall",
-        median(totals)
+        "  {:<8} {wall:>8.1} ms (whole command, process start included)",
+        "wall"
     );
-    println!(
-        "  floor    {:>8.1} ms (`virsh start` of the same defined VM, process start included)",
-        virsh_start_floor(&env)
-    );
+    Figure {
+        name: "up --no-wait of a new VM",
+        unit: "ms",
+        agentvm: wall,
+        floor: virsh_create_floor(&env),
+        floor_is: "`virsh create` of the same domain XML",
+        target: None,
+    }
 }
 
-/// The floor for `up --no-wait`: libvirt itself starting the VM agentvm
-/// defined, timed around a whole `virsh start`, median of `UP_RUNS`.
-fn virsh_start_floor(env: &Env) -> f64 {
+/// The floor for `up --no-wait`: libvirt itself creating and starting the
+/// domain agentvm made (its XML under another name), timed around a whole
+/// `virsh create`, median of `UP_RUNS`.
+fn virsh_create_floor(env: &Env) -> f64 {
     env.json(&["up", "bench-up", "--no-wait"]);
-    let virsh = |args: &[&str]| {
-        let out = std::process::Command::new("virsh")
-            .args(["-q", "-c", "qemu:///session"])
-            .args(args)
-            .output()
-            .expect("virsh (libvirt-clients)");
-        assert!(out.status.success(), "virsh {args:?}: {out:?}");
-    };
+    env.ok(&["down", "--force", "bench-up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("floor.xml");
+    std::fs::write(&xml, floor_domain_xml("agentvm-bench-up", "bench-up-floor")).unwrap();
+    let xml = xml.to_str().unwrap();
     let mut times = Vec::new();
     for _ in 0..UP_RUNS {
-        virsh(&["destroy", "agentvm-bench-up"]);
         let start = Instant::now();
-        virsh(&["start", "agentvm-bench-up"]);
+        virsh(&["create", xml]);
         times.push(start.elapsed().as_secs_f64() * 1000.0);
+        virsh(&["destroy", "bench-up-floor"]);
     }
     env.ok(&["destroy", "--yes", "bench-up"]);
     median(times)
@@ -133,7 +135,7 @@ fn overlay_vs_base_size() {
     );
 }
 
-fn list_latency() {
+fn list_latency() -> Figure {
     let env = Env::new();
     let names: Vec<String> = (0..LIST_VMS)
         .map(|i| format!("bench-list-{i:02}"))
@@ -157,22 +159,28 @@ fn list_latency() {
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         assert!(listed.as_array().unwrap().len() >= LIST_VMS);
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "list --json with {LIST_VMS} defined VMs: median {:.1} ms, p90 {:.1} ms, max {:.1} ms ({LIST_RUNS} runs)",
-        times[LIST_RUNS / 2],
-        times[LIST_RUNS * 9 / 10],
-        times[LIST_RUNS - 1]
+    let floor = median(
+        (0..LIST_RUNS)
+            .map(|_| {
+                let start = Instant::now();
+                virsh(&["list", "--all"]);
+                start.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect(),
     );
+    Figure {
+        name: "list --json with 200 defined VMs",
+        unit: "ms",
+        agentvm: median(times),
+        floor,
+        floor_is: "`virsh list --all`",
+        target: Some(100.0),
+    }
 }
 
-fn timed(env: &Env, args: &[&str]) -> f64 {
-    let start = Instant::now();
-    env.ok(args);
-    start.elapsed().as_secs_f64()
-}
-
-fn parallel_up() {
+/// 8 VMs in one `up` until each answers SSH, beside bare libvirt booting the
+/// same 8 domains (their XML under other names) at once until every banner.
+fn parallel_up() -> Figure {
     let env = Env::new();
     let names: Vec<String> = (0..8).map(|i| format!("bench-par-{i}")).collect();
     env.write_fleet(
@@ -183,38 +191,51 @@ fn parallel_up() {
     );
     let all: Vec<&str> = names.iter().map(String::as_str).collect();
     env.owns(&all);
-    let destroy = |vms: &[&str]| {
-        let mut args = vec!["destroy", "--yes"];
-        args.extend_from_slice(vms);
-        env.ok(&args);
-    };
-    println!("up of N VMs (TCG guests), wall seconds:");
-    println!(
-        "  {:>2}  {:<8} {:>11} {:>9} {:>7}",
-        "N", "mode", "sequential", "parallel", "ratio"
-    );
-    for n in [1usize, 4, 8] {
-        let vms = &all[..n];
-        for (mode, extra) in [
-            ("no-wait", vec!["--no-wait"]),
-            ("waited", vec!["--timeout", "600"]),
-        ] {
-            let mut sequential = 0.0;
-            for vm in vms {
-                let mut args = vec!["up", *vm];
-                args.extend(&extra);
-                sequential += timed(&env, &args);
-            }
-            destroy(vms);
-            let mut args = vec!["up"];
-            args.extend_from_slice(vms);
-            args.extend(&extra);
-            let parallel = timed(&env, &args);
-            destroy(vms);
-            println!(
-                "  {n:>2}  {mode:<8} {sequential:>11.2} {parallel:>9.2} {:>7.2}",
-                parallel / sequential
-            );
+    let mut args = vec!["up"];
+    args.extend_from_slice(&all);
+    args.extend(["--timeout", "600"]);
+    let start = Instant::now();
+    env.ok(&args);
+    let ours = start.elapsed().as_secs_f64();
+    let ports: Vec<u16> = all
+        .iter()
+        .map(|n| env.status(n)["ssh_port"].as_u64().unwrap() as u16)
+        .collect();
+    let mut down = vec!["down", "--force"];
+    down.extend_from_slice(&all);
+    env.ok(&down);
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<_> = all
+        .iter()
+        .map(|n| {
+            let file = dir.path().join(format!("{n}.xml"));
+            let xml = floor_domain_xml(&format!("agentvm-{n}"), &format!("{n}-floor"));
+            std::fs::write(&file, xml).unwrap();
+            file
+        })
+        .collect();
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for (file, port) in files.iter().zip(&ports) {
+            scope.spawn(move || {
+                virsh(&["create", file.to_str().unwrap()]);
+                wait_banner(*port, Duration::from_secs(600));
+            });
         }
+    });
+    let floor = start.elapsed().as_secs_f64();
+    for n in &all {
+        virsh(&["destroy", &format!("{n}-floor")]);
+    }
+    let mut destroy = vec!["destroy", "--yes"];
+    destroy.extend_from_slice(&all);
+    env.ok(&destroy);
+    Figure {
+        name: "up of 8 VMs at once, until all answer SSH",
+        unit: "s",
+        agentvm: ours,
+        floor,
+        floor_is: "8 `virsh create` at once + banners",
+        target: None,
     }
 }

@@ -28,6 +28,9 @@ use crate::paths::{self, Home};
 use crate::ports::{self, SPICE_PORT_BASE, SSH_PORT_BASE};
 use crate::progress::Reporter;
 
+/// How many forks are restored at once (each starts a QEMU and reads the
+/// memory snapshot).
+const PARALLEL_RESTORES: usize = 4;
 /// How often the guest's state is read while the snapshot runs.
 const PAUSE_POLL: Duration = Duration::from_millis(20);
 
@@ -136,31 +139,62 @@ impl LocalBackend {
         }
         drop(ports_guard);
         let conn = self.conn()?;
+        let last = pending.len().saturating_sub(1);
         let mut forks = Vec::new();
-        // One memory file for all: restores run one after another, each
-        // reading it once its header names that fork.
-        for (name, xml, (ssh_port, spice_port)) in pending {
-            let began = Instant::now();
-            image.write_xml(memory, &xml)?;
-            conn.restore_domain(&memory.to_string_lossy())
-                .map_err(lv)
-                .with_context(|| format!("restoring {name} from {}'s memory", source.name))?;
-            progress.step(
-                name,
-                &format!(
-                    "restored from {} in {:.1} s (ssh port {ssh_port})",
-                    source.name,
-                    began.elapsed().as_secs_f64()
-                ),
-            );
-            forks.push(ForkedVm {
-                name: name.clone(),
-                ssh_port,
-                spice_port,
-                ssh_ready_seconds: None,
-                new_identity: false,
-                host_key_pinned: self.home.vm_pinned_host_key(name).is_file(),
+        // Restores run side by side, a few at a time, each from its own copy
+        // of the memory file (the last from the file itself) whose header
+        // names that fork.
+        let mut pending = pending.into_iter().enumerate().peekable();
+        while pending.peek().is_some() {
+            let batch: Vec<_> = pending.by_ref().take(PARALLEL_RESTORES).collect();
+            let restored = std::thread::scope(|scope| {
+                let handles: Vec<_> = batch
+                    .into_iter()
+                    .map(|(i, (name, xml, ports))| {
+                        let conn = &conn;
+                        let image = &image;
+                        scope.spawn(move || {
+                            let file = if i == last {
+                                memory.to_path_buf()
+                            } else {
+                                self.home.vm_fork_memory(name)
+                            };
+                            let restored =
+                                restore_one(conn, image, memory, &file, source, name, &xml);
+                            if file != memory {
+                                remove_file(&file);
+                            }
+                            restored.map(|took| (name, ports, took))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow!("restoring a fork panicked")))
+                    })
+                    .collect::<Vec<_>>()
             });
+            for result in restored {
+                let (name, (ssh_port, spice_port), took) = result?;
+                progress.step(
+                    name,
+                    &format!(
+                        "restored from {} in {:.1} s (ssh port {ssh_port})",
+                        source.name,
+                        took.as_secs_f64()
+                    ),
+                );
+                forks.push(ForkedVm {
+                    name: name.clone(),
+                    ssh_port,
+                    spice_port,
+                    ssh_ready_seconds: None,
+                    new_identity: false,
+                    host_key_pinned: self.home.vm_pinned_host_key(name).is_file(),
+                });
+            }
         }
         Ok(forks)
     }
@@ -364,6 +398,35 @@ impl Forks for LocalBackend {
         }
         Ok(dependents)
     }
+}
+
+/// Restores fork `name` from `file`: a copy of the memory snapshot `memory`
+/// (unless it is that file) with its header rewritten to `xml`. Returns how
+/// long it took.
+fn restore_one(
+    conn: &virt::connect::Connect,
+    image: &SaveImage,
+    memory: &Path,
+    file: &Path,
+    source: &VmState,
+    name: &str,
+    xml: &str,
+) -> anyhow::Result<Duration> {
+    let began = Instant::now();
+    if file != memory {
+        std::fs::copy(memory, file).with_context(|| {
+            format!(
+                "copying {} to {} for {name}",
+                memory.display(),
+                file.display()
+            )
+        })?;
+    }
+    image.write_xml(file, xml)?;
+    conn.restore_domain(&file.to_string_lossy())
+        .map_err(lv)
+        .with_context(|| format!("restoring {name} from {}'s memory", source.name))?;
+    Ok(began.elapsed())
 }
 
 /// Takes the live external snapshot: memory to `memory`, the disk's top

@@ -157,10 +157,10 @@ impl SaveImage {
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         file.seek(SeekFrom::Start(0))?;
+        // No fsync: the file lives only until the restore has read it, and
+        // syncing would write the whole memory snapshot out to disk first.
         file.write_all(&head)
             .with_context(|| format!("writing the domain XML into {}", path.display()))?;
-        file.sync_all()
-            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 }
