@@ -144,13 +144,27 @@ fn list_latency() -> Figure {
     env.write_fleet(&fleet);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     env.owns(&refs);
-    for chunk in refs.chunks(10) {
+    // The same verbs on one running VM, first as the only VM, then among 200.
+    let scale_vm = refs[LIST_VMS - 1];
+    env.ok(&["up", scale_vm, "--timeout", "600"]);
+    let alone = verb_times(&env, scale_vm);
+    for chunk in refs[..LIST_VMS - 1].chunks(10) {
         let mut args = vec!["up", "--no-wait"];
         args.extend_from_slice(chunk);
         env.ok(&args);
         let mut args = vec!["down", "--force"];
         args.extend_from_slice(chunk);
         env.ok(&args);
+    }
+    let among = verb_times(&env, scale_vm);
+    println!(
+        "one VM's verbs with 1 and with {LIST_VMS} defined VMs, median ms (each should not grow):"
+    );
+    for ((verb, one), (_, many)) in alone.iter().zip(&among) {
+        println!(
+            "  {verb:<26} {one:>8.1} {many:>8.1}  ratio {:.2}",
+            many / one
+        );
     }
     let mut times = Vec::new();
     for _ in 0..LIST_RUNS {
@@ -176,6 +190,41 @@ fn list_latency() -> Figure {
         floor_is: "`virsh list --all`",
         target: Some(100.0),
     }
+}
+
+/// Median ms of `exec VM -- true`, `status VM --json` and `down`/`up
+/// --no-wait` cycles on the running VM `vm` (left running).
+fn verb_times(env: &Env, vm: &str) -> Vec<(&'static str, f64)> {
+    let time = |args: &[&str]| {
+        let start = Instant::now();
+        env.ok(args);
+        start.elapsed().as_secs_f64() * 1000.0
+    };
+    let exec = median(
+        (0..LIST_RUNS)
+            .map(|_| time(&["exec", vm, "--", "true"]))
+            .collect(),
+    );
+    let status = median(
+        (0..LIST_RUNS)
+            .map(|_| time(&["status", vm, "--json"]))
+            .collect(),
+    );
+    let down = median(
+        (0..5)
+            .map(|_| {
+                let took = time(&["down", "--force", vm]);
+                env.ok(&["up", vm, "--no-wait"]);
+                took
+            })
+            .collect(),
+    );
+    env.ok(&["up", vm, "--timeout", "600"]);
+    vec![
+        ("exec VM -- true", exec),
+        ("status VM --json", status),
+        ("down --force VM", down),
+    ]
 }
 
 /// 8 VMs in one `up` until each answers SSH, beside bare libvirt booting the

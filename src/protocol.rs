@@ -157,6 +157,10 @@ pub enum Op {
     },
     /// Makes the stopped VMs that sit on this VM's disk independent of it.
     Flatten,
+    /// The guest's system was changed from outside its image (`provision`
+    /// ran `nixos-rebuild switch`): a VM booting its image's kernel directly
+    /// boots through its own bootloader from its next start on.
+    SystemChanged,
 }
 
 impl Op {
@@ -182,6 +186,7 @@ impl Op {
             Self::Egress => "egress",
             Self::Fork { .. } => "fork",
             Self::Flatten => "flatten",
+            Self::SystemChanged => "system-changed",
         }
     }
 
@@ -192,7 +197,8 @@ impl Op {
             | Self::Down { .. }
             | Self::Destroy
             | Self::Fork { .. }
-            | Self::Flatten => true,
+            | Self::Flatten
+            | Self::SystemChanged => true,
             Self::Snapshot { action } => *action != SnapshotAction::List,
             Self::Forward { change } => *change != ForwardChange::List,
             // The host key is pinned in agentvm's files: one writer at a time.
@@ -358,6 +364,10 @@ pub enum Outcome {
         forwards: Vec<ForwardStatus>,
     },
     Egress(EgressReport),
+    /// What `SystemChanged` changed about how the VM boots, if anything.
+    SystemChanged {
+        boot: Option<String>,
+    },
     Forked(ForkOutcome),
     /// The VMs made independent of the flattened VM's disk.
     Flattened {

@@ -149,6 +149,7 @@ fn generate(case: &Case) -> String {
         kernel: "/home/user/.local/share/agentvm/images/1111.kernel".into(),
         initrd: Some("/home/user/.local/share/agentvm/images/2222.initrd".into()),
         cmdline: Some("console=ttyS0 quiet".into()),
+        disk_boots: false,
     });
     let hash = spec_hash(spec, Accel::Tcg, case.network);
     let mut state = VmState::new(

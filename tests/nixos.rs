@@ -424,3 +424,105 @@ in {{
             .contains("\nd /etc/agentvm 0700 root root -\n")
     );
 }
+
+/// The inactive domain XML of `vm`, as libvirt keeps it.
+fn defined_xml(vm: &str) -> String {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///session", "dumpxml", "--inactive"])
+        .arg(format!("agentvm-{vm}"))
+        .output()
+        .unwrap();
+    common::assert_success(&out);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A NixOS image whose build output names its system's kernel and initrd
+/// (`agentvm-boot.json`, as `hosts/agent-base` writes it) boots them
+/// directly, without a bootloader; once `provision` switched the VM's system,
+/// it boots from its disk. The stand-in build output holds the test guest's
+/// kernel, initrd and disk, so the direct boot really reaches SSH.
+#[test]
+fn a_nixos_image_boots_its_own_kernel_until_provision_changes_its_system() {
+    let env = Env::new();
+    let guest = common::guest_dir();
+    let store = env.dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let nix = env.dir.path().join("stand-in-nix");
+    std::fs::write(
+        &nix,
+        format!(
+            "#!/bin/sh\n\
+             out={store}/$(date +%s%N)-agentvm-image\n\
+             mkdir -p \"$out\"\n\
+             cp {guest}/disk.qcow2 \"$out/nixos.qcow2\"\n\
+             printf '{{\"kernel\": \"%s\", \"initrd\": \"%s\", \"cmdline\": \"console=ttyS0 quiet\"}}' \
+               {guest}/vmlinuz {guest}/initrd.img > \"$out/agentvm-boot.json\"\n\
+             echo \"$out\"\n",
+            store = store.display(),
+            guest = guest.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&nix, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let flake = env.dir.path().join("flake");
+    std::fs::create_dir_all(&flake).unwrap();
+    std::fs::write(flake.join("flake.lock"), "{\"version\": 7}").unwrap();
+    env.write_raw_fleet(
+        "[images.base]\nflake = \"./flake#agent-base-image\"\n\n\
+         [vms.n-direct]\nimage = \"base\"\nmemory = \"256MiB\"\ncpus = 1\nnixos = \".#agent-n-direct\"\n",
+    );
+    env.owns(&["n-direct"]);
+    let _daemon = env.spawn_daemon(&[("AGENTVM_NIX", nix.to_str().unwrap())]);
+
+    env.ok(&["up", "n-direct", "--timeout", common::GUEST_TIMEOUT]);
+    let xml = defined_xml("n-direct");
+    assert!(
+        xml.contains("<kernel>") && xml.contains("<cmdline>console=ttyS0 quiet</cmdline>"),
+        "booted directly: {xml}"
+    );
+    assert!(xml.contains("<agentvm:boot>direct</agentvm:boot>"), "{xml}");
+
+    let stand_in = env.dir.path().join("nixos-rebuild");
+    std::fs::write(&stand_in, "#!/bin/sh\necho switched\n").unwrap();
+    std::fs::set_permissions(
+        &stand_in,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let provision = || {
+        let out = env
+            .command(&["provision", "n-direct"])
+            .env("AGENTVM_NIXOS_REBUILD", &stand_in)
+            .output()
+            .unwrap();
+        common::assert_success(&out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = provision();
+    assert!(
+        said.contains("boots through its disk's bootloader"),
+        "{said}"
+    );
+    let xml = defined_xml("n-direct");
+    assert!(
+        !xml.contains("<kernel>") && !xml.contains("<initrd>") && !xml.contains("<cmdline>"),
+        "boots from its disk now: {xml}"
+    );
+    assert!(xml.contains("<agentvm:boot>disk</agentvm:boot>"), "{xml}");
+    // Again: nothing left to change, nothing said.
+    assert!(!provision().contains("bootloader"));
+
+    // A redefinition from a changed spec keeps booting from the disk.
+    env.ok(&["down", "--force", "n-direct"]);
+    env.write_raw_fleet(
+        "[images.base]\nflake = \"./flake#agent-base-image\"\n\n\
+         [vms.n-direct]\nimage = \"base\"\nmemory = \"320MiB\"\ncpus = 1\nnixos = \".#agent-n-direct\"\n",
+    );
+    env.ok(&["up", "n-direct", "--no-wait"]);
+    let xml = defined_xml("n-direct");
+    assert!(
+        xml.contains("327680") || xml.contains("320"),
+        "redefined: {xml}"
+    );
+    assert!(!xml.contains("<kernel>"), "still from its disk: {xml}");
+}

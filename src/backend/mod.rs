@@ -160,6 +160,15 @@ pub trait Lifecycle: Send + Sync {
     /// Where and how `ssh` reaches the VM.
     fn ssh_endpoint(&self, name: &str) -> Result<Endpoint>;
 
+    /// The guest's system was changed from outside its image (`agentvm
+    /// provision`): a VM that boots its image's kernel directly must boot
+    /// through its own bootloader from its next start on. Returns how it
+    /// boots now, when that changed; backends whose VMs always boot from
+    /// their disk have nothing to change.
+    fn system_changed(&self, _name: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+
     /// Whether the running VM `spec` names got other env values at its start
     /// than `spec` has now (so a restart is needed to deliver them).
     fn env_stale(&self, _spec: &VmSpec) -> Result<bool> {

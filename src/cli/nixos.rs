@@ -68,7 +68,17 @@ pub fn provision(app: &App, name: &str, dry_run: bool) -> Result<i32> {
         ),
         _ => anyhow::Error::new(e).context("running nixos-rebuild"),
     })?;
-    Ok(status.code().unwrap_or(1))
+    if !status.success() {
+        return Ok(status.code().unwrap_or(1));
+    }
+    // The guest's system is no longer its image's: one that booted the
+    // image's kernel directly boots through its bootloader from now on.
+    if let Outcome::SystemChanged { boot: Some(boot) } = app.call_one(name, Op::SystemChanged)? {
+        eprintln!(
+            "{name}: its system is no longer its image's, so it boots through its {boot}'s bootloader from its next start on"
+        );
+    }
+    Ok(0)
 }
 
 pub fn secrets_rekey(

@@ -238,6 +238,9 @@ fn perform(
             Outcome::Exec(outcome)
         }
         Op::HostKey => Outcome::HostKey(backend.host_key(name)?),
+        Op::SystemChanged => Outcome::SystemChanged {
+            boot: backend.system_changed(name)?,
+        },
         Op::ReadFile {
             path,
             offset,

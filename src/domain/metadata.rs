@@ -18,6 +18,11 @@ pub fn domain_name(vm: &str) -> String {
     format!("{DOMAIN_PREFIX}{vm}")
 }
 
+/// [`VmState::boot`]: the image's kernel and initrd, booted directly.
+pub const BOOT_DIRECT: &str = "direct";
+/// [`VmState::boot`]: through the disk's own bootloader.
+pub const BOOT_DISK: &str = "disk";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
     #[serde(rename = "@xmlns:agentvm", default = "agentvm_ns")]
@@ -103,6 +108,18 @@ pub struct VmState {
     /// folder holds one cannot be destroyed while another VM sits on it.
     #[serde(rename = "agentvm:layer", alias = "layer", default)]
     pub layers: Vec<String>,
+    /// How a VM whose image has its own kernel and a bootable disk (a NixOS
+    /// image agentvm built) boots: [`BOOT_DIRECT`] (the image's kernel,
+    /// no bootloader) while its system is the image's, [`BOOT_DISK`] (its
+    /// bootloader) once the system was changed in the guest. Absent for
+    /// other images.
+    #[serde(
+        rename = "agentvm:boot",
+        alias = "boot",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot: Option<String>,
     /// The VM this one was forked from.
     #[serde(
         rename = "agentvm:forked-from",
@@ -203,6 +220,7 @@ impl VmState {
                 .collect(),
             disk: None,
             layers: Vec::new(),
+            boot: None,
             forked_from: None,
         }
     }

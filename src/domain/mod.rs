@@ -6,11 +6,12 @@ pub mod xml;
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use sha2::{Digest, Sha256};
 
 use crate::paths::Home;
 use crate::spec::VmSpec;
-pub use metadata::{AGENTVM_NS, DOMAIN_PREFIX, VmState, domain_name};
+pub use metadata::{AGENTVM_NS, BOOT_DIRECT, BOOT_DISK, DOMAIN_PREFIX, VmState, domain_name};
 use xml::*;
 
 /// Guest port the SSH forward points at.
@@ -86,6 +87,10 @@ pub struct KernelBoot {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
+    /// The disk also boots through its own bootloader: a NixOS image's
+    /// kernel and initrd, which stop being the system's once it is rebuilt
+    /// in the guest (`provision`); the VM then boots from its disk.
+    pub disk_boots: bool,
 }
 
 /// Everything needed to write one VM's domain XML.
@@ -465,6 +470,42 @@ pub fn spec_hash(spec: &VmSpec, accel: Accel, network: NetworkMode) -> String {
     }
     .expect("a VM spec always serializes to JSON");
     format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
+}
+
+/// A domain definition with its direct kernel boot (`<kernel>`, `<initrd>`,
+/// `<cmdline>` of `<os>`) taken out, so it boots from its disk.
+pub fn without_direct_boot(xml: &str) -> anyhow::Result<String> {
+    let mut out = xml.to_string();
+    for tag in ["kernel", "initrd", "cmdline"] {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        if let Some(start) = out.find(&open) {
+            let end = out[start..]
+                .find(&close)
+                .map(|i| start + i + close.len())
+                .with_context(|| format!("unterminated {open} in the domain XML"))?;
+            // The element's own line goes too.
+            let line_start = out[..start].rfind('\n').map_or(start, |i| i + 1);
+            let from = if out[line_start..start].trim().is_empty() {
+                line_start
+            } else {
+                start
+            };
+            let to = if out[end..].starts_with('\n') {
+                end + 1
+            } else {
+                end
+            };
+            out.replace_range(from..to, "");
+        }
+    }
+    let os_end = out.find("</os>").context("no </os> in the domain XML")?;
+    let os_start = out[..os_end]
+        .rfind("<os")
+        .context("no <os> in the domain XML")?;
+    if !out[os_start..os_end].contains("<boot ") {
+        out.insert_str(os_end, "  <boot dev='hd'/>\n  ");
+    }
+    Ok(out)
 }
 
 fn path_str(path: &Path) -> String {

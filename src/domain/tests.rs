@@ -24,6 +24,7 @@ pub(crate) fn sample_state(name: &str) -> VmState {
         egress_allow: Vec::new(),
         disk: None,
         layers: Vec::new(),
+        boot: None,
         forked_from: None,
     }
 }
@@ -55,6 +56,7 @@ fn hostile_values_are_escaped() {
         kernel: "/k".into(),
         initrd: None,
         cmdline: Some("console=ttyS0 '\"><qemu:arg value='-evil'/>".into()),
+        disk_boots: false,
     });
     let xml = plan.to_xml().unwrap();
     assert!(!xml.contains("<hostdev"), "{xml}");
@@ -357,4 +359,23 @@ fn a_cloud_init_seed_is_a_second_read_only_raw_disk() {
         "/home/user/.local/share/agentvm/vms/drago/cidata.img"
     );
     assert!(domain.devices.disk[0].readonly.is_none());
+}
+
+#[test]
+fn direct_boot_is_taken_out_and_the_disk_boots() {
+    let xml = "<domain>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n    \
+               <kernel>/k</kernel>\n    <initrd>/i</initrd>\n    <cmdline>init=/x &amp; y</cmdline>\n    \
+               <smbios mode='sysinfo'/>\n  </os>\n  <devices/>\n</domain>\n";
+    let out = super::without_direct_boot(xml).unwrap();
+    assert!(
+        !out.contains("kernel") && !out.contains("initrd") && !out.contains("cmdline"),
+        "{out}"
+    );
+    assert!(out.contains("<boot dev='hd'/>"), "{out}");
+    assert!(
+        out.contains("<smbios mode='sysinfo'/>") && out.contains("<devices/>"),
+        "{out}"
+    );
+    // A definition that already boots from its disk stays as it is.
+    assert_eq!(super::without_direct_boot(&out).unwrap(), out);
 }

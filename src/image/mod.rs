@@ -90,12 +90,34 @@ impl ImageStore {
                 })
             }
             ImageSource::Flake(flake_ref) => {
-                let (base, _) =
+                let (base, boot, _) =
                     self.build_flake_locked(image.name.as_str(), flake_ref, false, progress)?;
+                let Some(boot) = boot else {
+                    return Ok(PreparedImage {
+                        digest: base.file.digest.clone(),
+                        base: Some(base),
+                        kernel: None,
+                    });
+                };
+                // The system's own kernel and initrd, booted directly; the
+                // disk keeps its bootloader for after the system changes.
+                let kernel = self.import_blob(&boot.kernel, "kernel", progress)?;
+                let initrd = self.import_blob(&boot.initrd, "initrd", progress)?;
+                let mut hasher = Sha256::new();
+                for part in [&kernel.digest, &initrd.digest, &base.file.digest] {
+                    hasher.update(part.as_bytes());
+                    hasher.update(b"\n");
+                }
+                hasher.update(boot.cmdline.as_bytes());
                 Ok(PreparedImage {
-                    digest: base.file.digest.clone(),
+                    digest: format!("sha256:{}", hex::encode(hasher.finalize())),
                     base: Some(base),
-                    kernel: None,
+                    kernel: Some(KernelBoot {
+                        kernel: kernel.path,
+                        initrd: Some(initrd.path),
+                        cmdline: Some(boot.cmdline),
+                        disk_boots: true,
+                    }),
                 })
             }
             ImageSource::Kernel {
@@ -129,6 +151,7 @@ impl ImageStore {
                         kernel: kernel_file.path,
                         initrd: initrd_file.map(|f| f.path),
                         cmdline: cmdline.clone(),
+                        disk_boots: false,
                     }),
                 })
             }
@@ -148,16 +171,19 @@ impl ImageStore {
     ) -> Result<(BaseDisk, bool)> {
         create_private_dir(&self.dir)?;
         let _guard = FileLock::acquire(&self.dir.join(STORE_LOCK_FILE))?;
-        self.build_flake_locked(image, flake_ref, rebuild, progress)
+        let (base, _, built) = self.build_flake_locked(image, flake_ref, rebuild, progress)?;
+        Ok((base, built))
     }
 
+    /// [`ImageStore::build_flake`] under the store lock; also returns the
+    /// image's boot files, when its build output names them.
     fn build_flake_locked(
         &self,
         image: &str,
         flake_ref: &str,
         rebuild: bool,
         progress: &dyn Reporter,
-    ) -> Result<(BaseDisk, bool)> {
+    ) -> Result<(BaseDisk, Option<nix_build::BootFiles>, bool)> {
         let records_path = self.dir.join(BUILDS_FILE);
         let mut records = nix_build::read_records(&records_path)?;
         let inputs = flake_inputs::inputs_key(flake_ref);
@@ -165,20 +191,32 @@ impl ImageStore {
             && let (Ok(inputs), Some(record)) = (&inputs, records.get(image))
             && &record.inputs == inputs
             && record.output.is_file()
+            && record
+                .boot
+                .as_ref()
+                .is_none_or(|b| b.kernel.is_file() && b.initrd.is_file())
         {
             progress.step(image, "flake inputs unchanged: not building again");
-            return Ok((self.import_disk(&record.output, progress)?, false));
+            let base = self.import_disk(&record.output, progress)?;
+            return Ok((base, record.boot.clone(), false));
         }
         if let Err(why) = &inputs {
             progress.step(image, &format!("{why}: building"));
         }
         let output = nix_build::build(image, flake_ref, progress)?;
-        let base = self.import_disk(&output, progress)?;
+        let base = self.import_disk(&output.disk, progress)?;
         if let Ok(inputs) = inputs {
-            records.insert(image.to_string(), nix_build::BuildRecord { inputs, output });
+            records.insert(
+                image.to_string(),
+                nix_build::BuildRecord {
+                    inputs,
+                    output: output.disk,
+                    boot: output.boot.clone(),
+                },
+            );
             nix_build::write_records(&records_path, &records)?;
         }
-        Ok((base, true))
+        Ok((base, output.boot, true))
     }
 
     /// Imports a qcow2 or raw disk image.

@@ -17,6 +17,12 @@ use crate::progress::Reporter;
 /// The `nix` program, unless `AGENTVM_NIX` names another.
 pub const NIX: &str = "nix";
 
+/// The file a NixOS image output may hold beside its qcow2, naming the
+/// system's kernel, initrd and kernel command line (`init=…` of the system
+/// the disk holds): with it, agentvm boots the VM directly, without the
+/// bootloader (see `hosts/agent-base`).
+pub const BOOT_FILE: &str = "agentvm-boot.json";
+
 /// What a build produced, and from which inputs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BuildRecord {
@@ -24,6 +30,26 @@ pub struct BuildRecord {
     pub inputs: String,
     /// The qcow2 `nix build` produced (a Nix store path).
     pub output: PathBuf,
+    /// The kernel, initrd and command line of the system on the disk, when
+    /// the output says them ([`BOOT_FILE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootFiles>,
+}
+
+/// A NixOS image's own kernel, initrd and kernel command line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+/// What one `nix build` produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOutput {
+    pub disk: PathBuf,
+    pub boot: Option<BootFiles>,
 }
 
 /// The build records in `path` (none when the file does not exist); a file that
@@ -37,8 +63,9 @@ pub fn write_records(path: &Path, records: &BTreeMap<String, BuildRecord>) -> Re
 }
 
 /// Runs `nix build --no-link --print-out-paths FLAKE_REF`, passing its log on as
-/// progress steps of `image`, and returns the qcow2 it built.
-pub fn build(image: &str, flake_ref: &str, progress: &dyn Reporter) -> Result<PathBuf> {
+/// progress steps of `image`, and returns the qcow2 it built (and its boot
+/// files, when the output has them).
+pub fn build(image: &str, flake_ref: &str, progress: &dyn Reporter) -> Result<BuildOutput> {
     let nix = non_empty_env(ENV_NIX).unwrap_or_else(|| NIX.to_string());
     let mut child = Command::new(&nix)
         .args([
@@ -82,7 +109,42 @@ pub fn build(image: &str, flake_ref: &str, progress: &dyn Reporter) -> Result<Pa
         .map(str::trim)
         .find(|l| !l.is_empty())
         .with_context(|| format!("nix build {flake_ref} printed no output path"))?;
-    find_qcow2(Path::new(out))
+    let out = Path::new(out);
+    Ok(BuildOutput {
+        disk: find_qcow2(out)?,
+        boot: boot_files(out)?,
+    })
+}
+
+/// The boot files a build output names in [`BOOT_FILE`], if it has one; a
+/// file that does not parse, or names files that do not exist, is an error
+/// naming it (a silent bootloader boot would hide a broken image build).
+pub fn boot_files(out: &Path) -> Result<Option<BootFiles>> {
+    if !out.is_dir() {
+        return Ok(None);
+    }
+    let path = out.join(BOOT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let boot: BootFiles = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not {{\"kernel\": PATH, \"initrd\": PATH, \"cmdline\": TEXT}}",
+            path.display()
+        )
+    })?;
+    for file in [&boot.kernel, &boot.initrd] {
+        if !file.is_file() {
+            bail!(
+                "{} names {}, which does not exist",
+                path.display(),
+                file.display()
+            );
+        }
+    }
+    Ok(Some(boot))
 }
 
 /// The qcow2 in a build output: the output itself, or the one file ending in .qcow2 inside it.
@@ -120,6 +182,7 @@ mod tests {
             BuildRecord {
                 inputs: "sha256:00".into(),
                 output: "/nix/store/x-image/nixos.qcow2".into(),
+                boot: None,
             },
         )]);
         write_records(&path, &records).unwrap();
@@ -141,5 +204,34 @@ mod tests {
         );
         std::fs::write(dir.path().join("other.qcow2"), b"x").unwrap();
         assert!(find_qcow2(dir.path()).is_err());
+    }
+
+    #[test]
+    fn boot_files_are_read_and_a_bad_boot_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(boot_files(dir.path()).unwrap(), None, "none written");
+        let (kernel, initrd) = (dir.path().join("kernel"), dir.path().join("initrd"));
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        let file = dir.path().join(BOOT_FILE);
+        let write = |json: serde_json::Value| std::fs::write(&file, json.to_string()).unwrap();
+        write(serde_json::json!({"kernel": kernel, "initrd": initrd, "cmdline": "init=/x"}));
+        assert_eq!(
+            boot_files(dir.path()).unwrap(),
+            Some(BootFiles {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: "init=/x".into()
+            })
+        );
+        write(serde_json::json!({"kernel": kernel, "cmdline": "init=/x"}));
+        let err = format!("{:#}", boot_files(dir.path()).unwrap_err());
+        assert!(err.contains(BOOT_FILE) && err.contains("initrd"), "{err}");
+        write(serde_json::json!({"kernel": "/nonexistent/k", "initrd": initrd, "cmdline": ""}));
+        let err = format!("{:#}", boot_files(dir.path()).unwrap_err());
+        assert!(
+            err.contains("/nonexistent/k") && err.contains("does not exist"),
+            "{err}"
+        );
     }
 }

@@ -158,6 +158,12 @@ impl Lifecycle for Healing {
         self.read(|| self.inner.wait_stopped(name, deadline))
     }
 
+    fn system_changed(&self, name: &str) -> Result<Option<String>> {
+        self.change(name, "changing how it boots", || {
+            self.inner.system_changed(name)
+        })
+    }
+
     fn acpi_shutdown(&self, name: &str) -> Result<()> {
         self.change(name, "shutting down", || self.inner.acpi_shutdown(name))
     }

@@ -69,6 +69,8 @@ impl LocalBackend {
         Ok((ssh, spice))
     }
 
+    /// The plan of `spec`'s domain; `previous` is the VM's state when it is
+    /// redefined.
     fn domain_plan(
         &self,
         spec: &VmSpec,
@@ -76,6 +78,7 @@ impl LocalBackend {
         target: &Target,
         ports: (u16, u16),
         image_digest: &str,
+        previous: Option<&VmState>,
     ) -> DomainPlan {
         let mut state = VmState::new(
             spec,
@@ -88,11 +91,30 @@ impl LocalBackend {
         state.agent = target.agent;
         state.host_key = target.host_key.clone();
         state.home = Some(self.home_key.clone());
+        let kernel = match image.kernel.clone() {
+            // A NixOS image's kernel boots directly only while the VM's disk
+            // holds that image's system, unchanged (`Lifecycle::system_changed`).
+            Some(kernel) if kernel.disk_boots => {
+                let direct = previous.is_none_or(|p| {
+                    p.boot.as_deref() == Some(domain::BOOT_DIRECT) && p.image_digest == image.digest
+                });
+                state.boot = Some(
+                    if direct {
+                        domain::BOOT_DIRECT
+                    } else {
+                        domain::BOOT_DISK
+                    }
+                    .to_string(),
+                );
+                direct.then_some(kernel)
+            }
+            other => other,
+        };
         let mut plan = DomainPlan::new(
             spec,
             &self.home,
             &self.runtime_dir,
-            image.kernel.clone(),
+            kernel,
             &self.identity.public_line,
             target.accel,
             target.network,
@@ -172,7 +194,7 @@ impl LocalBackend {
         // Held from choosing ports until the domain (which claims them) is defined.
         let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
         let ports = self.ports_for(spec, None)?;
-        let plan = self.domain_plan(spec, image, target, ports, &image.digest);
+        let plan = self.domain_plan(spec, image, target, ports, &image.digest, None);
         let rollback = || {
             if let Err(e) = std::fs::remove_dir_all(self.home.vm_dir(name))
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -363,6 +385,7 @@ impl Lifecycle for LocalBackend {
             &local.target,
             (ssh_port, spice_port),
             &state.image_digest,
+            Some(&state),
         );
         plan.disk = top;
         plan.state.disk = state.disk.clone();
@@ -409,6 +432,22 @@ impl Lifecycle for LocalBackend {
     fn is_running(&self, name: &str) -> Result<bool> {
         let (dom, _) = self.require(name)?;
         Ok(dom.is_active().map_err(lv).context("asking libvirt")?)
+    }
+
+    fn system_changed(&self, name: &str) -> Result<Option<String>> {
+        let (dom, mut state) = self.require(name)?;
+        if state.boot.as_deref() != Some(domain::BOOT_DIRECT) {
+            return Ok(None);
+        }
+        state.boot = Some(domain::BOOT_DISK.to_string());
+        super::forwards::write_state(&dom, &state)?;
+        let xml = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(lv)
+            .context("reading the domain definition")?;
+        self.define_xml(&domain::without_direct_boot(&xml)?)
+            .with_context(|| format!("redefining {name} to boot from its disk"))?;
+        Ok(Some(domain::BOOT_DISK.to_string()))
     }
 
     fn wait_stopped(&self, name: &str, deadline: Instant) -> Result<bool> {
