@@ -16,7 +16,11 @@
     let
       system = "x86_64-linux";
       lib = nixpkgs.lib;
-      hosts = [ "agent-base" "agent-drago" "agent-luce" ];
+
+      # Every hosts/agent-* folder is a host, so the folder `agentvm new NAME`
+      # writes is all a new agent needs (once git knows about it: flakes see
+      # only tracked files). See hosts/discover.nix.
+      hosts = import ./hosts/discover.nix ./hosts;
 
       packageOption = pkgs: lib.mkOption {
         type = lib.types.package;
