@@ -1,18 +1,12 @@
 {
   description = "agentvm: per-user agent VMs on libvirt, and the NixOS images they run";
 
-  inputs = {
-    nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
-    # agentvm itself needs Rust 1.89 (let chains, sha2 0.11, uuid through virt);
-    # nixos-25.05 ships 1.86, so the package is built from nixos-unstable.
-    nixpkgs-unstable.url = "github:NixOS/nixpkgs/nixos-unstable";
-    home-manager = {
-      url = "github:nix-community/home-manager/release-25.05";
-      inputs.nixpkgs.follows = "nixpkgs";
-    };
-  };
+  # nixos-26.05 is the current stable release. Its Rust (1.9x) is newer than
+  # the 1.89 agentvm needs (let chains, sha2 0.11, uuid through virt), so the
+  # package is built from the same nixpkgs as the hosts.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
-  outputs = { self, nixpkgs, nixpkgs-unstable, ... }:
+  outputs = { self, nixpkgs, ... }:
     let
       system = "x86_64-linux";
       lib = nixpkgs.lib;
@@ -37,7 +31,7 @@
 
       packages.${system} =
         let
-          pkgs = nixpkgs-unstable.legacyPackages.${system};
+          pkgs = nixpkgs.legacyPackages.${system};
         in
         {
           agentvm = pkgs.rustPlatform.buildRustPackage {
