@@ -37,7 +37,21 @@
           agentvm = pkgs.rustPlatform.buildRustPackage {
             pname = "agentvm";
             version = "0.1.0";
-            src = ./.;
+            # Only what the build reads, so that editing hosts/, the README or
+            # the tests does not rebuild agentvm. benches/ is there because
+            # Cargo.toml declares its [[bench]] targets, which cargo looks for
+            # even when it does not build them. Nothing in src/ includes files
+            # from elsewhere (no include_str!/include_bytes!); xml/ and tests/
+            # are read by the tests only, which do not run here.
+            src = lib.fileset.toSource {
+              root = ./.;
+              fileset = lib.fileset.unions [
+                ./Cargo.toml
+                ./Cargo.lock
+                ./src
+                ./benches
+              ];
+            };
             cargoLock.lockFile = ./Cargo.lock;
             nativeBuildInputs = [ pkgs.pkg-config ];
             buildInputs = [ pkgs.libvirt ];
