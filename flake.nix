@@ -22,6 +22,11 @@
         defaultText = lib.literalExpression "agentvm.packages.\${pkgs.stdenv.hostPlatform.system}.default";
         description = "The agentvm package to run.";
       };
+
+      # What the daemon runs besides itself: nix (flake images), ssh,
+      # ssh-keyscan and ssh-keygen (openssh), qemu-img (QEMU), virtiofsd
+      # (shared folders) and passt (port forwards without root, when present).
+      daemonTools = { pkgs, nix, qemu }: [ nix qemu pkgs.openssh pkgs.passt pkgs.virtiofsd ];
     in
     {
       nixosConfigurations = lib.genAttrs hosts (name: lib.nixosSystem {
@@ -68,6 +73,11 @@
           self.nixosConfigurations;
 
       # Runs `agentvm daemon` as a systemd user service for every user.
+      #
+      # A user's services, and so the VMs the daemon started, stop when the
+      # user's last session ends. For VMs that keep running without anyone
+      # logged in, let the user's manager linger: `loginctl enable-linger
+      # USER`, or `users.users.USER.linger = true` in the configuration.
       nixosModules.agentvm-daemon = { config, lib, pkgs, ... }:
         let
           cfg = config.services.agentvm;
@@ -85,10 +95,12 @@
             systemd.user.services.agentvm-daemon = {
               description = "agentvm daemon";
               wantedBy = [ "default.target" ];
-              # User services get no PATH from the system; the daemon runs
-              # qemu-img, ssh-keyscan and ssh-keygen, passt when present, and
-              # virtiofsd for shared folders.
-              path = [ config.virtualisation.libvirtd.qemu.package pkgs.openssh pkgs.passt pkgs.virtiofsd ];
+              # User services get no PATH from the system.
+              path = daemonTools {
+                inherit pkgs;
+                nix = config.nix.package;
+                qemu = config.virtualisation.libvirtd.qemu.package;
+              };
               serviceConfig = {
                 ExecStart = "${cfg.package}/bin/agentvm daemon --idle-exit off";
                 Restart = "on-failure";
@@ -97,11 +109,18 @@
           };
         };
 
-      # The same user service for home-manager, on NixOS or any other distribution.
-      homeManagerModules.agentvm-daemon = { config, lib, pkgs, ... }:
+      # The same user service for home-manager, on NixOS or any other
+      # distribution (libvirt itself comes from the system there). Lingering
+      # applies as for the NixOS module: `loginctl enable-linger USER`.
+      homeManagerModules.agentvm = { config, lib, pkgs, ... }:
         let
           cfg = config.services.agentvm;
-          tools = lib.makeBinPath [ pkgs.qemu pkgs.openssh pkgs.passt pkgs.virtiofsd ];
+          tools = lib.makeBinPath (daemonTools {
+            inherit pkgs;
+            # home-manager's nix.package is null unless the user sets it.
+            nix = if config.nix.package or null != null then config.nix.package else pkgs.nix;
+            qemu = pkgs.qemu;
+          });
         in
         {
           options.services.agentvm = {
@@ -117,12 +136,15 @@
               Service = {
                 ExecStart = "${cfg.package}/bin/agentvm daemon --idle-exit off";
                 Restart = "on-failure";
-                # See the NixOS module; the system's own directories come after.
+                # User services get no PATH from the system: the tools first,
+                # then the system's own directories.
                 Environment = [ "PATH=${tools}:/run/current-system/sw/bin:/usr/bin:/bin" ];
               };
               Install.WantedBy = [ "default.target" ];
             };
           };
         };
+      # The name this module had first.
+      homeManagerModules.agentvm-daemon = self.homeManagerModules.agentvm;
     };
 }
