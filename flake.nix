@@ -1,22 +1,20 @@
 {
   description = "agentvm: per-user agent VMs on libvirt, and the NixOS images they run";
 
-  inputs = {
-    nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
-    # agentvm itself needs Rust 1.89 (let chains, sha2 0.11, uuid through virt);
-    # nixos-25.05 ships 1.86, so the package is built from nixos-unstable.
-    nixpkgs-unstable.url = "github:NixOS/nixpkgs/nixos-unstable";
-    home-manager = {
-      url = "github:nix-community/home-manager/release-25.05";
-      inputs.nixpkgs.follows = "nixpkgs";
-    };
-  };
+  # nixos-26.05 is the current stable release. Its Rust (1.9x) is newer than
+  # the 1.89 agentvm needs (let chains, sha2 0.11, uuid through virt), so the
+  # package is built from the same nixpkgs as the hosts.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
-  outputs = { self, nixpkgs, nixpkgs-unstable, ... }:
+  outputs = { self, nixpkgs, ... }:
     let
       system = "x86_64-linux";
       lib = nixpkgs.lib;
-      hosts = [ "agent-base" "agent-drago" "agent-luce" ];
+
+      # Every hosts/agent-* folder is a host, so the folder `agentvm new NAME`
+      # writes is all a new agent needs (once git knows about it: flakes see
+      # only tracked files). See hosts/discover.nix.
+      hosts = import ./hosts/discover.nix ./hosts;
 
       packageOption = pkgs: lib.mkOption {
         type = lib.types.package;
@@ -24,6 +22,11 @@
         defaultText = lib.literalExpression "agentvm.packages.\${pkgs.stdenv.hostPlatform.system}.default";
         description = "The agentvm package to run.";
       };
+
+      # What the daemon runs besides itself: nix (flake images), ssh,
+      # ssh-keyscan and ssh-keygen (openssh), qemu-img (QEMU), virtiofsd
+      # (shared folders) and passt (port forwards without root, when present).
+      daemonTools = { pkgs, nix, qemu }: [ nix qemu pkgs.openssh pkgs.passt pkgs.virtiofsd ];
     in
     {
       nixosConfigurations = lib.genAttrs hosts (name: lib.nixosSystem {
@@ -33,13 +36,27 @@
 
       packages.${system} =
         let
-          pkgs = nixpkgs-unstable.legacyPackages.${system};
+          pkgs = nixpkgs.legacyPackages.${system};
         in
         {
           agentvm = pkgs.rustPlatform.buildRustPackage {
             pname = "agentvm";
             version = "0.1.0";
-            src = ./.;
+            # Only what the build reads, so that editing hosts/, the README or
+            # the tests does not rebuild agentvm. benches/ is there because
+            # Cargo.toml declares its [[bench]] targets, which cargo looks for
+            # even when it does not build them. Nothing in src/ includes files
+            # from elsewhere (no include_str!/include_bytes!); xml/ and tests/
+            # are read by the tests only, which do not run here.
+            src = lib.fileset.toSource {
+              root = ./.;
+              fileset = lib.fileset.unions [
+                ./Cargo.toml
+                ./Cargo.lock
+                ./src
+                ./benches
+              ];
+            };
             cargoLock.lockFile = ./Cargo.lock;
             nativeBuildInputs = [ pkgs.pkg-config ];
             buildInputs = [ pkgs.libvirt ];
@@ -56,6 +73,11 @@
           self.nixosConfigurations;
 
       # Runs `agentvm daemon` as a systemd user service for every user.
+      #
+      # A user's services, and so the VMs the daemon started, stop when the
+      # user's last session ends. For VMs that keep running without anyone
+      # logged in, let the user's manager linger: `loginctl enable-linger
+      # USER`, or `users.users.USER.linger = true` in the configuration.
       nixosModules.agentvm-daemon = { config, lib, pkgs, ... }:
         let
           cfg = config.services.agentvm;
@@ -73,10 +95,12 @@
             systemd.user.services.agentvm-daemon = {
               description = "agentvm daemon";
               wantedBy = [ "default.target" ];
-              # User services get no PATH from the system; the daemon runs
-              # qemu-img, ssh-keyscan and ssh-keygen, passt when present, and
-              # virtiofsd for shared folders.
-              path = [ config.virtualisation.libvirtd.qemu.package pkgs.openssh pkgs.passt pkgs.virtiofsd ];
+              # User services get no PATH from the system.
+              path = daemonTools {
+                inherit pkgs;
+                nix = config.nix.package;
+                qemu = config.virtualisation.libvirtd.qemu.package;
+              };
               serviceConfig = {
                 ExecStart = "${cfg.package}/bin/agentvm daemon --idle-exit off";
                 Restart = "on-failure";
@@ -85,11 +109,18 @@
           };
         };
 
-      # The same user service for home-manager, on NixOS or any other distribution.
-      homeManagerModules.agentvm-daemon = { config, lib, pkgs, ... }:
+      # The same user service for home-manager, on NixOS or any other
+      # distribution (libvirt itself comes from the system there). Lingering
+      # applies as for the NixOS module: `loginctl enable-linger USER`.
+      homeManagerModules.agentvm = { config, lib, pkgs, ... }:
         let
           cfg = config.services.agentvm;
-          tools = lib.makeBinPath [ pkgs.qemu pkgs.openssh pkgs.passt pkgs.virtiofsd ];
+          tools = lib.makeBinPath (daemonTools {
+            inherit pkgs;
+            # home-manager's nix.package is null unless the user sets it.
+            nix = if config.nix.package or null != null then config.nix.package else pkgs.nix;
+            qemu = pkgs.qemu;
+          });
         in
         {
           options.services.agentvm = {
@@ -105,12 +136,15 @@
               Service = {
                 ExecStart = "${cfg.package}/bin/agentvm daemon --idle-exit off";
                 Restart = "on-failure";
-                # See the NixOS module; the system's own directories come after.
+                # User services get no PATH from the system: the tools first,
+                # then the system's own directories.
                 Environment = [ "PATH=${tools}:/run/current-system/sw/bin:/usr/bin:/bin" ];
               };
               Install.WantedBy = [ "default.target" ];
             };
           };
         };
+      # The name this module had first.
+      homeManagerModules.agentvm-daemon = self.homeManagerModules.agentvm;
     };
 }

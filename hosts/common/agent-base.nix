@@ -278,12 +278,10 @@ in
     }
 
     (lib.mkIf cfg.desktop.enable {
-      # nixos-25.05 keeps GDM and GNOME under services.xserver; later releases
-      # move them to services.displayManager.gdm and services.desktopManager.gnome
-      # and keep these names as aliases.
+      # Since nixos-25.11 GDM and GNOME are no longer under services.xserver.
       services.xserver.enable = true;
-      services.xserver.displayManager.gdm.enable = true;
-      services.xserver.desktopManager.gnome.enable = true;
+      services.displayManager.gdm.enable = true;
+      services.desktopManager.gnome.enable = true;
 
       # The user has no password, so the desktop logs it in.
       services.displayManager.autoLogin = {
