@@ -30,9 +30,16 @@ const AGENT_POLL_FIRST: Duration = Duration::from_millis(5);
 const AGENT_POLL_MAX: Duration = Duration::from_millis(200);
 
 impl LocalBackend {
-    /// The agent's state and the guest's addresses (loopback and link-local left out).
-    pub(super) fn agent_info(&self, dom: &Domain, state: &VmState) -> (AgentState, Vec<String>) {
-        if !dom.is_active().unwrap_or(false) {
+    /// The agent's state and the guest's addresses (loopback and link-local
+    /// left out), for a VM whose domain is `running` (as its state said a
+    /// moment ago).
+    pub(super) fn agent_info(
+        &self,
+        dom: &Domain,
+        state: &VmState,
+        running: bool,
+    ) -> (AgentState, Vec<String>) {
+        if !running {
             return (AgentState::Stopped, Vec::new());
         }
         if !state.agent {

@@ -534,20 +534,20 @@ impl Lifecycle for LocalBackend {
     }
 
     fn list(&self, specs: &[VmSpec]) -> Result<Vec<VmStatus>> {
-        self.managed_domains()?
-            .iter()
-            .map(|(dom, state)| {
-                let spec = specs.iter().find(|s| s.name.as_str() == state.name);
-                self.status_of(dom, state, spec)
-            })
-            .collect()
+        super::par_map(self.managed_domains()?, |(dom, state)| {
+            let spec = specs.iter().find(|s| s.name.as_str() == state.name);
+            self.status_of(&dom, &state, spec)
+        })
+        .into_iter()
+        .collect()
     }
 
     fn states(&self) -> Result<Vec<(String, State)>> {
-        self.managed_domains()?
-            .iter()
-            .map(|(dom, state)| Ok((state.name.clone(), live_state(dom)?)))
-            .collect()
+        super::par_map(self.managed_domains()?, |(dom, state)| {
+            Ok((state.name.clone(), live_state(&dom)?))
+        })
+        .into_iter()
+        .collect()
     }
 
     fn plan(&self, spec: &VmSpec, _image: Option<&ImageSpec>) -> Result<Plan> {

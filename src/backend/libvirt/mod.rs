@@ -168,10 +168,13 @@ impl LocalBackend {
             .list_all_domains(0)
             .map_err(lv)
             .context("listing libvirt domains")?;
-        let managed = domains
+        let ours: Vec<Domain> = domains
             .into_iter()
             .filter(|d| d.name().is_ok_and(|n| n.starts_with(domain::DOMAIN_PREFIX)))
-            .filter_map(|d| read_state(&d).map(|s| (d, s)))
+            .collect();
+        let managed = par_map(ours, |d| read_state(&d).map(|s| (d, s)))
+            .into_iter()
+            .flatten()
             .collect();
         // A domain whose metadata could not be read is left out above; when
         // that was the connection dying, the list is not the whole truth.
@@ -209,7 +212,7 @@ impl LocalBackend {
         spec: Option<&VmSpec>,
     ) -> Result<VmStatus> {
         let live = live_state(dom)?;
-        let (agent, ips) = self.agent_info(dom, state);
+        let (agent, ips) = self.agent_info(dom, state, live == State::Running);
         // Local guests get their env through fw_cfg at start.
         let env = self.env_names(&state.name);
         let restart_needed = match spec {
@@ -282,6 +285,34 @@ fn read_state(dom: &Domain) -> Option<VmState> {
     quick_xml::de::from_str(&xml)
         .map_err(|e| tracing::warn!("unreadable agentvm metadata on {:?}: {e}", dom.name()))
         .ok()
+}
+
+/// How many threads ask libvirt about many domains at once (each question is
+/// a round trip; libvirtd answers several side by side).
+const PARALLEL_QUESTIONS: usize = 4;
+
+/// `f` over `items` on up to [`PARALLEL_QUESTIONS`] threads, results in order.
+pub(super) fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    if items.len() < 2 {
+        return items.into_iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(PARALLEL_QUESTIONS);
+    let mut chunks: Vec<Vec<T>> = Vec::new();
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        chunks.push(items.by_ref().take(chunk).collect());
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }
 
 fn live_state(dom: &Domain) -> Result<State> {
