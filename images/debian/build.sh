@@ -9,8 +9,10 @@
 #   OUTDIR defaults to $AGENTVM_DEBIAN_GUEST_DIR, else /var/tmp/agentvm-debian.
 #   Writes OUTDIR/<variant>-<key>.qcow2, where <key> is a hash of this
 #   directory and the versions of the packages, and prints its absolute path
-#   on stdout. Everything else goes to stderr. Downloaded packages are kept
-#   in OUTDIR/debs-<variant>.
+#   on stdout. Beside it: <variant>-<key>.vmlinuz, .initrd.img and .cmdline,
+#   the image's kernel, initrd and kernel command line, for booting it
+#   without GRUB. Everything else goes to stderr. Downloaded packages are
+#   kept in OUTDIR/debs-<variant>.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
@@ -34,7 +36,7 @@ while (($#)); do
 		;;
 	--variant=*) variant=${1#--variant=} ;;
 	-h | --help)
-		sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+		sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 		exit 0
 		;;
 	-*) die "unknown option: $1" ;;
@@ -69,6 +71,9 @@ cloud)
 	uuid=6a1e0c52-8d4e-4f3b-9b1a-0d3b1e6a0002 label_id=0x6a1e0002
 	;;
 esac
+# What GRUB passes to the kernel (customize.sh writes it into grub.cfg), and
+# what the .cmdline output holds for booting without GRUB.
+cmdline="root=UUID=$uuid ro console=ttyS0,115200 quiet"
 disk_size=2G
 grubdir=/usr/lib/grub/i386-pc
 
@@ -95,8 +100,17 @@ key=$(
 	} | sha256sum | cut -c1-12
 )
 output=$outdir/$variant-$key.qcow2
+base=${output%.qcow2}
+boot_files=("$base.vmlinuz" "$base.initrd.img" "$base.cmdline")
 
-if [[ -z $force && -f $output ]]; then
+# Cached only if the image and its boot files are all there.
+built() {
+	local f
+	for f in "$output" "${boot_files[@]}"; do
+		[[ -f $f ]] || return 1
+	done
+}
+if [[ -z $force ]] && built; then
 	printf '%s\n' "$output"
 	exit 0
 fi
@@ -104,7 +118,7 @@ fi
 # Concurrent callers (e.g. parallel tests) wait for one build.
 exec 9>"$outdir/.lock-$variant"
 flock 9
-if [[ -z $force && -f $output ]]; then
+if [[ -z $force ]] && built; then
 	printf '%s\n' "$output"
 	exit 0
 fi
@@ -149,9 +163,9 @@ mmdebstrap --mode="$mode" --variant=minbase --format=directory \
 	--skip=essential/unlink --skip=download/empty \
 	--setup-hook='mkdir -p "$1/var/cache/apt/archives"' \
 	--setup-hook="sync-in '$debs' /var/cache/apt/archives" \
-	--essential-hook="'$here/customize.sh' essential \"\$1\" $variant $uuid" \
+	--essential-hook="'$here/customize.sh' essential \"\$1\" $variant $uuid '$cmdline'" \
 	--customize-hook="sync-out /var/cache/apt/archives '$work/debs'" \
-	--customize-hook="'$here/customize.sh' customize \"\$1\" $variant $uuid" \
+	--customize-hook="'$here/customize.sh' customize \"\$1\" $variant $uuid '$cmdline'" \
 	"$suite" "$work/root" "${mirrors[@]}" >&2 ||
 	die "mmdebstrap failed"
 # Keep only the packages this build used.
@@ -160,6 +174,29 @@ mv "$debs" "$debs.old"
 mv "$work/debs" "$debs"
 rm -rf "$debs.old" "$debs/partial" "$debs/lock"
 cp "$work/root/etc/agentvm-image" "$work/manifest"
+
+# The kernel and initrd that grub.cfg boots (/vmlinuz and /initrd.img are
+# symlinks into /boot, resolved inside the root, not on the host), copied out
+# for booting the image directly. Read as (namespace) root: in unshare mode
+# they belong to a subordinate uid and may not be world-readable.
+in_root_path() {
+	local path=$1 target n
+	for ((n = 0; n < 8; n++)); do
+		[[ -L $work/root$path ]] || break
+		target=$(readlink "$work/root$path")
+		if [[ $target == /* ]]; then
+			path=$target
+		else
+			path=$(dirname "$path")/$target
+		fi
+		path=/${path#/}
+	done
+	[[ -f $work/root$path ]] || die "$1 in the image is not a file (it resolves to $path)"
+	printf '%s\n' "$work/root$path"
+}
+asroot cat "$(in_root_path /vmlinuz)" >"$work/vmlinuz"
+asroot cat "$(in_root_path /initrd.img)" >"$work/initrd.img"
+printf '%s\n' "$cmdline" >"$work/cmdline"
 
 # --- disk image ---------------------------------------------------------------
 
@@ -208,12 +245,16 @@ dd if="$work/core.img" of="$raw" bs=512 seek=1 conv=notrunc status=none
 log "qemu-img convert"
 qemu-img convert -c -f raw -O qcow2 "$raw" "$work/disk.qcow2"
 rm -f "$raw"
-chmod 0644 "$work/disk.qcow2" "$work/manifest"
+chmod 0644 "$work/disk.qcow2" "$work/manifest" "$work/vmlinuz" "$work/initrd.img" "$work/cmdline"
 
-mv -f "$work/manifest" "${output%.qcow2}.packages"
+mv -f "$work/manifest" "$base.packages"
+for f in vmlinuz initrd.img cmdline; do
+	mv -f "$work/$f" "$base.$f"
+done
 mv -f "$work/disk.qcow2" "$output"
 # Outputs of earlier keys of this variant.
-for old in "$outdir/$variant"-*.qcow2 "$outdir/$variant"-*.packages; do
+for old in "$outdir/$variant"-*.qcow2 "$outdir/$variant"-*.packages \
+	"$outdir/$variant"-*.vmlinuz "$outdir/$variant"-*.initrd.img "$outdir/$variant"-*.cmdline; do
 	[[ $old == "${output%.qcow2}".* ]] || rm -f "$old"
 done
 log "$output: $(($(stat -c %s "$output") / 1048576)) MiB, built in $((SECONDS - started)) s"

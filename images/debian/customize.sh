@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # mmdebstrap hook of build.sh, run outside the chroot as (namespace) root.
-#   customize.sh essential ROOT VARIANT UUID
+#   customize.sh essential ROOT VARIANT UUID CMDLINE
 #     after the essential packages: copy rootfs/common and rootfs/VARIANT
 #     into ROOT, before the kernel, initramfs-tools and ssh are installed.
-#   customize.sh customize ROOT VARIANT UUID
-#     after all packages: boot loader configuration, units, and removal of
-#     what must differ between machines (host keys, machine-id).
+#   customize.sh customize ROOT VARIANT UUID CMDLINE
+#     after all packages: boot loader configuration (GRUB passes CMDLINE to
+#     the kernel), units, and removal of what must differ between machines
+#     (host keys, machine-id).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
-phase=$1 root=$2 variant=$3 uuid=$4
+phase=$1 root=$2 variant=$3 uuid=$4 cmdline=$5
 
 log() { printf 'debian-guest: %s\n' "$*" >&2; }
 
@@ -70,7 +71,7 @@ cat >"$root/boot/grub/grub.cfg" <<GRUB
 # no update-grub here. GRUB's core.img finds this file by the root file
 # system's UUID and loads it with the modules built into core.img.
 search --no-floppy --fs-uuid --set=root $uuid
-linux /vmlinuz root=UUID=$uuid ro console=ttyS0,115200 quiet
+linux /vmlinuz $cmdline
 initrd /initrd.img
 boot
 GRUB
