@@ -37,7 +37,13 @@ fn fleet_dir(fleet_file: &Path) -> PathBuf {
 
 /// The fleet file's text with `[vms.NAME]` added (pinned ports, the host's
 /// flake attribute), everything else as it was.
-pub fn add_vm(text: &str, name: &str, ssh_port: u16, spice_port: u16) -> Result<String> {
+pub fn add_vm(
+    text: &str,
+    name: &str,
+    image: Option<&str>,
+    ssh_port: u16,
+    spice_port: u16,
+) -> Result<String> {
     let mut doc: DocumentMut = text.parse().context("parsing agentvm.toml for editing")?;
     let vms = doc
         .entry("vms")
@@ -52,6 +58,9 @@ pub fn add_vm(text: &str, name: &str, ssh_port: u16, spice_port: u16) -> Result<
         bail!("a VM named {name:?} already exists in agentvm.toml");
     }
     let mut vm = Table::new();
+    if let Some(image) = image {
+        vm.insert("image", value(image));
+    }
     vm.insert("nixos", value(format!(".#agent-{name}")));
     vm.insert("ssh_port", value(i64::from(ssh_port)));
     vm.insert("spice_port", value(i64::from(spice_port)));
@@ -59,9 +68,50 @@ pub fn add_vm(text: &str, name: &str, ssh_port: u16, spice_port: u16) -> Result<
     Ok(doc.to_string())
 }
 
+/// The `image` the new VM's table needs: `given` (which must be defined),
+/// none when `[defaults]` names one, else the only image defined; with
+/// several and no default, an error saying which flag or key to add.
+fn vm_image(fleet: &Fleet, text: &str, name: &Name, given: Option<&str>) -> Result<Option<String>> {
+    let file = fleet.file.display();
+    let known: Vec<&str> = fleet.images.keys().map(Name::as_str).collect();
+    if let Some(image) = given {
+        if !known.contains(&image) {
+            bail!(
+                "{file}: no image named {image:?} (defined: {}); add an [images.{image}] table or pick one of those",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        }
+        return Ok(Some(image.to_string()));
+    }
+    let doc: DocumentMut = text.parse().context("parsing agentvm.toml")?;
+    if doc.get("defaults").and_then(|d| d.get("image")).is_some() {
+        return Ok(None);
+    }
+    match known.as_slice() {
+        [only] => Ok(Some(only.to_string())),
+        [] => bail!(
+            "{file}: no image is defined for vms.{name}: add an [images.NAME] table (e.g. flake = \".#agent-base-image\") and `image = \"NAME\"` in [defaults], then run agentvm new {name} again"
+        ),
+        several => bail!(
+            "{file}: vms.{name} needs an image and [defaults] names none: run agentvm new {name} --image IMAGE (one of: {}), or set `image` in [defaults]",
+            several.join(", ")
+        ),
+    }
+}
+
 /// Writes the host config from the template and adds the VM to the fleet file.
 /// Nothing is written if either step would fail.
-pub fn scaffold(fleet: &Fleet, name: &Name, ssh_port: u16, spice_port: u16) -> Result<Scaffolded> {
+pub fn scaffold(
+    fleet: &Fleet,
+    name: &Name,
+    image: Option<&str>,
+    ssh_port: u16,
+    spice_port: u16,
+) -> Result<Scaffolded> {
     if fleet.vms.contains_key(name) {
         bail!("{}: a VM named {name} already exists", fleet.file.display());
     }
@@ -74,7 +124,8 @@ pub fn scaffold(fleet: &Fleet, name: &Name, ssh_port: u16, spice_port: u16) -> R
         .with_context(|| format!("reading the host template {}", template_path.display()))?;
     let text = std::fs::read_to_string(&fleet.file)
         .with_context(|| format!("reading {}", fleet.file.display()))?;
-    let edited = add_vm(&text, name.as_str(), ssh_port, spice_port)?;
+    let image = vm_image(fleet, &text, name, image)?;
+    let edited = add_vm(&text, name.as_str(), image.as_deref(), ssh_port, spice_port)?;
     // The edited file must still be a valid fleet file before anything is written.
     Fleet::parse(&fleet.file, &edited)?;
 
@@ -110,7 +161,7 @@ mod tests {
 
     #[test]
     fn adds_a_vm_keeping_comments_and_order() {
-        let edited = add_vm(FLEET, "luce", 2301, 5901).unwrap();
+        let edited = add_vm(FLEET, "luce", None, 2301, 5901).unwrap();
         assert!(
             edited.starts_with(FLEET),
             "existing text kept as it was:\n{edited}"
@@ -127,16 +178,66 @@ mod tests {
 
     #[test]
     fn an_existing_name_is_refused() {
-        let err = add_vm(FLEET, "drago", 2301, 5901).unwrap_err().to_string();
+        let err = add_vm(FLEET, "drago", None, 2301, 5901)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already exists"), "{err}");
     }
 
     #[test]
     fn a_file_without_vms_gets_a_vms_table() {
-        let edited = add_vm("[defaults]\ncpus = 2\n", "a", 2222, 5900).unwrap();
+        let edited = add_vm("[defaults]\ncpus = 2\n", "a", None, 2222, 5900).unwrap();
         assert_eq!(
             edited,
             "[defaults]\ncpus = 2\n\n[vms.a]\nnixos = \".#agent-a\"\nssh_port = 2222\nspice_port = 5900\n"
+        );
+    }
+
+    #[test]
+    fn the_image_is_the_given_one_the_default_or_the_only_one() {
+        let fleet = |text: &str| Fleet::parse(Path::new("/x/agentvm.toml"), text).unwrap();
+        let name = Name::new("luce").unwrap();
+        let one = "[images.base]\nfile = \"/b.qcow2\"\n";
+        let two = "[images.a]\nfile = \"/a.qcow2\"\n[images.b]\nfile = \"/b.qcow2\"\n";
+        // The only image is used; --image must name a defined one.
+        assert_eq!(
+            vm_image(&fleet(one), one, &name, None).unwrap().as_deref(),
+            Some("base")
+        );
+        let err = vm_image(&fleet(one), one, &name, Some("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no image named \"nope\"") && err.contains("base"),
+            "{err}"
+        );
+        // [defaults] image: nothing to add.
+        let with_default = format!("[defaults]\nimage = \"a\"\n{two}");
+        assert_eq!(
+            vm_image(&fleet(&with_default), &with_default, &name, None).unwrap(),
+            None
+        );
+        // Several and no default: say the flag and the key.
+        let err = vm_image(&fleet(two), two, &name, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--image IMAGE (one of: a, b)") && err.contains("[defaults]"),
+            "{err}"
+        );
+        assert_eq!(
+            vm_image(&fleet(two), two, &name, Some("b"))
+                .unwrap()
+                .as_deref(),
+            Some("b")
+        );
+        // None at all.
+        let err = vm_image(&fleet(""), "", &name, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no image is defined") && err.contains("[images.NAME]"),
+            "{err}"
         );
     }
 }

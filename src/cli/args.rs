@@ -169,7 +169,13 @@ pub enum Command {
         no_block: bool,
     },
     /// Scaffold a new agent: hosts/agent-NAME/ from the template and [vms.NAME] in agentvm.toml.
-    New { name: String },
+    New {
+        name: String,
+        /// The image the new VM boots; needed when [defaults] names none and
+        /// the fleet file defines several.
+        #[arg(long)]
+        image: Option<String>,
+    },
     /// Apply the VM's `nixos` flake attribute with nixos-rebuild over its SSH port.
     Provision {
         name: String,

@@ -163,7 +163,7 @@ fn run(cli: Cli) -> Result<i32> {
             action,
             no_block,
         } => guest::snapshot(&app, &name, action, no_block),
-        Command::New { name } => nixos::new_agent(&app, &name),
+        Command::New { name, image } => nixos::new_agent(&app, &name, image.as_deref()),
         Command::Provision { name, dry_run } => nixos::provision(&app, &name, dry_run),
         Command::Secrets {
             command:

@@ -6,7 +6,7 @@ use super::{App, guest, output, show_event, status};
 use crate::progress::Console;
 use crate::protocol::{Op, Outcome, Request};
 
-pub fn new_agent(app: &App, name: &str) -> Result<i32> {
+pub fn new_agent(app: &App, name: &str, image: Option<&str>) -> Result<i32> {
     let fleet = app.fleet()?;
     let name = crate::spec::Name::new(name)?;
     // Reserve ports no VM has, defined or pinned in the fleet file.
@@ -38,7 +38,7 @@ pub fn new_agent(app: &App, name: &str) -> Result<i32> {
         None,
         &claims,
     )?;
-    let made = crate::scaffold::scaffold(fleet, &name, ssh, spice)?;
+    let made = crate::scaffold::scaffold(fleet, &name, image, ssh, spice)?;
     if app.json {
         output::print_json(&made)?;
     } else {
