@@ -118,3 +118,37 @@ fn idle_exit_settings_are_checked() {
         "{stderr}"
     );
 }
+
+/// `agentvm` runs its daemon from the `agentvm-daemon` beside it; installed
+/// alone, every verb that needs the daemon says which file is missing and
+/// how to install both, instead of failing somewhere later.
+#[test]
+fn a_cli_without_its_daemon_executable_says_what_is_missing() {
+    let env = Env::with_home_socket();
+    env.write_raw_fleet("");
+    let bin = env.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let alone = bin.join("agentvm");
+    std::fs::copy(env!("CARGO_BIN_EXE_agentvm"), &alone).unwrap();
+    let out = env.command(&["list"]).output().unwrap();
+    assert!(out.status.success(), "with both executables: {out:?}");
+    env.ok(&["daemon", "--stop"]);
+
+    let mut cmd = std::process::Command::new(&alone);
+    cmd.args(["list"]);
+    for (k, v) in env.command(&[]).get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.current_dir(env.dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&bin.join("agentvm-daemon").display().to_string())
+            && stderr.contains("is missing")
+            && stderr.contains("install both"),
+        "{stderr}"
+    );
+}
