@@ -18,7 +18,7 @@ use crate::backend::{
 use crate::spec::{ImageSpec, VmSpec};
 use crate::ssh::Endpoint;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The agentvm build a client and daemon must share: protocol types change
 /// with the code, so a daemon of another build is restarted, not trusted.
 pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+protocol.2");

@@ -255,10 +255,11 @@ fn exchange(socket: &std::path::Path, payload: &[u8]) -> Value {
 }
 
 fn hello_works(socket: &std::path::Path) {
-    let reply = exchange(
-        socket,
-        b"{\"version\":2,\"request\":{\"op\":\"hello\",\"build\":\"test\"}}\n",
+    let payload = format!(
+        "{{\"version\":{},\"request\":{{\"op\":\"hello\",\"build\":\"test\"}}}}\n",
+        agentvm::protocol::PROTOCOL_VERSION
     );
+    let reply = exchange(socket, payload.as_bytes());
     assert_eq!(reply["type"], "hello", "{reply}");
 }
 
@@ -275,12 +276,12 @@ fn garbage_oversized_and_unknown_requests_get_errors_and_the_daemon_keeps_servin
     for (payload, expect) in [
         (b"not json\n".to_vec(), "not JSON"),
         (
-            b"{\"version\":2,\"request\":{\"op\":\"format-disk\"}}\n".to_vec(),
+            b"{\"version\":3,\"request\":{\"op\":\"format-disk\"}}\n".to_vec(),
             "unknown or malformed",
         ),
         (
             b"{\"version\":99,\"request\":{\"op\":\"hello\"}}\n".to_vec(),
-            "protocol version 2, the client 99",
+            "protocol version 3, the client 99",
         ),
         (
             b"{\"request\":{\"op\":\"hello\"}}\n".to_vec(),

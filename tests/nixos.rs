@@ -471,7 +471,7 @@ fn a_nixos_image_boots_its_own_kernel_until_provision_changes_its_system() {
         "[images.base]\nflake = \"./flake#agent-base-image\"\n\n\
          [vms.n-direct]\nimage = \"base\"\nmemory = \"256MiB\"\ncpus = 1\nnixos = \".#agent-n-direct\"\n",
     );
-    env.owns(&["n-direct"]);
+    env.owns(&["n-direct-f", "n-direct"]);
     let _daemon = env.spawn_daemon(&[("AGENTVM_NIX", nix.to_str().unwrap())]);
 
     env.ok(&["up", "n-direct", "--timeout", common::GUEST_TIMEOUT]);
@@ -511,6 +511,22 @@ fn a_nixos_image_boots_its_own_kernel_until_provision_changes_its_system() {
     assert!(xml.contains("<agentvm:boot>disk</agentvm:boot>"), "{xml}");
     // Again: nothing left to change, nothing said.
     assert!(!provision().contains("bootloader"));
+
+    // A fork made now carries the running source's direct boot in its saved
+    // XML, but its disk holds the changed system: it boots from its disk too.
+    env.ok(&[
+        "fork",
+        "n-direct",
+        "n-direct-f",
+        "--timeout",
+        common::GUEST_TIMEOUT,
+    ]);
+    let xml = defined_xml("n-direct-f");
+    assert!(
+        !xml.contains("<kernel>") && xml.contains("<agentvm:boot>disk</agentvm:boot>"),
+        "the fork boots from its disk: {xml}"
+    );
+    env.ok(&["destroy", "--yes", "n-direct-f"]);
 
     // A redefinition from a changed spec keeps booting from the disk.
     env.ok(&["down", "--force", "n-direct"]);

@@ -60,6 +60,16 @@ pub fn provision(app: &App, name: &str, dry_run: bool) -> Result<i32> {
         println!("{}", crate::provision::shell_line(&cmd));
         return Ok(0);
     }
+    // Before the switch: once it has begun, the VM's disk may hold another
+    // system than its image's (nixos-rebuild can fail after installing the
+    // new generation), so a VM that booted the image's kernel directly boots
+    // through its disk's bootloader, which knows the current generation.
+    if let Outcome::SystemChanged { boot: Some(boot) } = app.call_one(name, Op::SystemChanged)? {
+        eprintln!(
+            "{name}: boots through its {boot}'s bootloader from its next start on (its system will no longer be its image's); \
+             until then a reboot inside the guest starts the image's system again: use agentvm down {name} && agentvm up {name}"
+        );
+    }
     // Output streams straight through: nixos-rebuild's own progress is what the user wants.
     let status = cmd.status().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => anyhow::anyhow!(
@@ -68,17 +78,7 @@ pub fn provision(app: &App, name: &str, dry_run: bool) -> Result<i32> {
         ),
         _ => anyhow::Error::new(e).context("running nixos-rebuild"),
     })?;
-    if !status.success() {
-        return Ok(status.code().unwrap_or(1));
-    }
-    // The guest's system is no longer its image's: one that booted the
-    // image's kernel directly boots through its bootloader from now on.
-    if let Outcome::SystemChanged { boot: Some(boot) } = app.call_one(name, Op::SystemChanged)? {
-        eprintln!(
-            "{name}: its system is no longer its image's, so it boots through its {boot}'s bootloader from its next start on"
-        );
-    }
-    Ok(0)
+    Ok(status.code().unwrap_or(1))
 }
 
 pub fn secrets_rekey(

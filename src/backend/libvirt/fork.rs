@@ -186,6 +186,13 @@ impl LocalBackend {
                         took.as_secs_f64()
                     ),
                 );
+                // The saved XML is the source's live one: a source whose
+                // system was changed since it started still boots its
+                // image's kernel there, but its disk (and the fork's) holds
+                // another system. The fork's next start boots from its disk.
+                if source.boot.as_deref() == Some(domain::BOOT_DISK) {
+                    crate::backend::Lifecycle::system_changed(self, name)?;
+                }
                 forks.push(ForkedVm {
                     name: name.clone(),
                     ssh_port,

@@ -436,17 +436,28 @@ impl Lifecycle for LocalBackend {
 
     fn system_changed(&self, name: &str) -> Result<Option<String>> {
         let (dom, mut state) = self.require(name)?;
-        if state.boot.as_deref() != Some(domain::BOOT_DIRECT) {
+        // Only VMs of images whose disk boots by itself have a boot mode.
+        if state.boot.is_none() {
             return Ok(None);
         }
-        state.boot = Some(domain::BOOT_DISK.to_string());
-        super::forwards::write_state(&dom, &state)?;
         let xml = dom
             .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
             .map_err(lv)
             .context("reading the domain definition")?;
-        self.define_xml(&domain::without_direct_boot(&xml)?)
-            .with_context(|| format!("redefining {name} to boot from its disk"))?;
+        // The definition decides (a fork of a provisioned VM may carry its
+        // source's direct boot although its metadata says disk).
+        let direct = xml.contains("<kernel>");
+        if !direct && state.boot.as_deref() == Some(domain::BOOT_DISK) {
+            return Ok(None);
+        }
+        if direct {
+            self.define_xml(&domain::without_direct_boot(&xml)?)
+                .with_context(|| format!("redefining {name} to boot from its disk"))?;
+        }
+        // Recorded once the definition boots from the disk, so a failure
+        // between the two leaves `direct`, and the next call does it again.
+        state.boot = Some(domain::BOOT_DISK.to_string());
+        super::forwards::write_state(&dom, &state)?;
         Ok(Some(domain::BOOT_DISK.to_string()))
     }
 
