@@ -492,7 +492,7 @@ mod tests {
 
     #[test]
     fn file_calls_take_old_fields_and_a_chunk_fits_a_request() {
-        let line = br#"{"version":2,"request":{"op":"vms","backends":[],"vms":[],"no_block":false,"action":{"verb":"read-file","path":"/etc/hosts"}}}"#;
+        let line = br#"{"version":3,"request":{"op":"vms","backends":[],"vms":[],"no_block":false,"action":{"verb":"read-file","path":"/etc/hosts"}}}"#;
         match parse_request(line).unwrap() {
             Request::Vms {
                 action: Op::ReadFile { offset, length, .. },
@@ -528,7 +528,7 @@ mod tests {
     fn another_version_is_named() {
         let err = parse_request(br#"{"version":7,"request":{"op":"teleport"}}"#).unwrap_err();
         assert_eq!(err, ParseError::Version(7));
-        assert!(err.to_string().contains("protocol version 2, the client 7"));
+        assert!(err.to_string().contains("protocol version 3, the client 7"));
     }
 
     #[test]
@@ -539,11 +539,11 @@ mod tests {
         ));
         assert_eq!(parse_request(b"{}").unwrap_err(), ParseError::NoVersion);
         assert!(matches!(
-            parse_request(br#"{"version":2,"request":{"op":"format-disk"}}"#),
+            parse_request(br#"{"version":3,"request":{"op":"format-disk"}}"#),
             Err(ParseError::Malformed(_))
         ));
         assert!(matches!(
-            parse_request(br#"{"version":2,"request":{"op":"hello","build":"x","extra":1}}"#),
+            parse_request(br#"{"version":3,"request":{"op":"hello","build":"x","extra":1}}"#),
             Err(ParseError::Malformed(_))
         ));
     }
