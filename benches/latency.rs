@@ -134,13 +134,11 @@ fn banner(addr: &SocketAddr) -> bool {
 /// One whole `virsh qemu-agent-command VM guest-ping` process, in ms.
 fn virsh_ping(vm: &str) -> f64 {
     let start = Instant::now();
-    let out = std::process::Command::new("virsh")
-        .args(["-q", "-c", "qemu:///session", "qemu-agent-command"])
-        .arg(format!("agentvm-{vm}"))
-        .arg(r#"{"execute":"guest-ping"}"#)
-        .output()
-        .expect("virsh (libvirt-clients)");
-    assert!(out.status.success(), "virsh guest-ping: {out:?}");
+    support::virsh(&[
+        "qemu-agent-command",
+        &format!("agentvm-{vm}"),
+        r#"{"execute":"guest-ping"}"#,
+    ]);
     start.elapsed().as_secs_f64() * 1000.0
 }
 

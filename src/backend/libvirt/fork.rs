@@ -144,64 +144,47 @@ impl LocalBackend {
         // Restores run side by side, a few at a time, each from its own copy
         // of the memory file (the last from the file itself) whose header
         // names that fork.
-        let mut pending = pending.into_iter().enumerate().peekable();
-        while pending.peek().is_some() {
-            let batch: Vec<_> = pending.by_ref().take(PARALLEL_RESTORES).collect();
-            let restored = std::thread::scope(|scope| {
-                let handles: Vec<_> = batch
-                    .into_iter()
-                    .map(|(i, (name, xml, ports))| {
-                        let conn = &conn;
-                        let image = &image;
-                        scope.spawn(move || {
-                            let file = if i == last {
-                                memory.to_path_buf()
-                            } else {
-                                self.home.vm_fork_memory(name)
-                            };
-                            let restored =
-                                restore_one(conn, image, memory, &file, source, name, &xml);
-                            if file != memory {
-                                remove_file(&file);
-                            }
-                            restored.map(|took| (name, ports, took))
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(anyhow!("restoring a fork panicked")))
-                    })
-                    .collect::<Vec<_>>()
-            });
-            for result in restored {
-                let (name, (ssh_port, spice_port), took) = result?;
-                progress.step(
-                    name,
-                    &format!(
-                        "restored from {} in {:.1} s (ssh port {ssh_port})",
-                        source.name,
-                        took.as_secs_f64()
-                    ),
-                );
-                // The saved XML is the source's live one: a source whose
-                // system was changed since it started still boots its
-                // image's kernel there, but its disk (and the fork's) holds
-                // another system. The fork's next start boots from its disk.
-                if source.boot.as_deref() == Some(domain::BOOT_DISK) {
-                    crate::backend::Lifecycle::system_changed(self, name)?;
+        let restored = super::par_map(
+            pending.into_iter().enumerate().collect(),
+            PARALLEL_RESTORES,
+            |(i, (name, xml, ports))| {
+                let file = if i == last {
+                    memory.to_path_buf()
+                } else {
+                    self.home.vm_fork_memory(name)
+                };
+                let restored = restore_one(&conn, &image, memory, &file, source, name, &xml);
+                if file != memory {
+                    remove_file(&file);
                 }
-                forks.push(ForkedVm {
-                    name: name.clone(),
-                    ssh_port,
-                    spice_port,
-                    ssh_ready_seconds: None,
-                    new_identity: false,
-                    host_key_pinned: self.home.vm_pinned_host_key(name).is_file(),
-                });
+                restored.map(|took| (name, ports, took))
+            },
+        );
+        for result in restored {
+            let (name, (ssh_port, spice_port), took) = result?;
+            progress.step(
+                name,
+                &format!(
+                    "restored from {} in {:.1} s (ssh port {ssh_port})",
+                    source.name,
+                    took.as_secs_f64()
+                ),
+            );
+            // The saved XML is the source's live one: a source whose
+            // system was changed since it started still boots its
+            // image's kernel there, but its disk (and the fork's) holds
+            // another system. The fork's next start boots from its disk.
+            if source.boot.as_deref() == Some(domain::BOOT_DISK) {
+                crate::backend::Lifecycle::system_changed(self, name)?;
             }
+            forks.push(ForkedVm {
+                name: name.clone(),
+                ssh_port,
+                spice_port,
+                ssh_ready_seconds: None,
+                new_identity: false,
+                host_key_pinned: self.home.vm_pinned_host_key(name).is_file(),
+            });
         }
         Ok(forks)
     }

@@ -545,18 +545,24 @@ impl Lifecycle for LocalBackend {
     }
 
     fn list(&self, specs: &[VmSpec]) -> Result<Vec<VmStatus>> {
-        super::par_map(self.managed_domains()?, |(dom, state)| {
-            let spec = specs.iter().find(|s| s.name.as_str() == state.name);
-            self.status_of(&dom, &state, spec)
-        })
+        super::par_map(
+            self.managed_domains()?,
+            super::PARALLEL_QUESTIONS,
+            |(dom, state)| {
+                let spec = specs.iter().find(|s| s.name.as_str() == state.name);
+                self.status_of(&dom, &state, spec)
+            },
+        )
         .into_iter()
         .collect()
     }
 
     fn states(&self) -> Result<Vec<(String, State)>> {
-        super::par_map(self.managed_domains()?, |(dom, state)| {
-            Ok((state.name.clone(), live_state(&dom)?))
-        })
+        super::par_map(
+            self.managed_domains()?,
+            super::PARALLEL_QUESTIONS,
+            |(dom, state)| Ok((state.name.clone(), live_state(&dom)?)),
+        )
         .into_iter()
         .collect()
     }

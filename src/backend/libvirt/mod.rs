@@ -172,7 +172,7 @@ impl LocalBackend {
             .into_iter()
             .filter(|d| d.name().is_ok_and(|n| n.starts_with(domain::DOMAIN_PREFIX)))
             .collect();
-        let managed = par_map(ours, |d| read_state(&d).map(|s| (d, s)))
+        let managed = par_map(ours, PARALLEL_QUESTIONS, |d| read_state(&d).map(|s| (d, s)))
             .into_iter()
             .flatten()
             .collect();
@@ -289,14 +289,18 @@ fn read_state(dom: &Domain) -> Option<VmState> {
 
 /// How many threads ask libvirt about many domains at once (each question is
 /// a round trip; libvirtd answers several side by side).
-const PARALLEL_QUESTIONS: usize = 4;
+pub(super) const PARALLEL_QUESTIONS: usize = 4;
 
-/// `f` over `items` on up to [`PARALLEL_QUESTIONS`] threads, results in order.
-pub(super) fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    if items.len() < 2 {
+/// `f` over `items` on up to `width` threads, results in order.
+pub(super) fn par_map<T: Send, R: Send>(
+    items: Vec<T>,
+    width: usize,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    if items.len() < 2 || width < 2 {
         return items.into_iter().map(f).collect();
     }
-    let chunk = items.len().div_ceil(PARALLEL_QUESTIONS);
+    let chunk = items.len().div_ceil(width);
     let mut chunks: Vec<Vec<T>> = Vec::new();
     let mut items = items.into_iter().peekable();
     while items.peek().is_some() {
