@@ -3,6 +3,7 @@
 
 mod agent;
 mod conn;
+mod define;
 mod display;
 mod events;
 mod fork;
