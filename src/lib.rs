@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod daemon;
+pub mod deploy;
 pub mod domain;
 pub mod egress_proxy;
 pub mod failpoint;

@@ -68,6 +68,10 @@ pub const VM_FORK_TOP_PREFIX: &str = "disk-";
 pub const VM_FORK_MEMORY_FILE: &str = "fork-memory.save";
 /// `$AGENTVM_HOME/secrets.json`: the recipients `secrets rekey` added, per VM.
 pub const SECRETS_RECORD_FILE: &str = "secrets.json";
+/// `$AGENTVM_HOME/deploys/NAME.json`: how far `agentvm deploy NAME` got (the
+/// step that failed, sops files still to re-encrypt, the host key it pinned),
+/// so the next `deploy` resumes there. `retire` removes it.
+pub const DEPLOYS_DIR: &str = "deploys";
 /// `$AGENTVM_HOME/remote/BACKEND/NAME/`: local files of VMs on remote backends.
 pub const REMOTE_DIR: &str = "remote";
 /// `$AGENTVM_HOME/remote/BACKEND/vmids.json`: the names of the backend's VMs
@@ -210,6 +214,10 @@ impl Home {
 
     pub fn secrets_record(&self) -> PathBuf {
         self.root.join(SECRETS_RECORD_FILE)
+    }
+
+    pub fn deploy_state(&self, name: &str) -> PathBuf {
+        self.root.join(DEPLOYS_DIR).join(format!("{name}.json"))
     }
 
     pub fn ssh_dir(&self) -> PathBuf {

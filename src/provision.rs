@@ -25,18 +25,7 @@ pub fn command(
             fleet_file.display()
         );
     };
-    let flake = match nixos.split_once('#') {
-        Some((source, attr)) if source.is_empty() || source.starts_with('.') => {
-            let dir = fleet_file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let dir = dir.join(source);
-            let dir = dir.canonicalize().unwrap_or(dir);
-            format!("{}#{attr}", dir.display())
-        }
-        _ => nixos.to_string(),
-    };
+    let flake = flake_ref(fleet_file, nixos);
     let program = non_empty_env(ENV_NIXOS_REBUILD).unwrap_or_else(|| NIXOS_REBUILD.to_string());
     let mut cmd = Command::new(program);
     cmd.args(["switch", "--flake", &flake, "--target-host"])
@@ -47,6 +36,23 @@ pub fn command(
         cmd.arg("--use-remote-sudo");
     }
     Ok(cmd)
+}
+
+/// `nixos` with a path flake (`.#agent-drago`, `./x#y`) made absolute against
+/// the fleet file's folder; other flake references stay as written.
+pub fn flake_ref(fleet_file: &Path, nixos: &str) -> String {
+    match nixos.split_once('#') {
+        Some((source, attr)) if source.is_empty() || source.starts_with('.') => {
+            let dir = fleet_file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let dir = dir.join(source);
+            let dir = dir.canonicalize().unwrap_or(dir);
+            format!("{}#{attr}", dir.display())
+        }
+        _ => nixos.to_string(),
+    }
 }
 
 /// The command as a shell line, for `--dry-run`.

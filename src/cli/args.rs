@@ -183,6 +183,37 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The whole new-agent flow, one step after another: up, pin the host key, give it its
+    /// secrets (secrets.nix, .sops.yaml, re-encrypt), nixos-rebuild, tailscale, docs/machines.md.
+    /// Re-running changes nothing; after a failed step it resumes there.
+    Deploy {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Print the steps instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+        /// The admin identity that can decrypt the secrets today (default ~/.ssh/id_ed25519).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
+        /// Seconds to wait for SSH in the up step.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Undo a deploy: destroy the VM, take its key out of secrets.nix/.sops.yaml and
+    /// re-encrypt without it, forget its host key, drop it from docs/machines.md.
+    Retire {
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Also remove what `agentvm new` made: hosts/agent-NAME/, its home-manager and
+        /// user files, and [vms.NAME] in agentvm.toml.
+        #[arg(long)]
+        purge_config: bool,
+        /// The admin identity that can decrypt the secrets today (default ~/.ssh/id_ed25519).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
+    },
     /// Work on the age-encrypted secrets of VMs.
     Secrets {
         #[command(subcommand)]

@@ -306,3 +306,55 @@ pub fn sync_clock(app: &App, names: &[String]) -> Result<i32> {
         _ => "clock set".to_string(),
     })
 }
+
+/// What a command run through the guest agent printed, and how it ended.
+pub struct Captured {
+    pub exit_code: Option<i64>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Captured {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+
+    /// The end of its stderr (or stdout), for an error message.
+    pub fn tail(&self) -> String {
+        let text = if self.stderr.trim_ascii().is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        let text = String::from_utf8_lossy(text);
+        let lines: Vec<&str> = text.trim().lines().rev().take(10).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Runs `argv` in the guest through its agent and captures its output.
+pub fn run_captured(app: &App, name: &str, argv: Vec<String>, timeout: u64) -> Result<Captured> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let op = Op::Exec {
+        argv,
+        stdin: None,
+        timeout_secs: timeout,
+        stream: false,
+    };
+    let results = app.call_with(&[name.to_string()], op, false, &mut |event| {
+        if let Event::Output { stream, data, .. } = event {
+            match stream {
+                Stream::Stdout => stdout.extend_from_slice(&data),
+                Stream::Stderr => stderr.extend_from_slice(&data),
+            }
+        }
+    })?;
+    match one(results, name)? {
+        Outcome::Exec(outcome) => Ok(Captured {
+            exit_code: outcome.exit_code,
+            stdout,
+            stderr,
+        }),
+        other => bail!("{name}: unexpected answer {other:?}"),
+    }
+}

@@ -5,6 +5,7 @@
 mod args;
 mod cp;
 mod daemon_cmd;
+mod deploy;
 mod egress;
 mod fork;
 mod guest;
@@ -13,6 +14,7 @@ mod lifecycle;
 mod mcp;
 mod nixos;
 mod output;
+mod retire;
 mod setup;
 mod status;
 
@@ -76,6 +78,8 @@ fn run(cli: Cli) -> Result<i32> {
             | Command::Image { .. }
             | Command::New { .. }
             | Command::Provision { .. }
+            | Command::Deploy { .. }
+            | Command::Retire { .. }
             | Command::Secrets { .. }
             | Command::Proxmox { .. }
     );
@@ -165,6 +169,18 @@ fn run(cli: Cli) -> Result<i32> {
         } => guest::snapshot(&app, &name, action, no_block),
         Command::New { name, image } => nixos::new_agent(&app, &name, image.as_deref()),
         Command::Provision { name, dry_run } => nixos::provision(&app, &name, dry_run),
+        Command::Deploy {
+            names,
+            dry_run,
+            identity,
+            timeout,
+        } => deploy::deploy(&app, &names, dry_run, identity, timeout),
+        Command::Retire {
+            name,
+            yes,
+            purge_config,
+            identity,
+        } => retire::retire(&app, &name, yes, purge_config, identity),
         Command::Secrets {
             command:
                 SecretsCommand::Rekey {

@@ -181,6 +181,18 @@ pub struct VmSpec {
     /// What the guest may reach outside (local VMs only, unless `open`).
     #[serde(default)]
     pub egress: Egress,
+    /// `tailscale = { auth_key = { file = "…" } }`: `agentvm deploy` enrols
+    /// the VM in a tailnet with the key read from that file.
+    #[serde(default)]
+    pub tailscale: Option<Tailscale>,
+}
+
+/// How `agentvm deploy` enrols a VM in a tailnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tailscale {
+    /// The file holding the auth key (absolute); it reaches the guest through
+    /// the guest agent as a private file, never on a command line.
+    pub auth_key_file: PathBuf,
 }
 
 /// The most a VM's env may hold, as `KEY=VALUE` lines (64 KiB).

@@ -219,6 +219,22 @@ pub struct RawVm {
     pub shares: Option<Spanned<Vec<RawShare>>>,
     /// `"open"`, `"none"`, or a list of `HOST:PORT` entries.
     pub egress: Option<Spanned<RawEgress>>,
+    /// `{ auth_key = { file = "…" } }`: what `agentvm deploy` enrols the VM with.
+    pub tailscale: Option<Spanned<RawTailscale>>,
+}
+
+/// `tailscale = { auth_key = { file = "…" } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTailscale {
+    pub auth_key: RawFileRef,
+}
+
+/// `{ file = "…" }`: a value read from a file (relative to the fleet file's folder).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileRef {
+    pub file: String,
 }
 
 /// `egress` as written: a word, or a list whose entries keep their places.

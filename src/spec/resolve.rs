@@ -479,6 +479,9 @@ impl Resolver<'_> {
             forwards,
             shares,
             egress,
+            tailscale: vm.tailscale.as_ref().map(|t| super::Tailscale {
+                auth_key_file: self.path(&t.get_ref().auth_key.file),
+            }),
             accel: vm.accel.or(defaults.accel).unwrap_or_default(),
             vmid: match vm.vmid {
                 Some(id) if !(100..=999_999_999).contains(&id) => {

@@ -1,0 +1,616 @@
+//! `agentvm deploy` and `agentvm retire`: the new-agent flow as steps over the
+//! daemon's verbs (`up`, `hostkey`, `exec`, …) and the fleet's files. Each
+//! step first looks whether its work is already done, so a second deploy
+//! changes nothing, and a failed step is recorded so the next deploy says it
+//! resumes there. Works for VMs on any backend: every VM call is a request.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::{App, guest, output};
+use crate::backend::UpAction;
+use crate::deploy::{
+    DeployState, Failure, Status, Step, StepReport, VmDeploy, inventory, nixos, now_secs, step_line,
+};
+use crate::protocol::{Op, Outcome};
+use crate::spec::VmSpec;
+
+/// Environment variable naming the `sops` program (else `sops` on PATH).
+pub const ENV_SOPS: &str = "AGENTVM_SOPS";
+
+/// What the steps of one VM's deploy share.
+struct Run<'a> {
+    app: &'a App,
+    spec: &'a VmSpec,
+    identity: PathBuf,
+    timeout: u64,
+    state: DeployState,
+    ports: (Option<u16>, Option<u16>),
+    backend: String,
+    host_key: Option<String>,
+}
+
+type StepResult = Result<(Status, String)>;
+
+pub fn deploy(
+    app: &App,
+    names: &[String],
+    dry_run: bool,
+    identity: Option<PathBuf>,
+    timeout: u64,
+) -> Result<i32> {
+    let fleet = app.fleet()?;
+    // Every name is checked before anything is touched.
+    let specs: Vec<&VmSpec> = names
+        .iter()
+        .map(|n| fleet.vm(n))
+        .collect::<std::result::Result<_, _>>()?;
+    let identity = admin_identity(identity)?;
+    let mut reports = Vec::new();
+    for spec in specs {
+        let name = spec.name.as_str();
+        let state_path = app.home.deploy_state(name);
+        let state = DeployState::read(&state_path)?;
+        let resumed_at = state.failed.as_ref().map(|f| f.step);
+        if let Some(failed) = &state.failed
+            && !app.json
+        {
+            eprintln!(
+                "{name}: resuming at step {} (it failed {}: {})",
+                failed.step,
+                crate::clock::format_time(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(failed.at)
+                ),
+                failed.error
+            );
+        }
+        let report = if dry_run {
+            plan(app, spec, &identity, timeout, resumed_at)
+        } else {
+            let mut run = Run {
+                app,
+                spec,
+                identity: identity.clone(),
+                timeout,
+                state,
+                ports: (None, None),
+                backend: spec.backend.clone(),
+                host_key: None,
+            };
+            let report = run.all(resumed_at);
+            run.state.write(&state_path)?;
+            report
+        };
+        if !app.json {
+            let summary = match (report.failed, dry_run, report.changed) {
+                (Some(step), _, _) => format!(
+                    "stopped at step {step}; fix it and run agentvm deploy {name} again to resume there"
+                ),
+                (None, true, _) => "nothing was changed (--dry-run)".to_string(),
+                (None, false, true) => "deployed".to_string(),
+                (None, false, false) => "already deployed: nothing changed".to_string(),
+            };
+            println!("{name}: {summary}");
+        }
+        reports.push(report);
+    }
+    if app.json {
+        output::print_json(&reports)?;
+    }
+    Ok(i32::from(reports.iter().any(|r| r.failed.is_some())))
+}
+
+impl Run<'_> {
+    fn all(&mut self, resumed_at: Option<Step>) -> VmDeploy {
+        let name = self.spec.name.to_string();
+        let mut report = VmDeploy::new(&name, resumed_at);
+        for step in Step::ALL {
+            let started = Instant::now();
+            let result = match step {
+                Step::Up => self.up(),
+                Step::HostKey => self.host_key(),
+                Step::Secrets => self.secrets(),
+                Step::Sops => self.sops(),
+                Step::Nixos => self.nixos(),
+                Step::Tailscale => self.tailscale(),
+                Step::Inventory => self.inventory(),
+            };
+            let mut line = match result {
+                Ok((status, detail)) => StepReport::new(step, status, detail),
+                Err(e) => StepReport::new(step, Status::Failed, format!("{e:#}")),
+            };
+            line.ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if !self.app.json {
+                println!("{}", step_line(&name, &line));
+            }
+            let failed = line.status == Status::Failed;
+            if failed {
+                self.state.failed = Some(Failure {
+                    step,
+                    error: line.detail.clone(),
+                    at: now_secs(),
+                });
+            }
+            report.push(line);
+            if failed {
+                return report;
+            }
+        }
+        if self.state.failed.take().is_some() || report.changed {
+            self.state.deployed_at = Some(now_secs());
+        }
+        report
+    }
+
+    fn name(&self) -> &str {
+        self.spec.name.as_str()
+    }
+
+    fn up(&mut self) -> StepResult {
+        let op = Op::Up {
+            wait_secs: Some(self.timeout),
+            backend: None,
+        };
+        let Outcome::Up(up) = self.app.call_one(self.name(), op)? else {
+            bail!("unexpected answer to up");
+        };
+        self.ports = (up.ssh_port, up.spice_port);
+        self.backend = up.backend.clone();
+        let mut detail = match up.ssh_ready_seconds {
+            Some(s) => format!("{}; ssh ready in {s:.1} s", up.action.text()),
+            None => up.action.text().to_string(),
+        };
+        if up.restart_needed {
+            detail +=
+                "; its spec changed while it ran: agentvm down, then deploy again, applies it";
+        }
+        let status = if up.action == UpAction::AlreadyRunning {
+            Status::Unchanged
+        } else {
+            Status::Changed
+        };
+        Ok((status, detail))
+    }
+
+    fn host_key(&mut self) -> StepResult {
+        let Outcome::HostKey(key) = self.app.call_one(self.name(), Op::HostKey)? else {
+            bail!("unexpected answer to hostkey");
+        };
+        let public = crate::ssh::public_key_of(&key.key).context("the guest's host key")?;
+        let print = fingerprint(&public)?;
+        let mut detail = format!("{print} pinned in {}", key.known_hosts.display());
+        if key.source != "agent" {
+            detail += " (read by an SSH key scan: the guest agent did not answer)";
+        }
+        let status = match &self.state.host_key {
+            Some(old) if *old == public => Status::Unchanged,
+            Some(old) => {
+                detail += &format!(" (it was {} before)", fingerprint(old)?);
+                Status::Changed
+            }
+            None => Status::Changed,
+        };
+        self.state.host_key = Some(public.clone());
+        self.host_key = Some(public);
+        Ok((status, detail))
+    }
+
+    fn secrets(&mut self) -> StepResult {
+        let name = self.name().to_string();
+        if self.spec.secrets.is_empty() {
+            return Ok((Status::Skipped, format!("vms.{name} has no secrets")));
+        }
+        let key = self.host_key.clone().context("no host key was read")?;
+        let fleet = self.app.fleet()?;
+        let report = crate::secrets::rekey(
+            &name,
+            &self.spec.secrets,
+            fleet_dir(&fleet.file),
+            Some(&key),
+            &self.identity,
+            &self.app.home.secrets_record(),
+        )?;
+        if !report.failed.is_empty() {
+            let why: Vec<String> = report
+                .failed
+                .iter()
+                .map(|(file, why)| format!("{}: {why}", file.display()))
+                .collect();
+            bail!("left as they were: {}", why.join("; "));
+        }
+        for file in &report.sops_files {
+            if !self.state.sops_pending.contains(file) {
+                self.state.sops_pending.push(file.clone());
+            }
+        }
+        let mut done = Vec::new();
+        if !report.edited.is_empty() {
+            done.push(format!("added its key to {}", paths(&report.edited)));
+        }
+        if !report.rekeyed.is_empty() {
+            done.push(format!("re-encrypted {}", paths(&report.rekeyed)));
+        }
+        if done.is_empty() {
+            let ages = self
+                .spec
+                .secrets
+                .iter()
+                .filter(|f| f.extension().is_some_and(|e| e == "age"))
+                .count();
+            return Ok((
+                Status::Unchanged,
+                format!("its key already reads its {ages} age secret(s)"),
+            ));
+        }
+        Ok((Status::Changed, done.join("; ")))
+    }
+
+    fn sops(&mut self) -> StepResult {
+        let files: Vec<PathBuf> = sops_files(self.spec);
+        if files.is_empty() {
+            return Ok((Status::Skipped, "no sops secrets".to_string()));
+        }
+        let program = crate::paths::non_empty_env(ENV_SOPS).unwrap_or_else(|| "sops".to_string());
+        let fleet = self.app.fleet()?;
+        let mut changed = Vec::new();
+        for file in &files {
+            let before =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let out = match Command::new(&program)
+                .args(["updatekeys", "-y"])
+                .arg(file)
+                .current_dir(fleet_dir(&fleet.file))
+                .output()
+            {
+                Ok(out) => out,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if self.state.sops_pending.is_empty() {
+                        return Ok((
+                            Status::Unchanged,
+                            "sops is not installed; no sops file waits for re-encryption"
+                                .to_string(),
+                        ));
+                    }
+                    let pending: Vec<String> = self
+                        .state
+                        .sops_pending
+                        .iter()
+                        .map(|f| format!("sops updatekeys -y {}", f.display()))
+                        .collect();
+                    return Ok((
+                        Status::Left,
+                        format!(
+                            ".sops.yaml has its key, but sops is not installed to re-encrypt: run {}",
+                            pending.join(" && ")
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e).context("running sops"),
+            };
+            if !out.status.success() {
+                bail!(
+                    "sops updatekeys {}: {}",
+                    file.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            if std::fs::read(file).ok().as_ref() != Some(&before) {
+                changed.push(file.clone());
+            }
+        }
+        self.state.sops_pending.clear();
+        if changed.is_empty() {
+            Ok((Status::Unchanged, format!("{} up to date", paths(&files))))
+        } else {
+            Ok((Status::Changed, format!("re-encrypted {}", paths(&changed))))
+        }
+    }
+
+    fn nixos(&mut self) -> StepResult {
+        let name = self.name().to_string();
+        let Some(attr) = self.spec.nixos.as_deref() else {
+            return Ok((Status::Skipped, format!("vms.{name} has no `nixos`")));
+        };
+        let fleet = self.app.fleet()?;
+        let endpoint = guest::endpoint(self.app, &name)?;
+        let mut done = Vec::new();
+        if let Some(folder) = nixos::host_folder(&fleet.file, attr) {
+            let file = folder.join(nixos::HARDWARE_CONFIG);
+            if !file.exists() {
+                let config = ssh_output(&endpoint, &nixos::hardware_config_argv())?;
+                crate::fsutil::write_atomic(&file, &config, 0o644)?;
+                done.push(format!("generated {}", file.display()));
+            }
+        }
+        let flake = crate::provision::flake_ref(&fleet.file, attr);
+        let want = nixos::toplevel(&flake)?;
+        let current = |endpoint: &crate::ssh::Endpoint| -> Result<String> {
+            let argv = ["readlink".into(), "-f".into(), nixos::CURRENT_SYSTEM.into()];
+            let out = ssh_run(endpoint, &argv)?;
+            // A guest that never ran NixOS has no current system: readlink fails.
+            Ok(if out.status.success() {
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            } else {
+                String::new()
+            })
+        };
+        if current(&endpoint)? == want {
+            if done.is_empty() {
+                return Ok((Status::Unchanged, format!("already runs {want}")));
+            }
+            done.push(format!("already runs {want}"));
+            return Ok((Status::Changed, done.join("; ")));
+        }
+        if let Outcome::SystemChanged { boot: Some(boot) } =
+            self.app.call_one(&name, Op::SystemChanged)?
+        {
+            done.push(format!(
+                "boots through its {boot}'s bootloader from its next start on"
+            ));
+        }
+        let mut cmd = crate::provision::command(&fleet.file, &name, Some(attr), &endpoint)?;
+        // nixos-rebuild's output is the user's; stdout stays free for --json.
+        cmd.stdout(std::process::Stdio::from(std::io::stderr()));
+        let status = cmd.status().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow!(
+                "{} is not installed (it comes with Nix/NixOS)",
+                cmd.get_program().to_string_lossy()
+            ),
+            _ => anyhow::Error::new(e).context("running nixos-rebuild"),
+        })?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status}",
+                crate::provision::shell_line(&cmd)
+            );
+        }
+        let now = current(&endpoint)?;
+        if now != want {
+            bail!(
+                "nixos-rebuild finished, but {} on the guest is {now:?}, not {want}",
+                nixos::CURRENT_SYSTEM
+            );
+        }
+        done.push(format!("switched to {want}"));
+        Ok((Status::Changed, done.join("; ")))
+    }
+
+    fn tailscale(&mut self) -> StepResult {
+        let name = self.name().to_string();
+        let Some(tailscale) = &self.spec.tailscale else {
+            return Ok((Status::Skipped, format!("vms.{name} has no `tailscale`")));
+        };
+        let key = nixos::read_auth_key(&tailscale.auth_key_file, &name)?;
+        let status = guest::run_captured(
+            self.app,
+            &name,
+            vec!["tailscale".into(), "status".into(), "--json".into()],
+            60,
+        )
+        .context("running tailscale in the guest (is services.tailscale.enable set?)")?;
+        if nixos::tailscale_running(&status.stdout) {
+            return Ok((Status::Unchanged, "already in its tailnet".to_string()));
+        }
+        let write = Op::WriteFile {
+            path: nixos::GUEST_AUTH_KEY.to_string(),
+            data: key.to_vec(),
+            mode: Some(0o600),
+            append: false,
+        };
+        self.app.call_one(&name, write)?;
+        let up = guest::run_captured(self.app, &name, nixos::tailscale_up_argv(&name), 300);
+        let removed = guest::run_captured(
+            self.app,
+            &name,
+            vec!["rm".into(), "-f".into(), nixos::GUEST_AUTH_KEY.into()],
+            30,
+        );
+        let up = up?;
+        if !up.success() {
+            bail!("tailscale up: {}", up.tail());
+        }
+        if !removed.is_ok_and(|r| r.success()) {
+            bail!(
+                "enrolled, but removing {} from the guest failed: remove it by hand",
+                nixos::GUEST_AUTH_KEY
+            );
+        }
+        Ok((Status::Changed, format!("enrolled as {name}")))
+    }
+
+    fn inventory(&mut self) -> StepResult {
+        let fleet = self.app.fleet()?;
+        let row = inventory::Row {
+            name: self.name().to_string(),
+            backend: self.backend.clone(),
+            image: self.spec.image.as_ref().map(ToString::to_string),
+            cpus: Some(self.spec.cpus),
+            memory: Some(self.spec.memory.to_string()),
+            disk: self.spec.disk.map(|d| d.to_string()),
+            ssh_port: self.ports.0,
+            spice_port: self.ports.1,
+            host_key: self.host_key.as_deref().map(fingerprint).transpose()?,
+            purpose: self.spec.purpose.clone(),
+        };
+        let file = inventory::path(&fleet.file);
+        if inventory::update(&file, self.name(), Some(&row))? {
+            Ok((
+                Status::Changed,
+                format!("wrote its row in {}", file.display()),
+            ))
+        } else {
+            Ok((Status::Unchanged, format!("{} lists it", file.display())))
+        }
+    }
+}
+
+/// `--dry-run`: what each step would do, changing nothing and asking no VM.
+fn plan(
+    app: &App,
+    spec: &VmSpec,
+    identity: &Path,
+    timeout: u64,
+    resumed_at: Option<Step>,
+) -> VmDeploy {
+    let name = spec.name.as_str();
+    let mut report = VmDeploy::new(name, resumed_at);
+    let fleet_file = app
+        .fleet
+        .as_ref()
+        .map(|f| f.file.clone())
+        .unwrap_or_default();
+    let sops = sops_files(spec);
+    for step in Step::ALL {
+        let (status, detail) = match step {
+            Step::Up => (
+                Status::Planned,
+                format!("start {name} unless it runs, and wait up to {timeout} s for SSH"),
+            ),
+            Step::HostKey => (
+                Status::Planned,
+                "read its SSH host key through the guest agent and pin it".to_string(),
+            ),
+            Step::Secrets if spec.secrets.is_empty() => {
+                (Status::Skipped, format!("vms.{name} has no secrets"))
+            }
+            Step::Secrets => (
+                Status::Planned,
+                format!(
+                    "add its host key as a recipient of {} (secrets.nix{}) and re-encrypt the age files with {}",
+                    paths(&spec.secrets),
+                    if sops.is_empty() { "" } else { ", .sops.yaml" },
+                    identity.display()
+                ),
+            ),
+            Step::Sops if sops.is_empty() => (Status::Skipped, "no sops secrets".to_string()),
+            Step::Sops => (
+                Status::Planned,
+                format!("sops updatekeys -y {}", paths(&sops)),
+            ),
+            Step::Nixos => match spec.nixos.as_deref() {
+                None => (Status::Skipped, format!("vms.{name} has no `nixos`")),
+                Some(attr) => {
+                    let mut what = Vec::new();
+                    if let Some(folder) = nixos::host_folder(&fleet_file, attr)
+                        && !folder.join(nixos::HARDWARE_CONFIG).exists()
+                    {
+                        what.push(format!(
+                            "generate {} over SSH (nixos-generate-config --show-hardware-config)",
+                            folder.join(nixos::HARDWARE_CONFIG).display()
+                        ));
+                    }
+                    what.push(format!(
+                        "nixos-rebuild switch --flake {} --target-host (unless the guest already runs that system)",
+                        crate::provision::flake_ref(&fleet_file, attr)
+                    ));
+                    (Status::Planned, what.join("; then "))
+                }
+            },
+            Step::Tailscale => match &spec.tailscale {
+                None => (Status::Skipped, format!("vms.{name} has no `tailscale`")),
+                Some(t) => (
+                    Status::Planned,
+                    format!(
+                        "tailscale up with the key in {} (written to {} in the guest, mode 0600, removed after)",
+                        t.auth_key_file.display(),
+                        nixos::GUEST_AUTH_KEY
+                    ),
+                ),
+            },
+            Step::Inventory => (
+                Status::Planned,
+                format!("set its row in {}", inventory::path(&fleet_file).display()),
+            ),
+        };
+        let line = StepReport::new(step, status, detail);
+        if !app.json {
+            println!("{}", step_line(name, &line));
+        }
+        report.push(line);
+    }
+    report
+}
+
+/// `--identity`, else `~/.ssh/id_ed25519`.
+pub(super) fn admin_identity(identity: Option<PathBuf>) -> Result<PathBuf> {
+    match identity {
+        Some(path) => Ok(path),
+        None => Ok(PathBuf::from(
+            crate::paths::non_empty_env("HOME").context("HOME is not set: give --identity")?,
+        )
+        .join(".ssh/id_ed25519")),
+    }
+}
+
+pub(super) fn fleet_dir(fleet_file: &Path) -> &Path {
+    fleet_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+pub(super) fn sops_files(spec: &VmSpec) -> Vec<PathBuf> {
+    spec.secrets
+        .iter()
+        .filter(|f| f.extension().is_none_or(|e| e != "age"))
+        .cloned()
+        .collect()
+}
+
+pub(super) fn paths(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `SHA256:…` of a `type base64` public key.
+pub(super) fn fingerprint(public: &str) -> Result<String> {
+    let key = ssh_key::PublicKey::from_openssh(public.trim())
+        .with_context(|| format!("not an SSH public key: {public:?}"))?;
+    Ok(key.fingerprint(ssh_key::HashAlg::Sha256).to_string())
+}
+
+/// Runs `argv` on the guest over SSH; an SSH that cannot connect (exit 255)
+/// is an error naming the address tried.
+fn ssh_run(endpoint: &crate::ssh::Endpoint, argv: &[String]) -> Result<std::process::Output> {
+    let out = endpoint
+        .command(argv)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running ssh (is openssh-client installed?)")?;
+    if out.status.code() == Some(255) {
+        bail!(
+            "cannot reach {} over SSH at {}@{}:{}: {}",
+            endpoint.vm,
+            endpoint.user,
+            endpoint.host,
+            endpoint.port,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Runs `argv` on the guest over SSH and returns its stdout; a failure names
+/// the address tried.
+fn ssh_output(endpoint: &crate::ssh::Endpoint, argv: &[String]) -> Result<Vec<u8>> {
+    let out = ssh_run(endpoint, argv)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "`{}` over SSH to {}@{}:{} failed ({}): {}",
+            argv.join(" "),
+            endpoint.user,
+            endpoint.host,
+            endpoint.port,
+            out.status,
+            stderr.trim()
+        );
+    }
+    Ok(out.stdout)
+}

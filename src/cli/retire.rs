@@ -1,0 +1,303 @@
+//! `agentvm retire NAME`: a deploy undone, step by step: the VM destroyed, its
+//! key taken out of the secrets (and the secrets re-encrypted without it), its
+//! pinned host key and deploy record forgotten, its inventory row dropped; its
+//! host config stays unless `--purge-config`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use super::deploy::{ENV_SOPS, admin_identity, fleet_dir, paths, sops_files};
+use super::{App, output};
+use crate::backend::State;
+use crate::deploy::{Status, inventory, nixos};
+use crate::protocol::{Op, Outcome};
+use crate::spec::VmSpec;
+
+/// One step of a retire.
+#[derive(Debug, Serialize)]
+pub struct RetireStep {
+    pub step: &'static str,
+    pub status: Status,
+    pub detail: String,
+    pub ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Retired {
+    pub name: String,
+    pub steps: Vec<RetireStep>,
+    pub failed: Option<&'static str>,
+}
+
+type StepResult = Result<(Status, String)>;
+
+pub fn retire(
+    app: &App,
+    name: &str,
+    yes: bool,
+    purge_config: bool,
+    identity: Option<PathBuf>,
+) -> Result<i32> {
+    let fleet = app.fleet()?;
+    let spec = fleet.vm(name)?.clone();
+    let identity = admin_identity(identity)?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to retire {name} without --yes (not on a terminal)");
+        }
+        eprint!(
+            "Retire {name}: destroy the VM and its disk, and take its key out of its secrets? [y/N] "
+        );
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing retired");
+            return Ok(1);
+        }
+    }
+    let mut retired = Retired {
+        name: name.to_string(),
+        steps: Vec::new(),
+        failed: None,
+    };
+    let steps: [(&'static str, &dyn Fn() -> StepResult); 5] = [
+        ("destroy", &|| destroy(app, name)),
+        ("secrets", &|| secrets(app, &spec, &identity)),
+        ("host-key", &|| forget(app, name)),
+        ("inventory", &|| {
+            let file = inventory::path(&fleet.file);
+            Ok(if inventory::update(&file, name, None)? {
+                (
+                    Status::Changed,
+                    format!("dropped its row from {}", file.display()),
+                )
+            } else {
+                (
+                    Status::Unchanged,
+                    format!("{} does not list it", file.display()),
+                )
+            })
+        }),
+        ("config", &|| config(app, &spec, purge_config)),
+    ];
+    for (step, run) in steps {
+        let started = Instant::now();
+        let (status, detail) = match run() {
+            Ok(done) => done,
+            Err(e) => (Status::Failed, format!("{e:#}")),
+        };
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if !app.json {
+            println!(
+                "{name}: {step}: {} ({:.1} s): {detail}",
+                status.text(),
+                ms as f64 / 1000.0
+            );
+        }
+        let failed = status == Status::Failed;
+        retired.steps.push(RetireStep {
+            step,
+            status,
+            detail,
+            ms,
+        });
+        if failed {
+            retired.failed = Some(step);
+            break;
+        }
+    }
+    if app.json {
+        output::print_json(&retired)?;
+    } else if let Some(step) = retired.failed {
+        println!("{name}: stopped at step {step}; fix it and run agentvm retire {name} again");
+    } else {
+        println!("{name}: retired");
+    }
+    Ok(i32::from(retired.failed.is_some()))
+}
+
+fn destroy(app: &App, name: &str) -> StepResult {
+    let Outcome::Status(status) = app.call_one(name, Op::Status)? else {
+        bail!("unexpected answer to status");
+    };
+    if status.state == State::Absent {
+        return Ok((Status::Unchanged, "no such VM on any backend".to_string()));
+    }
+    app.call_one(name, Op::Destroy)?;
+    Ok((
+        Status::Changed,
+        format!(
+            "destroyed (it was {} on {})",
+            status.state.as_str(),
+            status.backend
+        ),
+    ))
+}
+
+fn secrets(app: &App, spec: &VmSpec, identity: &std::path::Path) -> StepResult {
+    let name = spec.name.as_str();
+    if spec.secrets.is_empty() {
+        return Ok((Status::Skipped, format!("vms.{name} has no secrets")));
+    }
+    let record = app.home.secrets_record();
+    if !crate::secrets::read_added(&record)?.contains_key(name) {
+        return Ok((
+            Status::Unchanged,
+            "agentvm has no key of it in any secrets".to_string(),
+        ));
+    }
+    let fleet = app.fleet()?;
+    let report = crate::secrets::rekey(
+        name,
+        &spec.secrets,
+        fleet_dir(&fleet.file),
+        None,
+        identity,
+        &record,
+    )?;
+    if !report.failed.is_empty() {
+        let why: Vec<String> = report
+            .failed
+            .iter()
+            .map(|(file, why)| format!("{}: {why}", file.display()))
+            .collect();
+        bail!("left as they were: {}", why.join("; "));
+    }
+    let mut done = vec![format!("removed {}", report.recipient)];
+    if !report.edited.is_empty() {
+        done.push(format!("from {}", paths(&report.edited)));
+    }
+    if !report.rekeyed.is_empty() {
+        done.push(format!("re-encrypted {}", paths(&report.rekeyed)));
+    }
+    let sops = sops_files(spec);
+    if !report.sops_files.is_empty() && !sops.is_empty() {
+        let program = crate::paths::non_empty_env(ENV_SOPS).unwrap_or_else(|| "sops".to_string());
+        for file in &sops {
+            match Command::new(&program)
+                .args(["updatekeys", "-y"])
+                .arg(file)
+                .current_dir(fleet_dir(&fleet.file))
+                .output()
+            {
+                Ok(out) if out.status.success() => {
+                    done.push(format!("sops re-encrypted {}", file.display()));
+                }
+                Ok(out) => bail!(
+                    "sops updatekeys {}: {}",
+                    file.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok((
+                        Status::Left,
+                        format!(
+                            "{}; sops is not installed to re-encrypt without it: run sops updatekeys -y {}",
+                            done.join("; "),
+                            paths(&sops)
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e).context("running sops"),
+            }
+        }
+    }
+    Ok((Status::Changed, done.join("; ")))
+}
+
+/// The pinned host key, the VM's known_hosts and its deploy record.
+fn forget(app: &App, name: &str) -> StepResult {
+    let mut removed = Vec::new();
+    for file in [
+        app.home.vm_pinned_host_key(name),
+        app.home.vm_known_hosts(name),
+        app.home.deploy_state(name),
+    ] {
+        match std::fs::remove_file(&file) {
+            Ok(()) => removed.push(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+        }
+    }
+    if removed.is_empty() {
+        Ok((
+            Status::Unchanged,
+            "nothing pinned left (it went with the VM)".to_string(),
+        ))
+    } else {
+        Ok((Status::Changed, format!("removed {}", paths(&removed))))
+    }
+}
+
+/// The files `agentvm new NAME` made, and `[vms.NAME]`, with `--purge-config`.
+fn config(app: &App, spec: &VmSpec, purge: bool) -> StepResult {
+    let fleet = app.fleet()?;
+    let name = spec.name.as_str();
+    let folder = spec
+        .nixos
+        .as_deref()
+        .and_then(|attr| nixos::host_folder(&fleet.file, attr))
+        .unwrap_or_else(|| fleet_dir(&fleet.file).join(format!("hosts/agent-{name}")));
+    if !purge {
+        return Ok((
+            Status::Skipped,
+            format!(
+                "kept {} and [vms.{name}] (--purge-config removes them)",
+                folder.display()
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(&fleet.file)
+        .with_context(|| format!("reading {}", fleet.file.display()))?;
+    let edited =
+        remove_vm(&text, name).with_context(|| format!("editing {}", fleet.file.display()))?;
+    let mut removed = Vec::new();
+    if folder.is_dir() {
+        std::fs::remove_dir_all(&folder)
+            .with_context(|| format!("removing {}", folder.display()))?;
+        removed.push(folder);
+    }
+    if edited != text {
+        crate::fsutil::write_atomic(&fleet.file, edited.as_bytes(), 0o644)?;
+        removed.push(PathBuf::from(format!(
+            "[vms.{name}] of {}",
+            fleet.file.display()
+        )));
+    }
+    if removed.is_empty() {
+        return Ok((Status::Unchanged, "nothing of it was left".to_string()));
+    }
+    Ok((Status::Changed, format!("removed {}", paths(&removed))))
+}
+
+/// The fleet file's text without `[vms.NAME]` (and the comments right above
+/// it), everything else as written.
+fn remove_vm(text: &str, name: &str) -> Result<String> {
+    let mut doc: toml_edit::DocumentMut = text.parse().context("parsing it for editing")?;
+    if let Some(vms) = doc.get_mut("vms").and_then(|v| v.as_table_like_mut()) {
+        vms.remove(name);
+    }
+    Ok(doc.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removing_a_vm_keeps_the_rest_as_written() {
+        // The comments right above its table go with it.
+        let text = "# fleet\n[vms.luce] # the other\nimage = \"y\"\n\n# the builder\n[vms.drago]\nimage = \"x\" # mine\n";
+        assert_eq!(
+            remove_vm(text, "drago").unwrap(),
+            "# fleet\n[vms.luce] # the other\nimage = \"y\"\n"
+        );
+        assert_eq!(remove_vm(text, "nope").unwrap(), text);
+    }
+}
