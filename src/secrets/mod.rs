@@ -208,10 +208,11 @@ pub fn rekey(
         }
         let mut edited = original.clone();
         if remove {
-            edited = agenix::remove_marked(&edited, &mark);
+            edited = agenix::remove_marked(&edited, &nix, &mark)?;
         } else {
             for (file, _, _) in &plain {
-                edited = agenix::add_recipient(&edited, &relative(file, &dir), &ssh_recipient)?;
+                edited =
+                    agenix::add_recipient(&edited, &nix, &relative(file, &dir), &ssh_recipient)?;
             }
         }
         // Evaluate the edited file where it will live, so its imports resolve.
