@@ -254,17 +254,23 @@ pub fn rekey(
         .cloned()
         .collect();
     if let (Some(age), true) = (&age_recipient, sops_path.is_file()) {
-        let text = std::fs::read_to_string(&sops_path)?;
+        let text = std::fs::read_to_string(&sops_path)
+            .with_context(|| format!("reading {}", sops_path.display()))?;
         let rel: Vec<String> = secrets.iter().map(|f| relative(f, fleet_dir)).collect();
         let edited = if remove {
-            Some(sops::remove_recipient(&text, age))
+            sops::remove_recipient(&text, &sops_path, age).map(Some)
         } else {
-            sops::add_recipient(&text, &rel, age, &mark)?
+            sops::add_recipient(&text, &sops_path, &rel, age, &mark)
         };
-        if let Some(edited) = edited.filter(|e| *e != text) {
-            write_atomic(&sops_path, edited.as_bytes(), 0o644)?;
-            report.edited.push(sops_path);
-            report.sops_files = sops_files;
+        match edited {
+            Ok(Some(edited)) if edited != text => {
+                write_atomic(&sops_path, edited.as_bytes(), 0o644)?;
+                report.edited.push(sops_path);
+                report.sops_files = sops_files;
+            }
+            Ok(_) => {}
+            // The agenix files are done: say what to do by hand and go on.
+            Err(e) => report.failed.push((sops_path, format!("{e:#}"))),
         }
     }
 
