@@ -2,6 +2,7 @@
 //! (agenix `secrets.nix` and `.sops.yaml`), or take it away again.
 
 pub mod agenix;
+mod header;
 pub mod sops;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ pub struct Report {
     pub recipient: String,
     pub age_recipient: Option<String>,
     pub rekeyed: Vec<PathBuf>,
+    /// Files already encrypted to exactly their recipients, left as they were.
+    pub unchanged: Vec<PathBuf>,
     /// Files left as they were, with why.
     pub failed: Vec<(PathBuf, String)>,
     pub edited: Vec<PathBuf>,
@@ -200,9 +203,9 @@ pub fn rekey(
                 .map_err(anyhow::Error::from)
                 .and_then(|c| {
                     let armored = c.starts_with(ARMOR_BEGIN);
-                    decrypt(&c, id.as_ref()).map(|p| (p, armored))
+                    decrypt(&c, id.as_ref()).map(|p| (p, armored, c))
                 }) {
-                Ok((p, armored)) => plain.push((file, p, armored)),
+                Ok((p, armored, c)) => plain.push((file, p, armored, c)),
                 Err(e) => report.failed.push((file, format!("{e:#}"))),
             }
         }
@@ -210,7 +213,7 @@ pub fn rekey(
         if remove {
             edited = agenix::remove_marked(&edited, &nix, &mark)?;
         } else {
-            for (file, _, _) in &plain {
+            for (file, ..) in &plain {
                 edited =
                     agenix::add_recipient(&edited, &nix, &relative(file, &dir), &ssh_recipient)?;
             }
@@ -224,14 +227,20 @@ pub fn rekey(
         let recipients = agenix::recipients(probe.path())?;
         drop(probe);
         let mut ready = Vec::new();
-        for (file, p, armored) in plain {
+        for (file, p, armored, ciphertext) in plain {
             let rel = relative(&file, &dir);
             let result = recipients
                 .get(&rel)
                 .ok_or_else(|| anyhow!("{} has no entry for {rel}", nix.display()))
-                .and_then(|r| encrypt_beside(&file, &p, r, armored));
+                .and_then(|r| {
+                    if header::encrypted_to(&ciphertext, r)? {
+                        return Ok(None);
+                    }
+                    encrypt_beside(&file, &p, r, armored).map(Some)
+                });
             match result {
-                Ok(tmp) => ready.push((file, tmp)),
+                Ok(Some(tmp)) => ready.push((file, tmp)),
+                Ok(None) => report.unchanged.push(file),
                 Err(e) => report.failed.push((file, format!("{e:#}"))),
             }
         }
@@ -285,7 +294,10 @@ pub fn rekey(
             },
         );
     }
-    write_atomic(added_path, &serde_json::to_vec_pretty(&added)?, 0o600)?;
+    let record = serde_json::to_vec_pretty(&added)?;
+    if std::fs::read(added_path).ok().as_deref() != Some(&record[..]) {
+        write_atomic(added_path, &record, 0o600)?;
+    }
     Ok(report)
 }
 
