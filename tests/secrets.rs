@@ -169,6 +169,36 @@ fn rekey_adds_the_host_key_re_encrypts_and_remove_takes_it_back() {
         "independent derivation with age-keygen"
     );
 
+    // A second run changes no byte and no mtime, and says the files were already done.
+    let before = snapshot(dir);
+    let again = env.agentvm(&[
+        "secrets",
+        "rekey",
+        "drago",
+        "--json",
+        "--identity",
+        admin.to_str().unwrap(),
+        "--host-key",
+        host.with_extension("pub").to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(1), "broken.age still fails");
+    let report: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["rekeyed"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["edited"], Value::Array(vec![]), "{report}");
+    let unchanged: Vec<&str> = report["unchanged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(unchanged.len(), 2, "{report}");
+    assert!(
+        unchanged.iter().any(|f| f.ends_with("drago-token.age"))
+            && unchanged.iter().any(|f| f.ends_with("armored.age")),
+        "{report}"
+    );
+    assert_eq!(snapshot(dir), before, "the second run wrote nothing");
+
     // --remove restores both files and re-encrypts without the host key.
     let removed = env.agentvm(&[
         "secrets",
@@ -194,6 +224,26 @@ fn rekey_adds_the_host_key_re_encrypts_and_remove_takes_it_back() {
         "the host key no longer opens it"
     );
     assert_eq!(decrypts_with(&admin, &token).as_deref(), Some("token-123"));
+}
+
+/// Every file under `dir` with its bytes and modification time.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)> {
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                folders.push(path);
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&path).unwrap();
+                files.push((path, bytes, meta.modified().unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 /// The age recipient of an ed25519 SSH key derived the other way round: the

@@ -142,6 +142,9 @@ pub fn secrets_rekey(
         for file in &report.rekeyed {
             println!("  re-encrypted {}", file.display());
         }
+        for file in &report.unchanged {
+            println!("  already encrypted to its recipients: {}", file.display());
+        }
         for file in &report.edited {
             println!("  edited {}", file.display());
         }

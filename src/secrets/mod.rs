@@ -2,6 +2,7 @@
 //! (agenix `secrets.nix` and `.sops.yaml`), or take it away again.
 
 pub mod agenix;
+mod header;
 pub mod sops;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ pub struct Report {
     pub recipient: String,
     pub age_recipient: Option<String>,
     pub rekeyed: Vec<PathBuf>,
+    /// Files already encrypted to exactly their recipients, left as they were.
+    pub unchanged: Vec<PathBuf>,
     /// Files left as they were, with why.
     pub failed: Vec<(PathBuf, String)>,
     pub edited: Vec<PathBuf>,
@@ -200,18 +203,19 @@ pub fn rekey(
                 .map_err(anyhow::Error::from)
                 .and_then(|c| {
                     let armored = c.starts_with(ARMOR_BEGIN);
-                    decrypt(&c, id.as_ref()).map(|p| (p, armored))
+                    decrypt(&c, id.as_ref()).map(|p| (p, armored, c))
                 }) {
-                Ok((p, armored)) => plain.push((file, p, armored)),
+                Ok((p, armored, c)) => plain.push((file, p, armored, c)),
                 Err(e) => report.failed.push((file, format!("{e:#}"))),
             }
         }
         let mut edited = original.clone();
         if remove {
-            edited = agenix::remove_marked(&edited, &mark);
+            edited = agenix::remove_marked(&edited, &nix, &mark)?;
         } else {
-            for (file, _, _) in &plain {
-                edited = agenix::add_recipient(&edited, &relative(file, &dir), &ssh_recipient)?;
+            for (file, ..) in &plain {
+                edited =
+                    agenix::add_recipient(&edited, &nix, &relative(file, &dir), &ssh_recipient)?;
             }
         }
         // Evaluate the edited file where it will live, so its imports resolve.
@@ -223,14 +227,20 @@ pub fn rekey(
         let recipients = agenix::recipients(probe.path())?;
         drop(probe);
         let mut ready = Vec::new();
-        for (file, p, armored) in plain {
+        for (file, p, armored, ciphertext) in plain {
             let rel = relative(&file, &dir);
             let result = recipients
                 .get(&rel)
                 .ok_or_else(|| anyhow!("{} has no entry for {rel}", nix.display()))
-                .and_then(|r| encrypt_beside(&file, &p, r, armored));
+                .and_then(|r| {
+                    if header::encrypted_to(&ciphertext, r)? {
+                        return Ok(None);
+                    }
+                    encrypt_beside(&file, &p, r, armored).map(Some)
+                });
             match result {
-                Ok(tmp) => ready.push((file, tmp)),
+                Ok(Some(tmp)) => ready.push((file, tmp)),
+                Ok(None) => report.unchanged.push(file),
                 Err(e) => report.failed.push((file, format!("{e:#}"))),
             }
         }
@@ -253,17 +263,23 @@ pub fn rekey(
         .cloned()
         .collect();
     if let (Some(age), true) = (&age_recipient, sops_path.is_file()) {
-        let text = std::fs::read_to_string(&sops_path)?;
+        let text = std::fs::read_to_string(&sops_path)
+            .with_context(|| format!("reading {}", sops_path.display()))?;
         let rel: Vec<String> = secrets.iter().map(|f| relative(f, fleet_dir)).collect();
         let edited = if remove {
-            Some(sops::remove_recipient(&text, age))
+            sops::remove_recipient(&text, &sops_path, age).map(Some)
         } else {
-            sops::add_recipient(&text, &rel, age, &mark)?
+            sops::add_recipient(&text, &sops_path, &rel, age, &mark)
         };
-        if let Some(edited) = edited.filter(|e| *e != text) {
-            write_atomic(&sops_path, edited.as_bytes(), 0o644)?;
-            report.edited.push(sops_path);
-            report.sops_files = sops_files;
+        match edited {
+            Ok(Some(edited)) if edited != text => {
+                write_atomic(&sops_path, edited.as_bytes(), 0o644)?;
+                report.edited.push(sops_path);
+                report.sops_files = sops_files;
+            }
+            Ok(_) => {}
+            // The agenix files are done: say what to do by hand and go on.
+            Err(e) => report.failed.push((sops_path, format!("{e:#}"))),
         }
     }
 
@@ -278,7 +294,10 @@ pub fn rekey(
             },
         );
     }
-    write_atomic(added_path, &serde_json::to_vec_pretty(&added)?, 0o600)?;
+    let record = serde_json::to_vec_pretty(&added)?;
+    if std::fs::read(added_path).ok().as_deref() != Some(&record[..]) {
+        write_atomic(added_path, &record, 0o600)?;
+    }
     Ok(report)
 }
 
