@@ -14,7 +14,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   libxml2-utils pkg-config dbus openssh-client cpio binutils
-  nix-bin age
+  nix-bin age dropbear-bin
   mmdebstrap e2fsprogs fdisk grub-pc-bin
   dosfstools python3-yaml
   libseccomp-dev libcap-ng-dev
