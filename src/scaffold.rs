@@ -98,10 +98,11 @@ fn vm_image(fleet: &Fleet, text: &str, name: &Name, given: Option<&str>) -> Resu
 
 /// Where a project keeps its home-manager configurations, relative to the
 /// fleet file's folder: `new` writes `agent-NAME.nix` into the first of these
-/// folders that exists, and no home-manager file when none does.
+/// that is a Nix folder (see [`is_nix_folder`]), and no home-manager file when
+/// none is.
 pub const HOME_MANAGER_DIRS: &[&str] = &["home", "home-manager", "homes"];
-/// Where a project keeps its NixOS user modules, likewise: the first that
-/// exists gets `agent-NAME.nix`; with none, `new` writes no user module.
+/// Where a project keeps its NixOS user modules, likewise: the first that is
+/// a Nix folder gets `agent-NAME.nix`; with none, `new` writes no user module.
 pub const USER_MODULE_DIRS: &[&str] = &["users", "modules/users"];
 /// The file in a home-manager or user-module folder that `new` copies (with
 /// [`PLACEHOLDER`] replaced) instead of its built-in default.
@@ -141,12 +142,29 @@ impl Extra {
     }
 }
 
-/// The first of `candidates` (relative to `root`) that is a folder.
+/// Whether `dir` is a folder of Nix files: it holds a `.nix` file or a
+/// folder with a `default.nix`. A `home/` beside the fleet file that is not
+/// (the fleet file in `/`, a state folder) is no home-manager layout.
+pub fn is_nix_folder(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let path = entry.path();
+        if path.is_dir() {
+            path.join("default.nix").is_file()
+        } else {
+            path.extension().is_some_and(|ext| ext == "nix") && path.is_file()
+        }
+    })
+}
+
+/// The first of `candidates` (relative to `root`) that is a Nix folder.
 fn detect(root: &Path, candidates: &[&'static str]) -> Option<&'static str> {
     candidates
         .iter()
         .copied()
-        .find(|dir| root.join(dir).is_dir())
+        .find(|dir| is_nix_folder(&root.join(dir)))
 }
 
 /// How the host config (`hosts/agent-NAME/default.nix`) names
@@ -622,6 +640,7 @@ mod project_tests {
         std::fs::write(dir.path().join("agentvm.toml"), FLEET).unwrap();
         for d in dirs {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
+            std::fs::write(dir.path().join(d).join("other.nix"), "{ }\n").unwrap();
         }
         dir
     }
@@ -782,6 +801,11 @@ mod project_tests {
     #[test]
     fn a_project_without_such_folders_gets_only_the_host_and_the_vm() {
         let dir = project(&["modules"]);
+        // Folders with those names but no Nix files are no such layout.
+        std::fs::create_dir_all(dir.path().join("home/alice")).unwrap();
+        std::fs::create_dir_all(dir.path().join("home-manager")).unwrap();
+        std::fs::write(dir.path().join("home-manager/notes.txt"), "").unwrap();
+        std::fs::create_dir_all(dir.path().join("users")).unwrap();
         let made = run(dir.path(), "solo").unwrap();
         assert_eq!(made.home_manager, None);
         assert_eq!(made.user_module, None);
@@ -798,8 +822,10 @@ mod project_tests {
             names,
             [
                 "agentvm.toml",
+                "home-manager/notes.txt",
                 "hosts/agent-solo/default.nix",
-                "hosts/agent-template/default.nix"
+                "hosts/agent-template/default.nix",
+                "modules/other.nix",
             ]
             .map(PathBuf::from)
         );

@@ -219,7 +219,8 @@ fn new_scaffolds_a_host_and_a_vm_keeping_the_fleet_file_as_written() {
         fleet.starts_with(original),
         "comments and order kept:\n{fleet}"
     );
-    // No user-module or home-manager folder: no such file.
+    // No user-module or home-manager folder (the test's home/ holds no Nix
+    // files): no such file.
     assert!(
         made["user_module"].is_null() && made["home_manager"].is_null(),
         "{made}"
@@ -243,12 +244,17 @@ fn new_scaffolds_a_host_and_a_vm_keeping_the_fleet_file_as_written() {
     let err = env.fails(&["new", "Bad_Name"]);
     assert!(err.contains("invalid name"), "{err}");
 
-    // With users/ and home/ folders, both files too, each named in the output.
-    for dir in ["users", "home"] {
+    // With users/ and home-manager/ folders of Nix files, both files too,
+    // each named in the output.
+    for dir in ["users", "home-manager"] {
         std::fs::create_dir(env.dir.path().join(dir)).unwrap();
+        std::fs::write(env.dir.path().join(dir).join("alice.nix"), "{ }\n").unwrap();
     }
     let out = env.ok(&["new", "n-scaffold2"]);
-    for file in ["users/agent-n-scaffold2.nix", "home/agent-n-scaffold2.nix"] {
+    for file in [
+        "users/agent-n-scaffold2.nix",
+        "home-manager/agent-n-scaffold2.nix",
+    ] {
         let path = env.dir.path().join(file);
         assert!(path.exists(), "{file}: {out}");
         assert!(
@@ -257,7 +263,7 @@ fn new_scaffolds_a_host_and_a_vm_keeping_the_fleet_file_as_written() {
         );
     }
     assert!(
-        out.contains("to do: wire home/agent-n-scaffold2.nix"),
+        out.contains("to do: wire home-manager/agent-n-scaffold2.nix"),
         "{out}"
     );
 }
