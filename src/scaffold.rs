@@ -126,6 +126,15 @@ pub struct Scaffolded {
     pub spice_port: u16,
 }
 
+/// A file `new` writes beside the host config.
+struct ExtraFile {
+    kind: Extra,
+    /// Its folder, relative to the fleet file's folder.
+    folder: &'static str,
+    path: PathBuf,
+    text: String,
+}
+
 /// The kinds of file `new` writes beside the host config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Extra {
@@ -207,6 +216,8 @@ fn default_text(kind: Extra, folder: &str, name: &str) -> String {
              {{\n  \
                users.users.{name} = {{\n    \
                  isNormalUser = lib.mkDefault true;\n    \
+                 # A lib.mkDefault list is dropped where another module sets extraGroups:\n    \
+                 # for more groups, write extraGroups = [ \"wheel\" \"docker\" ]; instead.\n    \
                  extraGroups = lib.mkDefault [ \"wheel\" ];\n    \
                  description = \"{name}\";\n  \
                }};\n\
@@ -453,23 +464,27 @@ pub fn scaffold(
         .with_context(|| format!("reading the host template {}", template_path.display()))?;
     let mut host_text = template.replace(PLACEHOLDER, name.as_str());
 
-    // The extra files: (kind, path, text).
     let mut extras = Vec::new();
     for kind in [Extra::UserModule, Extra::HomeManager] {
         if let Some(folder) = detect(&root, kind.dirs()) {
             let path = root.join(folder).join(format!("agent-{name}.nix"));
             let text = extra_text(&root, kind, folder, name.as_str())?;
-            extras.push((kind, folder, path, text));
+            extras.push(ExtraFile {
+                kind,
+                folder,
+                path,
+                text,
+            });
         }
     }
-    for path in std::iter::once(&host_config).chain(extras.iter().map(|(_, _, p, _)| p)) {
+    for path in std::iter::once(&host_config).chain(extras.iter().map(|e| &e.path)) {
         refuse_existing(path)?;
     }
 
     let mut user_module_imported = false;
     let mut wire_by_hand = Vec::new();
     let host_rel = format!("hosts/agent-{name}/default.nix");
-    for (kind, folder, _, _) in &extras {
+    for ExtraFile { kind, folder, .. } in &extras {
         let import = from_host(folder, name.as_str());
         let shown = format!("{folder}/agent-{name}.nix");
         match kind {
@@ -509,25 +524,25 @@ pub fn scaffold(
         let dir = host_config.parent().context("host config folder")?;
         written.create_dir(dir)?;
         written.write(&host_config, &host_text)?;
-        for (_, _, path, text) in &extras {
-            written.write(path, text)?;
+        for extra in &extras {
+            written.write(&extra.path, &extra.text)?;
         }
         write_atomic(&fleet.file, edited.as_bytes(), 0o644)
     })();
     if let Err(e) = result {
         return Err(written.undo(e));
     }
-    let extra = |kind| {
+    let path_of = |kind| {
         extras
             .iter()
-            .find(|(k, ..)| *k == kind)
-            .map(|(_, _, path, _)| path.clone())
+            .find(|e| e.kind == kind)
+            .map(|e| e.path.clone())
     };
     Ok(Scaffolded {
         name: name.to_string(),
         host_config,
-        home_manager: extra(Extra::HomeManager),
-        user_module: extra(Extra::UserModule),
+        home_manager: path_of(Extra::HomeManager),
+        user_module: path_of(Extra::UserModule),
         user_module_imported,
         wire_by_hand,
         ssh_port,
