@@ -219,6 +219,12 @@ fn new_scaffolds_a_host_and_a_vm_keeping_the_fleet_file_as_written() {
         fleet.starts_with(original),
         "comments and order kept:\n{fleet}"
     );
+    // No user-module or home-manager folder (the test's home/ holds no Nix
+    // files): no such file.
+    assert!(
+        made["user_module"].is_null() && made["home_manager"].is_null(),
+        "{made}"
+    );
     let ssh = made["ssh_port"].as_u64().unwrap();
     assert_ne!(ssh, 2222, "a port pinned by another VM is not reused");
     assert!(
@@ -237,6 +243,29 @@ fn new_scaffolds_a_host_and_a_vm_keeping_the_fleet_file_as_written() {
     assert_eq!(std::fs::read_to_string(env.fleet_path()).unwrap(), fleet);
     let err = env.fails(&["new", "Bad_Name"]);
     assert!(err.contains("invalid name"), "{err}");
+
+    // With users/ and home-manager/ folders of Nix files, both files too,
+    // each named in the output.
+    for dir in ["users", "home-manager"] {
+        std::fs::create_dir(env.dir.path().join(dir)).unwrap();
+        std::fs::write(env.dir.path().join(dir).join("alice.nix"), "{ }\n").unwrap();
+    }
+    let out = env.ok(&["new", "n-scaffold2"]);
+    for file in [
+        "users/agent-n-scaffold2.nix",
+        "home-manager/agent-n-scaffold2.nix",
+    ] {
+        let path = env.dir.path().join(file);
+        assert!(path.exists(), "{file}: {out}");
+        assert!(
+            out.contains(&format!("wrote {}", path.display())),
+            "{file}: {out}"
+        );
+    }
+    assert!(
+        out.contains("to do: wire home-manager/agent-n-scaffold2.nix"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -1,4 +1,5 @@
-# @NAME@: an agent, scaffolded by `agentvm new @NAME@`.
+# @NAME@: an agent, scaffolded by `agentvm new @NAME@`. In a project with a
+# users/ (or modules/users/) folder, `new` adds its agent-@NAME@.nix to imports.
 { pkgs, ... }:
 
 {

@@ -47,6 +47,20 @@ pub fn new_agent(app: &App, name: &str, image: Option<&str>) -> Result<i32> {
             made.host_config.display(),
             fleet.file.display()
         );
+        if let Some(path) = &made.user_module {
+            let how = if made.user_module_imported {
+                format!(" (imported by {})", made.host_config.display())
+            } else {
+                String::new()
+            };
+            println!("  wrote {}{how}", path.display());
+        }
+        if let Some(path) = &made.home_manager {
+            println!("  wrote {}", path.display());
+        }
+        for step in &made.wire_by_hand {
+            println!("  to do: {step}");
+        }
     }
     Ok(0)
 }
