@@ -28,12 +28,13 @@ fn fleet_dir(fleet_file: &Path) -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// The fleet file's text with `[vms.NAME]` added (pinned ports, the host's
-/// flake attribute), everything else as it was.
+/// The fleet file's text with `[vms.NAME]` added (pinned ports, and with
+/// `nixos` the host's flake attribute), everything else as it was.
 pub fn add_vm(
     text: &str,
     name: &str,
     image: Option<&str>,
+    nixos: bool,
     ssh_port: u16,
     spice_port: u16,
 ) -> Result<String> {
@@ -54,7 +55,9 @@ pub fn add_vm(
     if let Some(image) = image {
         vm.insert("image", value(image));
     }
-    vm.insert("nixos", value(format!(".#agent-{name}")));
+    if nixos {
+        vm.insert("nixos", value(format!(".#agent-{name}")));
+    }
     vm.insert("ssh_port", value(i64::from(ssh_port)));
     vm.insert("spice_port", value(i64::from(spice_port)));
     vms.insert(name, Item::Table(vm));
@@ -112,7 +115,9 @@ pub const FOLDER_TEMPLATE: &str = "agent-template.nix";
 #[derive(Debug, serde::Serialize)]
 pub struct Scaffolded {
     pub name: String,
-    pub host_config: PathBuf,
+    /// `hosts/agent-NAME/default.nix`; none in a project without
+    /// `hosts/agent-template/default.nix` (no NixOS layout: the VM gets no `nixos`).
+    pub host_config: Option<PathBuf>,
     /// `<home-manager folder>/agent-NAME.nix`, when the project has such a folder.
     pub home_manager: Option<PathBuf>,
     /// `<user-module folder>/agent-NAME.nix`, when the project has such a folder.
@@ -460,8 +465,16 @@ pub fn scaffold(
     let root = fleet_dir(&fleet.file);
     let host_config = host_config_path(&fleet.file, name.as_str());
     let template_path = root.join(TEMPLATE);
-    let template = std::fs::read_to_string(&template_path)
-        .with_context(|| format!("reading the host template {}", template_path.display()))?;
+    let template = match std::fs::read_to_string(&template_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return vm_only(fleet, name, image, ssh_port, spice_port);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading the host template {}", template_path.display()));
+        }
+    };
     let mut host_text = template.replace(PLACEHOLDER, name.as_str());
 
     let mut extras = Vec::new();
@@ -515,7 +528,14 @@ pub fn scaffold(
     let text = std::fs::read_to_string(&fleet.file)
         .with_context(|| format!("reading {}", fleet.file.display()))?;
     let image = vm_image(fleet, &text, name, image)?;
-    let edited = add_vm(&text, name.as_str(), image.as_deref(), ssh_port, spice_port)?;
+    let edited = add_vm(
+        &text,
+        name.as_str(),
+        image.as_deref(),
+        true,
+        ssh_port,
+        spice_port,
+    )?;
     // The edited file must still be a valid fleet file before anything is written.
     Fleet::parse(&fleet.file, &edited)?;
 
@@ -540,11 +560,48 @@ pub fn scaffold(
     };
     Ok(Scaffolded {
         name: name.to_string(),
-        host_config,
+        host_config: Some(host_config),
         home_manager: path_of(Extra::HomeManager),
         user_module: path_of(Extra::UserModule),
         user_module_imported,
         wire_by_hand,
+        ssh_port,
+        spice_port,
+    })
+}
+
+/// A project without a NixOS layout (no host template): only `[vms.NAME]`,
+/// without `nixos`; nothing else is invented.
+fn vm_only(
+    fleet: &Fleet,
+    name: &Name,
+    image: Option<&str>,
+    ssh_port: u16,
+    spice_port: u16,
+) -> Result<Scaffolded> {
+    let text = std::fs::read_to_string(&fleet.file)
+        .with_context(|| format!("reading {}", fleet.file.display()))?;
+    let image = vm_image(fleet, &text, name, image)?;
+    let edited = add_vm(
+        &text,
+        name.as_str(),
+        image.as_deref(),
+        false,
+        ssh_port,
+        spice_port,
+    )?;
+    Fleet::parse(&fleet.file, &edited)?;
+    write_atomic(&fleet.file, edited.as_bytes(), 0o644)?;
+    Ok(Scaffolded {
+        name: name.to_string(),
+        host_config: None,
+        home_manager: None,
+        user_module: None,
+        user_module_imported: false,
+        wire_by_hand: vec![format!(
+            "this project has no {TEMPLATE}, so vms.{name} has no NixOS host config (deploy skips nixos-rebuild); \
+             to manage it with NixOS, copy hosts/ and flake.nix from agentvm's repository, add `nixos = \".#agent-{name}\"` to [vms.{name}], and run agentvm new for the next agent"
+        )],
         ssh_port,
         spice_port,
     })
@@ -558,7 +615,7 @@ mod tests {
 
     #[test]
     fn adds_a_vm_keeping_comments_and_order() {
-        let edited = add_vm(FLEET, "luce", None, 2301, 5901).unwrap();
+        let edited = add_vm(FLEET, "luce", None, true, 2301, 5901).unwrap();
         assert!(
             edited.starts_with(FLEET),
             "existing text kept as it was:\n{edited}"
@@ -575,7 +632,7 @@ mod tests {
 
     #[test]
     fn an_existing_name_is_refused() {
-        let err = add_vm(FLEET, "drago", None, 2301, 5901)
+        let err = add_vm(FLEET, "drago", None, true, 2301, 5901)
             .unwrap_err()
             .to_string();
         assert!(err.contains("already exists"), "{err}");
@@ -583,7 +640,7 @@ mod tests {
 
     #[test]
     fn a_file_without_vms_gets_a_vms_table() {
-        let edited = add_vm("[defaults]\ncpus = 2\n", "a", None, 2222, 5900).unwrap();
+        let edited = add_vm("[defaults]\ncpus = 2\n", "a", None, true, 2222, 5900).unwrap();
         assert_eq!(
             edited,
             "[defaults]\ncpus = 2\n\n[vms.a]\nnixos = \".#agent-a\"\nssh_port = 2222\nspice_port = 5900\n"

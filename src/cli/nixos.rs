@@ -42,14 +42,20 @@ pub fn new_agent(app: &App, name: &str, image: Option<&str>) -> Result<i32> {
     if app.json {
         output::print_json(&made)?;
     } else {
-        println!(
-            "{name}: wrote {} and added [vms.{name}] to {} (ssh port {ssh}, spice port {spice})",
-            made.host_config.display(),
-            fleet.file.display()
-        );
+        match &made.host_config {
+            Some(host) => println!(
+                "{name}: wrote {} and added [vms.{name}] to {} (ssh port {ssh}, spice port {spice})",
+                host.display(),
+                fleet.file.display()
+            ),
+            None => println!(
+                "{name}: added [vms.{name}] to {} (ssh port {ssh}, spice port {spice})",
+                fleet.file.display()
+            ),
+        }
         if let Some(path) = &made.user_module {
-            let how = if made.user_module_imported {
-                format!(" (imported by {})", made.host_config.display())
+            let how = if let (true, Some(host)) = (made.user_module_imported, &made.host_config) {
+                format!(" (imported by {})", host.display())
             } else {
                 String::new()
             };

@@ -258,6 +258,28 @@ fn config(app: &App, spec: &VmSpec, purge: bool) -> StepResult {
     let edited =
         remove_vm(&text, name).with_context(|| format!("editing {}", fleet.file.display()))?;
     let mut removed = Vec::new();
+    let mut kept = Vec::new();
+    // The home-manager and user files `new` wrote (their first line says so).
+    let dir = fleet_dir(&fleet.file);
+    for folder in crate::scaffold::HOME_MANAGER_DIRS
+        .iter()
+        .chain(crate::scaffold::USER_MODULE_DIRS)
+    {
+        let file = dir.join(folder).join(format!("agent-{name}.nix"));
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        if text
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains(&format!("agentvm new {name}")))
+        {
+            std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+            removed.push(file);
+        } else {
+            kept.push(file);
+        }
+    }
     if folder.is_dir() {
         std::fs::remove_dir_all(&folder)
             .with_context(|| format!("removing {}", folder.display()))?;
@@ -270,10 +292,21 @@ fn config(app: &App, spec: &VmSpec, purge: bool) -> StepResult {
             fleet.file.display()
         )));
     }
+    let kept = if kept.is_empty() {
+        String::new()
+    } else {
+        format!("; kept {} (agentvm new did not write them)", paths(&kept))
+    };
     if removed.is_empty() {
-        return Ok((Status::Unchanged, "nothing of it was left".to_string()));
+        return Ok((
+            Status::Unchanged,
+            format!("nothing agentvm new made of it was left{kept}"),
+        ));
     }
-    Ok((Status::Changed, format!("removed {}", paths(&removed))))
+    Ok((
+        Status::Changed,
+        format!("removed {}{kept}", paths(&removed)),
+    ))
 }
 
 /// The fleet file's text without `[vms.NAME]` (and the comments right above
