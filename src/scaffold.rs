@@ -723,6 +723,25 @@ mod project_tests {
         scaffold(&fleet, &Name::new(name).unwrap(), None, 2301, 5901)
     }
 
+    #[test]
+    fn without_a_host_template_only_the_vm_is_added_and_without_nixos() {
+        let dir = project(&["users"]);
+        std::fs::remove_file(dir.path().join(TEMPLATE)).unwrap();
+        let made = run(dir.path(), "luce").unwrap();
+        assert!(made.host_config.is_none() && made.user_module.is_none());
+        assert!(
+            made.wire_by_hand[0].contains(TEMPLATE),
+            "{:?}",
+            made.wire_by_hand
+        );
+        let text = std::fs::read_to_string(dir.path().join("agentvm.toml")).unwrap();
+        let fleet = Fleet::parse(&dir.path().join("agentvm.toml"), &text).unwrap();
+        let luce = fleet.vm("luce").unwrap();
+        assert_eq!((luce.nixos.clone(), luce.ssh_port), (None, Some(2301)));
+        assert!(!dir.path().join("hosts/agent-luce").exists());
+        assert!(!dir.path().join("users/agent-luce.nix").exists());
+    }
+
     /// `nix-instantiate --parse` accepts the file, when it is installed.
     fn parses(path: &Path) {
         match std::process::Command::new("nix-instantiate")
@@ -813,7 +832,7 @@ mod project_tests {
                 && user_text.contains("isNormalUser = lib.mkDefault true;"),
             "{user_text}"
         );
-        let host = std::fs::read_to_string(&made.host_config).unwrap();
+        let host = std::fs::read_to_string(made.host_config.as_ref().unwrap()).unwrap();
         assert!(
             host.contains("imports = [ ../agent-base ../../users/agent-luce.nix ];"),
             "{host}"
@@ -833,7 +852,7 @@ mod project_tests {
             fleet.starts_with(FLEET) && fleet.contains("[vms.luce]"),
             "{fleet}"
         );
-        for path in [&home, &user, &made.host_config] {
+        for path in [&home, &user, made.host_config.as_ref().unwrap()] {
             parses(path);
         }
         let json = serde_json::to_value(&made).unwrap();
@@ -860,12 +879,12 @@ mod project_tests {
         // The user module folder has no template: the default, imported.
         let user = dir.path().join("modules/users/agent-drago.nix");
         assert_eq!(made.user_module.as_deref(), Some(user.as_path()));
-        let host = std::fs::read_to_string(&made.host_config).unwrap();
+        let host = std::fs::read_to_string(made.host_config.as_ref().unwrap()).unwrap();
         assert!(
             host.contains("../../modules/users/agent-drago.nix ];"),
             "{host}"
         );
-        for path in [&home, &user, &made.host_config] {
+        for path in [&home, &user, made.host_config.as_ref().unwrap()] {
             parses(path);
         }
     }
@@ -883,7 +902,7 @@ mod project_tests {
         assert_eq!(made.user_module, None);
         assert!(!made.user_module_imported && made.wire_by_hand.is_empty());
         assert_eq!(
-            std::fs::read_to_string(&made.host_config).unwrap(),
+            std::fs::read_to_string(made.host_config.as_ref().unwrap()).unwrap(),
             HOST_TEMPLATE.replace(PLACEHOLDER, "solo")
         );
         let names: Vec<PathBuf> = tree(dir.path())
