@@ -724,6 +724,16 @@ mod project_tests {
     }
 
     #[test]
+    fn the_shipped_template_takes_the_user_module_beside_its_hardware_config() {
+        let template = include_str!("../hosts/agent-template/default.nix");
+        let edited = add_import(template, "../../users/agent-luce.nix").unwrap();
+        assert!(
+            edited.contains("imports = [ ../agent-base ../../users/agent-luce.nix ]\n    ++ lib.optional (builtins.pathExists ./hardware-configuration.nix)"),
+            "{edited}"
+        );
+    }
+
+    #[test]
     fn without_a_host_template_only_the_vm_is_added_and_without_nixos() {
         let dir = project(&["users"]);
         std::fs::remove_file(dir.path().join(TEMPLATE)).unwrap();

@@ -1,8 +1,9 @@
 # drago: an example agent, scaffolded like `agentvm new drago` would.
-{ pkgs, ... }:
+{ lib, pkgs, ... }:
 
 {
-  imports = [ ../agent-base ];
+  imports = [ ../agent-base ]
+    ++ lib.optional (builtins.pathExists ./hardware-configuration.nix) ./hardware-configuration.nix;
 
   networking.hostName = "drago";
   agentvm.user = "drago";

@@ -1,8 +1,9 @@
 # luce: an example agent, scaffolded like `agentvm new luce` would.
-{ pkgs, ... }:
+{ lib, pkgs, ... }:
 
 {
-  imports = [ ../agent-base ];
+  imports = [ ../agent-base ]
+    ++ lib.optional (builtins.pathExists ./hardware-configuration.nix) ./hardware-configuration.nix;
 
   networking.hostName = "luce";
   agentvm.user = "luce";

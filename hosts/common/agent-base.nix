@@ -173,9 +173,11 @@ in
       boot.kernelParams = [ "console=tty0" "console=ttyS0,115200" ];
 
       boot.growPartition = true;
+      # Defaults, so a hardware-configuration.nix that `agentvm deploy`
+      # generated for the host (same disk, by UUID) takes over without a conflict.
       fileSystems."/" = {
-        device = "/dev/disk/by-label/nixos";
-        fsType = "ext4";
+        device = lib.mkDefault "/dev/disk/by-label/nixos";
+        fsType = lib.mkDefault "ext4";
         autoResize = true;
       };
 
