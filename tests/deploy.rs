@@ -62,6 +62,7 @@ fn decrypts_with(identity: &Path, file: &Path) -> Option<String> {
 /// The guest's own SSH host private key, in OpenSSH form (the test guest runs
 /// dropbear; `dropbearconvert` comes with Debian's dropbear-bin).
 fn guest_host_key(env: &Env, vm: &str, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let b64 = env.ok(&[
         "exec",
         vm,
@@ -253,6 +254,43 @@ fn deploy_gives_the_vm_its_secrets_resumes_changes_nothing_twice_and_retire_undo
     ] {
         assert!(row.contains(&format!("| {cell} |")), "{cell:?} in {row}");
     }
+
+    // The guest gets a new host key: the next deploy takes the old one out of
+    // its secrets and puts the new one in.
+    env.ok(&[
+        "exec",
+        "dp-drago",
+        "--",
+        "/bin/sh",
+        "-c",
+        "set -e; k=/etc/dropbear/dropbear_ed25519_host_key; rm -f $k.new; \
+         dropbearkey -t ed25519 -f $k.new >/dev/null 2>&1; mv $k.new $k; \
+         dropbearkey -y -f $k | awk '$1 == \"ssh-ed25519\" { print $1, $2 }' > /etc/ssh/ssh_host_ed25519_key.pub",
+    ]);
+    let report = env.json(&["deploy", "dp-drago", "--identity", admin_arg]);
+    let changed: Vec<String> = statuses(&report[0])
+        .into_iter()
+        .filter(|(_, status)| status == "changed")
+        .map(|(step, _)| step)
+        .collect();
+    assert_eq!(changed, ["host-key", "secrets", "inventory"], "{report}");
+    let new_key = guest_host_key(&env, "dp-drago", &dir.join("new"));
+    assert_eq!(
+        decrypts_with(&new_key, &files[1]).as_deref(),
+        Some("token-123")
+    );
+    assert_eq!(
+        decrypts_with(&guest_key, &files[1]),
+        None,
+        "the old host key is out"
+    );
+    let secrets_now = std::fs::read_to_string(&files[0]).unwrap();
+    assert_eq!(
+        secrets_now.matches("agentvm-dp-drago").count(),
+        1,
+        "{secrets_now}"
+    );
+    let guest_key = new_key;
 
     // A second deploy changes nothing, to the byte and the mtime, and says so.
     let after_first = snapshot(&files);

@@ -205,28 +205,44 @@ impl Run<'_> {
         }
         let key = self.host_key.clone().context("no host key was read")?;
         let fleet = self.app.fleet()?;
+        let record = self.app.home.secrets_record();
+        let mut done = Vec::new();
+        // A guest whose host key changed: its old key loses access first.
+        if let Some(added) = crate::secrets::read_added(&record)?.get(&name)
+            && !added.ssh.starts_with(&format!("{} ", key.trim()))
+        {
+            let removed = crate::secrets::rekey(
+                &name,
+                &self.spec.secrets,
+                fleet_dir(&fleet.file),
+                None,
+                &self.identity,
+                &record,
+            )?;
+            if !removed.failed.is_empty() {
+                bail!("taking its old key out: {}", failures(&removed));
+            }
+            done.push(format!(
+                "took its old key out of {}",
+                paths(&removed.edited)
+            ));
+        }
         let report = crate::secrets::rekey(
             &name,
             &self.spec.secrets,
             fleet_dir(&fleet.file),
             Some(&key),
             &self.identity,
-            &self.app.home.secrets_record(),
+            &record,
         )?;
         if !report.failed.is_empty() {
-            let why: Vec<String> = report
-                .failed
-                .iter()
-                .map(|(file, why)| format!("{}: {why}", file.display()))
-                .collect();
-            bail!("left as they were: {}", why.join("; "));
+            bail!("left as they were: {}", failures(&report));
         }
         for file in &report.sops_files {
             if !self.state.sops_pending.contains(file) {
                 self.state.sops_pending.push(file.clone());
             }
         }
-        let mut done = Vec::new();
         if !report.edited.is_empty() {
             done.push(format!("added its key to {}", paths(&report.edited)));
         }
@@ -566,6 +582,16 @@ pub(super) fn paths(files: &[PathBuf]) -> String {
         .map(|f| f.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The files a rekey left as they were, with why.
+pub(super) fn failures(report: &crate::secrets::Report) -> String {
+    report
+        .failed
+        .iter()
+        .map(|(file, why)| format!("{}: {why}", file.display()))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `SHA256:…` of a `type base64` public key.

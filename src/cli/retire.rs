@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::deploy::{ENV_SOPS, admin_identity, fleet_dir, paths, sops_files};
+use super::deploy::{ENV_SOPS, admin_identity, failures, fleet_dir, paths, sops_files};
 use super::{App, output};
 use crate::backend::State;
 use crate::deploy::{Status, inventory, nixos};
@@ -162,12 +162,7 @@ fn secrets(app: &App, spec: &VmSpec, identity: &std::path::Path) -> StepResult {
         &record,
     )?;
     if !report.failed.is_empty() {
-        let why: Vec<String> = report
-            .failed
-            .iter()
-            .map(|(file, why)| format!("{}: {why}", file.display()))
-            .collect();
-        bail!("left as they were: {}", why.join("; "));
+        bail!("left as they were: {}", failures(&report));
     }
     let mut done = vec![format!("removed {}", report.recipient)];
     if !report.edited.is_empty() {
