@@ -33,6 +33,20 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// `write_atomic` of a user's file: it keeps the mode the file has (`mode`
+/// only for a new file).
+pub fn write_atomic_keep_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    write_atomic(path, data, existing_mode(path).unwrap_or(mode))
+}
+
+/// The permission bits of `path`, if it exists.
+pub fn existing_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
 /// Reads a JSON state file agentvm keeps. A missing file is the empty state
 /// (`T::default()`); a file that exists but cannot be read or parsed is an error
 /// naming the file and, for bad JSON, the line and column. Callers return that

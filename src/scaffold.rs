@@ -547,7 +547,7 @@ pub fn scaffold(
         for extra in &extras {
             written.write(&extra.path, &extra.text)?;
         }
-        write_atomic(&fleet.file, edited.as_bytes(), 0o644)
+        crate::fsutil::write_atomic_keep_mode(&fleet.file, edited.as_bytes(), 0o644)
     })();
     if let Err(e) = result {
         return Err(written.undo(e));
@@ -591,7 +591,7 @@ fn vm_only(
         spice_port,
     )?;
     Fleet::parse(&fleet.file, &edited)?;
-    write_atomic(&fleet.file, edited.as_bytes(), 0o644)?;
+    crate::fsutil::write_atomic_keep_mode(&fleet.file, edited.as_bytes(), 0o644)?;
     Ok(Scaffolded {
         name: name.to_string(),
         host_config: None,

@@ -173,8 +173,8 @@ in
       boot.kernelParams = [ "console=tty0" "console=ttyS0,115200" ];
 
       boot.growPartition = true;
-      # Defaults, so a hardware-configuration.nix that `agentvm deploy`
-      # generated for the host (same disk, by UUID) takes over without a conflict.
+      # Defaults, so a host's own file system definition (say, from a full
+      # nixos-generate-config) takes over without a conflict.
       fileSystems."/" = {
         device = lib.mkDefault "/dev/disk/by-label/nixos";
         fsType = lib.mkDefault "ext4";

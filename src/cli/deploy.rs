@@ -31,6 +31,8 @@ struct Run<'a> {
     ports: (Option<u16>, Option<u16>),
     backend: String,
     host_key: Option<String>,
+    /// The host key came from the guest agent (not an SSH key scan).
+    key_from_agent: bool,
 }
 
 type StepResult = Result<(Status, String)>;
@@ -59,7 +61,7 @@ pub fn deploy(
             && !app.json
         {
             eprintln!(
-                "{name}: resuming at step {} (it failed {}: {})",
+                "{name}: resuming at step {} (it failed {}: {}); the steps before it only check",
                 failed.step,
                 crate::clock::format_time(
                     std::time::UNIX_EPOCH + std::time::Duration::from_secs(failed.at)
@@ -79,19 +81,31 @@ pub fn deploy(
                 ports: (None, None),
                 backend: spec.backend.clone(),
                 host_key: None,
+                key_from_agent: false,
             };
             let report = run.all(resumed_at);
             run.state.write(&state_path)?;
             report
         };
         if !app.json {
+            let left: Vec<String> = report
+                .steps
+                .iter()
+                .filter(|s| s.status == Status::Left)
+                .map(|s| s.step.to_string())
+                .collect();
+            let left = if left.is_empty() {
+                String::new()
+            } else {
+                format!(" (left to do: {})", left.join(", "))
+            };
             let summary = match (report.failed, dry_run, report.changed) {
                 (Some(step), _, _) => format!(
                     "stopped at step {step}; fix it and run agentvm deploy {name} again to resume there"
                 ),
                 (None, true, _) => "nothing was changed (--dry-run)".to_string(),
-                (None, false, true) => "deployed".to_string(),
-                (None, false, false) => "already deployed: nothing changed".to_string(),
+                (None, false, true) => format!("deployed{left}"),
+                (None, false, false) => format!("already deployed: nothing changed{left}"),
             };
             println!("{name}: {summary}");
         }
@@ -195,6 +209,7 @@ impl Run<'_> {
         };
         self.state.host_key = Some(public.clone());
         self.host_key = Some(public);
+        self.key_from_agent = key.source == "agent";
         Ok((status, detail))
     }
 
@@ -204,6 +219,12 @@ impl Run<'_> {
             return Ok((Status::Skipped, format!("vms.{name} has no secrets")));
         }
         let key = self.host_key.clone().context("no host key was read")?;
+        if !self.key_from_agent {
+            bail!(
+                "its host key was read by an SSH key scan (no guest agent answered), which anyone on the path could answer: \
+                 check it, then give it its secrets with agentvm secrets rekey {name} --host-key FILE"
+            );
+        }
         let fleet = self.app.fleet()?;
         let record = self.app.home.secrets_record();
         let mut done = Vec::new();
@@ -237,11 +258,6 @@ impl Run<'_> {
         )?;
         if !report.failed.is_empty() {
             bail!("left as they were: {}", failures(&report));
-        }
-        for file in &report.sops_files {
-            if !self.state.sops_pending.contains(file) {
-                self.state.sops_pending.push(file.clone());
-            }
         }
         if !report.edited.is_empty() {
             done.push(format!("added its key to {}", paths(&report.edited)));
@@ -283,24 +299,11 @@ impl Run<'_> {
             {
                 Ok(out) => out,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if self.state.sops_pending.is_empty() {
-                        return Ok((
-                            Status::Unchanged,
-                            "sops is not installed; no sops file waits for re-encryption"
-                                .to_string(),
-                        ));
-                    }
-                    let pending: Vec<String> = self
-                        .state
-                        .sops_pending
-                        .iter()
-                        .map(|f| format!("sops updatekeys -y {}", f.display()))
-                        .collect();
                     return Ok((
                         Status::Left,
                         format!(
-                            ".sops.yaml has its key, but sops is not installed to re-encrypt: run {}",
-                            pending.join(" && ")
+                            "`{program}` is not installed, so nothing re-encrypts them with the rule's keys: run sops updatekeys -y {}",
+                            paths(&files)
                         ),
                     ));
                 }
@@ -317,7 +320,6 @@ impl Run<'_> {
                 changed.push(file.clone());
             }
         }
-        self.state.sops_pending.clear();
         if changed.is_empty() {
             Ok((Status::Unchanged, format!("{} up to date", paths(&files))))
         } else {
@@ -339,6 +341,10 @@ impl Run<'_> {
                 let config = ssh_output(&endpoint, &nixos::hardware_config_argv())?;
                 crate::fsutil::write_atomic(&file, &config, 0o644)?;
                 done.push(format!("generated {}", file.display()));
+                // A flake in git sees only files git knows.
+                if let Some(staged) = git_add(&file)? {
+                    done.push(staged);
+                }
             }
         }
         let flake = crate::provision::flake_ref(&fleet.file, attr);
@@ -399,40 +405,27 @@ impl Run<'_> {
         let Some(tailscale) = &self.spec.tailscale else {
             return Ok((Status::Skipped, format!("vms.{name} has no `tailscale`")));
         };
-        let key = nixos::read_auth_key(&tailscale.auth_key_file, &name)?;
         let status = guest::run_captured(
             self.app,
             &name,
             vec!["tailscale".into(), "status".into(), "--json".into()],
             60,
         )
-        .context("running tailscale in the guest (is services.tailscale.enable set?)")?;
+        .context("running tailscale in the guest (is agentvm.tailscale.enable set?)")?;
         if nixos::tailscale_running(&status.stdout) {
             return Ok((Status::Unchanged, "already in its tailnet".to_string()));
         }
-        let write = Op::WriteFile {
-            path: nixos::GUEST_AUTH_KEY.to_string(),
-            data: key.to_vec(),
-            mode: Some(0o600),
-            append: false,
-        };
-        self.app.call_one(&name, write)?;
-        let up = guest::run_captured(self.app, &name, nixos::tailscale_up_argv(&name), 300);
-        let removed = guest::run_captured(
+        // Only now: a one-off key may be gone once the VM is enrolled.
+        let key = nixos::read_auth_key(&tailscale.auth_key_file, &name)?;
+        let up = guest::run_captured_with(
             self.app,
             &name,
-            vec!["rm".into(), "-f".into(), nixos::GUEST_AUTH_KEY.into()],
-            30,
-        );
-        let up = up?;
+            nixos::tailscale_up_argv(&name),
+            Some(key.to_vec()),
+            300,
+        )?;
         if !up.success() {
             bail!("tailscale up: {}", up.tail());
-        }
-        if !removed.is_ok_and(|r| r.success()) {
-            bail!(
-                "enrolled, but removing {} from the guest failed: remove it by hand",
-                nixos::GUEST_AUTH_KEY
-            );
         }
         Ok((Status::Changed, format!("enrolled as {name}")))
     }
@@ -514,7 +507,7 @@ fn plan(
                         && !folder.join(nixos::HARDWARE_CONFIG).exists()
                     {
                         what.push(format!(
-                            "generate {} over SSH (nixos-generate-config --show-hardware-config)",
+                            "generate {} over SSH (nixos-generate-config --show-hardware-config --no-filesystems)",
                             folder.join(nixos::HARDWARE_CONFIG).display()
                         ));
                     }
@@ -530,9 +523,8 @@ fn plan(
                 Some(t) => (
                     Status::Planned,
                     format!(
-                        "tailscale up with the key in {} (written to {} in the guest, mode 0600, removed after)",
-                        t.auth_key_file.display(),
-                        nixos::GUEST_AUTH_KEY
+                        "unless it is in its tailnet: tailscale up with the key in {}, handed to it on its standard input through the guest agent",
+                        t.auth_key_file.display()
                     ),
                 ),
             },
@@ -599,6 +591,40 @@ pub(super) fn fingerprint(public: &str) -> Result<String> {
     let key = ssh_key::PublicKey::from_openssh(public.trim())
         .with_context(|| format!("not an SSH public key: {public:?}"))?;
     Ok(key.fingerprint(ssh_key::HashAlg::Sha256).to_string())
+}
+
+/// `git add FILE` when its folder is in a git work tree (a flake there sees
+/// only files git knows); what it did, for the step's report.
+fn git_add(file: &Path) -> Result<Option<String>> {
+    let dir = file.parent().context("the file's folder")?;
+    let inside = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "--is-inside-work-tree"])
+        .output();
+    match inside {
+        Ok(out) if out.status.success() => {}
+        // Not a git checkout (or no git): nothing to stage.
+        _ => return Ok(None),
+    }
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .arg("add")
+        .arg("--")
+        .arg(file)
+        .output()
+        .context("running git add")?;
+    if !out.status.success() {
+        bail!(
+            "git add {}: {} (the flake cannot see it until git does)",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(Some(
+        "staged it with git add (commit it with the host)".to_string(),
+    ))
 }
 
 /// Runs `argv` on the guest over SSH; an SSH that cannot connect (exit 255)

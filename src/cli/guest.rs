@@ -334,10 +334,21 @@ impl Captured {
 
 /// Runs `argv` in the guest through its agent and captures its output.
 pub fn run_captured(app: &App, name: &str, argv: Vec<String>, timeout: u64) -> Result<Captured> {
+    run_captured_with(app, name, argv, None, timeout)
+}
+
+/// `run_captured`, with `stdin` as the command's standard input.
+pub fn run_captured_with(
+    app: &App,
+    name: &str,
+    argv: Vec<String>,
+    stdin: Option<Vec<u8>>,
+    timeout: u64,
+) -> Result<Captured> {
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let op = Op::Exec {
         argv,
-        stdin: None,
+        stdin,
         timeout_secs: timeout,
         stream: false,
     };

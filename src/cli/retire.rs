@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::deploy::{ENV_SOPS, admin_identity, failures, fleet_dir, paths, sops_files};
 use super::{App, output};
 use crate::backend::State;
-use crate::deploy::{Status, inventory, nixos};
+use crate::deploy::{Status, inventory};
 use crate::protocol::{Op, Outcome};
 use crate::spec::VmSpec;
 
@@ -69,7 +69,7 @@ pub fn retire(
     let steps: [(&'static str, &dyn Fn() -> StepResult); 5] = [
         ("destroy", &|| destroy(app, name)),
         ("secrets", &|| secrets(app, &spec, &identity)),
-        ("host-key", &|| forget(app, name)),
+        ("host-key", &|| forget(app, &spec)),
         ("inventory", &|| {
             let file = inventory::path(&fleet.file);
             Ok(if inventory::update(&file, name, None)? {
@@ -142,15 +142,23 @@ fn destroy(app: &App, name: &str) -> StepResult {
 
 fn secrets(app: &App, spec: &VmSpec, identity: &std::path::Path) -> StepResult {
     let name = spec.name.as_str();
-    if spec.secrets.is_empty() {
+    let record = app.home.secrets_record();
+    let known = crate::secrets::read_added(&record)?.contains_key(name);
+    if spec.secrets.is_empty() && !known {
         return Ok((Status::Skipped, format!("vms.{name} has no secrets")));
     }
-    let record = app.home.secrets_record();
-    if !crate::secrets::read_added(&record)?.contains_key(name) {
-        return Ok((
-            Status::Unchanged,
-            "agentvm has no key of it in any secrets".to_string(),
-        ));
+    if !known {
+        let mut done = Vec::new();
+        if let Some(left) = sops_update(app, spec, &mut done)? {
+            return Ok((Status::Left, left));
+        }
+        let status = if done.is_empty() {
+            Status::Unchanged
+        } else {
+            Status::Changed
+        };
+        done.insert(0, "agentvm has no key of it in any secrets".to_string());
+        return Ok((status, done.join("; ")));
     }
     let fleet = app.fleet()?;
     let report = crate::secrets::rekey(
@@ -171,44 +179,69 @@ fn secrets(app: &App, spec: &VmSpec, identity: &std::path::Path) -> StepResult {
     if !report.rekeyed.is_empty() {
         done.push(format!("re-encrypted {}", paths(&report.rekeyed)));
     }
-    let sops = sops_files(spec);
-    if !report.sops_files.is_empty() && !sops.is_empty() {
-        let program = crate::paths::non_empty_env(ENV_SOPS).unwrap_or_else(|| "sops".to_string());
-        for file in &sops {
-            match Command::new(&program)
-                .args(["updatekeys", "-y"])
-                .arg(file)
-                .current_dir(fleet_dir(&fleet.file))
-                .output()
-            {
-                Ok(out) if out.status.success() => {
-                    done.push(format!("sops re-encrypted {}", file.display()));
-                }
-                Ok(out) => bail!(
-                    "sops updatekeys {}: {}",
-                    file.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok((
-                        Status::Left,
-                        format!(
-                            "{}; sops is not installed to re-encrypt without it: run sops updatekeys -y {}",
-                            done.join("; "),
-                            paths(&sops)
-                        ),
-                    ));
-                }
-                Err(e) => return Err(e).context("running sops"),
-            }
-        }
+    if let Some(left) = sops_update(app, spec, &mut done)? {
+        return Ok((Status::Left, left));
     }
     Ok((Status::Changed, done.join("; ")))
 }
 
+/// `sops updatekeys -y` of the VM's sops files (each noted in `done` when it
+/// changed); without sops, what is left to do.
+fn sops_update(app: &App, spec: &VmSpec, done: &mut Vec<String>) -> Result<Option<String>> {
+    let sops = sops_files(spec);
+    if sops.is_empty() {
+        return Ok(None);
+    }
+    let fleet = app.fleet()?;
+    let program = crate::paths::non_empty_env(ENV_SOPS).unwrap_or_else(|| "sops".to_string());
+    for file in &sops {
+        let before = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        match Command::new(&program)
+            .args(["updatekeys", "-y"])
+            .arg(file)
+            .current_dir(fleet_dir(&fleet.file))
+            .output()
+        {
+            Ok(out) if out.status.success() => {
+                if std::fs::read(file).ok().as_ref() != Some(&before) {
+                    done.push(format!("sops re-encrypted {}", file.display()));
+                }
+            }
+            Ok(out) => bail!(
+                "sops updatekeys {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut left = done.clone();
+                left.push(format!(
+                    "`{program}` is not installed to re-encrypt without its key: run sops updatekeys -y {}",
+                    paths(&sops)
+                ));
+                return Ok(Some(left.join("; ")));
+            }
+            Err(e) => return Err(e).context("running sops"),
+        }
+    }
+    Ok(None)
+}
+
 /// The pinned host key, the VM's known_hosts and its deploy record.
-fn forget(app: &App, name: &str) -> StepResult {
+fn forget(app: &App, spec: &VmSpec) -> StepResult {
+    let name = spec.name.as_str();
     let mut removed = Vec::new();
+    // A Proxmox VM's pinned key lives under remote/<backend>/NAME.
+    let remote = app
+        .home
+        .root()
+        .join(crate::paths::REMOTE_DIR)
+        .join(&spec.backend)
+        .join(name);
+    if spec.backend != crate::spec::LOCAL_BACKEND && remote.is_dir() {
+        std::fs::remove_dir_all(&remote)
+            .with_context(|| format!("removing {}", remote.display()))?;
+        removed.push(remote);
+    }
     for file in [
         app.home.vm_pinned_host_key(name),
         app.home.vm_known_hosts(name),
@@ -234,11 +267,15 @@ fn forget(app: &App, name: &str) -> StepResult {
 fn config(app: &App, spec: &VmSpec, purge: bool) -> StepResult {
     let fleet = app.fleet()?;
     let name = spec.name.as_str();
-    let folder = spec
-        .nixos
-        .as_deref()
-        .and_then(|attr| nixos::host_folder(&fleet.file, attr))
-        .unwrap_or_else(|| fleet_dir(&fleet.file).join(format!("hosts/agent-{name}")));
+    let folder = fleet_dir(&fleet.file).join(format!("hosts/agent-{name}"));
+    let host_attr = format!("#agent-{name}");
+    let sharing: Vec<&str> = fleet
+        .vms
+        .values()
+        .filter(|vm| vm.name.as_str() != name)
+        .filter(|vm| vm.nixos.as_deref().is_some_and(|n| n.ends_with(&host_attr)))
+        .map(|vm| vm.name.as_str())
+        .collect();
     if !purge {
         return Ok((
             Status::Skipped,
@@ -275,13 +312,15 @@ fn config(app: &App, spec: &VmSpec, purge: bool) -> StepResult {
             kept.push(file);
         }
     }
-    if folder.is_dir() {
+    if !sharing.is_empty() {
+        kept.push(folder.clone());
+    } else if folder.is_dir() {
         std::fs::remove_dir_all(&folder)
             .with_context(|| format!("removing {}", folder.display()))?;
         removed.push(folder);
     }
     if edited != text {
-        crate::fsutil::write_atomic(&fleet.file, edited.as_bytes(), 0o644)?;
+        crate::fsutil::write_atomic_keep_mode(&fleet.file, edited.as_bytes(), 0o644)?;
         removed.push(PathBuf::from(format!(
             "[vms.{name}] of {}",
             fleet.file.display()
@@ -289,8 +328,14 @@ fn config(app: &App, spec: &VmSpec, purge: bool) -> StepResult {
     }
     let kept = if kept.is_empty() {
         String::new()
-    } else {
+    } else if sharing.is_empty() {
         format!("; kept {} (agentvm new did not write them)", paths(&kept))
+    } else {
+        format!(
+            "; kept {} (agentvm new did not write them, or {} use it too)",
+            paths(&kept),
+            sharing.join(", ")
+        )
     };
     if removed.is_empty() {
         return Ok((

@@ -5,7 +5,7 @@
 pub mod inventory;
 pub mod nixos;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -131,10 +131,6 @@ pub struct DeployState {
     /// Where the last deploy stopped; `None` once one went through.
     #[serde(default)]
     pub failed: Option<Failure>,
-    /// sops files whose creation rule gained the VM's key but that were not
-    /// re-encrypted yet (`sops` was not installed).
-    #[serde(default)]
-    pub sops_pending: Vec<PathBuf>,
     /// The host key the last deploy pinned (`type base64`).
     #[serde(default)]
     pub host_key: Option<String>,
@@ -238,14 +234,13 @@ mod tests {
                 error: "no identity".into(),
                 at: 1,
             }),
-            sops_pending: vec!["/f/app.yaml".into()],
             host_key: Some("ssh-ed25519 AAAA".into()),
             deployed_at: None,
         };
         state.write(&path).unwrap();
         let read = DeployState::read(&path).unwrap();
         assert_eq!(read.failed.unwrap().step, Step::Secrets);
-        assert_eq!(read.sops_pending, state.sops_pending);
+        assert_eq!(read.host_key, state.host_key);
 
         std::fs::write(&path, b"{\"failed\": ").unwrap();
         let err = DeployState::read(&path).unwrap_err();

@@ -12,9 +12,9 @@ use crate::paths::{ENV_NIX, non_empty_env};
 /// The file `nixos-generate-config --show-hardware-config` output goes to, in
 /// the host's folder.
 pub const HARDWARE_CONFIG: &str = "hardware-configuration.nix";
-/// The guest path the tailscale auth key is written to (mode 0600) for the
-/// moment `tailscale up` reads it; removed right after.
-pub const GUEST_AUTH_KEY: &str = "/run/agentvm-tailscale-auth-key";
+/// Where `tailscale up` reads the auth key: its standard input, which the
+/// guest agent fills (no file, no command line).
+pub const AUTH_KEY_SOURCE: &str = "file:/proc/self/fd/0";
 /// The guest's current system.
 pub const CURRENT_SYSTEM: &str = "/run/current-system";
 
@@ -33,11 +33,14 @@ pub fn host_folder(fleet_file: &Path, nixos: &str) -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
-/// The guest command that prints the hardware config.
+/// The guest command that prints the hardware config. Without file systems:
+/// agent-base mounts its root by label, and the by-UUID mounts the guest
+/// would report would tie the host (and an image built from it) to one disk.
 pub fn hardware_config_argv() -> Vec<String> {
     vec![
         "nixos-generate-config".into(),
         "--show-hardware-config".into(),
+        "--no-filesystems".into(),
     ]
 }
 
@@ -95,13 +98,13 @@ pub fn toplevel(flake_ref: &str) -> Result<String> {
     Ok(path)
 }
 
-/// The guest command that enrols it: the key is read from `GUEST_AUTH_KEY`
-/// by tailscale itself (`file:`), so it is on no command line.
+/// The guest command that enrols it: tailscale reads the key from its
+/// standard input (`file:/proc/self/fd/0`), so it is on no command line.
 pub fn tailscale_up_argv(hostname: &str) -> Vec<String> {
     vec![
         "tailscale".into(),
         "up".into(),
-        format!("--auth-key=file:{GUEST_AUTH_KEY}"),
+        format!("--auth-key={AUTH_KEY_SOURCE}"),
         format!("--hostname={hostname}"),
     ]
 }
@@ -177,7 +180,7 @@ mod tests {
     #[test]
     fn tailscale_key_is_a_file_reference_and_status_is_read() {
         let argv = tailscale_up_argv("drago");
-        assert!(argv.contains(&format!("--auth-key=file:{GUEST_AUTH_KEY}")));
+        assert!(argv.contains(&"--auth-key=file:/proc/self/fd/0".to_string()));
         assert!(tailscale_running(br#"{"BackendState":"Running"}"#));
         assert!(!tailscale_running(br#"{"BackendState":"NeedsLogin"}"#));
         assert!(!tailscale_running(b"not json"));

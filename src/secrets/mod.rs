@@ -14,7 +14,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::fsutil::{read_json_state, write_atomic};
+use crate::fsutil::{
+    existing_mode, read_json_state, sync_dir, write_atomic, write_atomic_keep_mode,
+};
 
 /// How agentvm marks the keys it adds: the key comment `agentvm-NAME`.
 pub fn marker(vm: &str) -> String {
@@ -42,6 +44,10 @@ pub struct Report {
 pub struct Added {
     pub ssh: String,
     pub age: Option<String>,
+    /// Every secret file it was added for, so removal reaches the files a VM
+    /// no longer lists.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
 }
 
 /// The recipients recorded in `path` (none when the file does not exist); a
@@ -177,6 +183,16 @@ pub fn rekey(
         ..Report::default()
     };
     let id = load_identity(identity)?;
+    // Removal also reaches the files the key was added for that the VM no longer lists.
+    let mut secrets: Vec<PathBuf> = secrets.to_vec();
+    if let (true, Some(known)) = (remove, added.get(vm)) {
+        for file in &known.files {
+            if !secrets.contains(file) {
+                secrets.push(file.clone());
+            }
+        }
+    }
+    let secrets = &secrets[..];
 
     // agenix: every .age file, grouped by the secrets.nix that governs it.
     let mut groups: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
@@ -245,52 +261,114 @@ pub fn rekey(
             }
         }
         for (file, tmp) in ready {
+            if let Some(mode) = existing_mode(&file) {
+                use std::os::unix::fs::PermissionsExt;
+                tmp.as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(mode))
+                    .with_context(|| format!("keeping the mode of {}", file.display()))?;
+            }
             tmp.persist(&file)
                 .with_context(|| format!("replacing {}", file.display()))?;
+            sync_dir(&dir);
             report.rekeyed.push(file);
         }
         if edited != original {
-            write_atomic(&nix, edited.as_bytes(), 0o644)?;
+            write_atomic_keep_mode(&nix, edited.as_bytes(), 0o644)?;
             report.edited.push(nix);
         }
     }
 
-    // sops: the age form of the key in the creation rule that matches.
+    // sops: the age form of the key in the creation rule each file matches.
     let sops_path = fleet_dir.join(sops::SOPS_YAML);
     let sops_files: Vec<PathBuf> = secrets
         .iter()
         .filter(|f| f.extension().is_none_or(|e| e != "age"))
         .cloned()
         .collect();
-    if let (Some(age), true) = (&age_recipient, sops_path.is_file()) {
-        let text = std::fs::read_to_string(&sops_path)
-            .with_context(|| format!("reading {}", sops_path.display()))?;
-        let rel: Vec<String> = secrets.iter().map(|f| relative(f, fleet_dir)).collect();
-        let edited = if remove {
-            sops::remove_recipient(&text, &sops_path, age).map(Some)
-        } else {
-            sops::add_recipient(&text, &sops_path, &rel, age, &mark)
-        };
-        match edited {
-            Ok(Some(edited)) if edited != text => {
-                write_atomic(&sops_path, edited.as_bytes(), 0o644)?;
-                report.edited.push(sops_path);
-                report.sops_files = sops_files;
+    match (&age_recipient, sops_path.is_file()) {
+        _ if sops_files.is_empty() => {}
+        (_, false) if !remove => {
+            for file in &sops_files {
+                report.failed.push((
+                    file.clone(),
+                    format!(
+                        "no {} in {} to give it the key",
+                        sops::SOPS_YAML,
+                        fleet_dir.display()
+                    ),
+                ));
             }
-            Ok(_) => {}
-            // The agenix files are done: say what to do by hand and go on.
-            Err(e) => report.failed.push((sops_path, format!("{e:#}"))),
         }
+        (None, _) if !remove => {
+            for file in &sops_files {
+                report.failed.push((
+                    file.clone(),
+                    "only an ssh-ed25519 host key has an age form for sops; add the VM's key by hand"
+                        .to_string(),
+                ));
+            }
+        }
+        (Some(age), true) => {
+            let text = std::fs::read_to_string(&sops_path)
+                .with_context(|| format!("reading {}", sops_path.display()))?;
+            let edited = if remove {
+                sops::remove_recipient(&text, &sops_path, age)
+            } else {
+                // sops takes, for each file, the first rule whose path_regex matches it.
+                let mut edited = text.clone();
+                let mut failed = None;
+                for file in &sops_files {
+                    let rel = [relative(file, fleet_dir)];
+                    match sops::add_recipient(&edited, &sops_path, &rel, age, &mark) {
+                        Ok(Some(next)) => edited = next,
+                        Ok(None) => report.failed.push((
+                            file.clone(),
+                            format!("no creation rule of {} matches it", sops_path.display()),
+                        )),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(edited),
+                }
+            };
+            match edited {
+                Ok(edited) if edited != text => {
+                    write_atomic_keep_mode(&sops_path, edited.as_bytes(), 0o644)?;
+                    report.edited.push(sops_path);
+                    report.sops_files = sops_files;
+                }
+                Ok(_) => {}
+                // The agenix files are done: say what to do by hand and go on.
+                Err(e) => report.failed.push((sops_path, format!("{e:#}"))),
+            }
+        }
+        _ => {}
     }
 
     if remove {
-        added.remove(vm);
+        // Kept while a file still has the key, so the next run finishes the job.
+        if report.failed.is_empty() {
+            added.remove(vm);
+        }
     } else {
+        let mut files: Vec<PathBuf> = added.get(vm).map(|a| a.files.clone()).unwrap_or_default();
+        for file in secrets {
+            if !files.contains(file) {
+                files.push(file.clone());
+            }
+        }
+        files.sort();
         added.insert(
             vm.to_string(),
             Added {
                 ssh: ssh_recipient,
                 age: age_recipient,
+                files,
             },
         );
     }
@@ -315,12 +393,66 @@ mod tests {
             Added {
                 ssh: "ssh-ed25519 AAAA agentvm-drago".into(),
                 age: Some("age1xyz".into()),
+                files: vec!["/f/secrets/drago.age".into()],
             },
         )]);
         write_atomic(&path, &serde_json::to_vec_pretty(&added).unwrap(), 0o600).unwrap();
         let read = read_added(&path).unwrap();
         assert_eq!(read["drago"].ssh, added["drago"].ssh);
         assert_eq!(read["drago"].age, added["drago"].age);
+    }
+
+    /// An identity file and an ed25519 host key, made here.
+    fn keys(dir: &Path) -> (PathBuf, String) {
+        let identity = age::x25519::Identity::generate();
+        let id_path = dir.join("admin.txt");
+        use age::secrecy::ExposeSecret;
+        std::fs::write(&id_path, identity.to_string().expose_secret()).unwrap();
+        let host = ssh_key::PrivateKey::random(
+            &mut ssh_key::rand_core::OsRng,
+            ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
+        (id_path, host.public_key().to_openssh().unwrap())
+    }
+
+    #[test]
+    fn each_sops_file_gets_the_key_in_its_own_rule_and_one_without_a_rule_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (identity, host) = keys(dir.path());
+        let yaml = "creation_rules:\n  - path_regex: secrets/drago/.*\\.yaml$\n    age: age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq\n  - path_regex: secrets/shared\\.yaml$\n    age: age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq\n";
+        std::fs::write(dir.path().join(".sops.yaml"), yaml).unwrap();
+        let files: Vec<PathBuf> = ["secrets/drago/x.yaml", "secrets/shared.yaml"]
+            .iter()
+            .map(|f| dir.path().join(f))
+            .collect();
+        let record = dir.path().join("secrets.json");
+        let report = rekey("drago", &files, dir.path(), Some(&host), &identity, &record).unwrap();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let age = report.age_recipient.clone().unwrap();
+        let edited = std::fs::read_to_string(dir.path().join(".sops.yaml")).unwrap();
+        assert_eq!(edited.matches(&age).count(), 2, "both rules: {edited}");
+        assert_eq!(read_added(&record).unwrap()["drago"].files, files);
+
+        // A file no rule matches is reported, not passed over.
+        let mut more = files.clone();
+        more.push(dir.path().join("other/z.yaml"));
+        let report = rekey("drago", &more, dir.path(), Some(&host), &identity, &record).unwrap();
+        assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+        assert!(
+            report.failed[0].1.contains("no creation rule"),
+            "{:?}",
+            report.failed
+        );
+
+        // Removal reaches every rule, and the record goes only then.
+        let report = rekey("drago", &[], dir.path(), None, &identity, &record).unwrap();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(".sops.yaml")).unwrap(),
+            yaml
+        );
+        assert!(read_added(&record).unwrap().is_empty());
     }
 
     #[test]
