@@ -196,6 +196,44 @@ fn deploy_gives_the_vm_its_secrets_resumes_changes_nothing_twice_and_retire_undo
         "a failed secrets step writes nothing"
     );
 
+    // Files agentvm cannot edit safely stop the step, say where and what to
+    // do, and are left exactly as they were.
+    let bad_inputs = [
+        (
+            0,
+            "let keys = import ./keys.nix; in keys // { \"token.age\".publicKeys = [ ]; }\n",
+            "secrets.nix:1",
+        ),
+        (
+            2,
+            "keys:\n  - &admin age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq\ncreation_rules:\n  - path_regex: secrets/app\\.yaml$\n    age: *admin\n",
+            "line",
+        ),
+    ];
+    for (index, text, named) in bad_inputs {
+        let good = std::fs::read(&files[index]).unwrap();
+        std::fs::write(&files[index], text).unwrap();
+        let out = env.agentvm(&["deploy", "dp-drago", "--identity", admin_arg]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains("[3/7] secrets: FAILED"), "{stdout}");
+        assert!(stdout.contains(named), "{named:?} in {stdout}");
+        assert_eq!(
+            std::fs::read_to_string(&files[index]).unwrap(),
+            text,
+            "left as it was"
+        );
+        if index == 0 {
+            assert_eq!(
+                snapshot(&files[1..2]),
+                before[1..2],
+                "no secret was touched"
+            );
+        }
+        // (A .sops.yaml it cannot edit does not hold back the agenix files.)
+        std::fs::write(&files[index], good).unwrap();
+    }
+
     // The next deploy resumes at the failed step and goes through.
     let report = env.json(&["deploy", "dp-drago", "--identity", admin_arg]);
     let report = &report[0];
