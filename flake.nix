@@ -45,9 +45,10 @@
             # Only what the build reads, so that editing hosts/, the README or
             # the tests does not rebuild agentvm. benches/ is there because
             # Cargo.toml declares its [[bench]] targets, which cargo looks for
-            # even when it does not build them. Nothing in src/ includes files
-            # from elsewhere (no include_str!/include_bytes!); xml/ and tests/
-            # are read by the tests only, which do not run here.
+            # even when it does not build them. Nothing the build compiles
+            # includes files from elsewhere (the one include_str!, of
+            # hosts/agent-template, is in a unit test); xml/ and tests/ are read
+            # by the tests only, which do not run here.
             src = lib.fileset.toSource {
               root = ./.;
               fileset = lib.fileset.unions [
