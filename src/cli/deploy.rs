@@ -33,6 +33,8 @@ struct Run<'a> {
     host_key: Option<String>,
     /// The host key came from the guest agent (not an SSH key scan).
     key_from_agent: bool,
+    /// sops files an old host key was taken out of (for the sops step).
+    extra_sops: Vec<PathBuf>,
 }
 
 type StepResult = Result<(Status, String)>;
@@ -82,6 +84,7 @@ pub fn deploy(
                 backend: spec.backend.clone(),
                 host_key: None,
                 key_from_agent: false,
+                extra_sops: Vec::new(),
             };
             let report = run.all(resumed_at);
             run.state.write(&state_path)?;
@@ -219,14 +222,18 @@ impl Run<'_> {
             return Ok((Status::Skipped, format!("vms.{name} has no secrets")));
         }
         let key = self.host_key.clone().context("no host key was read")?;
-        if !self.key_from_agent {
+        let fleet = self.app.fleet()?;
+        let record = self.app.home.secrets_record();
+        let recorded = crate::secrets::read_added(&record)?
+            .get(&name)
+            .is_some_and(|added| added.ssh.starts_with(&format!("{} ", key.trim())));
+        // A key the user gave it by hand (`secrets rekey --host-key`) is theirs to vouch for.
+        if !self.key_from_agent && !recorded {
             bail!(
                 "its host key was read by an SSH key scan (no guest agent answered), which anyone on the path could answer: \
                  check it, then give it its secrets with agentvm secrets rekey {name} --host-key FILE"
             );
         }
-        let fleet = self.app.fleet()?;
-        let record = self.app.home.secrets_record();
         let mut done = Vec::new();
         // A guest whose host key changed: its old key loses access first.
         if let Some(added) = crate::secrets::read_added(&record)?.get(&name)
@@ -247,6 +254,7 @@ impl Run<'_> {
                 "took its old key out of {}",
                 paths(&removed.edited)
             ));
+            self.extra_sops = removed.sops_files;
         }
         let report = crate::secrets::rekey(
             &name,
@@ -281,49 +289,29 @@ impl Run<'_> {
     }
 
     fn sops(&mut self) -> StepResult {
-        let files: Vec<PathBuf> = sops_files(self.spec);
+        let mut files: Vec<PathBuf> = sops_files(self.spec);
+        // Files an old key was taken out of, that the VM no longer lists.
+        for file in std::mem::take(&mut self.extra_sops) {
+            if !files.contains(&file) {
+                files.push(file);
+            }
+        }
         if files.is_empty() {
             return Ok((Status::Skipped, "no sops secrets".to_string()));
         }
-        let program = crate::paths::non_empty_env(ENV_SOPS).unwrap_or_else(|| "sops".to_string());
         let fleet = self.app.fleet()?;
-        let mut changed = Vec::new();
-        for file in &files {
-            let before =
-                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            let out = match Command::new(&program)
-                .args(["updatekeys", "-y"])
-                .arg(file)
-                .current_dir(fleet_dir(&fleet.file))
-                .output()
-            {
-                Ok(out) => out,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok((
-                        Status::Left,
-                        format!(
-                            "`{program}` is not installed, so nothing re-encrypts them with the rule's keys: run sops updatekeys -y {}",
-                            paths(&files)
-                        ),
-                    ));
-                }
-                Err(e) => return Err(e).context("running sops"),
-            };
-            if !out.status.success() {
-                bail!(
-                    "sops updatekeys {}: {}",
-                    file.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+        match sops_updatekeys(fleet_dir(&fleet.file), &files)? {
+            Err(program) => Ok((
+                Status::Left,
+                format!(
+                    "`{program}` is not installed, so nothing re-encrypts them with the rule's keys: run sops updatekeys -y {}",
+                    paths(&files)
+                ),
+            )),
+            Ok(changed) if changed.is_empty() => {
+                Ok((Status::Unchanged, format!("{} up to date", paths(&files))))
             }
-            if std::fs::read(file).ok().as_ref() != Some(&before) {
-                changed.push(file.clone());
-            }
-        }
-        if changed.is_empty() {
-            Ok((Status::Unchanged, format!("{} up to date", paths(&files))))
-        } else {
-            Ok((Status::Changed, format!("re-encrypted {}", paths(&changed))))
+            Ok(changed) => Ok((Status::Changed, format!("re-encrypted {}", paths(&changed)))),
         }
     }
 
@@ -341,10 +329,11 @@ impl Run<'_> {
                 let config = ssh_output(&endpoint, &nixos::hardware_config_argv())?;
                 crate::fsutil::write_atomic(&file, &config, 0o644)?;
                 done.push(format!("generated {}", file.display()));
-                // A flake in git sees only files git knows.
-                if let Some(staged) = git_add(&file)? {
-                    done.push(staged);
-                }
+            }
+            // A flake in git sees only files git knows (also when an earlier
+            // run wrote the file and its `git add` failed).
+            if let Some(staged) = git_add(&file)? {
+                done.push(staged);
             }
         }
         let flake = crate::provision::flake_ref(&fleet.file, attr);
@@ -576,6 +565,43 @@ pub(super) fn paths(files: &[PathBuf]) -> String {
         .join(", ")
 }
 
+/// `sops updatekeys -y` of each file (run in the fleet's folder, given an
+/// absolute path): the files it changed, or `Err(program)` when sops is not
+/// installed.
+pub(super) fn sops_updatekeys(
+    fleet_dir: &Path,
+    files: &[PathBuf],
+) -> Result<std::result::Result<Vec<PathBuf>, String>> {
+    let program = crate::paths::non_empty_env(ENV_SOPS).unwrap_or_else(|| "sops".to_string());
+    let mut changed = Vec::new();
+    for file in files {
+        let path = std::path::absolute(file)
+            .with_context(|| format!("the absolute path of {}", file.display()))?;
+        let before = std::fs::read(&path).with_context(|| format!("reading {}", file.display()))?;
+        let out = match Command::new(&program)
+            .args(["updatekeys", "-y"])
+            .arg(&path)
+            .current_dir(fleet_dir)
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(program)),
+            Err(e) => return Err(e).context("running sops"),
+        };
+        if !out.status.success() {
+            bail!(
+                "sops updatekeys {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if std::fs::read(&path).ok().as_ref() != Some(&before) {
+            changed.push(file.clone());
+        }
+    }
+    Ok(Ok(changed))
+}
+
 /// The files a rekey left as they were, with why.
 pub(super) fn failures(report: &crate::secrets::Report) -> String {
     report
@@ -607,6 +633,16 @@ fn git_add(file: &Path) -> Result<Option<String>> {
         // Not a git checkout (or no git): nothing to stage.
         _ => return Ok(None),
     }
+    let known = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["ls-files", "--error-unmatch", "--"])
+        .arg(file)
+        .output()
+        .context("running git ls-files")?;
+    if known.status.success() {
+        return Ok(None);
+    }
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
@@ -622,9 +658,10 @@ fn git_add(file: &Path) -> Result<Option<String>> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(Some(
-        "staged it with git add (commit it with the host)".to_string(),
-    ))
+    Ok(Some(format!(
+        "staged {} with git add (commit it with the host)",
+        file.display()
+    )))
 }
 
 /// Runs `argv` on the guest over SSH; an SSH that cannot connect (exit 255)

@@ -178,6 +178,11 @@ pub fn secrets_rekey(
     for (file, why) in &report.failed {
         eprintln!("agentvm: error: {}: left as it was: {why}", file.display());
     }
+    // A removal is complete (for agentvm) once no file failed; the sops files
+    // named above still need `sops updatekeys`.
+    if remove && report.failed.is_empty() {
+        crate::secrets::forget(name, &app.home.secrets_record())?;
+    }
     Ok(i32::from(!report.failed.is_empty()))
 }
 

@@ -5,13 +5,12 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::deploy::{ENV_SOPS, admin_identity, failures, fleet_dir, paths, sops_files};
+use super::deploy::{admin_identity, failures, fleet_dir, paths, sops_files, sops_updatekeys};
 use super::{App, output};
 use crate::backend::State;
 use crate::deploy::{Status, inventory};
@@ -100,7 +99,9 @@ pub fn retire(
                 ms as f64 / 1000.0
             );
         }
-        let failed = status == Status::Failed;
+        // Work left undone (sops) stops it too: what follows (the config
+        // above all) must stay until the VM's key has lost every access.
+        let failed = matches!(status, Status::Failed | Status::Left);
         retired.steps.push(RetireStep {
             step,
             status,
@@ -147,83 +148,62 @@ fn secrets(app: &App, spec: &VmSpec, identity: &std::path::Path) -> StepResult {
     if spec.secrets.is_empty() && !known {
         return Ok((Status::Skipped, format!("vms.{name} has no secrets")));
     }
-    if !known {
-        let mut done = Vec::new();
-        if let Some(left) = sops_update(app, spec, &mut done)? {
-            return Ok((Status::Left, left));
+    let fleet = app.fleet()?;
+    let mut done = Vec::new();
+    let mut sops = sops_files(spec);
+    if known {
+        let report = crate::secrets::rekey(
+            name,
+            &spec.secrets,
+            fleet_dir(&fleet.file),
+            None,
+            identity,
+            &record,
+        )?;
+        if !report.failed.is_empty() {
+            bail!("left as they were: {}", failures(&report));
         }
-        let status = if done.is_empty() {
-            Status::Unchanged
-        } else {
-            Status::Changed
-        };
-        done.insert(0, "agentvm has no key of it in any secrets".to_string());
-        return Ok((status, done.join("; ")));
-    }
-    let fleet = app.fleet()?;
-    let report = crate::secrets::rekey(
-        name,
-        &spec.secrets,
-        fleet_dir(&fleet.file),
-        None,
-        identity,
-        &record,
-    )?;
-    if !report.failed.is_empty() {
-        bail!("left as they were: {}", failures(&report));
-    }
-    let mut done = vec![format!("removed {}", report.recipient)];
-    if !report.edited.is_empty() {
-        done.push(format!("from {}", paths(&report.edited)));
-    }
-    if !report.rekeyed.is_empty() {
-        done.push(format!("re-encrypted {}", paths(&report.rekeyed)));
-    }
-    if let Some(left) = sops_update(app, spec, &mut done)? {
-        return Ok((Status::Left, left));
-    }
-    Ok((Status::Changed, done.join("; ")))
-}
-
-/// `sops updatekeys -y` of the VM's sops files (each noted in `done` when it
-/// changed); without sops, what is left to do.
-fn sops_update(app: &App, spec: &VmSpec, done: &mut Vec<String>) -> Result<Option<String>> {
-    let sops = sops_files(spec);
-    if sops.is_empty() {
-        return Ok(None);
-    }
-    let fleet = app.fleet()?;
-    let program = crate::paths::non_empty_env(ENV_SOPS).unwrap_or_else(|| "sops".to_string());
-    for file in &sops {
-        let before = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        match Command::new(&program)
-            .args(["updatekeys", "-y"])
-            .arg(file)
-            .current_dir(fleet_dir(&fleet.file))
-            .output()
-        {
-            Ok(out) if out.status.success() => {
-                if std::fs::read(file).ok().as_ref() != Some(&before) {
-                    done.push(format!("sops re-encrypted {}", file.display()));
-                }
+        done.push(format!("removed {}", report.recipient));
+        if !report.edited.is_empty() {
+            done.push(format!("from {}", paths(&report.edited)));
+        }
+        if !report.rekeyed.is_empty() {
+            done.push(format!("re-encrypted {}", paths(&report.rekeyed)));
+        }
+        for file in report.sops_files {
+            if !sops.contains(&file) {
+                sops.push(file);
             }
-            Ok(out) => bail!(
-                "sops updatekeys {}: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut left = done.clone();
-                left.push(format!(
-                    "`{program}` is not installed to re-encrypt without its key: run sops updatekeys -y {}",
+        }
+    } else {
+        done.push("agentvm has no key of it in any secrets".to_string());
+    }
+    if !sops.is_empty() {
+        match sops_updatekeys(fleet_dir(&fleet.file), &sops)? {
+            Err(program) => {
+                done.push(format!(
+                    "`{program}` is not installed to re-encrypt without its key: run sops updatekeys -y {}, then agentvm retire {name} again",
                     paths(&sops)
                 ));
-                return Ok(Some(left.join("; ")));
+                // The record stays, so the next retire redoes this.
+                return Ok((Status::Left, done.join("; ")));
             }
-            Err(e) => return Err(e).context("running sops"),
+            Ok(changed) if !changed.is_empty() => {
+                done.push(format!("sops re-encrypted {}", paths(&changed)));
+            }
+            Ok(_) => {}
         }
     }
-    Ok(None)
+    if !known {
+        let status = if done.len() > 1 {
+            Status::Changed
+        } else {
+            Status::Unchanged
+        };
+        return Ok((status, done.join("; ")));
+    }
+    crate::secrets::forget(name, &record)?;
+    Ok((Status::Changed, done.join("; ")))
 }
 
 /// The pinned host key, the VM's known_hosts and its deploy record.

@@ -56,6 +56,15 @@ pub fn read_added(path: &Path) -> Result<BTreeMap<String, Added>> {
     read_json_state(path)
 }
 
+/// Drops what agentvm recorded of `vm`'s key: a removal is complete.
+pub fn forget(vm: &str, added_path: &Path) -> Result<()> {
+    let mut added = read_added(added_path)?;
+    if added.remove(vm).is_some() {
+        write_atomic(added_path, &serde_json::to_vec_pretty(&added)?, 0o600)?;
+    }
+    Ok(())
+}
+
 /// An admin identity: an unencrypted OpenSSH private key or an age identity file.
 pub fn load_identity(path: &Path) -> Result<Box<dyn age::Identity>> {
     let text =
@@ -182,7 +191,6 @@ pub fn rekey(
         age_recipient: age_recipient.clone(),
         ..Report::default()
     };
-    let id = load_identity(identity)?;
     // Removal also reaches the files the key was added for that the VM no longer lists.
     let mut secrets: Vec<PathBuf> = secrets.to_vec();
     if let (true, Some(known)) = (remove, added.get(vm)) {
@@ -193,6 +201,15 @@ pub fn rekey(
         }
     }
     let secrets = &secrets[..];
+    // Only age files need the admin identity (sops re-encrypts with its own).
+    let id = if secrets
+        .iter()
+        .any(|f| f.extension().is_some_and(|e| e == "age"))
+    {
+        Some(load_identity(identity)?)
+    } else {
+        None
+    };
 
     // agenix: every .age file, grouped by the secrets.nix that governs it.
     let mut groups: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
@@ -215,11 +232,16 @@ pub fn rekey(
         // Decrypt first: a file that fails keeps its entry and its content.
         let mut plain = Vec::new();
         for file in files {
+            // A file that is gone gives no access: nothing to take back.
+            if remove && !file.exists() {
+                continue;
+            }
             match std::fs::read(&file)
                 .map_err(anyhow::Error::from)
                 .and_then(|c| {
                     let armored = c.starts_with(ARMOR_BEGIN);
-                    decrypt(&c, id.as_ref()).map(|p| (p, armored, c))
+                    let id = id.as_deref().context("no admin identity was loaded")?;
+                    decrypt(&c, id).map(|p| (p, armored, c))
                 }) {
                 Ok((p, armored, c)) => plain.push((file, p, armored, c)),
                 Err(e) => report.failed.push((file, format!("{e:#}"))),
@@ -342,6 +364,9 @@ pub fn rekey(
                     report.edited.push(sops_path);
                     report.sops_files = sops_files;
                 }
+                // A removal may have edited the rule in an earlier run whose
+                // `sops updatekeys` did not happen: they all still need it.
+                Ok(_) if remove => report.sops_files = sops_files,
                 Ok(_) => {}
                 // The agenix files are done: say what to do by hand and go on.
                 Err(e) => report.failed.push((sops_path, format!("{e:#}"))),
@@ -350,12 +375,9 @@ pub fn rekey(
         _ => {}
     }
 
-    if remove {
-        // Kept while a file still has the key, so the next run finishes the job.
-        if report.failed.is_empty() {
-            added.remove(vm);
-        }
-    } else {
+    // A removal keeps the record: the caller forgets it (`forget`) once
+    // every file, sops re-encryption included, is done.
+    if !remove {
         let mut files: Vec<PathBuf> = added.get(vm).map(|a| a.files.clone()).unwrap_or_default();
         for file in secrets {
             if !files.contains(file) {
@@ -445,13 +467,19 @@ mod tests {
             report.failed
         );
 
-        // Removal reaches every rule, and the record goes only then.
-        let report = rekey("drago", &[], dir.path(), None, &identity, &record).unwrap();
-        assert!(report.failed.is_empty(), "{:?}", report.failed);
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join(".sops.yaml")).unwrap(),
-            yaml
-        );
+        // Removal reaches every rule and names every sops file to re-encrypt,
+        // also on a second run; the record goes when the caller says so.
+        for _ in 0..2 {
+            let report = rekey("drago", &[], dir.path(), None, &identity, &record).unwrap();
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            assert_eq!(report.sops_files.len(), 3, "{:?}", report.sops_files);
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join(".sops.yaml")).unwrap(),
+                yaml
+            );
+        }
+        assert!(read_added(&record).unwrap().contains_key("drago"));
+        forget("drago", &record).unwrap();
         assert!(read_added(&record).unwrap().is_empty());
     }
 
