@@ -21,6 +21,9 @@ pub const ENV_FAILPOINT: &str = "AGENTVM_FAILPOINT";
 pub const ENV_NIX: &str = "AGENTVM_NIX";
 /// Environment variable naming the `nixos-rebuild` program `agentvm provision` runs.
 pub const ENV_NIXOS_REBUILD: &str = "AGENTVM_NIXOS_REBUILD";
+/// Environment variable naming the `sops` program `agentvm deploy` and
+/// `retire` run (else `sops` on PATH).
+pub const ENV_SOPS: &str = "AGENTVM_SOPS";
 /// Environment variable that overrides the daemon socket path.
 pub const ENV_SOCKET: &str = "AGENTVM_SOCKET";
 /// The virtiofsd to run for shared folders (else `virtiofsd` on `$PATH`).

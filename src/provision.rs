@@ -43,11 +43,7 @@ pub fn command(
 pub fn flake_ref(fleet_file: &Path, nixos: &str) -> String {
     match nixos.split_once('#') {
         Some((source, attr)) if source.is_empty() || source.starts_with('.') => {
-            let dir = fleet_file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let dir = dir.join(source);
+            let dir = crate::spec::fleet_dir(fleet_file).join(source);
             let dir = dir.canonicalize().unwrap_or(dir);
             format!("{}#{attr}", dir.display())
         }

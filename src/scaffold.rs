@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use toml_edit::{DocumentMut, Item, Table, value};
 
 use crate::fsutil::write_atomic;
-use crate::spec::{Fleet, Name};
+use crate::spec::{Fleet, Name, fleet_dir};
 
 /// The host config `agentvm new` copies, relative to the fleet file's folder.
 pub const TEMPLATE: &str = "hosts/agent-template/default.nix";
@@ -19,13 +19,6 @@ pub const PLACEHOLDER: &str = "@NAME@";
 /// `hosts/agent-NAME/default.nix` beside the fleet file.
 pub fn host_config_path(fleet_file: &Path, name: &str) -> PathBuf {
     fleet_dir(fleet_file).join(format!("hosts/agent-{name}/default.nix"))
-}
-
-fn fleet_dir(fleet_file: &Path) -> PathBuf {
-    fleet_file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// The fleet file's text with `[vms.NAME]` added (pinned ports, and with
@@ -479,9 +472,9 @@ pub fn scaffold(
 
     let mut extras = Vec::new();
     for kind in [Extra::UserModule, Extra::HomeManager] {
-        if let Some(folder) = detect(&root, kind.dirs()) {
+        if let Some(folder) = detect(root, kind.dirs()) {
             let path = root.join(folder).join(format!("agent-{name}.nix"));
-            let text = extra_text(&root, kind, folder, name.as_str())?;
+            let text = extra_text(root, kind, folder, name.as_str())?;
             extras.push(ExtraFile {
                 kind,
                 folder,

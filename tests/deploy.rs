@@ -97,20 +97,6 @@ fn snapshot(files: &[PathBuf]) -> Vec<(Vec<u8>, std::time::SystemTime)> {
         .collect()
 }
 
-fn statuses(report: &Value) -> Vec<(String, String)> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["step"].as_str().unwrap().to_string(),
-                s["status"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -252,7 +238,7 @@ fn deploy_gives_the_vm_its_secrets_resumes_changes_nothing_twice_and_retire_undo
     let report = &report[0];
     assert_eq!(report["resumed_at"], "secrets", "{report}");
     assert_eq!(
-        statuses(report),
+        common::statuses(report),
         pairs(&[
             ("up", "unchanged"),
             ("host-key", "unchanged"),
@@ -324,7 +310,7 @@ fn deploy_gives_the_vm_its_secrets_resumes_changes_nothing_twice_and_retire_undo
          dropbearkey -y -f $k | awk '$1 == \"ssh-ed25519\" { print $1, $2 }' > /etc/ssh/ssh_host_ed25519_key.pub",
     ]);
     let report = env.json(&["deploy", "dp-drago", "--identity", admin_arg]);
-    let changed: Vec<String> = statuses(&report[0])
+    let changed: Vec<String> = common::statuses(&report[0])
         .into_iter()
         .filter(|(_, status)| status == "changed")
         .map(|(step, _)| step)
@@ -404,7 +390,7 @@ fn deploy_gives_the_vm_its_secrets_resumes_changes_nothing_twice_and_retire_undo
     assert!(!env.home().join("deploys/dp-drago.json").exists());
     // Retiring again finds nothing left to do.
     let again = env.json(&["retire", "dp-drago", "--yes", "--identity", admin_arg]);
-    let again = statuses(&again);
+    let again = common::statuses(&again);
     assert!(
         again
             .iter()
@@ -504,7 +490,7 @@ fn deploy_generates_the_hardware_config_switches_the_system_and_enrols_tailscale
 
     let first = deploy(&env);
     assert_eq!(
-        statuses(&first),
+        common::statuses(&first),
         pairs(&[
             ("up", "unchanged"),
             ("host-key", "changed"),

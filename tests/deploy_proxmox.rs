@@ -10,21 +10,6 @@ mod pve;
 
 use lab::{Lab, REMOTE};
 use pve::FakeOptions;
-use serde_json::Value;
-
-fn statuses(report: &Value) -> Vec<(String, String)> {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["step"].as_str().unwrap().to_string(),
-                s["status"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn a_proxmox_vm_is_deployed_recorded_and_retired_like_a_local_one() {
@@ -52,7 +37,7 @@ fn a_proxmox_vm_is_deployed_recorded_and_retired_like_a_local_one() {
     .iter()
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
-    assert_eq!(statuses(first), want, "{first}");
+    assert_eq!(common::statuses(first), want, "{first}");
     let (vmid, _) = lab.vm("remote");
     let key_line = pve::guest::host_key_line(vmid, "remote");
     let key: Vec<&str> = key_line.split_whitespace().take(2).collect();

@@ -114,13 +114,7 @@ pub fn secrets_rekey(
     if spec.secrets.is_empty() {
         bail!("{}: vms.{name} has no secrets", fleet.file.display());
     }
-    let identity = match identity {
-        Some(path) => path,
-        None => std::path::PathBuf::from(
-            crate::paths::non_empty_env("HOME").context("HOME is not set: give --identity")?,
-        )
-        .join(".ssh/id_ed25519"),
-    };
+    let identity = crate::secrets::admin_identity(identity)?;
     let key = if remove {
         None
     } else if let Some(path) = host_key {
@@ -141,11 +135,7 @@ pub fn secrets_rekey(
         .map(|k| crate::ssh::public_key_of(&k))
         .transpose()
         .context("the host key")?;
-    let fleet_dir = fleet
-        .file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
+    let fleet_dir = crate::spec::fleet_dir(&fleet.file);
     let report = crate::secrets::rekey(
         name,
         &spec.secrets,

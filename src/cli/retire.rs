@@ -10,12 +10,13 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::deploy::{admin_identity, failures, fleet_dir, paths, sops_files, sops_updatekeys};
 use super::{App, output};
 use crate::backend::State;
+use crate::deploy::tools::{failures, paths, sops_files, sops_updatekeys};
 use crate::deploy::{Status, inventory};
 use crate::protocol::{Op, Outcome};
 use crate::spec::VmSpec;
+use crate::spec::fleet_dir;
 
 /// One step of a retire.
 #[derive(Debug, Serialize)]
@@ -44,7 +45,7 @@ pub fn retire(
 ) -> Result<i32> {
     let fleet = app.fleet()?;
     let spec = fleet.vm(name)?.clone();
-    let identity = admin_identity(identity)?;
+    let identity = crate::secrets::admin_identity(identity)?;
     if !yes {
         if !std::io::stdin().is_terminal() {
             bail!("refusing to retire {name} without --yes (not on a terminal)");

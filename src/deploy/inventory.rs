@@ -64,11 +64,7 @@ impl Row {
 
 /// The inventory file of the fleet file `fleet_file`.
 pub fn path(fleet_file: &Path) -> PathBuf {
-    fleet_file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .join(INVENTORY_FILE)
+    crate::spec::fleet_dir(fleet_file).join(INVENTORY_FILE)
 }
 
 /// The name in the first cell of a table line.

@@ -4,6 +4,7 @@
 
 pub mod inventory;
 pub mod nixos;
+pub mod tools;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -25,11 +25,10 @@ pub fn host_folder(fleet_file: &Path, nixos: &str) -> Option<PathBuf> {
     if !(source.is_empty() || source.starts_with('.') || source.starts_with('/')) {
         return None;
     }
-    let base = fleet_file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let dir = base.join(source).join("hosts").join(attr);
+    let dir = crate::spec::fleet_dir(fleet_file)
+        .join(source)
+        .join("hosts")
+        .join(attr);
     dir.is_dir().then_some(dir)
 }
 

@@ -65,6 +65,17 @@ pub fn forget(vm: &str, added_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The admin identity file: `given` (`--identity`), else `~/.ssh/id_ed25519`.
+pub fn admin_identity(given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(path) => Ok(path),
+        None => Ok(PathBuf::from(
+            crate::paths::non_empty_env("HOME").context("HOME is not set: give --identity")?,
+        )
+        .join(".ssh/id_ed25519")),
+    }
+}
+
 /// An admin identity: an unencrypted OpenSSH private key or an age identity file.
 pub fn load_identity(path: &Path) -> Result<Box<dyn age::Identity>> {
     let text =

@@ -293,6 +293,14 @@ impl VmSpec {
     }
 }
 
+/// The folder of the fleet file `file` (`.` for a bare file name): relative
+/// paths, the flake and the project's folders are found from here.
+pub fn fleet_dir(file: &Path) -> &Path {
+    file.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 impl Fleet {
     /// The fleet file: `explicit`, else `$AGENTVM_FILE`, else `agentvm.toml` in the
     /// current folder or the nearest parent that has one.

@@ -234,6 +234,21 @@ impl Drop for Env {
     }
 }
 
+/// `(step, status)` of each step of a `deploy --json` or `retire --json` report.
+pub fn statuses(report: &Value) -> Vec<(String, String)> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// True when a TCP listener can take 127.0.0.1:`port`.
 pub fn port_is_free(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
