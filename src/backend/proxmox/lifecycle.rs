@@ -308,12 +308,9 @@ impl Lifecycle for ProxmoxBackend {
             }
         };
         let addr: SocketAddr = addr;
-        while crate::ssh::read_banner(&addr).is_none() {
-            if Instant::now() >= deadline {
-                return Err(anyhow!("{name}: no SSH banner on {addr} in time").into());
-            }
-            std::thread::sleep(POLL);
-        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        crate::ssh::wait_for_banner_at(addr, timeout, POLL, || Ok(true))
+            .map_err(|e| anyhow!("{name}: {e}"))?;
         Ok(())
     }
 

@@ -1,17 +1,17 @@
 //! agentvm's own SSH identity, the `ssh` command line for a VM, `ssh-config`
-//! blocks, and waiting for a guest's SSH banner.
+//! blocks, and (in `banner`) waiting for a guest's SSH banner.
+
+mod banner;
+
+pub use banner::{read_banner, wait_for_banner, wait_for_banner_at};
 
 use std::fmt::Write as _;
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
-use crate::backoff::Backoff;
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::paths::Home;
 
@@ -144,72 +144,6 @@ impl Endpoint {
     }
 }
 
-/// Waits until 127.0.0.1:`port` answers with an SSH banner. `still_running` is
-/// asked between tries so a guest that died is reported at once.
-pub fn wait_for_banner(
-    port: u16,
-    timeout: Duration,
-    mut still_running: impl FnMut() -> Result<bool>,
-) -> Result<Duration> {
-    let start = Instant::now();
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut backoff = Backoff::new(BANNER_POLL_FIRST, BANNER_POLL_MAX);
-    loop {
-        // While the guest boots, SLIRP may hold a connection the guest never
-        // answers: a short wait per try keeps a try from hiding the banner.
-        if read_banner_within(&addr, BANNER_PROBE_WAIT).is_some() {
-            return Ok(start.elapsed());
-        }
-        if !still_running()? {
-            bail!("the VM stopped before SSH came up");
-        }
-        if start.elapsed() >= timeout {
-            bail!(
-                "no SSH banner on 127.0.0.1:{port} after {}s",
-                timeout.as_secs()
-            );
-        }
-        backoff.sleep_until(start + timeout);
-    }
-}
-
-/// How `wait_for_banner` polls: 2 ms growing to 10 ms (each try is one
-/// loopback connection, refused by the guest's kernel until sshd listens, so a
-/// try costs the guest next to nothing and sshd is seen within 10 ms).
-const BANNER_POLL_FIRST: Duration = Duration::from_millis(2);
-const BANNER_POLL_MAX: Duration = Duration::from_millis(10);
-/// How long one try waits for the banner after connecting.
-const BANNER_PROBE_WAIT: Duration = Duration::from_millis(500);
-
-/// The first line the server sends, if it is an SSH identification string.
-/// (A user-mode forward accepts connections before the guest listens; only the
-/// banner proves sshd is up.)
-pub fn read_banner(addr: &SocketAddr) -> Option<String> {
-    read_banner_within(addr, Duration::from_secs(3))
-}
-
-/// [`read_banner`], waiting at most `wait` for the banner once connected.
-pub fn read_banner_within(addr: &SocketAddr, wait: Duration) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(wait)).ok()?;
-    let mut buf = [0u8; 256];
-    let mut got = 0;
-    while got < buf.len() {
-        match stream.read(&mut buf[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                got += n;
-                if buf[..got].contains(&b'\n') {
-                    break;
-                }
-            }
-        }
-    }
-    let text = String::from_utf8_lossy(&buf[..got]);
-    let line = text.lines().next()?.trim().to_string();
-    line.starts_with("SSH-").then_some(line)
-}
-
 /// `type base64` from a public key file or a known_hosts/keyscan line.
 pub fn public_key_of(text: &str) -> anyhow::Result<String> {
     for line in text
@@ -335,29 +269,5 @@ mod tests {
             "ssh-ed25519 BBBB"
         );
         assert!(public_key_of("garbage").is_err());
-    }
-
-    #[test]
-    fn banner_must_be_ssh() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            s.write_all(b"HTTP/1.0 200 OK\r\n").unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            s.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
-        });
-        assert_eq!(read_banner(&addr), None);
-        assert_eq!(read_banner(&addr).as_deref(), Some("SSH-2.0-dropbear"));
-        server.join().unwrap();
-    }
-
-    #[test]
-    fn waiting_stops_when_the_vm_dies() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        let err = wait_for_banner(port, Duration::from_secs(30), || Ok(false)).unwrap_err();
-        assert!(err.to_string().contains("stopped"), "{err}");
     }
 }

@@ -1,0 +1,377 @@
+//! Waiting for a guest's SSH banner without overrunning its sshd.
+//!
+//! Through a user-mode (SLIRP) port forward, a booting guest goes through
+//! three phases, as seen from the host:
+//! 1. its network is not up: the forward accepts each connection and holds it
+//!    silent (SLIRP retries its SYN to the guest, for up to 75 s);
+//! 2. its network is up but nothing listens: the guest resets the connection
+//!    and the forward closes it at once;
+//! 3. sshd listens: every connection starts one more sshd (OpenSSH re-executes
+//!    itself for each), which under emulation can take seconds to send its
+//!    banner.
+//!
+//! Giving up on a silent connection after a fixed wait and opening another
+//! starts yet another sshd in phase 3 each time: on a loaded host they pile
+//! up, sshd answers "Exceeded MaxStartups", and the banner may never come in
+//! time (this held a Debian guest without SSH for ten minutes). So:
+//! - until the guest has answered anything (phase 1), one connection is held
+//!   (SLIRP resends its SYN every few seconds) and a fresh one beside it is
+//!   replaced every 0.5–1 s, so the guest's network coming up is seen soon,
+//!   and at most one sshd a second is started if sshd already listens then;
+//! - once it has (phases 2 and 3), a silent connection is an sshd at work: it
+//!   is kept and read until it answers (at most [`MAX_PENDING`] of them, each
+//!   for at most [`MAX_AGE`]), and new ones beside it are opened ever more
+//!   slowly (0.5 s, 1 s, 2 s, ... up to 8 s).
+//!
+//! Connections that are refused or closed are retried within milliseconds, so
+//! a banner is still seen as soon as sshd sends it.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::backoff::Backoff;
+
+/// How often pending connections are read, and the first retry after a
+/// refused connection: 2 ms growing to 10 ms (a refused or reset connection
+/// costs the guest next to nothing, so sshd is seen within 10 ms).
+const POLL_FIRST: Duration = Duration::from_millis(2);
+const POLL_MAX: Duration = Duration::from_millis(10);
+/// How long a silent connection is waited on before another is opened beside
+/// it; it doubles with each one opened, up to [`PATIENCE_BLIND`] before the
+/// guest has answered and [`PATIENCE_MAX`] after.
+const PATIENCE_FIRST: Duration = Duration::from_millis(500);
+const PATIENCE_BLIND: Duration = Duration::from_secs(1);
+const PATIENCE_MAX: Duration = Duration::from_secs(8);
+/// At most this many silent connections are kept open once the guest has
+/// answered, the oldest dropped first (before, one held and one fresh).
+const MAX_PENDING: usize = 8;
+const MAX_PENDING_BLIND: usize = 2;
+/// A connection silent this long is dropped (SLIRP gives up after 75 s).
+const MAX_AGE: Duration = Duration::from_secs(60);
+/// How often the caller is asked whether the guest still runs.
+const ALIVE_CHECK: Duration = Duration::from_millis(100);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// An identification line is at most 255 bytes (RFC 4253, 4.2).
+const MAX_LINE: usize = 256;
+
+/// Waits until 127.0.0.1:`port` answers with an SSH banner. `still_running` is
+/// asked every 100 ms so a guest that died is reported at once.
+pub fn wait_for_banner(
+    port: u16,
+    timeout: Duration,
+    still_running: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    wait_for_banner_at(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        timeout,
+        POLL_MAX,
+        still_running,
+    )
+}
+
+/// [`wait_for_banner`] for any address; a refused connection is retried after
+/// 2 ms growing to `retry_max`.
+pub fn wait_for_banner_at(
+    addr: SocketAddr,
+    timeout: Duration,
+    retry_max: Duration,
+    mut still_running: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    // Whether the guest has answered anything: from then on a silent
+    // connection is an sshd at work, not a guest without network.
+    let mut answered = false;
+    let mut patience = PATIENCE_FIRST;
+    let mut next_open = start;
+    let mut retry = Backoff::new(POLL_FIRST, retry_max.max(POLL_FIRST));
+    let mut poll = Backoff::new(POLL_FIRST, POLL_MAX);
+    let mut next_alive_check = start + ALIVE_CHECK;
+    loop {
+        let mut i = 0;
+        while i < pending.len() {
+            match pending[i].read() {
+                Answer::Banner => return Ok(start.elapsed()),
+                Answer::Nothing => i += 1,
+                Answer::Closed => {
+                    // Nothing listens yet: try again at once.
+                    pending.remove(i);
+                    if !answered {
+                        // Held while the guest had no network: when SLIRP
+                        // resends their SYN, each would start an sshd.
+                        pending.clear();
+                    }
+                    answered = true;
+                    patience = PATIENCE_FIRST;
+                    next_open = Instant::now();
+                    poll = Backoff::new(POLL_FIRST, POLL_MAX);
+                }
+                Answer::Busy => {
+                    // sshd is up but refused this one ("Exceeded MaxStartups").
+                    pending.remove(i);
+                    answered = true;
+                }
+            }
+        }
+        let now = Instant::now();
+        pending.retain(|p| now.duration_since(p.opened) < MAX_AGE);
+        if now >= next_open {
+            if answered {
+                while pending.len() >= MAX_PENDING {
+                    pending.pop_front();
+                }
+            } else if pending.len() >= MAX_PENDING_BLIND {
+                // The oldest is held; the fresh one is replaced.
+                pending.pop_back();
+            }
+            match Pending::open(&addr) {
+                Some(p) => {
+                    pending.push_back(p);
+                    retry = Backoff::new(POLL_FIRST, retry_max.max(POLL_FIRST));
+                    next_open = Instant::now() + patience;
+                    let cap = if answered {
+                        PATIENCE_MAX
+                    } else {
+                        PATIENCE_BLIND
+                    };
+                    patience = (patience * 2).min(cap);
+                    // Read it at once: a closed one is retried within 2 ms.
+                    poll = Backoff::new(POLL_FIRST, POLL_MAX);
+                    continue;
+                }
+                None => next_open = Instant::now() + retry.step(),
+            }
+        }
+        if now >= next_alive_check {
+            if !still_running()? {
+                bail!("the VM stopped before SSH came up");
+            }
+            next_alive_check = Instant::now() + ALIVE_CHECK;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            bail!(
+                "no SSH banner on {addr} after {}s",
+                now.duration_since(start).as_secs()
+            );
+        }
+        let mut wake = next_open.min(deadline).min(next_alive_check);
+        if !pending.is_empty() {
+            wake = wake.min(now + poll.step());
+        }
+        std::thread::sleep(wake.saturating_duration_since(now));
+    }
+}
+
+/// The first line the server sends, if it is an SSH identification string,
+/// waiting at most 3 s for it once connected. (A user-mode forward accepts
+/// connections before the guest listens; only the banner proves sshd is up.)
+pub fn read_banner(addr: &SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut buf = [0u8; MAX_LINE];
+    let mut got = 0;
+    while got < buf.len() {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                got += n;
+                if buf[..got].contains(&b'\n') {
+                    break;
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..got]);
+    let line = text.lines().next()?.trim().to_string();
+    line.starts_with("SSH-").then_some(line)
+}
+
+/// One probe connection, read without blocking.
+struct Pending {
+    stream: TcpStream,
+    opened: Instant,
+    got: Vec<u8>,
+}
+
+/// What a pending connection said so far.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Banner,
+    /// Still silent.
+    Nothing,
+    /// Closed or reset without a word: nothing listens.
+    Closed,
+    /// A first line that is not an SSH banner (a busy sshd says why it refuses).
+    Busy,
+}
+
+impl Pending {
+    fn open(addr: &SocketAddr) -> Option<Self> {
+        let stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).ok()?;
+        stream.set_nonblocking(true).ok()?;
+        Some(Self {
+            stream,
+            opened: Instant::now(),
+            got: Vec::new(),
+        })
+    }
+
+    fn read(&mut self) -> Answer {
+        let mut chunk = [0u8; MAX_LINE];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    return if self.got.is_empty() {
+                        Answer::Closed
+                    } else {
+                        Answer::Busy
+                    };
+                }
+                Ok(n) => {
+                    self.got.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = self.got.iter().position(|&b| b == b'\n') {
+                        return if self.got[..end].starts_with(b"SSH-") {
+                            Answer::Banner
+                        } else {
+                            Answer::Busy
+                        };
+                    }
+                    if self.got.len() >= MAX_LINE {
+                        return Answer::Busy;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Answer::Nothing,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    return if self.got.is_empty() {
+                        Answer::Closed
+                    } else {
+                        Answer::Busy
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn banner_must_be_ssh() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"HTTP/1.0 200 OK\r\n").unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
+        });
+        assert_eq!(read_banner(&addr), None);
+        assert_eq!(read_banner(&addr).as_deref(), Some("SSH-2.0-dropbear"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn waiting_stops_when_the_vm_dies() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let err = wait_for_banner(port, Duration::from_secs(30), || Ok(false)).unwrap_err();
+        assert!(err.to_string().contains("stopped"), "{err}");
+    }
+
+    /// A guest whose network is up (it closes the first connection: nothing
+    /// listens yet) and whose sshd then takes `delay` to send each connection
+    /// its banner, counting the connections it was given.
+    fn slow_server(delay: Duration) -> (u16, Arc<AtomicUsize>, Arc<Mutex<Vec<TcpStream>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let (count, keep) = (accepted.clone(), kept.clone());
+        std::thread::spawn(move || {
+            for stream in l.incoming() {
+                let Ok(mut stream) = stream else { return };
+                if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                    continue;
+                }
+                keep.lock().unwrap().push(stream.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2p1\r\n");
+                });
+            }
+        });
+        (port, accepted, kept)
+    }
+
+    #[test]
+    fn a_slow_sshd_is_waited_on_not_flooded() {
+        // Each banner takes 3 s: a probe that gave up after half a second
+        // would have started six sshds; patience that doubles starts three
+        // (at 0, 0.5 and 1.5 s, after the one refused) and takes the first banner.
+        let (port, accepted, _kept) = slow_server(Duration::from_secs(3));
+        let took = wait_for_banner(port, Duration::from_secs(30), || Ok(true)).unwrap();
+        assert!(took >= Duration::from_secs(3), "{took:?}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(n <= 1 + 3, "{n} connections for one banner");
+    }
+
+    #[test]
+    fn a_closed_connection_is_retried_at_once() {
+        // Closes the first connections without a word (nothing listens in
+        // the guest yet), then answers: the banner is seen without a wait.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            for _ in 0..5 {
+                drop(l.accept().unwrap());
+            }
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"SSH-2.0-dropbear\r\n").unwrap();
+            s
+        });
+        let took = wait_for_banner(port, Duration::from_secs(30), || Ok(true)).unwrap();
+        assert!(took < Duration::from_millis(400), "{took:?}");
+        drop(server.join().unwrap());
+    }
+
+    #[test]
+    fn a_busy_answer_is_not_a_banner() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"Exceeded MaxStartups\r\n").unwrap();
+            drop(s);
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"SSH-2.0-OpenSSH_9.2p1\r\n").unwrap();
+            s
+        });
+        let mut first = Pending::open(&addr).unwrap();
+        let mut answer = Answer::Nothing;
+        for _ in 0..500 {
+            answer = first.read();
+            if answer != Answer::Nothing {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(answer, Answer::Busy);
+        wait_for_banner(addr.port(), Duration::from_secs(10), || Ok(true)).unwrap();
+        drop(server.join().unwrap());
+    }
+}
