@@ -7,9 +7,8 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where `.ci/bench` collects the figures of all benches.
 pub const ENV_FIGURES: &str = "AGENTVM_BENCH_FIGURES";
@@ -94,13 +93,10 @@ pub fn virsh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Waits (polling every millisecond) until 127.0.0.1:`port` sends an SSH banner.
+/// Waits until 127.0.0.1:`port` sends an SSH banner, the way `up` waits.
 pub fn wait_banner(port: u16, timeout: Duration) {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let deadline = Instant::now() + timeout;
-    while agentvm::ssh::read_banner_within(&addr, Duration::from_millis(200)).is_none() {
-        assert!(Instant::now() < deadline, "no SSH banner on port {port}");
-        std::thread::sleep(Duration::from_millis(1));
+    if let Err(e) = agentvm::ssh::wait_for_banner(port, timeout, || Ok(true)) {
+        panic!("{e:#}");
     }
 }
 

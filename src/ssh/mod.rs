@@ -166,8 +166,6 @@ pub fn public_key_of(text: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::net::TcpListener;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
