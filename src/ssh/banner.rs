@@ -13,15 +13,18 @@
 //! Giving up on a silent connection after a fixed wait and opening another
 //! starts yet another sshd in phase 3 each time: on a loaded host they pile
 //! up, sshd answers "Exceeded MaxStartups", and the banner may never come in
-//! time (this held a Debian guest without SSH for ten minutes). So:
-//! - until the guest has answered anything (phase 1), one connection is held
-//!   (SLIRP resends its SYN every few seconds) and a fresh one beside it is
-//!   replaced every 0.5–1 s, so the guest's network coming up is seen soon,
-//!   and at most one sshd a second is started if sshd already listens then;
+//! time (this held a Debian guest without SSH for ten minutes), or the user's
+//! first `ssh` after `up` is the one sshd drops. So:
+//! - until the guest has answered anything (phase 1), the first connection is
+//!   held: SLIRP sends its SYN as soon as the guest's network is up, so it is
+//!   refused (phase 2) or accepted by sshd (if sshd listened first) at once.
+//!   A fresh one beside it is replaced at growing intervals (0.5 s up to 4 s)
+//!   in case the held one is lost; in the worst case that starts one spare
+//!   sshd every 4 s;
 //! - once it has (phases 2 and 3), a silent connection is an sshd at work: it
-//!   is kept and read until it answers (at most [`MAX_PENDING`] of them, each
-//!   for at most [`MAX_AGE`]), and new ones beside it are opened ever more
-//!   slowly (0.5 s, 1 s, 2 s, ... up to 8 s).
+//!   is kept and read until it answers, and new ones beside it are opened
+//!   ever more slowly (0.5 s, 1 s, 2 s, ... up to 8 s), never more than
+//!   [`MAX_PENDING`] at once (sshd starts dropping at 10).
 //!
 //! Connections that are refused or closed are retried within milliseconds, so
 //! a banner is still seen as soon as sshd sends it.
@@ -44,11 +47,11 @@ const POLL_MAX: Duration = Duration::from_millis(10);
 /// it; it doubles with each one opened, up to [`PATIENCE_BLIND`] before the
 /// guest has answered and [`PATIENCE_MAX`] after.
 const PATIENCE_FIRST: Duration = Duration::from_millis(500);
-const PATIENCE_BLIND: Duration = Duration::from_secs(1);
+const PATIENCE_BLIND: Duration = Duration::from_secs(4);
 const PATIENCE_MAX: Duration = Duration::from_secs(8);
 /// At most this many silent connections are kept open once the guest has
-/// answered, the oldest dropped first (before, one held and one fresh).
-const MAX_PENDING: usize = 8;
+/// answered (before, one held and one fresh).
+const MAX_PENDING: usize = 4;
 const MAX_PENDING_BLIND: usize = 2;
 /// A connection silent this long is dropped (SLIRP gives up after 75 s).
 const MAX_AGE: Duration = Duration::from_secs(60);
@@ -121,30 +124,31 @@ pub fn wait_for_banner_at(
         let now = Instant::now();
         pending.retain(|p| now.duration_since(p.opened) < MAX_AGE);
         if now >= next_open {
-            if answered {
-                while pending.len() >= MAX_PENDING {
-                    pending.pop_front();
-                }
-            } else if pending.len() >= MAX_PENDING_BLIND {
+            if !answered && pending.len() >= MAX_PENDING_BLIND {
                 // The oldest is held; the fresh one is replaced.
                 pending.pop_back();
             }
-            match Pending::open(&addr) {
-                Some(p) => {
-                    pending.push_back(p);
-                    retry = Backoff::new(POLL_FIRST, retry_max.max(POLL_FIRST));
-                    next_open = Instant::now() + patience;
-                    let cap = if answered {
-                        PATIENCE_MAX
-                    } else {
-                        PATIENCE_BLIND
-                    };
-                    patience = (patience * 2).min(cap);
-                    // Read it at once: a closed one is retried within 2 ms.
-                    poll = Backoff::new(POLL_FIRST, POLL_MAX);
-                    continue;
+            if answered && pending.len() >= MAX_PENDING {
+                // Enough sshds at work: wait for one of them.
+                next_open = now + patience;
+            } else {
+                match Pending::open(&addr) {
+                    Some(p) => {
+                        pending.push_back(p);
+                        retry = Backoff::new(POLL_FIRST, retry_max.max(POLL_FIRST));
+                        next_open = Instant::now() + patience;
+                        let cap = if answered {
+                            PATIENCE_MAX
+                        } else {
+                            PATIENCE_BLIND
+                        };
+                        patience = (patience * 2).min(cap);
+                        // Read it at once: a closed one is retried within 2 ms.
+                        poll = Backoff::new(POLL_FIRST, POLL_MAX);
+                        continue;
+                    }
+                    None => next_open = Instant::now() + retry.step(),
                 }
-                None => next_open = Instant::now() + retry.step(),
             }
         }
         if now >= next_alive_check {
@@ -292,10 +296,14 @@ mod tests {
         assert!(err.to_string().contains("stopped"), "{err}");
     }
 
-    /// A guest whose network is up (it closes the first connection: nothing
-    /// listens yet) and whose sshd then takes `delay` to send each connection
-    /// its banner, counting the connections it was given.
-    fn slow_server(delay: Duration) -> (u16, Arc<AtomicUsize>, Arc<Mutex<Vec<TcpStream>>>) {
+    /// A guest whose network is up (unless `listening_first`, it closes the
+    /// first connection: nothing listens yet) and whose sshd then takes
+    /// `delay` to send each connection its banner, counting the connections
+    /// it was given.
+    fn slow_server(
+        delay: Duration,
+        listening_first: bool,
+    ) -> (u16, Arc<AtomicUsize>, Arc<Mutex<Vec<TcpStream>>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -304,7 +312,7 @@ mod tests {
         std::thread::spawn(move || {
             for stream in l.incoming() {
                 let Ok(mut stream) = stream else { return };
-                if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                if count.fetch_add(1, Ordering::SeqCst) == 0 && !listening_first {
                     continue;
                 }
                 keep.lock().unwrap().push(stream.try_clone().unwrap());
@@ -322,12 +330,25 @@ mod tests {
         // Each banner takes 3 s: a probe that gave up after half a second
         // would have started six sshds; patience that doubles starts three
         // (at 0, 0.5 and 1.5 s, after the one refused) and takes the first banner.
-        let (port, accepted, _kept) = slow_server(Duration::from_secs(3));
+        let (port, accepted, _kept) = slow_server(Duration::from_secs(3), false);
         let took = wait_for_banner(port, Duration::from_secs(30), || Ok(true)).unwrap();
         assert!(took >= Duration::from_secs(3), "{took:?}");
         assert!(took < Duration::from_secs(6), "{took:?}");
         let n = accepted.load(Ordering::SeqCst);
         assert!(n <= 1 + 3, "{n} connections for one banner");
+    }
+
+    #[test]
+    fn an_sshd_that_listened_before_the_network_is_not_flooded_either() {
+        // Nothing is ever refused, so a silent connection may be a guest
+        // without network: the first is held, and one fresh one beside it is
+        // replaced at 0.5 and 1.5 s; the held one's banner comes at 3 s.
+        let (port, accepted, _kept) = slow_server(Duration::from_secs(3), true);
+        let took = wait_for_banner(port, Duration::from_secs(30), || Ok(true)).unwrap();
+        assert!(took >= Duration::from_secs(3), "{took:?}");
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(n <= 3, "{n} connections for one banner");
     }
 
     #[test]

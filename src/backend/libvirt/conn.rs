@@ -40,13 +40,15 @@ pub struct Conn {
 struct Current {
     conn: Connect,
     generation: u64,
+    /// The event callbacks registered on `conn`.
+    callbacks: Vec<std::os::raw::c_int>,
 }
 
 impl Conn {
     /// Opens the first connection to `uri`.
     pub fn open(uri: &str) -> anyhow::Result<Self> {
         start_event_loop();
-        let conn = open(uri).with_context(|| {
+        let (conn, callbacks) = open(uri).with_context(|| {
             format!(
                 "connecting to libvirt at {uri} (is libvirt installed, and for qemu:///system are you in the libvirt group?)"
             )
@@ -56,6 +58,7 @@ impl Conn {
             current: RwLock::new(Current {
                 conn,
                 generation: 0,
+                callbacks,
             }),
             reconnecting: Mutex::new(()),
         })
@@ -104,9 +107,9 @@ impl Conn {
             }
         }
         let deadline = Instant::now() + RECONNECT_PATIENCE;
-        let fresh = loop {
+        let (fresh, callbacks) = loop {
             match open(&self.uri) {
-                Ok(conn) => break conn,
+                Ok(opened) => break opened,
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("reconnecting to libvirt at {}: {e:#}", self.uri);
                     std::thread::sleep(RECONNECT_PAUSE);
@@ -122,7 +125,9 @@ impl Conn {
             }
         };
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        super::events::deregister(&current.conn, &current.callbacks);
         current.conn = fresh;
+        current.callbacks = callbacks;
         current.generation += 1;
         tracing::info!(
             "reconnected to libvirt at {} (connection {}; libvirtd had stopped or restarted)",
@@ -155,14 +160,15 @@ fn alive(conn: &Connect) -> bool {
     conn.is_alive().unwrap_or(false)
 }
 
-fn open(uri: &str) -> anyhow::Result<Connect> {
+/// A new connection with keep-alive and the event callbacks (their ids).
+fn open(uri: &str) -> anyhow::Result<(Connect, Vec<std::os::raw::c_int>)> {
     let conn = Connect::open(Some(uri)).map_err(|e| anyhow!("{}", e.message()))?;
     // Keep-alive finds a libvirtd that hangs without closing the socket.
     if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_SECS, KEEPALIVE_COUNT) {
         tracing::debug!("libvirt keep-alive not enabled: {}", e.message());
     }
-    super::events::register(&conn);
-    Ok(conn)
+    let callbacks = super::events::register(&conn);
+    Ok((conn, callbacks))
 }
 
 /// Registers libvirt's default event loop and runs it on a thread, once per

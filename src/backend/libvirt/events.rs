@@ -113,8 +113,10 @@ unsafe extern "C" fn on_domain_event(
 }
 
 /// Registers the lifecycle and agent-lifecycle callbacks on `conn` (for
-/// every domain). A failure is logged: waits then fall back to polling.
-pub fn register(conn: &Connect) {
+/// every domain) and returns their ids for [`deregister`]. A failure is
+/// logged: waits then fall back to polling.
+pub fn register(conn: &Connect) -> Vec<c_int> {
+    let mut ids = Vec::new();
     type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
     type WithTwoInts = unsafe extern "C" fn(
         sys::virConnectPtr,
@@ -149,7 +151,22 @@ pub fn register(conn: &Connect) {
                 "libvirt {what} events could not be registered: waits poll instead ({})",
                 virt::error::Error::last_error().message()
             );
+        } else {
+            ids.push(id);
         }
+    }
+    ids
+}
+
+/// Removes the callbacks [`register`] put on `conn`. Each holds a reference
+/// on its connection, so a connection replaced after libvirtd went away is
+/// only freed once they are gone. On a dead connection libvirt still drops
+/// them locally and only fails to tell the daemon, which is ignored.
+pub fn deregister(conn: &Connect, ids: &[c_int]) {
+    for &id in ids {
+        // SAFETY: `conn` is a live connection object (it may have lost its
+        // daemon) and `id` came from registering on it.
+        let _ = unsafe { sys::virConnectDomainEventDeregisterAny(conn.as_ptr(), id) };
     }
 }
 
