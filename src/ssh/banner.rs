@@ -38,8 +38,8 @@ use anyhow::{Result, bail};
 
 use crate::backoff::Backoff;
 
-/// How often pending connections are read, and the first retry after a
-/// refused connection: 2 ms growing to 10 ms (a refused or reset connection
+/// How often pending connections are read, and the retry after a refused or
+/// closed connection: 2 ms growing to 10 ms (a refused or reset connection
 /// costs the guest next to nothing, so sshd is seen within 10 ms).
 const POLL_FIRST: Duration = Duration::from_millis(2);
 const POLL_MAX: Duration = Duration::from_millis(10);
@@ -102,7 +102,7 @@ pub fn wait_for_banner_at(
                 Answer::Banner => return Ok(start.elapsed()),
                 Answer::Nothing => i += 1,
                 Answer::Closed => {
-                    // Nothing listens yet: try again at once.
+                    // Nothing listens yet: try again within milliseconds.
                     pending.remove(i);
                     if !answered {
                         // Held while the guest had no network: when SLIRP
@@ -111,8 +111,7 @@ pub fn wait_for_banner_at(
                     }
                     answered = true;
                     patience = PATIENCE_FIRST;
-                    next_open = Instant::now();
-                    poll = Backoff::new(POLL_FIRST, POLL_MAX);
+                    next_open = Instant::now() + retry.step();
                 }
                 Answer::Busy => {
                     // sshd is up but refused this one ("Exceeded MaxStartups").
@@ -135,7 +134,6 @@ pub fn wait_for_banner_at(
                 match Pending::open(&addr) {
                     Some(p) => {
                         pending.push_back(p);
-                        retry = Backoff::new(POLL_FIRST, retry_max.max(POLL_FIRST));
                         next_open = Instant::now() + patience;
                         let cap = if answered {
                             PATIENCE_MAX
@@ -143,9 +141,8 @@ pub fn wait_for_banner_at(
                             PATIENCE_BLIND
                         };
                         patience = (patience * 2).min(cap);
-                        // Read it at once: a closed one is retried within 2 ms.
+                        // Read soon: a refused one is closed within milliseconds.
                         poll = Backoff::new(POLL_FIRST, POLL_MAX);
-                        continue;
                     }
                     None => next_open = Instant::now() + retry.step(),
                 }
@@ -368,6 +365,25 @@ mod tests {
         let took = wait_for_banner(port, Duration::from_secs(30), || Ok(true)).unwrap();
         assert!(took < Duration::from_millis(400), "{took:?}");
         drop(server.join().unwrap());
+    }
+
+    #[test]
+    fn a_port_that_always_closes_ends_at_the_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in l.incoming() {
+                drop(stream);
+            }
+        });
+        let start = Instant::now();
+        let err = wait_for_banner(port, Duration::from_millis(300), || Ok(true)).unwrap_err();
+        assert!(err.to_string().contains("no SSH banner"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
