@@ -389,8 +389,13 @@ fn stock_cloud_image_comes_up_through_its_nocloud_seed() {
         ),
         "700 root\n600 root\ncloud-secret\n"
     );
-    // cloud-init found its seed and looked at no network datasource.
-    let result = env.ssh("deb-cloud", "sudo cloud-init status --long || true");
+    // cloud-init found its seed and looked at no network datasource. (SSH
+    // answers while cloud-init may still run its last stage, which only says
+    // the datasource once done.)
+    let result = env.ssh(
+        "deb-cloud",
+        "sudo timeout 300 cloud-init status --wait >/dev/null 2>&1; sudo cloud-init status --long || true",
+    );
     assert!(result.contains("DataSourceNoCloud"), "{result}");
     // The seed on the host is private (it holds the env).
     let seed = env.home().join("vms/deb-cloud/cidata.img");
