@@ -3,10 +3,16 @@
 //! module and a home-manager file where the project has folders for them
 //! (none invented where it has not).
 
+mod fleet_entry;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use toml_edit::{DocumentMut, Item, Table, value};
+
+pub use fleet_entry::add_vm;
+use fleet_entry::fleet_with_vm;
+#[cfg(test)]
+use fleet_entry::vm_image;
 
 use crate::fsutil::write_atomic;
 use crate::spec::{Fleet, Name, fleet_dir};
@@ -19,77 +25,6 @@ pub const PLACEHOLDER: &str = "@NAME@";
 /// `hosts/agent-NAME/default.nix` beside the fleet file.
 pub fn host_config_path(fleet_file: &Path, name: &str) -> PathBuf {
     fleet_dir(fleet_file).join(format!("hosts/agent-{name}/default.nix"))
-}
-
-/// The fleet file's text with `[vms.NAME]` added (pinned ports, and with
-/// `nixos` the host's flake attribute), everything else as it was.
-pub fn add_vm(
-    text: &str,
-    name: &str,
-    image: Option<&str>,
-    nixos: bool,
-    ssh_port: u16,
-    spice_port: u16,
-) -> Result<String> {
-    let mut doc: DocumentMut = text.parse().context("parsing agentvm.toml for editing")?;
-    let vms = doc
-        .entry("vms")
-        .or_insert_with(|| {
-            let mut t = Table::new();
-            t.set_implicit(true);
-            Item::Table(t)
-        })
-        .as_table_mut()
-        .context("`vms` in agentvm.toml is not a table")?;
-    if vms.contains_key(name) {
-        bail!("a VM named {name:?} already exists in agentvm.toml");
-    }
-    let mut vm = Table::new();
-    if let Some(image) = image {
-        vm.insert("image", value(image));
-    }
-    if nixos {
-        vm.insert("nixos", value(format!(".#agent-{name}")));
-    }
-    vm.insert("ssh_port", value(i64::from(ssh_port)));
-    vm.insert("spice_port", value(i64::from(spice_port)));
-    vms.insert(name, Item::Table(vm));
-    Ok(doc.to_string())
-}
-
-/// The `image` the new VM's table needs: `given` (which must be defined),
-/// none when `[defaults]` names one, else the only image defined; with
-/// several and no default, an error saying which flag or key to add.
-fn vm_image(fleet: &Fleet, text: &str, name: &Name, given: Option<&str>) -> Result<Option<String>> {
-    let file = fleet.file.display();
-    let known: Vec<&str> = fleet.images.keys().map(Name::as_str).collect();
-    if let Some(image) = given {
-        if !known.contains(&image) {
-            bail!(
-                "{file}: no image named {image:?} (defined: {}); add an [images.{image}] table or pick one of those",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            );
-        }
-        return Ok(Some(image.to_string()));
-    }
-    let doc: DocumentMut = text.parse().context("parsing agentvm.toml")?;
-    if doc.get("defaults").and_then(|d| d.get("image")).is_some() {
-        return Ok(None);
-    }
-    match known.as_slice() {
-        [only] => Ok(Some(only.to_string())),
-        [] => bail!(
-            "{file}: no image is defined for vms.{name}: add an [images.NAME] table (e.g. flake = \".#agent-base-image\") and `image = \"NAME\"` in [defaults], then run agentvm new {name} again"
-        ),
-        several => bail!(
-            "{file}: vms.{name} needs an image and [defaults] names none: run agentvm new {name} --image IMAGE (one of: {}), or set `image` in [defaults]",
-            several.join(", ")
-        ),
-    }
 }
 
 /// Where a project keeps its home-manager configurations, relative to the
@@ -518,19 +453,7 @@ pub fn scaffold(
         }
     }
 
-    let text = std::fs::read_to_string(&fleet.file)
-        .with_context(|| format!("reading {}", fleet.file.display()))?;
-    let image = vm_image(fleet, &text, name, image)?;
-    let edited = add_vm(
-        &text,
-        name.as_str(),
-        image.as_deref(),
-        true,
-        ssh_port,
-        spice_port,
-    )?;
-    // The edited file must still be a valid fleet file before anything is written.
-    Fleet::parse(&fleet.file, &edited)?;
+    let edited = fleet_with_vm(fleet, name, image, true, ssh_port, spice_port)?;
 
     let mut written = Written::default();
     let result = (|| {
@@ -572,18 +495,7 @@ fn vm_only(
     ssh_port: u16,
     spice_port: u16,
 ) -> Result<Scaffolded> {
-    let text = std::fs::read_to_string(&fleet.file)
-        .with_context(|| format!("reading {}", fleet.file.display()))?;
-    let image = vm_image(fleet, &text, name, image)?;
-    let edited = add_vm(
-        &text,
-        name.as_str(),
-        image.as_deref(),
-        false,
-        ssh_port,
-        spice_port,
-    )?;
-    Fleet::parse(&fleet.file, &edited)?;
+    let edited = fleet_with_vm(fleet, name, image, false, ssh_port, spice_port)?;
     crate::fsutil::write_atomic_keep_mode(&fleet.file, edited.as_bytes(), 0o644)?;
     Ok(Scaffolded {
         name: name.to_string(),
