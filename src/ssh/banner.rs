@@ -99,7 +99,7 @@ pub fn wait_for_banner_at(
         let mut i = 0;
         while i < pending.len() {
             match pending[i].read() {
-                Answer::Banner => return Ok(start.elapsed()),
+                Answer::Banner(_) => return Ok(start.elapsed()),
                 Answer::Nothing => i += 1,
                 Answer::Closed => {
                     // Nothing listens yet: try again within milliseconds.
@@ -173,27 +173,21 @@ pub fn wait_for_banner_at(
 /// waiting at most 3 s for it once connected. (A user-mode forward accepts
 /// connections before the guest listens; only the banner proves sshd is up.)
 pub fn read_banner(addr: &SocketAddr) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).ok()?;
+    let stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    let mut buf = [0u8; MAX_LINE];
-    let mut got = 0;
-    while got < buf.len() {
-        match stream.read(&mut buf[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                got += n;
-                if buf[..got].contains(&b'\n') {
-                    break;
-                }
-            }
-        }
+    let mut probe = Pending::new(stream);
+    // Silent for 3 s: what came so far is all there is.
+    let answer = match probe.read() {
+        Answer::Nothing => judge(&probe.got, true),
+        answer => answer,
+    };
+    match answer {
+        Answer::Banner(line) => Some(line),
+        _ => None,
     }
-    let text = String::from_utf8_lossy(&buf[..got]);
-    let line = text.lines().next()?.trim().to_string();
-    line.starts_with("SSH-").then_some(line)
 }
 
-/// One probe connection, read without blocking.
+/// One probe connection (read without blocking while waiting for a banner).
 struct Pending {
     stream: TcpStream,
     opened: Instant,
@@ -203,7 +197,8 @@ struct Pending {
 /// What a pending connection said so far.
 #[derive(Debug, PartialEq)]
 enum Answer {
-    Banner,
+    /// The identification line, e.g. `SSH-2.0-OpenSSH_9.2p1`.
+    Banner(String),
     /// Still silent.
     Nothing,
     /// Closed or reset without a word: nothing listens.
@@ -216,48 +211,56 @@ impl Pending {
     fn open(addr: &SocketAddr) -> Option<Self> {
         let stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).ok()?;
         stream.set_nonblocking(true).ok()?;
-        Some(Self {
+        Some(Self::new(stream))
+    }
+
+    fn new(stream: TcpStream) -> Self {
+        Self {
             stream,
             opened: Instant::now(),
             got: Vec::new(),
-        })
+        }
     }
 
+    /// Reads what has come; [`Answer::Nothing`] when the server is silent
+    /// (for a blocking stream: for its whole read timeout).
     fn read(&mut self) -> Answer {
         let mut chunk = [0u8; MAX_LINE];
         loop {
             match self.stream.read(&mut chunk) {
-                Ok(0) => {
-                    return if self.got.is_empty() {
-                        Answer::Closed
-                    } else {
-                        Answer::Busy
-                    };
-                }
+                Ok(0) => return judge(&self.got, true),
                 Ok(n) => {
                     self.got.extend_from_slice(&chunk[..n]);
-                    if let Some(end) = self.got.iter().position(|&b| b == b'\n') {
-                        return if self.got[..end].starts_with(b"SSH-") {
-                            Answer::Banner
-                        } else {
-                            Answer::Busy
-                        };
-                    }
-                    if self.got.len() >= MAX_LINE {
-                        return Answer::Busy;
+                    let answer = judge(&self.got, false);
+                    if answer != Answer::Nothing {
+                        return answer;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Answer::Nothing,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Answer::Nothing;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    return if self.got.is_empty() {
-                        Answer::Closed
-                    } else {
-                        Answer::Busy
-                    };
-                }
+                Err(_) => return judge(&self.got, true),
             }
         }
+    }
+}
+
+/// What the bytes a server sent say: its first line once complete, or all of
+/// it once the server has `ended` (closed, reset, or gone silent) or sent
+/// [`MAX_LINE`] bytes without a line end.
+fn judge(got: &[u8], ended: bool) -> Answer {
+    let line = match got.iter().position(|&b| b == b'\n') {
+        Some(end) => &got[..end],
+        None if got.is_empty() && ended => return Answer::Closed,
+        None if ended || got.len() >= MAX_LINE => got,
+        None => return Answer::Nothing,
+    };
+    let line = String::from_utf8_lossy(line).trim().to_string();
+    if line.starts_with("SSH-") {
+        Answer::Banner(line)
+    } else {
+        Answer::Busy
     }
 }
 
