@@ -17,6 +17,7 @@ use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 use virt::sys;
 
+use super::fork_memory::MemoryFiles;
 use super::fork_xml::{ForkIdentity, rewrite, with_uuid};
 use super::saveimage::SaveImage;
 use super::{LocalBackend, lv};
@@ -95,12 +96,12 @@ impl LocalBackend {
         &self,
         source: &VmState,
         layer: &Path,
-        memory: &Path,
+        files: &MemoryFiles,
         new: &[String],
         progress: &dyn Reporter,
     ) -> Result<Vec<ForkedVm>> {
         let mut made = Vec::new();
-        let result = self.restore_forks_into(source, layer, memory, new, progress, &mut made);
+        let result = self.restore_forks_into(source, layer, files, new, progress, &mut made);
         if result.is_err() {
             for name in &made {
                 if let Err(e) = crate::backend::Lifecycle::remove(self, name) {
@@ -115,11 +116,13 @@ impl LocalBackend {
         &self,
         source: &VmState,
         layer: &Path,
-        memory: &Path,
+        files: &MemoryFiles,
         new: &[String],
         progress: &dyn Reporter,
         made: &mut Vec<String>,
     ) -> Result<Vec<ForkedVm>> {
+        let memory = files.file(&source.name, &self.home.vm_dir(&source.name));
+        let memory = memory.as_path();
         let image = SaveImage::read(memory)?;
         // Held from choosing ports until the domains (which claim them) are defined.
         let ports_guard = FileLock::acquire(&paths::lock_file()?)?;
@@ -151,7 +154,7 @@ impl LocalBackend {
                 let file = if i == last {
                     memory.to_path_buf()
                 } else {
-                    self.home.vm_fork_memory(name)
+                    files.file(name, &self.home.vm_dir(name))
                 };
                 let restored = restore_one(&conn, &image, memory, &file, source, name, &xml);
                 if file != memory {
@@ -307,7 +310,18 @@ impl Forks for LocalBackend {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let new_top = self.home.vm_fork_top(source, stamp);
-        let memory = self.home.vm_fork_memory(source);
+        let guest_bytes = dom
+            .max_memory()
+            .map_err(lv)
+            .context("reading the VM's memory size")?
+            .saturating_mul(1024);
+        let files = MemoryFiles::choose(&self.runtime_dir, guest_bytes, new.len() as u64);
+        let memory = files.file(source, &self.home.vm_dir(source));
+        tracing::debug!(
+            "{source}: memory snapshot to {} (in RAM: {})",
+            memory.display(),
+            files.in_ram()
+        );
         remove_file(&memory);
         let taken = snapshot(&dom, source, &memory, &new_top)?;
         progress.step(
@@ -334,7 +348,7 @@ impl Forks for LocalBackend {
         {
             tracing::warn!("{source}: making {} read-only: {e}", layer.display());
         }
-        let forks = self.restore_forks(&state, &layer, &memory, new, progress);
+        let forks = self.restore_forks(&state, &layer, &files, new, progress);
         remove_file(&memory);
         Ok(Forked {
             snapshot_seconds: taken.seconds,

@@ -7,6 +7,7 @@ mod define;
 mod display;
 mod events;
 mod fork;
+mod fork_memory;
 mod fork_xml;
 mod forwards;
 mod heal;
