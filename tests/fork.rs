@@ -140,7 +140,24 @@ fn fork_copies_memory_and_disk_and_guards_the_layer() {
     env.ok(&["down", "--force", "fk-a", "fk-b", "fk-c"]);
     env.ok(&["destroy", "--yes", "--flatten", "fk-src"]);
     assert!(!env.home().join("vms").join("fk-src").exists());
-    // A stopped fork starts again once the fleet file has it.
+    // A stopped fork starts as it was defined, without a [vms.NAME]; a name
+    // that is neither in the fleet file nor a VM is refused before any start.
+    let typo = env.fails(&["up", "fk-b", "fk-nowhere"]);
+    assert!(
+        typo.contains("no VM named \"fk-nowhere\"") && typo.contains("no VM of that name exists"),
+        "{typo}"
+    );
+    assert_eq!(
+        env.status("fk-b")["state"],
+        "stopped",
+        "nothing was started"
+    );
+    let out = env.agentvm(&["up", "fk-b", "--timeout", GUEST_TIMEOUT]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("starting it as it was defined"), "{said}");
+    assert_eq!(env.ssh("fk-b", DISK_READ), "disk-after");
+    // A stopped fork starts again once the fleet file has it, too.
     env.write_fleet("[vms.fk-a]\n");
     env.ok(&["up", "fk-a", "--timeout", GUEST_TIMEOUT]);
     assert_eq!(env.ssh("fk-a", DISK_READ), "disk-of-a");

@@ -85,6 +85,68 @@ pub fn up(
             (action, false)
         }
     };
+    finish_up(
+        backend,
+        backend_name,
+        name,
+        (action, restart_needed),
+        timings,
+        wait,
+        !spec.shares.is_empty(),
+        progress,
+    )
+}
+
+/// `up` of a VM that has no spec in the fleet file (a fork, or a VM whose
+/// `[vms.NAME]` was removed): started as it was defined. Nothing is
+/// redefined, and no env delivered nor shares mounted by `up` (all three
+/// come from a spec; forks have no shares).
+pub fn up_as_defined(
+    backend: &dyn Backend,
+    backend_name: &str,
+    name: &str,
+    existing: Option<Existing>,
+    wait: Option<Duration>,
+    progress: &dyn Reporter,
+) -> Result<UpOutcome> {
+    let existing = existing.ok_or_else(|| BackendError::NotFound(name.to_string()))?;
+    let mut timings = Timings::start();
+    let action = if existing.running {
+        UpAction::AlreadyRunning
+    } else {
+        progress.step(
+            name,
+            "not in the fleet file: starting it as it was defined (add [vms.NAME] to manage it)",
+        );
+        backend.start(name, progress)?;
+        timings.mark("start");
+        UpAction::Started
+    };
+    finish_up(
+        backend,
+        backend_name,
+        name,
+        (action, false),
+        timings,
+        wait,
+        false,
+        progress,
+    )
+}
+
+/// The end of every `up`: reports the ports, then with `wait` waits for SSH,
+/// pins the host key and mounts the shares.
+#[allow(clippy::too_many_arguments)]
+fn finish_up(
+    backend: &dyn Backend,
+    backend_name: &str,
+    name: &str,
+    (action, restart_needed): (UpAction, bool),
+    timings: Timings,
+    wait: Option<Duration>,
+    shares: bool,
+    progress: &dyn Reporter,
+) -> Result<UpOutcome> {
     let now = backend
         .find(name)?
         .ok_or_else(|| anyhow!("{name} is gone right after up (removed by someone else?)"))?;
@@ -113,7 +175,7 @@ pub fn up(
         outcome.ssh_ready_seconds = Some(took.as_secs_f64());
         outcome.host_key_pinned = pin_host_key(backend, name, progress);
         tracing::debug!("{name}: host key after {:?}", wait_start.elapsed());
-        if !spec.shares.is_empty() {
+        if shares {
             backend.mount_shares(name, progress)?;
         }
     }

@@ -8,7 +8,9 @@ use super::{App, output};
 use crate::backend::{DownPath, State};
 use crate::protocol::{Answer, Op, Outcome, VmResult};
 
-/// Sends `up` for `names` once every name is checked against the fleet file.
+/// Sends `up` for `names` once every name is checked: each has a
+/// `[vms.NAME]`, or is a VM that exists without one (a fork, or a VM whose
+/// entry was removed), which starts as it was defined.
 pub fn up_results(
     app: &App,
     names: &[String],
@@ -18,8 +20,23 @@ pub fn up_results(
 ) -> Result<Vec<VmResult>> {
     let fleet = app.fleet()?;
     // Every name is checked before anything is touched.
-    for name in names {
-        fleet.vm(name)?;
+    let unlisted: Vec<String> = names
+        .iter()
+        .filter(|name| fleet.vm(name).is_err())
+        .cloned()
+        .collect();
+    if !unlisted.is_empty() {
+        for found in app.call(&unlisted, Op::Status, false)? {
+            let exists = matches!(&found.answer,
+                Answer::Ok(Outcome::Status(row)) if row.state != State::Absent);
+            if !exists {
+                let missing = fleet.vm(&found.name).err().map(|e| e.to_string());
+                bail!(
+                    "{}, and no VM of that name exists to start",
+                    missing.unwrap_or_else(|| format!("no VM named {:?}", found.name))
+                );
+            }
+        }
     }
     app.call(names, Op::Up { wait_secs, backend }, no_block)
 }

@@ -166,6 +166,18 @@ fn perform(
         Ok(())
     };
     Ok(match op {
+        Op::Up { wait_secs, .. } if vm.spec.is_none() && existing.is_some() => {
+            // A VM without [vms.NAME] (a fork, or one whose entry was removed)
+            // starts as it was defined.
+            Outcome::Up(orchestrate::up_as_defined(
+                backend,
+                &backend_name,
+                name,
+                existing.clone(),
+                wait_secs.map(Duration::from_secs),
+                events,
+            )?)
+        }
         Op::Up { wait_secs, .. } => {
             let spec = with_backend(needs_spec(vm)?, &backend_name);
             // Found under the VM's lock: no other operation changed it since.
