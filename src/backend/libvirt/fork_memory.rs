@@ -99,31 +99,46 @@ mod tests {
         assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
     }
 
+    fn on_tmpfs(dir: &Path) -> bool {
+        statfs(dir).map(|fs| fs.filesystem_type()) == Ok(TMPFS_MAGIC)
+    }
+
     #[test]
-    fn without_room_in_ram_the_vm_folder_is_used() {
-        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let vm = disk.path().join("vm");
-        // The checkout is on a disk here; if it is on a tmpfs the check is moot.
-        if statfs(disk.path()).unwrap().filesystem_type() == TMPFS_MAGIC {
+    fn a_runtime_folder_on_disk_is_not_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Only where the temporary folder is on a disk.
+        if on_tmpfs(tmp.path()) {
             return;
         }
-        assert!(!in_ram_with_room(&disk.path().join("run"), 1, 1).unwrap());
-        let chosen = MemoryFiles::choose(&disk.path().join("run"), u64::MAX / 4, 4);
+        assert!(!in_ram_with_room(&tmp.path().join("run"), 1, 1).unwrap());
+        assert!(!tmp.path().join("run").exists(), "nothing is made there");
+    }
+
+    #[test]
+    fn without_room_in_ram_the_vm_folder_is_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = tmp.path().join("vm");
+        let chosen = MemoryFiles::choose(&tmp.path().join("run"), u64::MAX / 4, 4);
         assert!(!chosen.in_ram());
         assert_eq!(chosen.file("src", &vm), vm.join(VM_FORK_MEMORY_FILE));
     }
 
     #[test]
-    fn shm_is_used_when_it_has_room() {
+    fn ram_is_used_when_it_has_room() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
         let shm = Path::new(FORK_MEMORY_SHM_DIR);
-        if statfs(shm).map(|fs| fs.filesystem_type()) != Ok(TMPFS_MAGIC) {
+        if !on_tmpfs(tmp.path()) && !on_tmpfs(shm) {
             return;
         }
-        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let chosen = MemoryFiles::choose(&disk.path().join("run"), 4096, 2);
+        let chosen = MemoryFiles::choose(&run, 4096, 2);
         assert!(chosen.in_ram());
-        let uid = nix::unistd::getuid().as_raw();
-        let dir = shm.join(format!("{RUNTIME_DIR}-{uid}"));
+        let dir = if on_tmpfs(tmp.path()) {
+            run
+        } else {
+            let uid = nix::unistd::getuid().as_raw();
+            shm.join(format!("{RUNTIME_DIR}-{uid}"))
+        };
         assert_eq!(
             chosen.file("a", Path::new("/x")),
             dir.join(format!("a.{VM_FORK_MEMORY_FILE}"))
