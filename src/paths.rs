@@ -73,9 +73,11 @@ pub const VM_FORK_TOP_PREFIX: &str = "disk-";
 /// tmpfs, else [`FORK_MEMORY_SHM_DIR`]), else as
 /// `$AGENTVM_HOME/vms/NAME/fork-memory.save`.
 pub const VM_FORK_MEMORY_FILE: &str = "fork-memory.save";
-/// `/dev/shm/agentvm-<uid>/`: where fork memory snapshots go when the runtime
-/// folder is not in RAM (no `$XDG_RUNTIME_DIR` on a tmpfs). On a disk, writing
-/// a snapshot took about twice as long, and it is read only once.
+/// `/dev/shm`: the tmpfs whose `agentvm-<uid>/` folder holds fork memory
+/// snapshots when the runtime folder is not in RAM (no `$XDG_RUNTIME_DIR` on
+/// a tmpfs). On a disk, writing a snapshot took about twice as long, and it is
+/// read only once. Files there older than an hour (left by a daemon that died
+/// during a fork) are removed by the next fork.
 pub const FORK_MEMORY_SHM_DIR: &str = "/dev/shm";
 /// `$AGENTVM_HOME/secrets.json`: the recipients `secrets rekey` added, per VM.
 pub const SECRETS_RECORD_FILE: &str = "secrets.json";

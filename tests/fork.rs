@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use common::{Env, GUEST_TIMEOUT, port_of};
 
@@ -19,6 +20,31 @@ fn disk_write(marker: &str) -> String {
 fn pinned_key(env: &Env, vm: &str) -> String {
     std::fs::read_to_string(env.home().join("vms").join(vm).join("pinned_host_key"))
         .unwrap_or_else(|e| panic!("{vm} has no pinned host key: {e}"))
+}
+
+/// The fork memory files of this test's VMs (`fk-…`) left where a fork
+/// writes them: the RAM folders and the VM folders.
+fn memory_files_left(env: &Env) -> Vec<PathBuf> {
+    let uid = nix::unistd::getuid().as_raw();
+    let mut dirs = vec![
+        PathBuf::from(format!("/dev/shm/agentvm-{uid}")),
+        std::env::temp_dir().join(format!("agentvm-{uid}")),
+    ];
+    if let Ok(run) = std::env::var("XDG_RUNTIME_DIR") {
+        dirs.push(Path::new(&run).join("agentvm"));
+    }
+    if let Ok(vms) = std::fs::read_dir(env.home().join("vms")) {
+        dirs.extend(vms.flatten().map(|vm| vm.path()));
+    }
+    dirs.iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            name.ends_with("fork-memory.save")
+                && (name.starts_with("fk-") || name == "fork-memory.save")
+        })
+        .collect()
 }
 
 #[test]
@@ -77,6 +103,8 @@ fn fork_copies_memory_and_disk_and_guards_the_layer() {
 
     // Two at once, not waiting; then they answer like the first.
     let two = env.json(&["fork", "fk-src", "fk-b", "fk-c", "--no-wait"]);
+    let left = memory_files_left(&env);
+    assert!(left.is_empty(), "memory snapshots left behind: {left:?}");
     assert_eq!(two.as_array().unwrap().len(), 2, "{two}");
     assert!(two[0]["ssh_ready_seconds"].is_null(), "{two}");
     let ports: HashSet<u64> = [&src, &a, &two[0], &two[1]]

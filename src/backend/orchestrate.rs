@@ -98,9 +98,10 @@ pub fn up(
 }
 
 /// `up` of a VM that has no spec in the fleet file (a fork, or a VM whose
-/// `[vms.NAME]` was removed): started as it was defined. Nothing is
-/// redefined, and no env delivered nor shares mounted by `up` (all three
-/// come from a spec; forks have no shares).
+/// `[vms.NAME]` was removed): started as it was defined, on its recorded
+/// ports. Nothing is redefined and no env delivered (both need a spec), and
+/// `up` mounts no shares: forks have none, and a removed VM's shares are
+/// served but mounted only by guests that read the `fstab.extra` credential.
 pub fn up_as_defined(
     backend: &dyn Backend,
     backend_name: &str,

@@ -27,14 +27,18 @@ pub fn up_results(
         .collect();
     if !unlisted.is_empty() {
         for found in app.call(&unlisted, Op::Status, false)? {
-            let exists = matches!(&found.answer,
-                Answer::Ok(Outcome::Status(row)) if row.state != State::Absent);
-            if !exists {
-                let missing = fleet.vm(&found.name).err().map(|e| e.to_string());
-                bail!(
-                    "{}, and no VM of that name exists to start",
-                    missing.unwrap_or_else(|| format!("no VM named {:?}", found.name))
-                );
+            match &found.answer {
+                Answer::Ok(Outcome::Status(row)) if row.state != State::Absent => {}
+                Answer::Error { message, .. } => {
+                    bail!("{}: not in the fleet file, and {message}", found.name)
+                }
+                _ => {
+                    let missing = fleet.vm(&found.name).err().map(|e| e.to_string());
+                    bail!(
+                        "{}, and no VM of that name exists to start",
+                        missing.unwrap_or_else(|| format!("no VM named {:?}", found.name))
+                    );
+                }
             }
         }
     }

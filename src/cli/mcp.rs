@@ -187,7 +187,7 @@ impl Server {
     }
 
     #[tool(
-        description = "Create (if absent) and start VMs of agentvm.toml, waiting for SSH unless wait is false. Returns one result per VM."
+        description = "Create (if absent) and start VMs of agentvm.toml, or start existing VMs that have no entry there (forks) as they were defined; waits for SSH unless wait is false. Returns one result per VM."
     )]
     async fn up(&self, Parameters(args): Parameters<UpArgs>) -> Result<CallToolResult, ErrorData> {
         self.run(move |app| {

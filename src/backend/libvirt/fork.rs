@@ -315,15 +315,28 @@ impl Forks for LocalBackend {
             .map_err(lv)
             .context("reading the VM's memory size")?
             .saturating_mul(1024);
-        let files = MemoryFiles::choose(&self.runtime_dir, guest_bytes, new.len() as u64);
-        let memory = files.file(source, &self.home.vm_dir(source));
+        let mut files = MemoryFiles::choose(&self.runtime_dir, guest_bytes, new.len() as u64);
+        let mut memory = files.file(source, &self.home.vm_dir(source));
+        remove_file(&memory);
+        let taken = match snapshot(&dom, source, &memory, &new_top) {
+            // RAM may have filled up since it was checked (another fork, say):
+            // the disk is slower, but has room.
+            Err(e) if files.in_ram() => {
+                tracing::warn!("{source}: snapshot to RAM failed ({e}); writing it to disk");
+                files = MemoryFiles::on_disk();
+                memory = files.file(source, &self.home.vm_dir(source));
+                remove_file(&memory);
+                snapshot(&dom, source, &memory, &new_top)?
+            }
+            taken => taken?,
+        };
+        // Removed however the fork ends (in RAM, nothing else would remove it).
+        let _memory_file = RemovedOnDrop(&memory);
         tracing::debug!(
-            "{source}: memory snapshot to {} (in RAM: {})",
+            "{source}: memory snapshot in {} (in RAM: {})",
             memory.display(),
             files.in_ram()
         );
-        remove_file(&memory);
-        let taken = snapshot(&dom, source, &memory, &new_top)?;
         progress.step(
             source,
             &format!(
@@ -349,7 +362,6 @@ impl Forks for LocalBackend {
             tracing::warn!("{source}: making {} read-only: {e}", layer.display());
         }
         let forks = self.restore_forks(&state, &layer, &files, new, progress);
-        remove_file(&memory);
         Ok(Forked {
             snapshot_seconds: taken.seconds,
             paused_seconds: taken.paused_seconds,
@@ -550,6 +562,15 @@ fn xml_attr(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('\'', "&apos;")
         .replace('<', "&lt;")
+}
+
+/// A file removed when this is dropped.
+struct RemovedOnDrop<'a>(&'a Path);
+
+impl Drop for RemovedOnDrop<'_> {
+    fn drop(&mut self) {
+        remove_file(self.0);
+    }
 }
 
 fn remove_file(path: &Path) {

@@ -7,8 +7,11 @@
 //! Written to a disk instead, a snapshot of the tiny test guest took twice as
 //! long (0.43 s against 0.2 s here) and so kept its source paused longer.
 //! When RAM has no room for every copy (the source's memory size, once per
-//! fork, with as much again left free for the forks themselves), the files go
-//! in the VM folders.
+//! fork, with as much again left free for the forks themselves, and a tenth
+//! of the tmpfs to spare), the files go in the VM folders; `fork` also falls
+//! back to them when the snapshot to RAM fails (RAM filled up meanwhile).
+//! Files in RAM older than an hour were left by a daemon that died during a
+//! fork, and are removed.
 
 use std::path::{Path, PathBuf};
 
@@ -36,11 +39,19 @@ impl MemoryFiles {
         let shm = Path::new(FORK_MEMORY_SHM_DIR).join(format!("{RUNTIME_DIR}-{uid}"));
         for dir in [runtime_dir.to_path_buf(), shm] {
             match in_ram_with_room(&dir, need, keep_free) {
-                Ok(true) => return Self { dir: Some(dir) },
+                Ok(true) => {
+                    sweep(&dir);
+                    return Self { dir: Some(dir) };
+                }
                 Ok(false) => {}
                 Err(e) => tracing::debug!("{}: not used for fork memory: {e:#}", dir.display()),
             }
         }
+        Self { dir: None }
+    }
+
+    /// The VMs' own folders.
+    pub fn on_disk() -> Self {
         Self { dir: None }
     }
 
@@ -58,9 +69,9 @@ impl MemoryFiles {
     }
 }
 
-/// Whether `dir` is on a tmpfs with `need` bytes free there, and the
-/// machine's available memory has them plus `keep_free`. `dir` is made
-/// (0700, this user's) if it is missing.
+/// Whether `dir` is on a tmpfs with `need` bytes free there (and a tenth of
+/// it left over, for what else uses it), and the machine's available memory
+/// has them plus `keep_free`. `dir` is made (0700, this user's) if missing.
 fn in_ram_with_room(dir: &Path, need: u64, keep_free: u64) -> anyhow::Result<bool> {
     let parent = dir.parent().unwrap_or(dir);
     let fs = statfs(parent)?;
@@ -68,12 +79,43 @@ fn in_ram_with_room(dir: &Path, need: u64, keep_free: u64) -> anyhow::Result<boo
         return Ok(false);
     }
     let room = statvfs(parent)?;
-    let free = room.blocks_available() as u64 * room.fragment_size() as u64;
-    if free < need || available_memory()? < need.saturating_add(keep_free) {
+    let block = room.fragment_size() as u64;
+    let free = room.blocks_available() as u64 * block;
+    let margin = room.blocks() as u64 * block / 10;
+    if free < need.saturating_add(margin) || available_memory()? < need.saturating_add(keep_free) {
         return Ok(false);
     }
     crate::paths::private_dir(dir)?;
     Ok(true)
+}
+
+/// How old a memory file left in RAM must be to count as left behind (a
+/// daemon that died during a fork); a fork takes seconds.
+const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the memory files in `dir` older than [`LEFT_BEHIND`]: in RAM,
+/// nothing else ever would.
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > LEFT_BEHIND));
+        let ours = path.file_name().is_some_and(|n| {
+            n.to_string_lossy()
+                .ends_with(&format!(".{VM_FORK_MEMORY_FILE}"))
+        });
+        if ours && stale {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!("removed {}, left behind by a fork", path.display()),
+                Err(e) => tracing::warn!("removing {}: {e}", path.display()),
+            }
+        }
+    }
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
@@ -91,6 +133,30 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_old_memory_files_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = tmp.path().join(format!("a.{VM_FORK_MEMORY_FILE}"));
+        let new = tmp.path().join(format!("b.{VM_FORK_MEMORY_FILE}"));
+        let other = tmp.path().join("a.qga");
+        for file in [&old, &new, &other] {
+            std::fs::write(file, b"x").unwrap();
+        }
+        let long_ago = std::time::SystemTime::now() - LEFT_BEHIND * 2;
+        for file in [&old, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(file)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        sweep(tmp.path());
+        assert!(!old.exists(), "an old memory file is removed");
+        assert!(new.exists(), "a fork in progress keeps its file");
+        assert!(other.exists(), "other files are not touched");
+    }
 
     #[test]
     fn mem_available_is_read_in_bytes() {
