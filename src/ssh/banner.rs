@@ -3,28 +3,32 @@
 //! Through a user-mode (SLIRP) port forward, a booting guest goes through
 //! three phases, as seen from the host:
 //! 1. its network is not up: the forward accepts each connection and holds it
-//!    silent (SLIRP retries its SYN to the guest, for up to 75 s);
+//!    silent, resending its SYN to the guest until the guest answers or 75 s
+//!    have passed. Closing the host side does not cancel it: SLIRP notices
+//!    only once the guest has answered, so every connection opened in this
+//!    phase reaches the guest when its network comes up;
 //! 2. its network is up but nothing listens: the guest resets the connection
 //!    and the forward closes it at once;
 //! 3. sshd listens: every connection starts one more sshd (OpenSSH re-executes
 //!    itself for each), which under emulation can take seconds to send its
 //!    banner.
 //!
-//! Giving up on a silent connection after a fixed wait and opening another
-//! starts yet another sshd in phase 3 each time: on a loaded host they pile
-//! up, sshd answers "Exceeded MaxStartups", and the banner may never come in
-//! time (this held a Debian guest without SSH for ten minutes), or the user's
-//! first `ssh` after `up` is the one sshd drops. So:
-//! - until the guest has answered anything (phase 1), the first connection is
-//!   held: SLIRP sends its SYN as soon as the guest's network is up, so it is
-//!   refused (phase 2) or accepted by sshd (if sshd listened first) at once.
-//!   A fresh one beside it is replaced at growing intervals (0.5 s up to 4 s)
-//!   in case the held one is lost; in the worst case that starts one spare
-//!   sshd every 4 s;
+//! sshd drops new connections at random once 10 are starting at the same
+//! time (`MaxStartups 10:30:100`, which is also what it tells the one it
+//! drops). Probing carelessly piles them up: every connection given up on
+//! in phase 1 still starts an sshd in phase 3, and on a loaded host the
+//! user's first `ssh` after `up` is then the one sshd drops
+//! ("kex_exchange_identification: Connection closed by remote host"). So
+//! this module never has more than [`MAX_PENDING`] connections out at once,
+//! in any phase:
+//! - until the guest has answered anything (phase 1), connections are opened
+//!   at growing intervals (0.5 s, 1 s, 2 s) and all of them are kept: when
+//!   the network comes up each is refused (phase 2) or served (phase 3) as
+//!   SLIRP resends its SYN, and the staggered resends find the guest sooner
+//!   than one would. One is replaced only once SLIRP gave up on it;
 //! - once it has (phases 2 and 3), a silent connection is an sshd at work: it
 //!   is kept and read until it answers, and new ones beside it are opened
-//!   ever more slowly (0.5 s, 1 s, 2 s, ... up to 8 s), never more than
-//!   [`MAX_PENDING`] at once (sshd starts dropping at 10).
+//!   ever more slowly (0.5 s, 1 s, 2 s, ... up to 8 s).
 //!
 //! Connections that are refused or closed are retried within milliseconds, so
 //! a banner is still seen as soon as sshd sends it.
@@ -44,17 +48,20 @@ use crate::backoff::Backoff;
 const POLL_FIRST: Duration = Duration::from_millis(2);
 const POLL_MAX: Duration = Duration::from_millis(10);
 /// How long a silent connection is waited on before another is opened beside
-/// it; it doubles with each one opened, up to [`PATIENCE_BLIND`] before the
-/// guest has answered and [`PATIENCE_MAX`] after.
+/// it; it doubles with each one opened, up to [`PATIENCE_MAX`].
 const PATIENCE_FIRST: Duration = Duration::from_millis(500);
-const PATIENCE_BLIND: Duration = Duration::from_secs(4);
 const PATIENCE_MAX: Duration = Duration::from_secs(8);
-/// At most this many silent connections are kept open once the guest has
-/// answered (before, one held and one fresh).
+/// At most this many connections are out at once, whatever the phase, so
+/// that with the user's own `ssh` and the host-key read sshd stays below the
+/// 10 starting connections at which it begins to drop them.
 const MAX_PENDING: usize = 4;
-const MAX_PENDING_BLIND: usize = 2;
-/// A connection silent this long is dropped (SLIRP gives up after 75 s).
+/// Once the guest has answered, a connection silent this long is an sshd
+/// that is stuck: it is dropped and another opened.
 const MAX_AGE: Duration = Duration::from_secs(60);
+/// SLIRP stops resending a connection's SYN after 75 s and closes it; a
+/// connection closed without a word after this long was given up on by
+/// SLIRP, not refused by the guest.
+const SLIRP_GIVES_UP: Duration = Duration::from_secs(70);
 /// How often the caller is asked whether the guest still runs.
 const ALIVE_CHECK: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -101,14 +108,13 @@ pub fn wait_for_banner_at(
             match pending[i].read() {
                 Answer::Banner(_) => return Ok(start.elapsed()),
                 Answer::Nothing => i += 1,
+                Answer::Closed if !answered && pending[i].opened.elapsed() >= SLIRP_GIVES_UP => {
+                    // SLIRP gave up on reaching a guest without network.
+                    pending.remove(i);
+                }
                 Answer::Closed => {
                     // Nothing listens yet: try again within milliseconds.
                     pending.remove(i);
-                    if !answered {
-                        // Held while the guest had no network: when SLIRP
-                        // resends their SYN, each would start an sshd.
-                        pending.clear();
-                    }
                     answered = true;
                     patience = PATIENCE_FIRST;
                     next_open = Instant::now() + retry.step();
@@ -121,26 +127,21 @@ pub fn wait_for_banner_at(
             }
         }
         let now = Instant::now();
-        pending.retain(|p| now.duration_since(p.opened) < MAX_AGE);
+        if answered {
+            // Before, a silent connection is a guest without network, and
+            // SLIRP would deliver it even if it were dropped here.
+            pending.retain(|p| now.duration_since(p.opened) < MAX_AGE);
+        }
         if now >= next_open {
-            if !answered && pending.len() >= MAX_PENDING_BLIND {
-                // The oldest is held; the fresh one is replaced.
-                pending.pop_back();
-            }
-            if answered && pending.len() >= MAX_PENDING {
-                // Enough sshds at work: wait for one of them.
+            if pending.len() >= MAX_PENDING {
+                // Enough out at once: wait for one of them.
                 next_open = now + patience;
             } else {
                 match Pending::open(&addr) {
                     Some(p) => {
                         pending.push_back(p);
                         next_open = Instant::now() + patience;
-                        let cap = if answered {
-                            PATIENCE_MAX
-                        } else {
-                            PATIENCE_BLIND
-                        };
-                        patience = (patience * 2).min(cap);
+                        patience = (patience * 2).min(PATIENCE_MAX);
                         // Read soon: a refused one is closed within milliseconds.
                         poll = Backoff::new(POLL_FIRST, POLL_MAX);
                     }
@@ -341,14 +342,46 @@ mod tests {
     #[test]
     fn an_sshd_that_listened_before_the_network_is_not_flooded_either() {
         // Nothing is ever refused, so a silent connection may be a guest
-        // without network: the first is held, and one fresh one beside it is
-        // replaced at 0.5 and 1.5 s; the held one's banner comes at 3 s.
+        // without network: all are kept, opened at 0, 0.5 and 1.5 s; the
+        // first one's banner comes at 3 s.
         let (port, accepted, _kept) = slow_server(Duration::from_secs(3), true);
         let took = wait_for_banner(port, Duration::from_secs(30), || Ok(true)).unwrap();
         assert!(took >= Duration::from_secs(3), "{took:?}");
         assert!(took < Duration::from_secs(4), "{took:?}");
         let n = accepted.load(Ordering::SeqCst);
         assert!(n <= 3, "{n} connections for one banner");
+    }
+
+    #[test]
+    fn connections_given_up_on_before_the_network_do_not_pile_up_on_sshd() {
+        // A guest without network for 12 s whose sshd listened first: like
+        // SLIRP, the listener hands over every connection once the "network"
+        // is up, also those the prober has closed by then, and each one is an
+        // sshd that answers after 0.5 s. Replacing silent connections would
+        // have started six sshds by then; at most four are ever out.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(12));
+            for stream in l.incoming() {
+                let Ok(mut stream) = stream else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2p1\r\n");
+                    std::thread::sleep(Duration::from_secs(5));
+                });
+            }
+        });
+        let took = wait_for_banner(port, Duration::from_secs(30), || Ok(true)).unwrap();
+        assert!(took >= Duration::from_secs(12), "{took:?}");
+        assert!(took < Duration::from_secs(14), "{took:?}");
+        // Let the listener take what is left in its queue.
+        std::thread::sleep(Duration::from_millis(300));
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(n <= MAX_PENDING, "{n} sshds started for one banner");
     }
 
     #[test]
