@@ -97,6 +97,7 @@ pub fn wait_for_banner_at(
     // Whether the guest has answered anything: from then on a silent
     // connection is an sshd at work, not a guest without network.
     let mut answered = false;
+    let (mut opened, mut refused) = (0u32, 0u32);
     let mut patience = PATIENCE_FIRST;
     let mut next_open = start;
     let mut retry = Backoff::new(POLL_FIRST, retry_max.max(POLL_FIRST));
@@ -106,7 +107,14 @@ pub fn wait_for_banner_at(
         let mut i = 0;
         while i < pending.len() {
             match pending[i].read() {
-                Answer::Banner(_) => return Ok(start.elapsed()),
+                Answer::Banner(_) => {
+                    tracing::debug!(
+                        "{addr}: banner after {:?} on a connection {:?} old, {opened} opened, {refused} refused",
+                        start.elapsed(),
+                        pending[i].opened.elapsed(),
+                    );
+                    return Ok(start.elapsed());
+                }
                 Answer::Nothing => i += 1,
                 Answer::Closed if !answered && pending[i].opened.elapsed() >= SLIRP_GIVES_UP => {
                     // SLIRP gave up on reaching a guest without network.
@@ -115,6 +123,7 @@ pub fn wait_for_banner_at(
                 Answer::Closed => {
                     // Nothing listens yet: try again within milliseconds.
                     pending.remove(i);
+                    refused += 1;
                     answered = true;
                     patience = PATIENCE_FIRST;
                     next_open = Instant::now() + retry.step();
@@ -140,6 +149,7 @@ pub fn wait_for_banner_at(
                 match Pending::open(&addr) {
                     Some(p) => {
                         pending.push_back(p);
+                        opened += 1;
                         next_open = Instant::now() + patience;
                         patience = (patience * 2).min(PATIENCE_MAX);
                         // Read soon: a refused one is closed within milliseconds.
