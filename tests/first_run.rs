@@ -78,6 +78,27 @@ fn completions_and_man_pages() {
     }
 }
 
+/// `agentvm … | head -1`: output into a pipe whose reader has gone ends the
+/// command quietly with 141, as SIGPIPE ends a C tool, not with a panic.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let env = Env::new();
+    env.write_fleet("[vms.pipe-a]\n");
+    for args in [&["completions", "bash"][..], &["man"], &["list", "--json"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = env
+            .command(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "agentvm {args:?}: {stderr}");
+        assert!(stderr.is_empty(), "agentvm {args:?} said: {stderr}");
+    }
+}
+
 fn states(env: &Env) -> Vec<(String, String)> {
     let rows = env.json(&["status"]);
     let mut states: Vec<(String, String)> = rows

@@ -16,8 +16,8 @@ pub fn daemon(uri: &str, install_unit: bool, stop: bool, idle_exit: &str) -> Res
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         crate::fsutil::write_atomic(&path, crate::daemon::unit_text(&exe, uri).as_bytes(), 0o644)?;
-        println!("wrote {}", path.display());
-        println!(
+        outln!("wrote {}", path.display());
+        outln!(
             "enable it with: systemctl --user daemon-reload && systemctl --user enable --now agentvm"
         );
         return Ok(0);
@@ -38,7 +38,7 @@ pub fn daemon(uri: &str, install_unit: bool, stop: bool, idle_exit: &str) -> Res
 fn stop_daemon() -> Result<i32> {
     let socket = crate::paths::socket_path(&crate::paths::Home::from_env()?)?;
     let Some(pid) = crate::daemon::running_pid(&socket) else {
-        println!("no agentvm daemon is running");
+        outln!("no agentvm daemon is running");
         return Ok(0);
     };
     nix::sys::signal::kill(
@@ -53,7 +53,7 @@ fn stop_daemon() -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("stopped the agentvm daemon (pid {pid})");
+    outln!("stopped the agentvm daemon (pid {pid})");
     Ok(0)
 }
 
@@ -67,12 +67,14 @@ pub fn bootstrap_user(app: &App, user: &str, backend: &str) -> Result<i32> {
     if app.json {
         output::print_json(&made)?;
     } else {
-        println!(
+        outln!(
             "user {} with pool {} (PVEVMAdmin) and token {}",
-            made.user, made.pool, made.token_id
+            made.user,
+            made.pool,
+            made.token_id
         );
-        println!("token (shown once, keep it secret): {}", made.token);
-        println!(
+        outln!("token (shown once, keep it secret): {}", made.token);
+        outln!(
             "use it with: token = {{ env = \"PVE_TOKEN\" }}, pool = \"{}\"",
             made.pool
         );

@@ -110,7 +110,7 @@ pub fn deploy(
                 (None, false, true) => format!("deployed{left}"),
                 (None, false, false) => format!("already deployed: nothing changed{left}"),
             };
-            println!("{name}: {summary}");
+            outln!("{name}: {summary}");
         }
         reports.push(report);
     }
@@ -141,7 +141,7 @@ impl Run<'_> {
             };
             line.ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             if !self.app.json {
-                println!("{}", step_line(&name, &line));
+                outln!("{}", step_line(&name, &line));
             }
             let failed = line.status == Status::Failed;
             if failed {
@@ -524,7 +524,7 @@ fn plan(
         };
         let line = StepReport::new(step, status, detail);
         if !app.json {
-            println!("{}", step_line(name, &line));
+            outln!("{}", step_line(name, &line));
         }
         report.push(line);
     }

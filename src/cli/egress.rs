@@ -18,7 +18,7 @@ pub fn show(app: &App, name: &str) -> Result<i32> {
     if app.json {
         output::print_json(&report)?;
     } else {
-        print!("{}", text(name, &report));
+        out!("{}", text(name, &report));
     }
     Ok(0)
 }

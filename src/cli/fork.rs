@@ -35,9 +35,10 @@ pub fn fork(
         output::print_json(&outcome.forks)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "{source}: snapshot taken in {:.1}s (paused {:.2}s)",
-        outcome.snapshot_seconds, outcome.paused_seconds
+        outcome.snapshot_seconds,
+        outcome.paused_seconds
     );
     for fork in &outcome.forks {
         let ready = match fork.ssh_ready_seconds {
@@ -49,9 +50,12 @@ pub fn fork(
         } else {
             ""
         };
-        println!(
+        outln!(
             "{}: forked from {source}, {ready} (ssh port {}, spice port {}){identity}; connect with: agentvm ssh {}",
-            fork.name, fork.ssh_port, fork.spice_port, fork.name
+            fork.name,
+            fork.ssh_port,
+            fork.spice_port,
+            fork.name
         );
     }
     Ok(0)

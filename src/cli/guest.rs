@@ -34,7 +34,7 @@ pub fn ssh_config(app: &App, name: Option<&str>) -> Result<i32> {
     let mut failed = false;
     for result in results {
         match result.answer {
-            Answer::Ok(Outcome::SshEndpoint(endpoint)) => print!("{}", endpoint.config_block()),
+            Answer::Ok(Outcome::SshEndpoint(endpoint)) => out!("{}", endpoint.config_block()),
             Answer::Ok(other) => bail!("{}: unexpected answer {other:?}", result.name),
             Answer::Error { message, .. } => {
                 failed = true;
@@ -62,13 +62,11 @@ pub fn console(app: &App, name: &str, follow: bool) -> Result<i32> {
             Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
         }
     };
-    let mut stdout = std::io::stdout().lock();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = file.read(&mut buf)?;
         if n > 0 {
-            stdout.write_all(&buf[..n])?;
-            stdout.flush()?;
+            output::write_stdout_bytes(&buf[..n]);
             continue;
         }
         if !follow {
@@ -100,9 +98,9 @@ pub fn spice(app: &App, name: &str, open: bool) -> Result<i32> {
             "viewer_file": access.viewer_file,
         }))?;
     } else if access.uri.is_some() {
-        println!("{target}");
+        outln!("{target}");
     } else {
-        println!("{target}");
+        outln!("{target}");
         eprintln!(
             "{name}: remote-viewer connection file (0600, one-time ticket): remote-viewer {target}"
         );
@@ -199,7 +197,7 @@ pub fn hostkey(app: &App, name: &str) -> Result<i32> {
     if app.json {
         output::print_json(&key)?;
     } else {
-        println!("{}", key.key);
+        outln!("{}", key.key);
         eprintln!(
             "{name}: pinned in {}; agentvm ssh now checks it strictly",
             key.known_hosts.display()
@@ -226,10 +224,10 @@ pub fn forward(
     if app.json {
         output::print_json(&forwards)?;
     } else if forwards.is_empty() {
-        println!("{name}: no forwards");
+        outln!("{name}: no forwards");
     } else {
         for f in &forwards {
-            println!(
+            outln!(
                 "{}:{} -> {name}:{}{}",
                 f.host_addr,
                 f.host_port,
@@ -258,7 +256,7 @@ pub fn screenshot(app: &App, name: &str, file: &Path) -> Result<i32> {
             "name": name, "file": file, "width": width, "height": height,
         }))?;
     } else {
-        println!("{}: {width}x{height}", file.display());
+        outln!("{}: {width}x{height}", file.display());
     }
     Ok(0)
 }
@@ -282,16 +280,16 @@ pub fn snapshot(app: &App, name: &str, command: SnapshotCommand, no_block: bool)
         return Ok(0);
     }
     match &action {
-        SnapshotAction::Create { .. } => println!("{name}: snapshot taken"),
-        SnapshotAction::Revert { name: snap } => println!("{name}: reverted to {snap}"),
-        SnapshotAction::Delete { name: snap } => println!("{name}: deleted {snap}"),
+        SnapshotAction::Create { .. } => outln!("{name}: snapshot taken"),
+        SnapshotAction::Revert { name: snap } => outln!("{name}: reverted to {snap}"),
+        SnapshotAction::Delete { name: snap } => outln!("{name}: deleted {snap}"),
         SnapshotAction::List => {}
     }
     for snap in &list {
         let when = crate::clock::format_time(
             std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(snap.created),
         );
-        println!("{:<24} {when} {}", snap.name, snap.state);
+        outln!("{:<24} {when} {}", snap.name, snap.state);
     }
     Ok(0)
 }

@@ -30,7 +30,7 @@ pub fn push(app: &App, name: &str, backend: &str) -> Result<i32> {
             if json {
                 output::print_json(&pushed)?;
             } else {
-                println!("{}", pushed_line(&pushed));
+                outln!("{}", pushed_line(&pushed));
             }
             Ok(0)
         }

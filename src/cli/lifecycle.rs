@@ -87,7 +87,7 @@ pub fn down(app: &App, names: &[String], force: bool, timeout: u64, no_block: bo
     let names = if names.is_empty() {
         let names = existing_fleet_vms(app)?;
         if names.is_empty() {
-            println!(
+            outln!(
                 "no VM of {} exists: nothing to stop",
                 app.fleet()?.file.display()
             );
@@ -143,7 +143,7 @@ pub fn destroy(
         (true, _) => {
             let names = existing_fleet_vms(app)?;
             if names.is_empty() {
-                println!(
+                outln!(
                     "no VM of {} exists: nothing to destroy",
                     app.fleet()?.file.display()
                 );
@@ -218,7 +218,7 @@ pub fn plan(app: &App, names: &[String], backend: Option<String>) -> Result<i32>
     if app.json {
         output::print_json(&plans)?;
     } else {
-        print!("{}", output::plan_text(&plans));
+        out!("{}", output::plan_text(&plans));
     }
     Ok(i32::from(failed))
 }

@@ -2,6 +2,25 @@
 //! output formatting. Every verb on VMs is one typed request to the daemon;
 //! the CLI never looks at which backend a VM is on.
 
+/// `println!` for the CLI's own output: a reader that has gone away
+/// (`agentvm list | head -1`) ends the command quietly, as SIGPIPE ends a C
+/// tool, instead of a panic. Defined before the modules that use it.
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` with the same handling as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod args;
 mod cp;
 mod daemon_cmd;
@@ -346,7 +365,7 @@ impl App {
                     if self.json {
                         values.push(output::outcome_json(&result.name, outcome)?);
                     } else {
-                        println!("{}: {}", result.name, line(&result.name, outcome));
+                        outln!("{}: {}", result.name, line(&result.name, outcome));
                     }
                 }
                 Answer::Error { message, .. } => {
@@ -386,7 +405,7 @@ fn show_event(console: &Console, json: bool, event: Event) {
             let when = crate::clock::format_time(
                 std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(at),
             );
-            println!("{when} {vm} {state} ({backend})");
+            outln!("{when} {vm} {state} ({backend})");
         }
         Event::Problem {
             vm,
@@ -397,7 +416,7 @@ fn show_event(console: &Console, json: bool, event: Event) {
             let when = crate::clock::format_time(
                 std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(at),
             );
-            println!("{when} {vm} problem ({backend}): {problem}");
+            outln!("{when} {vm} problem ({backend}): {problem}");
         }
     }
 }

@@ -43,12 +43,12 @@ pub fn new_agent(app: &App, name: &str, image: Option<&str>) -> Result<i32> {
         output::print_json(&made)?;
     } else {
         match &made.host_config {
-            Some(host) => println!(
+            Some(host) => outln!(
                 "{name}: wrote {} and added [vms.{name}] to {} (ssh port {ssh}, spice port {spice})",
                 host.display(),
                 fleet.file.display()
             ),
-            None => println!(
+            None => outln!(
                 "{name}: added [vms.{name}] to {} (ssh port {ssh}, spice port {spice})",
                 fleet.file.display()
             ),
@@ -59,13 +59,13 @@ pub fn new_agent(app: &App, name: &str, image: Option<&str>) -> Result<i32> {
             } else {
                 String::new()
             };
-            println!("  wrote {}{how}", path.display());
+            outln!("  wrote {}{how}", path.display());
         }
         if let Some(path) = &made.home_manager {
-            println!("  wrote {}", path.display());
+            outln!("  wrote {}", path.display());
         }
         for step in &made.wire_by_hand {
-            println!("  to do: {step}");
+            outln!("  to do: {step}");
         }
     }
     Ok(0)
@@ -77,7 +77,7 @@ pub fn provision(app: &App, name: &str, dry_run: bool) -> Result<i32> {
     let endpoint = guest::endpoint(app, name)?;
     let mut cmd = crate::provision::command(&fleet.file, name, spec.nixos.as_deref(), &endpoint)?;
     if dry_run {
-        println!("{}", crate::provision::shell_line(&cmd));
+        outln!("{}", crate::provision::shell_line(&cmd));
         return Ok(0);
     }
     // Before the switch: once it has begun, the VM's disk may hold another
@@ -148,18 +148,18 @@ pub fn secrets_rekey(
         output::print_json(&report)?;
     } else {
         let verb = if remove { "removed" } else { "added" };
-        println!("{name}: {verb} recipient {}", report.recipient);
+        outln!("{name}: {verb} recipient {}", report.recipient);
         for file in &report.rekeyed {
-            println!("  re-encrypted {}", file.display());
+            outln!("  re-encrypted {}", file.display());
         }
         for file in &report.unchanged {
-            println!("  already encrypted to its recipients: {}", file.display());
+            outln!("  already encrypted to its recipients: {}", file.display());
         }
         for file in &report.edited {
-            println!("  edited {}", file.display());
+            outln!("  edited {}", file.display());
         }
         for file in &report.sops_files {
-            println!(
+            outln!(
                 "  run `sops updatekeys {}` to re-encrypt it",
                 file.display()
             );

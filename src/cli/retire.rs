@@ -94,7 +94,7 @@ pub fn retire(
         };
         let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if !app.json {
-            println!(
+            outln!(
                 "{name}: {step}: {} ({:.1} s): {detail}",
                 status.text(),
                 ms as f64 / 1000.0
@@ -117,9 +117,9 @@ pub fn retire(
     if app.json {
         output::print_json(&retired)?;
     } else if let Some(step) = retired.failed {
-        println!("{name}: stopped at step {step}; fix it and run agentvm retire {name} again");
+        outln!("{name}: stopped at step {step}; fix it and run agentvm retire {name} again");
     } else {
-        println!("{name}: retired");
+        outln!("{name}: retired");
     }
     Ok(i32::from(retired.failed.is_some()))
 }

@@ -29,14 +29,14 @@ pub fn init(file: Option<&Path>, uri: &str, json: bool) -> Result<i32> {
         }))?;
         return Ok(0);
     }
-    println!("wrote {shown}");
+    outln!("wrote {shown}");
     match &facts.kvm {
-        Ok(()) => println!("  accel = \"kvm\": KVM is usable here"),
-        Err(why) => println!("  accel = \"tcg\": KVM is not usable here ({why})"),
+        Ok(()) => outln!("  accel = \"kvm\": KVM is usable here"),
+        Err(why) => outln!("  accel = \"tcg\": KVM is not usable here ({why})"),
     }
     match &facts.ssh_key {
-        Some(key) => println!("  ssh_keys = [\"{key}\"]"),
-        None => println!(
+        Some(key) => outln!("  ssh_keys = [\"{key}\"]"),
+        None => outln!(
             "  no SSH public key found in ~/.ssh: ssh_keys is left commented out (agentvm ssh works without it)"
         ),
     }
@@ -47,25 +47,25 @@ pub fn init(file: Option<&Path>, uri: &str, json: bool) -> Result<i32> {
     };
     match &facts.image {
         ExampleImage::TestGuest(dir) => {
-            println!(
+            outln!(
                 "  [vms.{}] boots the test guest in {}",
                 init::EXAMPLE_VM,
                 dir.display()
             );
-            println!("next: agentvm{explicit} up");
+            outln!("next: agentvm{explicit} up");
         }
         ExampleImage::Missing => {
-            println!(
+            outln!(
                 "  [vms.{}] boots {}, which is not on this machine yet; `agentvm up` fails naming it until you get it:",
                 init::EXAMPLE_VM,
                 init::CLOUD_IMAGE
             );
-            println!(
+            outln!(
                 "    mkdir -p ~/images && curl -Lo {} {}",
                 init::CLOUD_IMAGE,
                 init::CLOUD_IMAGE_URL
             );
-            println!("next: get the image as above, then agentvm{explicit} up");
+            outln!("next: get the image as above, then agentvm{explicit} up");
         }
     }
     Ok(0)
@@ -74,7 +74,9 @@ pub fn init(file: Option<&Path>, uri: &str, json: bool) -> Result<i32> {
 /// Prints the completion script for `shell`.
 pub fn completions(shell: clap_complete::Shell) -> Result<i32> {
     let mut cmd = Cli::command();
-    clap_complete::generate(shell, &mut cmd, "agentvm", &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "agentvm", &mut script);
+    super::output::write_stdout_bytes(&script);
     Ok(0)
 }
 
@@ -83,15 +85,17 @@ pub fn man(out: Option<&Path>) -> Result<i32> {
     let cmd = Cli::command();
     match out {
         None => {
+            let mut page = Vec::new();
             clap_mangen::Man::new(cmd)
-                .render(&mut std::io::stdout())
+                .render(&mut page)
                 .context("writing the man page")?;
+            super::output::write_stdout_bytes(&page);
         }
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             clap_mangen::generate_to(cmd, dir)
                 .with_context(|| format!("writing man pages into {}", dir.display()))?;
-            println!(
+            outln!(
                 "wrote {} and a page per subcommand (agentvm-up.1, …)",
                 dir.join("agentvm.1").display()
             );

@@ -65,7 +65,7 @@ pub fn status(app: &App, names: &[String]) -> Result<i32> {
     if app.json {
         output::print_json(&rows)?;
     } else if !rows.is_empty() || names.is_empty() {
-        print!("{}", output::status_table(&rows));
+        out!("{}", output::status_table(&rows));
     }
     Ok(i32::from(failed))
 }
@@ -93,7 +93,7 @@ pub fn inventory(app: &App) -> Result<i32> {
     if app.json {
         output::print_json(&rows)?;
     } else {
-        print!("{}", output::inventory_markdown(&rows));
+        out!("{}", output::inventory_markdown(&rows));
     }
     Ok(i32::from(failed))
 }
@@ -107,7 +107,7 @@ pub fn events(app: &App) -> Result<i32> {
     app.daemon()?.follow_events(request, &mut |event| {
         if json {
             if let Ok(line) = serde_json::to_string(&event) {
-                println!("{line}");
+                outln!("{line}");
             }
         } else {
             show_event(&console, false, event);
