@@ -25,13 +25,16 @@
 //!   at growing intervals (0.5 s, 1 s, 2 s) and all of them are kept: when
 //!   the network comes up each is refused (phase 2) or served (phase 3) as
 //!   SLIRP resends its SYN, and the staggered resends find the guest sooner
-//!   than one would. One is replaced only once SLIRP gave up on it;
+//!   than one would. One is replaced only once SLIRP is done with it (75 s).
+//!   The price: SLIRP resends at most every 12 s, so a guest whose network
+//!   comes up late may be noticed a few seconds after it could be;
 //! - once it has (phases 2 and 3), a silent connection is an sshd at work: it
 //!   is kept and read until it answers, and new ones beside it are opened
 //!   ever more slowly (0.5 s, 1 s, 2 s, ... up to 8 s).
 //!
 //! Connections that are refused or closed are retried within milliseconds, so
-//! a banner is still seen as soon as sshd sends it.
+//! a banner is still seen as soon as sshd sends it. On a direct address (a
+//! Proxmox guest's own) there is no forward: a refused connect is phase 2.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
@@ -59,9 +62,12 @@ const MAX_PENDING: usize = 4;
 /// that is stuck: it is dropped and another opened.
 const MAX_AGE: Duration = Duration::from_secs(60);
 /// SLIRP stops resending a connection's SYN after 75 s and closes it; a
-/// connection closed without a word after this long was given up on by
-/// SLIRP, not refused by the guest.
+/// connection opened before the guest answered and closed without a word
+/// after this long was given up on by SLIRP, not refused by the guest.
 const SLIRP_GIVES_UP: Duration = Duration::from_secs(70);
+/// After this long SLIRP has delivered or dropped a connection: one opened
+/// before the guest answered and still silent is dropped then.
+const SLIRP_DELIVERS: Duration = Duration::from_secs(76);
 /// How often the caller is asked whether the guest still runs.
 const ALIVE_CHECK: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -116,9 +122,13 @@ pub fn wait_for_banner_at(
                     return Ok(start.elapsed());
                 }
                 Answer::Nothing => i += 1,
-                Answer::Closed if !answered && pending[i].opened.elapsed() >= SLIRP_GIVES_UP => {
-                    // SLIRP gave up on reaching a guest without network.
+                Answer::Closed
+                    if pending[i].blind && pending[i].opened.elapsed() >= SLIRP_GIVES_UP =>
+                {
+                    // SLIRP gave up on reaching a guest without network: its
+                    // place is taken at once.
                     pending.remove(i);
+                    next_open = Instant::now();
                 }
                 Answer::Closed => {
                     // Nothing listens yet: try again within milliseconds.
@@ -136,18 +146,22 @@ pub fn wait_for_banner_at(
             }
         }
         let now = Instant::now();
-        if answered {
-            // Before, a silent connection is a guest without network, and
-            // SLIRP would deliver it even if it were dropped here.
-            pending.retain(|p| now.duration_since(p.opened) < MAX_AGE);
-        }
+        // A connection opened before the guest answered is kept as long as
+        // SLIRP may still deliver it (dropping it would not stop that); one
+        // opened after, for a minute. Either way a connection that hangs
+        // (a guest that rebooted, an sshd stuck) does not hold its place.
+        pending.retain(|p| {
+            let limit = if p.blind { SLIRP_DELIVERS } else { MAX_AGE };
+            now.duration_since(p.opened) < limit
+        });
         if now >= next_open {
             if pending.len() >= MAX_PENDING {
                 // Enough out at once: wait for one of them.
                 next_open = now + patience;
             } else {
                 match Pending::open(&addr) {
-                    Some(p) => {
+                    Ok(mut p) => {
+                        p.blind = !answered;
                         pending.push_back(p);
                         opened += 1;
                         next_open = Instant::now() + patience;
@@ -155,7 +169,15 @@ pub fn wait_for_banner_at(
                         // Read soon: a refused one is closed within milliseconds.
                         poll = Backoff::new(POLL_FIRST, POLL_MAX);
                     }
-                    None => next_open = Instant::now() + retry.step(),
+                    Err(e) => {
+                        if e.kind() == ErrorKind::ConnectionRefused {
+                            // A direct address (no port forward): the guest
+                            // is up and nothing listens yet.
+                            refused += 1;
+                            answered = true;
+                        }
+                        next_open = Instant::now() + retry.step();
+                    }
                 }
             }
         }
@@ -203,6 +225,8 @@ struct Pending {
     stream: TcpStream,
     opened: Instant,
     got: Vec<u8>,
+    /// Opened before the guest had answered anything: maybe held by SLIRP.
+    blind: bool,
 }
 
 /// What a pending connection said so far.
@@ -219,10 +243,10 @@ enum Answer {
 }
 
 impl Pending {
-    fn open(addr: &SocketAddr) -> Option<Self> {
-        let stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).ok()?;
-        stream.set_nonblocking(true).ok()?;
-        Some(Self::new(stream))
+    fn open(addr: &SocketAddr) -> std::io::Result<Self> {
+        let stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)?;
+        stream.set_nonblocking(true)?;
+        Ok(Self::new(stream))
     }
 
     fn new(stream: TcpStream) -> Self {
@@ -230,6 +254,7 @@ impl Pending {
             stream,
             opened: Instant::now(),
             got: Vec::new(),
+            blind: false,
         }
     }
 
