@@ -1,7 +1,7 @@
 //! Progress of long work: steps of an operation and byte counts of copies.
 //! The CLI shows them as a progress bar on a terminal and as lines otherwise.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -46,7 +46,8 @@ impl Console {
 impl Reporter for Console {
     fn step(&self, vm: &str, step: &str) {
         if !self.quiet {
-            eprintln!("{vm}: {step}");
+            // Best effort: a standard error nobody reads is no reason to stop.
+            let _ = writeln!(std::io::stderr(), "{vm}: {step}");
         }
     }
 
@@ -77,7 +78,7 @@ impl Reporter for Console {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            eprintln!("{label}: done");
+            let _ = writeln!(std::io::stderr(), "{label}: done");
         }
     }
 }

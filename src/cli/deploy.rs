@@ -62,7 +62,7 @@ pub fn deploy(
         if let Some(failed) = &state.failed
             && !app.json
         {
-            eprintln!(
+            errln!(
                 "{name}: resuming at step {} (it failed {}: {}); the steps before it only check",
                 failed.step,
                 crate::clock::format_time(

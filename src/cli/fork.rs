@@ -27,7 +27,7 @@ pub fn fork(
         Answer::Ok(Outcome::Forked(outcome)) => outcome,
         Answer::Ok(other) => bail!("{source}: unexpected answer {other:?}"),
         Answer::Error { message, .. } => {
-            eprintln!("agentvm: error: {}", output::vm_error(source, &message));
+            errln!("agentvm: error: {}", output::vm_error(source, &message));
             return Ok(1);
         }
     };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::{App, SnapshotCommand, one, output, status};
+use super::{App, SnapshotCommand, one, output, status, stdout};
 use crate::backend::{ForwardChange, SnapshotAction, Stream};
 use crate::protocol::{Answer, Event, Op, Outcome};
 use crate::ssh::Endpoint;
@@ -38,7 +38,7 @@ pub fn ssh_config(app: &App, name: Option<&str>) -> Result<i32> {
             Answer::Ok(other) => bail!("{}: unexpected answer {other:?}", result.name),
             Answer::Error { message, .. } => {
                 failed = true;
-                eprintln!(
+                errln!(
                     "agentvm: error: {}",
                     output::vm_error(&result.name, &message)
                 );
@@ -66,7 +66,11 @@ pub fn console(app: &App, name: &str, follow: bool) -> Result<i32> {
     loop {
         let n = file.read(&mut buf)?;
         if n > 0 {
-            output::write_stdout_bytes(&buf[..n]);
+            stdout::write_bytes(&buf[..n]);
+            if stdout::gone() {
+                // Nobody reads any more: stop following.
+                return Ok(0);
+            }
             continue;
         }
         if !follow {
@@ -101,7 +105,7 @@ pub fn spice(app: &App, name: &str, open: bool) -> Result<i32> {
         outln!("{target}");
     } else {
         outln!("{target}");
-        eprintln!(
+        errln!(
             "{name}: remote-viewer connection file (0600, one-time ticket): remote-viewer {target}"
         );
     }
@@ -153,10 +157,7 @@ pub fn exec(
             match (json, stream) {
                 (true, Stream::Stdout) => out.extend_from_slice(&data),
                 (true, Stream::Stderr) => err.extend_from_slice(&data),
-                (false, Stream::Stdout) => {
-                    let _ = std::io::stdout().write_all(&data);
-                    let _ = std::io::stdout().flush();
-                }
+                (false, Stream::Stdout) => stdout::write_bytes(&data),
                 (false, Stream::Stderr) => {
                     let _ = std::io::stderr().write_all(&data);
                 }
@@ -190,7 +191,7 @@ pub fn hostkey(app: &App, name: &str) -> Result<i32> {
         other => bail!("{name}: unexpected answer {other:?}"),
     };
     if key.source != "agent" {
-        eprintln!(
+        errln!(
             "{name}: no guest agent answered: the host key comes from an SSH key scan of its port"
         );
     }
@@ -198,7 +199,7 @@ pub fn hostkey(app: &App, name: &str) -> Result<i32> {
         output::print_json(&key)?;
     } else {
         outln!("{}", key.key);
-        eprintln!(
+        errln!(
             "{name}: pinned in {}; agentvm ssh now checks it strictly",
             key.known_hosts.display()
         );

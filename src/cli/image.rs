@@ -36,7 +36,7 @@ pub fn push(app: &App, name: &str, backend: &str) -> Result<i32> {
         }
         Answer::Ok(other) => anyhow::bail!("{name}: unexpected answer {other:?}"),
         Answer::Error { message, .. } => {
-            eprintln!("agentvm: error: {name}: {message}");
+            errln!("agentvm: error: {name}: {message}");
             Ok(1)
         }
     }

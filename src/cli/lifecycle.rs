@@ -166,7 +166,7 @@ pub fn destroy(
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            eprintln!("nothing destroyed");
+            errln!("nothing destroyed");
             return Ok(1);
         }
     }
@@ -175,7 +175,7 @@ pub fn destroy(
         for result in app.call(names, Op::Flatten, no_block)? {
             if let Answer::Error { message, .. } = &result.answer {
                 failed = true;
-                eprintln!(
+                errln!(
                     "agentvm: error: {}",
                     output::vm_error(&result.name, message)
                 );
@@ -208,7 +208,7 @@ pub fn plan(app: &App, names: &[String], backend: Option<String>) -> Result<i32>
             Answer::Ok(other) => bail!("{}: unexpected answer {other:?}", result.name),
             Answer::Error { message, .. } => {
                 failed = true;
-                eprintln!(
+                errln!(
                     "agentvm: error: {}",
                     output::vm_error(&result.name, &message)
                 );

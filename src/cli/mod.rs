@@ -3,21 +3,28 @@
 //! the CLI never looks at which backend a VM is on.
 
 /// `println!` for the CLI's own output: a reader that has gone away
-/// (`agentvm list | head -1`) ends the command quietly, as SIGPIPE ends a C
-/// tool, instead of a panic. Defined before the modules that use it.
+/// (`agentvm list | head -1`) is not a panic (see `stdout`). Defined before
+/// the modules that use it.
 macro_rules! outln {
     () => {
-        $crate::cli::output::write_stdout(format_args!("\n"))
+        $crate::cli::stdout::write(format_args!("\n"))
     };
     ($($arg:tt)*) => {
-        $crate::cli::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+        $crate::cli::stdout::write(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
 
 /// `print!` with the same handling as [`outln!`].
 macro_rules! out {
     ($($arg:tt)*) => {
-        $crate::cli::output::write_stdout(format_args!($($arg)*))
+        $crate::cli::stdout::write(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` that ignores a standard error nobody reads.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::cli::stdout::write_err(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
 
@@ -36,6 +43,7 @@ mod output;
 mod retire;
 mod setup;
 mod status;
+mod stdout;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -56,9 +64,9 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     crate::logging::init("warn");
     match run(cli) {
-        Ok(code) => code,
+        Ok(code) => stdout::exit_code(code),
         Err(e) => {
-            eprintln!("agentvm: error: {e:#}");
+            errln!("agentvm: error: {e:#}");
             1
         }
     }
@@ -273,7 +281,7 @@ impl App {
                     token: Secret::new(token),
                 }),
                 Err(e) if needed.contains(&name.as_str()) => return Err(e),
-                Err(e) => eprintln!(
+                Err(e) => errln!(
                     "agentvm: warning: {e:#}; VMs on backend {name} are not looked at by this command"
                 ),
             }
@@ -370,7 +378,7 @@ impl App {
                 }
                 Answer::Error { message, .. } => {
                     failures += 1;
-                    eprintln!(
+                    errln!(
                         "agentvm: error: {}",
                         output::vm_error(&result.name, message)
                     );
@@ -387,7 +395,7 @@ impl App {
 fn show_event(console: &Console, json: bool, event: Event) {
     if json {
         if let Ok(line) = serde_json::to_string(&event) {
-            eprintln!("{line}");
+            errln!("{line}");
         }
         return;
     }

@@ -85,7 +85,7 @@ pub fn provision(app: &App, name: &str, dry_run: bool) -> Result<i32> {
     // new generation), so a VM that booted the image's kernel directly boots
     // through its disk's bootloader, which knows the current generation.
     if let Outcome::SystemChanged { boot: Some(boot) } = app.call_one(name, Op::SystemChanged)? {
-        eprintln!(
+        errln!(
             "{name}: boots through its {boot}'s bootloader from its next start on (its system will no longer be its image's); \
              until then a reboot inside the guest starts the image's system again: use agentvm down {name} && agentvm up {name}"
         );
@@ -166,7 +166,7 @@ pub fn secrets_rekey(
         }
     }
     for (file, why) in &report.failed {
-        eprintln!("agentvm: error: {}: left as it was: {why}", file.display());
+        errln!("agentvm: error: {}: left as it was: {why}", file.display());
     }
     // A removal is complete (for agentvm) once no file failed; the sops files
     // named above still need `sops updatekeys`.

@@ -7,36 +7,6 @@ use serde::Serialize;
 use crate::backend::{Plan, VmStatus};
 use crate::protocol::Outcome;
 
-/// The exit code when standard output was closed under us: what a shell
-/// reports for a process ended by SIGPIPE (128 + 13).
-const STDOUT_CLOSED_EXIT: i32 = 141;
-
-/// Writes to standard output (see `outln!`). A closed pipe ends the process
-/// with [`STDOUT_CLOSED_EXIT`] and no message; any other failure (a full
-/// disk) with a message and exit code 1.
-pub fn write_stdout(args: std::fmt::Arguments) {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    stdout_result(stdout.write_fmt(args).and_then(|()| stdout.flush()));
-}
-
-/// [`write_stdout`] for bytes made elsewhere (a completion script, a man page).
-pub fn write_stdout_bytes(bytes: &[u8]) {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    stdout_result(stdout.write_all(bytes).and_then(|()| stdout.flush()));
-}
-
-fn stdout_result(result: std::io::Result<()>) {
-    if let Err(e) = result {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(STDOUT_CLOSED_EXIT);
-        }
-        eprintln!("agentvm: error: writing to standard output: {e}");
-        std::process::exit(1);
-    }
-}
-
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())

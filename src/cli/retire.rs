@@ -57,7 +57,7 @@ pub fn retire(
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            eprintln!("nothing retired");
+            errln!("nothing retired");
             return Ok(1);
         }
     }

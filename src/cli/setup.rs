@@ -76,7 +76,7 @@ pub fn completions(shell: clap_complete::Shell) -> Result<i32> {
     let mut cmd = Cli::command();
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut cmd, "agentvm", &mut script);
-    super::output::write_stdout_bytes(&script);
+    super::stdout::write_bytes(&script);
     Ok(0)
 }
 
@@ -89,7 +89,7 @@ pub fn man(out: Option<&Path>) -> Result<i32> {
             clap_mangen::Man::new(cmd)
                 .render(&mut page)
                 .context("writing the man page")?;
-            super::output::write_stdout_bytes(&page);
+            super::stdout::write_bytes(&page);
         }
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

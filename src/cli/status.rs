@@ -16,9 +16,10 @@ pub fn all_rows(app: &App) -> Result<(Vec<VmStatus>, bool)> {
     };
     let (rows, failed) = app.daemon()?.list(request)?;
     for failure in &failed {
-        eprintln!(
+        errln!(
             "agentvm: error: backend {} could not be listed (its VMs are not shown): {}",
-            failure.backend, failure.error
+            failure.backend,
+            failure.error
         );
     }
     Ok((rows, !failed.is_empty()))
@@ -48,7 +49,7 @@ pub fn status(app: &App, names: &[String]) -> Result<i32> {
             match result.answer {
                 Answer::Ok(Outcome::Status(row)) if row.state == State::Absent && !row.in_spec => {
                     failed = true;
-                    eprintln!(
+                    errln!(
                         "agentvm: error: no VM named {name:?} in agentvm.toml or on any backend"
                     );
                 }
@@ -56,7 +57,7 @@ pub fn status(app: &App, names: &[String]) -> Result<i32> {
                 Answer::Ok(other) => bail!("{name}: unexpected answer {other:?}"),
                 Answer::Error { message, .. } => {
                     failed = true;
-                    eprintln!("agentvm: error: {}", output::vm_error(name, &message));
+                    errln!("agentvm: error: {}", output::vm_error(name, &message));
                 }
             }
         }
@@ -111,6 +112,10 @@ pub fn events(app: &App) -> Result<i32> {
             }
         } else {
             show_event(&console, false, event);
+        }
+        if super::stdout::gone() {
+            // Nobody reads any more: nothing else to finish.
+            std::process::exit(super::stdout::exit_code(0));
         }
     })?;
     Ok(0)

@@ -208,7 +208,7 @@ impl Guest for AgentGuest<'_> {
     ) -> Result<()> {
         let guest_path = |rel: &Path| shell::join(temp, &rel.to_string_lossy());
         for link in &tree.links {
-            eprintln!(
+            errln!(
                 "{}: skipped the symbolic link {} (the SSH path copies links)",
                 self.vm,
                 link.display()
@@ -270,9 +270,10 @@ impl Guest for AgentGuest<'_> {
                     file.set_permissions(Permissions::from_mode(entry.mode))
                         .with_context(|| format!("setting the mode of {}", host_path.display()))?;
                 }
-                Kind::Symlink | Kind::Other => eprintln!(
+                Kind::Symlink | Kind::Other => errln!(
                     "{}: skipped {} (not a regular file or folder; the SSH path copies links)",
-                    self.vm, entry.path
+                    self.vm,
+                    entry.path
                 ),
             }
         }

@@ -143,7 +143,7 @@ pub fn cp(app: &App, recursive: bool, via: Via, src: &str, dst: &str) -> Result<
     .map_err(|e| disk_full(e, &vm, to_guest, &guest_path))?;
     let seconds = started.elapsed().as_secs_f64();
     let direction = if to_guest { "to-guest" } else { "from-guest" };
-    eprintln!(
+    errln!(
         "{vm}: {files} file(s), {bytes} bytes {direction} via {} in {seconds:.1} s ({:.1} MiB/s)",
         guest.via(),
         bytes as f64 / (1 << 20) as f64 / seconds.max(0.001)
