@@ -103,7 +103,7 @@ pub fn wait_for_banner_at(
     // Whether the guest has answered anything: from then on a silent
     // connection is an sshd at work, not a guest without network.
     let mut answered = false;
-    let (mut opened, mut refused) = (0u32, 0u32);
+    let (mut opened, mut refused, mut busy) = (0u32, 0u32, 0u32);
     let mut patience = PATIENCE_FIRST;
     let mut next_open = start;
     let mut retry = Backoff::new(POLL_FIRST, retry_max.max(POLL_FIRST));
@@ -141,6 +141,7 @@ pub fn wait_for_banner_at(
                 Answer::Busy => {
                     // sshd is up but refused this one ("Exceeded MaxStartups").
                     pending.remove(i);
+                    busy += 1;
                     answered = true;
                 }
             }
@@ -190,8 +191,9 @@ pub fn wait_for_banner_at(
         let now = Instant::now();
         if now >= deadline {
             bail!(
-                "no SSH banner on {addr} after {}s",
-                now.duration_since(start).as_secs()
+                "no SSH banner on {addr} after {}s: {}",
+                now.duration_since(start).as_secs(),
+                what_was_seen(answered, opened, refused, busy)
             );
         }
         let mut wake = next_open.min(deadline).min(next_alive_check);
@@ -200,6 +202,29 @@ pub fn wait_for_banner_at(
         }
         std::thread::sleep(wake.saturating_duration_since(now));
     }
+}
+
+/// What a wait that found no banner saw, so that a guest without network, a
+/// guest without sshd and a busy sshd are told apart.
+fn what_was_seen(answered: bool, opened: u32, refused: u32, busy: u32) -> String {
+    if !answered {
+        return format!(
+            "the guest never answered on its network ({opened} connection(s) opened, none refused or served): \
+             it is still booting, hung, or its network is down; its serial console says which"
+        );
+    }
+    if busy > 0 {
+        return format!(
+            "sshd is up but refused {busy} connection(s) as too busy (MaxStartups), and no other one got a banner"
+        );
+    }
+    if refused > 0 {
+        return format!(
+            "the guest refused port 22 {refused} time(s) and never served it: \
+             is sshd installed and enabled in the image?"
+        );
+    }
+    format!("{opened} connection(s) opened, none answered")
 }
 
 /// The first line the server sends, if it is an SSH identification string,
@@ -450,11 +475,26 @@ mod tests {
         let start = Instant::now();
         let err = wait_for_banner(port, Duration::from_millis(300), || Ok(true)).unwrap_err();
         assert!(err.to_string().contains("no SSH banner"), "{err}");
+        assert!(err.to_string().contains("refused port 22"), "{err}");
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn a_guest_that_never_answers_is_told_from_one_without_sshd() {
+        // A listener that accepts nothing: connections are held silent, as
+        // a port forward holds them for a guest without network.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let err = wait_for_banner(port, Duration::from_millis(300), || Ok(true)).unwrap_err();
+        assert!(
+            err.to_string().contains("never answered on its network"),
+            "{err}"
+        );
+        drop(l);
     }
 
     #[test]

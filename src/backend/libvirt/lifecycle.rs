@@ -234,7 +234,18 @@ impl Lifecycle for LocalBackend {
         ssh::wait_for_banner(state.ssh_port, timeout, || {
             dom.is_active().map_err(lv).context("asking libvirt")
         })
-        .map_err(|e| anyhow!("{name}: {e}{}", log_tail(&self.home.vm_serial_log(name))))?;
+        .map_err(|e| {
+            let log = self.home.vm_serial_log(name);
+            let tail = log_tail(&log);
+            if tail.is_empty() {
+                anyhow!(
+                    "{name}: {e}\nits serial console ({}) printed nothing",
+                    log.display()
+                )
+            } else {
+                anyhow!("{name}: {e}{tail}")
+            }
+        })?;
         Ok(())
     }
 
