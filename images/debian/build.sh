@@ -230,13 +230,20 @@ rm -f "$work/fs/root.ext4"
 # the MBR, before the disk signature and partition table) loads core.img's
 # first sector from sector 1, which loads the rest from sector 2 on: both
 # are the defaults that boot.img and grub-mkimage write.
+# GRUB also writes to the serial port, so that a boot stuck in GRUB shows in
+# the VM's serial log (what `agentvm console` and a failed `up` show), not
+# only on its screen.
 cat >"$work/early.cfg" <<EOF
+serial --unit=0 --speed=115200
+terminal_output serial console
+echo "GRUB: looking for the root file system $uuid"
 search --no-floppy --fs-uuid --set=root $uuid
 set prefix=(\$root)/boot/grub
 EOF
 grub-mkimage -O i386-pc -d "$grubdir" -c "$work/early.cfg" -p /boot/grub \
 	-o "$work/core.img" \
-	biosdisk part_msdos ext2 search search_fs_uuid normal configfile linux echo test boot
+	biosdisk part_msdos ext2 search search_fs_uuid normal configfile linux echo test boot \
+	serial terminal
 core_sectors=$((($(stat -c %s "$work/core.img") + 511) / 512))
 ((core_sectors < part_start - 1)) || die "core.img ($core_sectors sectors) does not fit before the partition"
 dd if="$grubdir/boot.img" of="$raw" bs=440 count=1 conv=notrunc status=none

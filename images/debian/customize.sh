@@ -71,6 +71,7 @@ cat >"$root/boot/grub/grub.cfg" <<GRUB
 # no update-grub here. GRUB's core.img finds this file by the root file
 # system's UUID and loads it with the modules built into core.img.
 search --no-floppy --fs-uuid --set=root $uuid
+echo "GRUB: loading /vmlinuz and /initrd.img"
 linux /vmlinuz $cmdline
 initrd /initrd.img
 boot
