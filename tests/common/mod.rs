@@ -225,8 +225,85 @@ impl Env {
     }
 }
 
+impl Env {
+    /// What a failed test leaves to read: the daemon's log and, for each of
+    /// its VMs, its logs and whether its QEMU still answers.
+    fn print_diagnostics(&self) {
+        let tail = |path: &Path, lines: usize| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            eprintln!(
+                "--- {} ({} lines, last {}):",
+                path.display(),
+                all.len(),
+                all.len() - from
+            );
+            for line in &all[from..] {
+                eprintln!("  {line}");
+            }
+        };
+        tail(&self.home().join("daemon.log"), 40);
+        for name in self.cleanup.borrow().iter() {
+            if let Ok(entries) = std::fs::read_dir(self.home().join("vms").join(name)) {
+                for entry in entries.flatten() {
+                    if entry.path().extension().is_some_and(|e| e == "log") {
+                        tail(&entry.path(), 25);
+                    }
+                }
+            }
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            tail(
+                &home.join(format!(".cache/libvirt/qemu/log/agentvm-{name}.log")),
+                15,
+            );
+            // Where the first vCPU is: in the firmware or boot loader (real
+            // mode, EIP), or the kernel (RIP, CR0 with paging).
+            for hmp in ["info status", "info cpus", "info registers"] {
+                let out = Command::new("timeout")
+                    .args([
+                        "10",
+                        "virsh",
+                        "-c",
+                        "qemu:///session",
+                        "qemu-monitor-command",
+                    ])
+                    .arg(format!("agentvm-{name}"))
+                    .args(["--hmp", hmp])
+                    .output();
+                match out {
+                    Ok(out) => {
+                        let text = String::from_utf8_lossy(&out.stdout);
+                        let lines: Vec<&str> = text
+                            .lines()
+                            .filter(|l| {
+                                hmp != "info registers"
+                                    || ["RIP=", "EIP=", "CS =", "CR0="]
+                                        .iter()
+                                        .any(|p| l.starts_with(p))
+                            })
+                            .collect();
+                        eprintln!(
+                            "--- {name}: {hmp} ({}): {}{}",
+                            out.status,
+                            lines.join("\n  "),
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        )
+                    }
+                    Err(e) => eprintln!("--- {name}: {hmp}: {e}"),
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_diagnostics();
+        }
         for name in self.cleanup.borrow().iter() {
             let _ = self.agentvm(&["destroy", "--yes", name]);
         }
