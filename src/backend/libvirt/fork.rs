@@ -9,16 +9,14 @@
 //! domain's metadata.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow, bail};
-use virt::domain::{Domain, DomainState};
-use virt::enumutil::Enum;
+use anyhow::{Context, anyhow};
 use virt::sys;
 
 use super::fork_memory::MemoryFiles;
-use super::fork_xml::{ForkIdentity, rewrite, with_uuid};
+use super::fork_snapshot::{remove_file, snapshot};
+use super::fork_xml::{ForkIdentity, rewrite, with_uuid, without_backing_stores};
 use super::saveimage::SaveImage;
 use super::{LocalBackend, lv};
 use crate::backend::{Forked, ForkedVm, Forks, Result};
@@ -32,8 +30,6 @@ use crate::progress::Reporter;
 /// How many forks are restored at once (each starts a QEMU and reads the
 /// memory snapshot).
 const PARALLEL_RESTORES: usize = 4;
-/// How often the guest's state is read while the snapshot runs.
-const PAUSE_POLL: Duration = Duration::from_millis(20);
 
 /// The writable top of the disk of the VM `state` describes.
 pub(super) fn top_disk(home: &Home, state: &VmState) -> PathBuf {
@@ -445,161 +441,11 @@ fn restore_one(
     Ok(began.elapsed())
 }
 
-/// Takes the live external snapshot: memory to `memory`, the disk's top
-/// frozen under a new top `new_top`.
-fn snapshot(dom: &Domain, source: &str, memory: &Path, new_top: &Path) -> Result<Snapshot> {
-    let live_xml = dom
-        .xml_desc(0)
-        .map_err(lv)
-        .context("reading the domain XML")?;
-    // A NoCloud seed disk is read-only: it stays as it is.
-    let seed = if live_xml.contains("<target dev='vdb'") {
-        "<disk name='vdb' snapshot='no'/>"
-    } else {
-        ""
-    };
-    let xml = format!(
-        "<domainsnapshot><name>agentvm-fork</name>\
-         <memory snapshot='external' file='{}'/>\
-         <disks><disk name='vda' snapshot='external' type='file'><driver type='qcow2'/>\
-         <source file='{}'/></disk>{seed}</disks></domainsnapshot>",
-        xml_attr(&memory.to_string_lossy()),
-        xml_attr(&new_top.to_string_lossy()),
-    );
-    let began = Instant::now();
-    let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
-        | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-        | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
-    let done = AtomicBool::new(false);
-    let (taken, paused) = std::thread::scope(|scope| {
-        let watch = scope.spawn(|| paused_time(dom, &done));
-        let taken = dom.create_snapshot_xml(&xml, flags);
-        done.store(true, Ordering::Relaxed);
-        (taken, watch.join().unwrap_or_default())
-    });
-    if let Err(e) = taken {
-        remove_file(memory);
-        remove_file(new_top);
-        return Err(lv(e)
-            .context(format!("{source}: taking the snapshot to fork from"))
-            .into());
-    }
-    Ok(Snapshot {
-        seconds: began.elapsed().as_secs_f64(),
-        paused_seconds: paused.as_secs_f64(),
-    })
-}
-
-/// How long a snapshot took, and for how long of it the guest was paused.
-struct Snapshot {
-    seconds: f64,
-    paused_seconds: f64,
-}
-
-/// How long `dom` is seen paused until `done` (polled, so to within
-/// [`PAUSE_POLL`]).
-fn paused_time(dom: &Domain, done: &AtomicBool) -> Duration {
-    let mut paused = Duration::ZERO;
-    let mut last = Instant::now();
-    while !done.load(Ordering::Relaxed) {
-        std::thread::sleep(PAUSE_POLL);
-        let now = Instant::now();
-        if let Ok((Enum::Known(DomainState::Paused), _)) = dom.state() {
-            paused += now - last;
-        }
-        last = now;
-    }
-    paused
-}
-
-/// `xml` without `<backingStore>` elements: libvirt then reads each disk's
-/// chain from its qcow2 headers (a fork's overlay sits on a layer the saved
-/// chain does not name).
-fn without_backing_stores(xml: &str) -> anyhow::Result<String> {
-    const OPEN: &str = "<backingStore";
-    const CLOSE: &str = "</backingStore>";
-    let mut out = String::with_capacity(xml.len());
-    let mut rest = xml;
-    while let Some(start) = rest.find(OPEN) {
-        out.push_str(&rest[..start]);
-        let mut depth = 0usize;
-        let mut at = start;
-        loop {
-            let next_open = rest[at..].find(OPEN).map(|i| i + at);
-            let next_close = rest[at..].find(CLOSE).map(|i| i + at);
-            match (next_open, next_close) {
-                (Some(open), close) if close.is_none_or(|c| open < c) => {
-                    let tag_end = rest[open..]
-                        .find('>')
-                        .map(|i| i + open)
-                        .context("unterminated <backingStore> in the saved XML")?;
-                    at = tag_end + 1;
-                    if rest[..tag_end].ends_with('/') {
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        depth += 1;
-                    }
-                }
-                (_, Some(close)) => {
-                    at = close + CLOSE.len();
-                    depth = depth.saturating_sub(1);
-                    if depth == 0 {
-                        break;
-                    }
-                }
-                (_, None) => bail!("unbalanced <backingStore> in the saved XML"),
-            }
-        }
-        rest = &rest[at..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-fn xml_attr(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('\'', "&apos;")
-        .replace('<', "&lt;")
-}
-
 /// A file removed when this is dropped.
 struct RemovedOnDrop<'a>(&'a Path);
 
 impl Drop for RemovedOnDrop<'_> {
     fn drop(&mut self) {
         remove_file(self.0);
-    }
-}
-
-fn remove_file(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!("removing {}: {e}", path.display());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::without_backing_stores;
-
-    #[test]
-    fn backing_stores_are_dropped_whole() {
-        let xml = "<disk><source file='a'/>\
-            <backingStore type='file' index='1'><format type='qcow2'/><source file='b'/>\
-            <backingStore type='file' index='2'><source file='c'/><backingStore/></backingStore>\
-            </backingStore><target dev='vda'/></disk><disk><backingStore/><target dev='vdb'/></disk>";
-        assert_eq!(
-            without_backing_stores(xml).unwrap(),
-            "<disk><source file='a'/><target dev='vda'/></disk><disk><target dev='vdb'/></disk>"
-        );
-    }
-
-    #[test]
-    fn xml_without_backing_stores_is_unchanged() {
-        let xml = "<domain><disk/></domain>";
-        assert_eq!(without_backing_stores(xml).unwrap(), xml);
     }
 }

@@ -121,6 +121,52 @@ fn with_netdev(xml: &str, source: &VmState, fork: &VmState) -> Result<String> {
     Ok(xml)
 }
 
+/// `xml` without `<backingStore>` elements: libvirt then reads each disk's
+/// chain from its qcow2 headers (a fork's overlay sits on a layer the saved
+/// chain does not name).
+pub(super) fn without_backing_stores(xml: &str) -> Result<String> {
+    const OPEN: &str = "<backingStore";
+    const CLOSE: &str = "</backingStore>";
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    while let Some(start) = rest.find(OPEN) {
+        out.push_str(&rest[..start]);
+        let mut depth = 0usize;
+        let mut at = start;
+        loop {
+            let next_open = rest[at..].find(OPEN).map(|i| i + at);
+            let next_close = rest[at..].find(CLOSE).map(|i| i + at);
+            match (next_open, next_close) {
+                (Some(open), close) if close.is_none_or(|c| open < c) => {
+                    let tag_end = rest[open..]
+                        .find('>')
+                        .map(|i| i + open)
+                        .context("unterminated <backingStore> in the saved XML")?;
+                    at = tag_end + 1;
+                    if rest[..tag_end].ends_with('/') {
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        depth += 1;
+                    }
+                }
+                (_, Some(close)) => {
+                    at = close + CLOSE.len();
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                (_, None) => bail!("unbalanced <backingStore> in the saved XML"),
+            }
+        }
+        rest = &rest[at..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +294,23 @@ mod tests {
         let other = saved(&source).replace("agentvm-src", "agentvm-other");
         let err = rewrite(&other, &identity(&source, &fork)).unwrap_err();
         assert!(format!("{err:#}").contains("no domain name"), "{err:#}");
+    }
+
+    #[test]
+    fn backing_stores_are_dropped_whole() {
+        let xml = "<disk><source file='a'/>\
+            <backingStore type='file' index='1'><format type='qcow2'/><source file='b'/>\
+            <backingStore type='file' index='2'><source file='c'/><backingStore/></backingStore>\
+            </backingStore><target dev='vda'/></disk><disk><backingStore/><target dev='vdb'/></disk>";
+        assert_eq!(
+            without_backing_stores(xml).unwrap(),
+            "<disk><source file='a'/><target dev='vda'/></disk><disk><target dev='vdb'/></disk>"
+        );
+    }
+
+    #[test]
+    fn xml_without_backing_stores_is_unchanged() {
+        let xml = "<domain><disk/></domain>";
+        assert_eq!(without_backing_stores(xml).unwrap(), xml);
     }
 }

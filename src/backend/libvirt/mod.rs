@@ -8,6 +8,7 @@ mod display;
 mod events;
 mod fork;
 mod fork_memory;
+mod fork_snapshot;
 mod fork_xml;
 mod forwards;
 mod heal;
