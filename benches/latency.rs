@@ -1,10 +1,13 @@
 //! Latency benchmark on the test guest, each figure beside its floor measured
 //! in the same run:
 //!
-//! - readiness: from the guest first answering SSH (a prober reads its
-//!   connections every millisecond) to `agentvm up` returning; floor: one banner read plus
-//!   one `virsh qemu-agent-command … guest-ping` process (what `up` must at least
-//!   do once the guest is ready);
+//! - readiness: from the guest's sshd sending its first banner (as QEMU's
+//!   own capture of the guest's network, `filter-dump`, stamps it) to
+//!   `agentvm up` returning. Nothing but `up` talks to the guest: a prober
+//!   of the bench's own would compete with `up` for the guest's sshd, which
+//!   under TCG serves one connection after the other; floor: one `virsh
+//!   qemu-agent-command … guest-ping` process (what `up` must at least do
+//!   once the banner is there);
 //! - warm `exec VM -- true` end to end; floor: one whole `virsh
 //!   qemu-agent-command … guest-ping` process.
 //!
@@ -15,18 +18,13 @@
 mod common;
 mod support;
 
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use common::{Env, GUEST_TIMEOUT};
 
 const READY_RUNS: usize = 5;
 const EXEC_RUNS: usize = 30;
-/// Connections the readiness prober keeps open at most.
-const PROBES: usize = 3;
 
 fn main() {
     let env = Env::new();
@@ -34,21 +32,12 @@ fn main() {
     env.write_fleet(&format!("[vms.bench-lat]\nssh_port = {port}\n"));
     env.owns(&["bench-lat"]);
 
-    let mut ready = Vec::new();
-    for _ in 0..READY_RUNS {
+    let mut wire = Vec::new();
+    for run in 0..READY_RUNS {
         let _ = env.agentvm(&["destroy", "--yes", "bench-lat"]);
-        ready.push(readiness(&env, port));
+        let pcap = env.dir.path().join(format!("ready-{run}.pcap"));
+        wire.push(readiness_on_the_wire(&env, port, &pcap));
     }
-    let ready_floor = support::median(
-        (0..EXEC_RUNS)
-            .map(|_| {
-                let start = Instant::now();
-                agentvm::ssh::read_banner(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-                    .expect("a banner from the running guest");
-                start.elapsed().as_secs_f64() * 1000.0 + virsh_ping("bench-lat")
-            })
-            .collect(),
-    );
 
     env.ok(&["exec", "bench-lat", "--", "true"]);
     let exec = support::median(
@@ -61,17 +50,17 @@ fn main() {
             .collect(),
     );
     let exec_floor = support::median((0..EXEC_RUNS).map(|_| virsh_ping("bench-lat")).collect());
-    let ready = support::median(ready);
+    let wire = support::median(wire);
 
     support::report(
         "latency on the test guest (TCG), median ms:",
         &[
             support::Figure {
-                name: "readiness: SSH answers -> up returns",
+                name: "readiness: banner on the wire -> up returns",
                 unit: "ms",
-                agentvm: ready,
-                floor: ready_floor,
-                floor_is: "one banner read + one `virsh qemu-agent-command guest-ping`",
+                agentvm: wire,
+                floor: exec_floor,
+                floor_is: "one `virsh qemu-agent-command guest-ping` process",
                 target: Some(100.0),
             },
             support::Figure {
@@ -86,96 +75,99 @@ fn main() {
     );
 }
 
-/// Milliseconds from the guest's first SSH banner to `up` returning. The
-/// prober keeps every connection it opens and reads them all every
-/// millisecond, so it sees the first banner sshd sends on any of them however
-/// long sshd takes to send it; it opens another at once when one is refused,
-/// and every 100 ms while they are silent (a guest without network yet), at
-/// most [`PROBES`] at once (the guest's sshd limits unauthenticated
-/// connections from one address; `up` has its own beside these). It
-/// keeps going after `up` returns until it has seen a banner (a prober slower
-/// than `up` would show as a negative figure, not hide).
-fn readiness(env: &Env, port: u16) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let first: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let prober = {
-        let (stop, first) = (stop.clone(), first.clone());
+/// Milliseconds from the guest's sshd putting its first banner on the wire
+/// to `up` returning, with nothing but `up` talking to the guest. QEMU
+/// captures the guest's network to `pcap` from the moment the domain exists
+/// (`filter-dump`, added over QMP). Its stamps follow the guest's virtual
+/// clock (which runs with the host's while the guest runs) from a whole
+/// second, so one frame is anchored to the host's clock: after `up` returns
+/// the bench connects once more, and the SYN the forward sends the guest
+/// for it is captured within the millisecond.
+fn readiness_on_the_wire(env: &Env, port: u16, pcap: &std::path::Path) -> f64 {
+    // libvirt would print "domain not found" for every look below.
+    virt::error::clear_error_callback();
+    let conn = virt::connect::Connect::open(Some("qemu:///session")).expect("libvirt");
+    let up = {
+        let mut cmd = env.command(&["up", "bench-lat", "--timeout", GUEST_TIMEOUT]);
         std::thread::spawn(move || {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let mut open: Vec<(TcpStream, Vec<u8>)> = Vec::new();
-            let mut next_open = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                let mut i = 0;
-                while i < open.len() {
-                    match read_some(&mut open[i]) {
-                        Probe::Banner => {
-                            *first.lock().unwrap() = Some(Instant::now());
-                            return;
-                        }
-                        Probe::Silent => i += 1,
-                        Probe::Closed => {
-                            open.swap_remove(i);
-                            next_open = Instant::now();
-                        }
-                    }
-                }
-                if Instant::now() >= next_open && open.len() < PROBES {
-                    if let Ok(stream) =
-                        TcpStream::connect_timeout(&addr, Duration::from_millis(100))
-                    {
-                        let _ = stream.set_nonblocking(true);
-                        open.push((stream, Vec::new()));
-                    }
-                    next_open = Instant::now() + Duration::from_millis(100);
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            let out = cmd.output().expect("running agentvm up");
+            let returned = Instant::now();
+            assert!(out.status.success(), "up: {out:?}");
+            returned
         })
     };
-    env.ok(&["up", "bench-lat", "--timeout", GUEST_TIMEOUT]);
-    let returned = Instant::now();
-    let deadline = returned + Duration::from_secs(10);
-    while !prober.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    stop.store(true, Ordering::Relaxed);
-    prober.join().unwrap();
-    let first = first.lock().unwrap().expect("the prober saw the banner");
-    let ms = if first > returned {
-        -(first.duration_since(returned).as_secs_f64() * 1000.0)
-    } else {
-        returned.duration_since(first).as_secs_f64() * 1000.0
+    // Attach the capture as soon as QEMU runs: the guest needs seconds to
+    // bring up its network, so nothing it sends is missed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dom = loop {
+        if let Ok(dom) = conn.lookup_domain_by_name("agentvm-bench-lat")
+            && dom.is_active().unwrap_or(false)
+        {
+            break dom;
+        }
+        assert!(Instant::now() < deadline, "the domain did not start");
+        std::thread::sleep(Duration::from_millis(2));
     };
-    eprintln!("readiness run: {ms:.1} ms");
+    let add = format!(
+        r#"{{"execute":"object-add","arguments":{{"qom-type":"filter-dump","id":"bench-dump","netdev":"agentvm-net0","file":{:?}}}}}"#,
+        pcap.display().to_string()
+    );
+    dom.qemu_monitor_command(&add, 0)
+        .unwrap_or_else(|e| panic!("adding filter-dump: {e}"));
+    let returned = up.join().expect("up");
+    let anchor = Instant::now();
+    agentvm::ssh::read_banner(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .expect("a banner for the anchoring connection");
+    let (banner, syn) = banner_and_last_syn(pcap);
+    // Where the banner was on the host's clock, relative to `returned`.
+    let banner_after_returned =
+        anchor.duration_since(returned).as_secs_f64() * 1000.0 - (syn - banner) as f64 / 1000.0;
+    let ms = -banner_after_returned;
+    eprintln!("readiness run (wire): {ms:.1} ms");
     ms
 }
 
-enum Probe {
-    Banner,
-    Silent,
-    Closed,
-}
-
-/// Reads what a prober connection has; `Banner` once it starts with `SSH-`
-/// (SLIRP accepts before the guest listens, then closes: only the banner
-/// proves sshd is up).
-fn read_some((stream, got): &mut (TcpStream, Vec<u8>)) -> Probe {
-    let mut buf = [0u8; 64];
-    match stream.read(&mut buf) {
-        Ok(0) => Probe::Closed,
-        Ok(n) => {
-            got.extend_from_slice(&buf[..n]);
-            if got.starts_with(b"SSH-") {
-                Probe::Banner
-            } else if got.len() >= 4 {
-                Probe::Closed
-            } else {
-                Probe::Silent
-            }
+/// From QEMU's capture `pcap` (classic pcap, Ethernet frames), the stamps in
+/// microseconds of the first frame from the guest's port 22 carrying `SSH-`
+/// and of the last SYN sent to it.
+fn banner_and_last_syn(pcap: &std::path::Path) -> (i64, i64) {
+    let data = std::fs::read(pcap).unwrap_or_else(|e| panic!("{}: {e}", pcap.display()));
+    assert!(
+        data.len() >= 24 && data[..4] == [0xd4, 0xc3, 0xb2, 0xa1],
+        "{}: not a little-endian pcap",
+        pcap.display()
+    );
+    let u32_at = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+    let (mut banner, mut syn) = (None, None);
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let stamp = i64::from(u32_at(at)) * 1_000_000 + i64::from(u32_at(at + 4));
+        let len = u32_at(at + 8) as usize;
+        let frame = &data[at + 16..(at + 16 + len).min(data.len())];
+        at += 16 + len;
+        // Ethernet, IPv4, TCP.
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 6 {
+            continue;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Probe::Silent,
-        Err(_) => Probe::Closed,
+        let ip = &frame[14..];
+        let tcp = &ip[usize::from(ip[0] & 0x0f) * 4..];
+        if tcp.len() < 20 {
+            continue;
+        }
+        let (from_22, to_22) = (tcp[..2] == [0, 22], tcp[2..4] == [0, 22]);
+        let flags = tcp[13];
+        if to_22 && flags & 0x12 == 0x02 {
+            syn = Some(stamp);
+        }
+        let payload = &tcp[usize::from(tcp[12] >> 4) * 4..];
+        if from_22 && banner.is_none() && payload.starts_with(b"SSH-") {
+            banner = Some(stamp);
+        }
     }
+    let what = |x: Option<i64>, name: &str| {
+        x.unwrap_or_else(|| panic!("{}: no {name} captured", pcap.display()))
+    };
+    (what(banner, "SSH banner"), what(syn, "SYN to port 22"))
 }
 
 /// One whole `virsh qemu-agent-command VM guest-ping` process, in ms.
