@@ -224,6 +224,8 @@ pub struct Existing {
     pub readonly: bool,
     pub ssh_port: Option<u16>,
     pub spice_port: Option<u16>,
+    /// The egress policy it was defined with.
+    pub egress: crate::spec::Egress,
 }
 
 /// What `prepare` made ready for `create`/`reconfigure`: the hash the VM's spec

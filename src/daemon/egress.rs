@@ -84,10 +84,12 @@ impl EgressHub {
     /// Makes the proxy and tunnel of `vm` match the policy its domain was
     /// defined with: started for an allow list, stopped otherwise.
     pub fn ensure(self: &Arc<Self>, vm: &str) {
-        let policy = match self.backend.status(vm, None) {
-            Ok(status) => status.egress,
+        // The policy only, from the domain's metadata: a full status would
+        // ask the guest agent too, on the path of every `up`.
+        let policy = match self.backend.find(vm) {
+            Ok(Some(existing)) => existing.egress,
             // Not a local VM (or gone): nothing to serve.
-            Err(crate::backend::BackendError::NotFound(_)) => Egress::Open,
+            Ok(None) | Err(crate::backend::BackendError::NotFound(_)) => Egress::Open,
             Err(e) => {
                 tracing::warn!("{vm}: egress: reading its policy: {e}");
                 return;

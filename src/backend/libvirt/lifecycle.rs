@@ -46,10 +46,11 @@ impl Lifecycle for LocalBackend {
         };
         Ok(Some(Existing {
             running: dom.is_active().map_err(lv).context("asking libvirt")?,
-            spec_hash: state.spec_hash,
             readonly: state.readonly,
             ssh_port: Some(state.ssh_port),
             spice_port: Some(state.spice_port),
+            egress: state.egress(),
+            spec_hash: state.spec_hash,
         }))
     }
 

@@ -179,6 +179,8 @@ impl Lifecycle for ProxmoxBackend {
             readonly: marker.readonly,
             ssh_port: Some(self.spec.ssh_port),
             spice_port: None,
+            // `create` refuses any other policy on Proxmox.
+            egress: crate::spec::Egress::Open,
         }))
     }
 
