@@ -150,16 +150,18 @@ fn banner_and_last_syn(pcap: &std::path::Path) -> (i64, i64) {
             continue;
         }
         let ip = &frame[14..];
-        let tcp = &ip[usize::from(ip[0] & 0x0f) * 4..];
-        if tcp.len() < 20 {
+        let Some(tcp) = ip
+            .get(usize::from(ip[0] & 0x0f) * 4..)
+            .filter(|t| t.len() >= 20)
+        else {
             continue;
-        }
+        };
         let (from_22, to_22) = (tcp[..2] == [0, 22], tcp[2..4] == [0, 22]);
         let flags = tcp[13];
         if to_22 && flags & 0x12 == 0x02 {
             syn = Some(stamp);
         }
-        let payload = &tcp[usize::from(tcp[12] >> 4) * 4..];
+        let payload = tcp.get(usize::from(tcp[12] >> 4) * 4..).unwrap_or_default();
         if from_22 && banner.is_none() && payload.starts_with(b"SSH-") {
             banner = Some(stamp);
         }
