@@ -27,7 +27,9 @@ const READY_RUNS: usize = 5;
 const EXEC_RUNS: usize = 30;
 
 fn main() {
-    let env = Env::new();
+    let mut env = Env::new();
+    // The capture hooks QEMU's SLIRP netdev (passt has none to hook).
+    env.set_env(agentvm::paths::ENV_NETWORK, "slirp");
     let port = free_port();
     env.write_fleet(&format!("[vms.bench-lat]\nssh_port = {port}\n"));
     env.owns(&["bench-lat"]);

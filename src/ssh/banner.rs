@@ -193,7 +193,11 @@ pub fn wait_for_banner_at(
             bail!(
                 "no SSH banner on {addr} after {}s: {}",
                 now.duration_since(start).as_secs(),
-                what_was_seen(answered, opened, refused, busy)
+                what_was_seen(
+                    answered,
+                    (opened, refused, busy),
+                    pending.iter().filter(|p| !p.blind).count(),
+                )
             );
         }
         let mut wake = next_open.min(deadline).min(next_alive_check);
@@ -206,16 +210,27 @@ pub fn wait_for_banner_at(
 
 /// What a wait that found no banner saw, so that a guest without network, a
 /// guest without sshd and a busy sshd are told apart.
-fn what_was_seen(answered: bool, opened: u32, refused: u32, busy: u32) -> String {
+/// `silent` counts the connections opened after the guest answered that are
+/// still open: the guest accepted them (a refused one closes at once).
+fn what_was_seen(
+    answered: bool,
+    (opened, refused, busy): (u32, u32, u32),
+    silent: usize,
+) -> String {
     if !answered {
         return format!(
             "the guest never answered on its network ({opened} connection(s) opened, none refused or served): \
              it is still booting, hung, or its network is down; its serial console says which"
         );
     }
+    if silent > 0 {
+        return format!(
+            "port 22 accepted {silent} connection(s) but sent no banner on them: sshd is slow or stuck"
+        );
+    }
     if busy > 0 {
         return format!(
-            "sshd is up but refused {busy} connection(s) as too busy (MaxStartups), and no other one got a banner"
+            "sshd answered {busy} connection(s) with a line that is not an SSH banner (such as \"Exceeded MaxStartups\"), and no other one got a banner"
         );
     }
     if refused > 0 {
@@ -495,6 +510,14 @@ mod tests {
             "{err}"
         );
         drop(l);
+    }
+
+    #[test]
+    fn an_sshd_that_accepts_but_never_answers_is_named() {
+        // Refused once (the guest booting), then accepted and silent.
+        let (port, _accepted, _kept) = slow_server(Duration::from_secs(30), false);
+        let err = wait_for_banner(port, Duration::from_millis(1500), || Ok(true)).unwrap_err();
+        assert!(err.to_string().contains("sent no banner"), "{err}");
     }
 
     #[test]

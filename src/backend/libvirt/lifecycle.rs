@@ -240,7 +240,7 @@ impl Lifecycle for LocalBackend {
             let tail = log_tail(&log);
             if tail.is_empty() {
                 anyhow!(
-                    "{name}: {e}\nits serial console ({}) printed nothing",
+                    "{name}: {e}\nits serial console log ({}) is empty or missing",
                     log.display()
                 )
             } else {
