@@ -118,9 +118,7 @@ fn env_reaches_the_guest_and_no_command_line_xml_or_log() {
     let xml = dumpxml("env-fwcfg");
     assert!(!xml.contains(&secret) && !xml.contains(&passed), "{xml}");
     assert!(xml.contains("<sysinfo type='fwcfg'>"), "{xml}");
-    let home = std::env::var("HOME").unwrap();
-    let qemu_log =
-        std::path::Path::new(&home).join(".cache/libvirt/qemu/log/agentvm-env-fwcfg.log");
+    let qemu_log = common::libvirt_domain_log("env-fwcfg");
     let log = std::fs::read_to_string(&qemu_log).unwrap_or_default();
     assert!(
         !log.is_empty(),

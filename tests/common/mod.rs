@@ -252,13 +252,7 @@ impl Env {
                     }
                 }
             }
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            tail(
-                &home.join(format!(".cache/libvirt/qemu/log/agentvm-{name}.log")),
-                15,
-            );
+            tail(&libvirt_domain_log(name), 15);
             // Where the first vCPU is: in the firmware or boot loader (real
             // mode, EIP), or the kernel (RIP, CR0 with paging).
             for hmp in ["info status", "info cpus", "info registers"] {
@@ -324,6 +318,15 @@ pub fn statuses(report: &Value) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// libvirt's session log of the VM `vm`'s domain (QEMU's command line and
+/// what QEMU printed).
+pub fn libvirt_domain_log(vm: &str) -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(format!(".cache/libvirt/qemu/log/agentvm-{vm}.log"))
 }
 
 /// True when a TCP listener can take 127.0.0.1:`port`.
