@@ -337,8 +337,9 @@ fn perform(
         // The policy as the backend holds it; the daemon adds its proxy's
         // state (`egress::after`).
         Op::Egress => Outcome::Egress(EgressReport {
-            policy: match existing {
-                Some(_) => backend.status(name, spec)?.egress,
+            // The policy as the VM's metadata records it: no guest round trip.
+            policy: match &existing {
+                Some(found) => found.egress.clone(),
                 None => return Err(BackendError::NotFound(name.to_string())),
             },
             tunnel: None,
