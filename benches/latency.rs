@@ -18,7 +18,8 @@
 mod common;
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Env, GUEST_TIMEOUT};
@@ -118,9 +119,8 @@ fn readiness_on_the_wire(env: &Env, port: u16, pcap: &std::path::Path) -> f64 {
         .unwrap_or_else(|e| panic!("adding filter-dump: {e}"));
     let returned = up.join().expect("up");
     let anchor = Instant::now();
-    agentvm::ssh::read_banner(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        .expect("a banner for the anchoring connection");
-    let (banner, syn) = banner_and_last_syn(pcap);
+    let source_port = anchoring_connection(port);
+    let (banner, syn) = banner_and_syn_from(pcap, source_port);
     // Where the banner was on the host's clock, relative to `returned`.
     let banner_after_returned =
         anchor.duration_since(returned).as_secs_f64() * 1000.0 - (syn - banner) as f64 / 1000.0;
@@ -129,10 +129,32 @@ fn readiness_on_the_wire(env: &Env, port: u16, pcap: &std::path::Path) -> f64 {
     ms
 }
 
+/// Connects to the forwarded SSH `port` and reads the banner; returns the
+/// connection's local port, which the forward keeps as the source port of
+/// the SYN it sends the guest.
+fn anchoring_connection(port: u16) -> u16 {
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .expect("connecting for the anchoring connection");
+    let source_port = stream.local_addr().expect("local address").port();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut banner = [0u8; 4];
+    stream
+        .read_exact(&mut banner)
+        .expect("a banner for the anchoring connection");
+    assert_eq!(
+        &banner, b"SSH-",
+        "the anchoring connection got no SSH banner"
+    );
+    source_port
+}
+
 /// From QEMU's capture `pcap` (classic pcap, Ethernet frames), the stamps in
 /// microseconds of the first frame from the guest's port 22 carrying `SSH-`
-/// and of the last SYN sent to it.
-fn banner_and_last_syn(pcap: &std::path::Path) -> (i64, i64) {
+/// and of the first SYN sent to it from `source_port` (a resent SYN would
+/// come later).
+fn banner_and_syn_from(pcap: &std::path::Path, source_port: u16) -> (i64, i64) {
     let data = std::fs::read(pcap).unwrap_or_else(|e| panic!("{}: {e}", pcap.display()));
     assert!(
         data.len() >= 24 && data[..4] == [0xd4, 0xc3, 0xb2, 0xa1],
@@ -160,7 +182,7 @@ fn banner_and_last_syn(pcap: &std::path::Path) -> (i64, i64) {
         };
         let (from_22, to_22) = (tcp[..2] == [0, 22], tcp[2..4] == [0, 22]);
         let flags = tcp[13];
-        if to_22 && flags & 0x12 == 0x02 {
+        if to_22 && flags & 0x12 == 0x02 && syn.is_none() && tcp[..2] == source_port.to_be_bytes() {
             syn = Some(stamp);
         }
         let payload = tcp.get(usize::from(tcp[12] >> 4) * 4..).unwrap_or_default();
@@ -171,7 +193,10 @@ fn banner_and_last_syn(pcap: &std::path::Path) -> (i64, i64) {
     let what = |x: Option<i64>, name: &str| {
         x.unwrap_or_else(|| panic!("{}: no {name} captured", pcap.display()))
     };
-    (what(banner, "SSH banner"), what(syn, "SYN to port 22"))
+    (
+        what(banner, "SSH banner"),
+        what(syn, "SYN to port 22 from the anchoring connection"),
+    )
 }
 
 /// One whole `virsh qemu-agent-command VM guest-ping` process, in ms.
