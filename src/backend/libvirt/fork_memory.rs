@@ -33,10 +33,20 @@ impl MemoryFiles {
     /// `/dev/shm/agentvm-<uid>` if one is in RAM with room, else the VMs'
     /// own folders.
     pub fn choose(runtime_dir: &Path, guest_bytes: u64, forks: u64) -> Self {
+        Self::choose_in(
+            runtime_dir,
+            Path::new(FORK_MEMORY_SHM_DIR),
+            guest_bytes,
+            forks,
+        )
+    }
+
+    /// [`Self::choose`], with `shm` in place of `/dev/shm`.
+    fn choose_in(runtime_dir: &Path, shm: &Path, guest_bytes: u64, forks: u64) -> Self {
         let need = guest_bytes.saturating_mul(forks.max(1));
         let keep_free = need;
         let uid = nix::unistd::getuid().as_raw();
-        let shm = Path::new(FORK_MEMORY_SHM_DIR).join(format!("{RUNTIME_DIR}-{uid}"));
+        let shm = shm.join(format!("{RUNTIME_DIR}-{uid}"));
         for dir in [runtime_dir.to_path_buf(), shm] {
             match in_ram_with_room(&dir, need, keep_free) {
                 Ok(true) => {
@@ -44,7 +54,12 @@ impl MemoryFiles {
                     return Self { dir: Some(dir) };
                 }
                 Ok(false) => {}
-                Err(e) => tracing::debug!("{}: not used for fork memory: {e:#}", dir.display()),
+                // A folder in RAM that cannot be used (not private, say):
+                // the fork is slower on disk, and says why.
+                Err(e) => tracing::warn!(
+                    "{}: not used for the fork's memory snapshot: {e:#}",
+                    dir.display()
+                ),
             }
         }
         Self { dir: None }
@@ -193,21 +208,42 @@ mod tests {
     fn ram_is_used_when_it_has_room() {
         let tmp = tempfile::tempdir().unwrap();
         let run = tmp.path().join("run");
-        let shm = Path::new(FORK_MEMORY_SHM_DIR);
-        if !on_tmpfs(tmp.path()) && !on_tmpfs(shm) {
+        // A fresh stand-in for /dev/shm, so what other runs left there
+        // cannot decide the outcome.
+        if !on_tmpfs(Path::new(FORK_MEMORY_SHM_DIR)) {
             return;
         }
-        let chosen = MemoryFiles::choose(&run, 4096, 2);
+        let shm = tempfile::tempdir_in(FORK_MEMORY_SHM_DIR).unwrap();
+        let chosen = MemoryFiles::choose_in(&run, shm.path(), 4096, 2);
         assert!(chosen.in_ram());
         let dir = if on_tmpfs(tmp.path()) {
             run
         } else {
             let uid = nix::unistd::getuid().as_raw();
-            shm.join(format!("{RUNTIME_DIR}-{uid}"))
+            shm.path().join(format!("{RUNTIME_DIR}-{uid}"))
         };
         assert_eq!(
             chosen.file("a", Path::new("/x")),
             dir.join(format!("a.{VM_FORK_MEMORY_FILE}"))
         );
+    }
+
+    #[test]
+    fn a_folder_in_ram_that_is_not_private_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        if !on_tmpfs(Path::new(FORK_MEMORY_SHM_DIR)) {
+            return;
+        }
+        let shm = tempfile::tempdir_in(FORK_MEMORY_SHM_DIR).unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        let ours = shm.path().join(format!("{RUNTIME_DIR}-{uid}"));
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let disk = tempfile::tempdir().unwrap();
+        if on_tmpfs(disk.path()) {
+            return;
+        }
+        let chosen = MemoryFiles::choose_in(&disk.path().join("run"), shm.path(), 4096, 1);
+        assert!(!chosen.in_ram(), "a folder others can read is refused");
     }
 }
