@@ -70,6 +70,10 @@ const SLIRP_GIVES_UP: Duration = Duration::from_secs(70);
 const SLIRP_DELIVERS: Duration = Duration::from_secs(76);
 /// How often the caller is asked whether the guest still runs.
 const ALIVE_CHECK: Duration = Duration::from_millis(100);
+/// How long an accepted connection must have gone without a word to count as
+/// an sshd that is slow or stuck: behind a port forward a refused one is also
+/// accepted first, and its reset comes milliseconds later.
+const SILENT_AFTER: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// An identification line is at most 255 bytes (RFC 4253, 4.2).
 const MAX_LINE: usize = 256;
@@ -196,7 +200,10 @@ pub fn wait_for_banner_at(
                 what_was_seen(
                     answered,
                     (opened, refused, busy),
-                    pending.iter().filter(|p| !p.blind).count(),
+                    pending
+                        .iter()
+                        .filter(|p| !p.blind && now.duration_since(p.opened) >= SILENT_AFTER)
+                        .count(),
                 )
             );
         }
@@ -211,7 +218,8 @@ pub fn wait_for_banner_at(
 /// What a wait that found no banner saw, so that a guest without network, a
 /// guest without sshd and a busy sshd are told apart.
 /// `silent` counts the connections opened after the guest answered that are
-/// still open: the guest accepted them (a refused one closes at once).
+/// still open after [`SILENT_AFTER`]: the guest accepted them (a refused one
+/// is closed within milliseconds).
 fn what_was_seen(
     answered: bool,
     (opened, refused, busy): (u32, u32, u32),
@@ -220,12 +228,12 @@ fn what_was_seen(
     if !answered {
         return format!(
             "the guest never answered on its network ({opened} connection(s) opened, none refused or served): \
-             it is still booting, hung, or its network is down; its serial console says which"
+             it is still booting, hung, or its network is down; its console says which"
         );
     }
     if silent > 0 {
         return format!(
-            "port 22 accepted {silent} connection(s) but sent no banner on them: sshd is slow or stuck"
+            "the SSH port accepted {silent} connection(s) but sent no banner on them: sshd is slow or stuck"
         );
     }
     if busy > 0 {
@@ -235,7 +243,7 @@ fn what_was_seen(
     }
     if refused > 0 {
         return format!(
-            "the guest refused port 22 {refused} time(s) and never served it: \
+            "the guest refused the SSH port {refused} time(s) and never served it: \
              is sshd installed and enabled in the image?"
         );
     }
@@ -490,12 +498,31 @@ mod tests {
         let start = Instant::now();
         let err = wait_for_banner(port, Duration::from_millis(300), || Ok(true)).unwrap_err();
         assert!(err.to_string().contains("no SSH banner"), "{err}");
-        assert!(err.to_string().contains("refused port 22"), "{err}");
+        assert!(err.to_string().contains("refused the SSH port"), "{err}");
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn a_refusal_that_comes_late_is_still_a_refusal() {
+        // As behind a port forward: every connection is accepted, then
+        // closed a little later (the reset of a guest under load), never served.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in l.incoming() {
+                let Ok(stream) = stream else { return };
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(150));
+                    drop(stream);
+                });
+            }
+        });
+        let err = wait_for_banner(port, Duration::from_millis(600), || Ok(true)).unwrap_err();
+        assert!(err.to_string().contains("refused the SSH port"), "{err}");
     }
 
     #[test]
