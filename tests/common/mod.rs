@@ -230,7 +230,14 @@ impl Env {
     /// its VMs, its logs and whether its QEMU still answers.
     fn print_diagnostics(&self) {
         let tail = |path: &Path, lines: usize| {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
+            // Lossy: a serial log holds firmware and boot loader bytes too.
+            let text = match std::fs::read(path) {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(e) => {
+                    eprintln!("--- {}: {e}", path.display());
+                    return;
+                }
+            };
             let all: Vec<&str> = text.lines().collect();
             let from = all.len().saturating_sub(lines);
             eprintln!(
@@ -254,7 +261,18 @@ impl Env {
             }
             tail(&libvirt_domain_log(name), 15);
             // Where the first vCPU is: in the firmware or boot loader (real
-            // mode, EIP), or the kernel (RIP, CR0 with paging).
+            // mode, EIP), or the kernel (RIP, CR0 with paging). Only for a
+            // domain libvirt says runs (or is paused).
+            let state = Command::new("timeout")
+                .args(["10", "virsh", "-c", "qemu:///session", "domstate"])
+                .arg(format!("agentvm-{name}"))
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+                .unwrap_or_default();
+            eprintln!("--- {name}: domain state: {state:?}");
+            if state != "running" && state != "paused" {
+                continue;
+            }
             for hmp in ["info status", "info cpus", "info registers"] {
                 let out = Command::new("timeout")
                     .args([
@@ -280,7 +298,7 @@ impl Env {
                             })
                             .collect();
                         eprintln!(
-                            "--- {name}: {hmp} ({}): {}{}",
+                            "--- {name}: {hmp} ({}): {} {}",
                             out.status,
                             lines.join("\n  "),
                             String::from_utf8_lossy(&out.stderr).trim()
