@@ -91,7 +91,12 @@ fn main() {
 /// a copy beside the running source (the saved UUID is taken), so the source
 /// is destroyed, untimed, before each restore, and the copy restored is the
 /// source itself; the last one is left running. The disk is not snapshotted
-/// (`fork` also freezes it as a layer and gives each fork an overlay).
+/// (`fork` also freezes it as a layer and gives each fork an overlay, so this
+/// floor leaves out work a fork does). Restoring old memory over the live
+/// disk is safe only because the test guest keeps no file system there and
+/// writes nothing to it after boot: this floor is for that guest only. For
+/// `n` > 1 it is a baseline rather than a floor: bare libvirt restores one
+/// after another, `fork` side by side.
 fn snapshot_restore_floor(env: &Env, n: usize) -> f64 {
     let domain = format!("agentvm-{SOURCE}");
     let port = env.status(SOURCE)["ssh_port"].as_u64().unwrap() as u16;
