@@ -21,8 +21,6 @@ use common::{Env, GUEST_TIMEOUT};
 use support::{Figure, median, virsh, wait_banner};
 
 const RUNS: usize = 3;
-/// RAM, where `fork` writes its memory snapshot when there is room.
-const SHM: &str = "/dev/shm";
 const SOURCE: &str = "bench-fk";
 const FORKS: [&str; 4] = ["bench-fk-a", "bench-fk-b", "bench-fk-c", "bench-fk-d"];
 
@@ -100,7 +98,8 @@ fn main() {
 fn snapshot_restore_floor(env: &Env, n: usize) -> f64 {
     let domain = format!("agentvm-{SOURCE}");
     let port = env.status(SOURCE)["ssh_port"].as_u64().unwrap() as u16;
-    let dir = tempfile::tempdir_in(SHM).expect("a folder in /dev/shm for the floor's memory file");
+    let dir = tempfile::tempdir_in(agentvm::paths::FORK_MEMORY_SHM_DIR)
+        .expect("a folder in /dev/shm for the floor's memory file");
     let file = dir.path().join("floor.mem");
     let memspec = format!("file={},snapshot=external", file.display());
     let start = Instant::now();

@@ -45,9 +45,7 @@ impl MemoryFiles {
     fn choose_in(runtime_dir: &Path, shm: &Path, guest_bytes: u64, forks: u64) -> Self {
         let need = guest_bytes.saturating_mul(forks.max(1));
         let keep_free = need;
-        let uid = nix::unistd::getuid().as_raw();
-        let shm = shm.join(format!("{RUNTIME_DIR}-{uid}"));
-        for dir in [runtime_dir.to_path_buf(), shm] {
+        for dir in [runtime_dir.to_path_buf(), own_folder_in(shm)] {
             match in_ram_with_room(&dir, need, keep_free) {
                 Ok(true) => {
                     sweep(&dir);
@@ -82,6 +80,12 @@ impl MemoryFiles {
     pub fn in_ram(&self) -> bool {
         self.dir.is_some()
     }
+}
+
+/// This user's folder in `shm`: `agentvm-<uid>`.
+fn own_folder_in(shm: &Path) -> PathBuf {
+    let uid = nix::unistd::getuid().as_raw();
+    shm.join(format!("{RUNTIME_DIR}-{uid}"))
 }
 
 /// Whether `dir` is on a tmpfs with `need` bytes free there (and a tenth of
@@ -219,8 +223,7 @@ mod tests {
         let dir = if on_tmpfs(tmp.path()) {
             run
         } else {
-            let uid = nix::unistd::getuid().as_raw();
-            shm.path().join(format!("{RUNTIME_DIR}-{uid}"))
+            own_folder_in(shm.path())
         };
         assert_eq!(
             chosen.file("a", Path::new("/x")),
@@ -235,8 +238,7 @@ mod tests {
             return;
         }
         let shm = tempfile::tempdir_in(FORK_MEMORY_SHM_DIR).unwrap();
-        let uid = nix::unistd::getuid().as_raw();
-        let ours = shm.path().join(format!("{RUNTIME_DIR}-{uid}"));
+        let ours = own_folder_in(shm.path());
         std::fs::create_dir(&ours).unwrap();
         std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755)).unwrap();
         let disk = tempfile::tempdir().unwrap();
