@@ -486,15 +486,30 @@ mod tests {
         drop(server.join().unwrap());
     }
 
-    #[test]
-    fn a_port_that_always_closes_ends_at_the_deadline() {
+    /// A port whose every connection is accepted, then closed after `delay`
+    /// without a word.
+    fn port_that_closes_after(delay: Duration) -> u16 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         std::thread::spawn(move || {
             for stream in l.incoming() {
-                drop(stream);
+                let Ok(stream) = stream else { return };
+                if delay.is_zero() {
+                    drop(stream);
+                } else {
+                    std::thread::spawn(move || {
+                        std::thread::sleep(delay);
+                        drop(stream);
+                    });
+                }
             }
         });
+        port
+    }
+
+    #[test]
+    fn a_port_that_always_closes_ends_at_the_deadline() {
+        let port = port_that_closes_after(Duration::ZERO);
         let start = Instant::now();
         let err = wait_for_banner(port, Duration::from_millis(300), || Ok(true)).unwrap_err();
         assert!(err.to_string().contains("no SSH banner"), "{err}");
@@ -510,17 +525,7 @@ mod tests {
     fn a_refusal_that_comes_late_is_still_a_refusal() {
         // As behind a port forward: every connection is accepted, then
         // closed a little later (the reset of a guest under load), never served.
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for stream in l.incoming() {
-                let Ok(stream) = stream else { return };
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(150));
-                    drop(stream);
-                });
-            }
-        });
+        let port = port_that_closes_after(Duration::from_millis(150));
         let err = wait_for_banner(port, Duration::from_millis(600), || Ok(true)).unwrap_err();
         assert!(err.to_string().contains("refused the SSH port"), "{err}");
     }
