@@ -250,6 +250,13 @@ impl Env {
                 eprintln!("  {line}");
             }
         };
+        // Never waited on for long: libvirt or QEMU may be what hangs.
+        let virsh_briefly = |args: &[&str]| {
+            Command::new("timeout")
+                .args(["10", "virsh", "-c", "qemu:///session"])
+                .args(args)
+                .output()
+        };
         tail(&self.home().join("daemon.log"), 40);
         for name in self.cleanup.borrow().iter() {
             if let Ok(entries) = std::fs::read_dir(self.home().join("vms").join(name)) {
@@ -263,10 +270,8 @@ impl Env {
             // Where the first vCPU is: in the firmware or boot loader (real
             // mode, EIP), or the kernel (RIP, CR0 with paging). Only for a
             // domain libvirt says runs (or is paused).
-            let state = Command::new("timeout")
-                .args(["10", "virsh", "-c", "qemu:///session", "domstate"])
-                .arg(format!("agentvm-{name}"))
-                .output()
+            let domain = format!("agentvm-{name}");
+            let state = virsh_briefly(&["domstate", &domain])
                 .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
                 .unwrap_or_default();
             eprintln!("--- {name}: domain state: {state:?}");
@@ -274,17 +279,7 @@ impl Env {
                 continue;
             }
             for hmp in ["info status", "info cpus", "info registers"] {
-                let out = Command::new("timeout")
-                    .args([
-                        "10",
-                        "virsh",
-                        "-c",
-                        "qemu:///session",
-                        "qemu-monitor-command",
-                    ])
-                    .arg(format!("agentvm-{name}"))
-                    .args(["--hmp", hmp])
-                    .output();
+                let out = virsh_briefly(&["qemu-monitor-command", &domain, "--hmp", hmp]);
                 match out {
                     Ok(out) => {
                         let text = String::from_utf8_lossy(&out.stdout);
